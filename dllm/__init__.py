@@ -1,0 +1,17 @@
+"""dllm: the core of dLLM-Var on Ray (model, checkpoints, tokenizer, objective, packing, engine).
+
+Imports no Ray: `pipelines`, `train` and `serve` are the Ray shells around this package.
+"""
+
+from .checkpoint import CheckpointError, load_model, save_pretrained
+from .config import LLaDAConfig, tiny_config
+from .model import CacheView, LLaDAModelLM, build_model
+from .objective import diffusion_loss, document_attention_mask, noise_batch
+from .packing import PackedRows, pack_samples
+from .tokenizer import load_tokenizer, special_ids, train_tokenizer
+
+__all__ = [
+    "CacheView", "CheckpointError", "LLaDAConfig", "LLaDAModelLM", "PackedRows", "build_model",
+    "diffusion_loss", "document_attention_mask", "load_model", "load_tokenizer", "noise_batch",
+    "pack_samples", "save_pretrained", "special_ids", "tiny_config", "train_tokenizer",
+]

@@ -1,0 +1,255 @@
+"""LLaDA-architecture bidirectional transformer.
+
+Pre-norm blocks (RMSNorm), NeoX rotary embeddings computed in fp32, SwiGLU MLP, no biases,
+untied LM head, full (non-causal) attention. Parameter names mirror LLaDA's checkpoint keys
+(`model.transformer.blocks.{i}.q_proj.weight`, ...) so `state_dict()` *is* the checkpoint layout.
+
+The forward serves three callers:
+- plain inference/training: `model(input_ids)` -> logits [batch, seq, vocab];
+- the engine: a `CacheView` over a preallocated K/V pool (`dllm.engine.kv_cache`), where the new
+  tokens' K/V are written at each row's offset and the queries attend to [0, offset + new);
+- iteration smoothing: `inputs_embeds` instead of ids.
+`logits_index` restricts the LM head to chosen positions: with a 126k vocabulary the head must
+never run over a whole prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLaDAConfig
+
+try:  # flash-attn is optional and CUDA-only; SDPA is the default everywhere.
+    from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
+except Exception:  # pragma: no cover - not installable on the CPU machines
+    _flash_attn_func = None
+
+
+@dataclass
+class CacheView:
+    """Where a batch's keys/values live in a K/V pool, for one forward.
+
+    k, v:     pools [n_layers, n_slots, capacity, n_kv_heads, head_dim]
+    slots:    [batch] pool slot of each row
+    offsets:  [batch] cache position of each row's first query token; the new tokens' K/V are
+              written at offsets + arange(q_len) (positions past a row's committed length are
+              scratch: writing there changes nothing the engine has committed)
+    window:   how many pool positions to read; given by callers that track lengths on the host
+    kv_lens:  [batch] keys each row attends to, [0, kv_len); default offsets + q_lens
+    q_lens:   [batch] real (unpadded) query tokens per row; default the full q_len
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slots: torch.Tensor
+    offsets: torch.Tensor
+    kv_lens: torch.Tensor | None = None
+    q_lens: torch.Tensor | None = None
+    window: int | None = None  # pool positions to read (>= every kv_len); saves a host sync
+
+
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like LLaDA, then scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [batch, seq, head_dim] in fp32 for integer positions [batch, seq]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half rotary on x [batch, seq, heads, head_dim], computed in fp32."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.to(x.dtype)
+
+
+class LLaDABlock(nn.Module):
+    """One pre-norm transformer block; attribute names are LLaDA's checkpoint names."""
+
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # gate
+        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)  # down
+
+    def forward(self, x, cos, sin, attn_mask, layer: int, cache: CacheView | None, write_index, use_flash: bool):
+        b, q_len, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, q_len, self.n_heads, self.head_dim)
+        k = self.k_proj(h).view(b, q_len, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(b, q_len, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            # Write the new K/V into the pool, then attend over the row's window of the pool.
+            slot_idx, pos_idx, key_len = write_index
+            cache.k[layer][slot_idx, pos_idx] = k.to(cache.k.dtype)
+            cache.v[layer][slot_idx, pos_idx] = v.to(cache.v.dtype)
+            k = cache.k[layer][cache.slots, :key_len].to(q.dtype)
+            v = cache.v[layer][cache.slots, :key_len].to(q.dtype)
+        if use_flash and attn_mask is None:
+            attn = _flash_attn_func(q, k, v, causal=False)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads)
+            attn = attn.transpose(1, 2)
+        x = x + self.attn_out(attn.reshape(b, q_len, -1))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class _Transformer(nn.Module):
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(cfg.embedding_size, cfg.d_model),
+            "blocks": nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers)),
+            "ln_f": RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+            "ff_out": nn.Linear(cfg.d_model, cfg.embedding_size, bias=False),
+        })
+
+
+class LLaDAModelLM(nn.Module):
+    """The LLaDA network. `model(input_ids)` returns logits [batch, seq, embedding_size]."""
+
+    def __init__(self, config: LLaDAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = _Transformer(config)
+        self.use_flash_attn = False  # set by enable_flash_attn(); never silently on
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        return self.model.transformer["wte"].weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.transformer["wte"](input_ids)
+
+    def enable_flash_attn(self) -> bool:
+        """Use flash-attn for unmasked attention when it is installed and the model is on CUDA."""
+        self.use_flash_attn = _flash_attn_func is not None and self.embedding_weight.is_cuda
+        return self.use_flash_attn
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std) linears/embeddings with output projections scaled by depth; norms = 1."""
+        depth_scale = 1.0 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "ln_f" in name:
+                nn.init.ones_(p)
+                continue
+            # Projections back into the residual stream get the depth-scaled std.
+            residual_out = name.endswith("attn_out.weight") or (".blocks." in name and name.endswith("ff_out.weight"))
+            with torch.no_grad():
+                p.normal_(0.0, std * (depth_scale if residual_out else 1.0), generator=generator)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: CacheView | None = None,
+        logits_index: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Run the network.
+
+        input_ids:      LongTensor [batch, q] (or `inputs_embeds` [batch, q, d_model])
+        positions:      rotary positions [batch, q]; default arange(q), or offsets + arange(q)
+                        with a cache
+        attention_mask: without a cache: [batch, q] key-padding mask (1 = real token) or a
+                        boolean [batch, q, q] / [batch, 1, q, q] mask (True = may attend)
+        cache:          a CacheView (see there); queries then attend to the pool
+        logits_index:   LongTensor [batch, n] of query positions whose logits are wanted
+        Returns logits [batch, q or n, embedding_size] (fp32 math is left to the caller), or the
+        final hidden states when `return_hidden`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, q_len, _ = x.shape
+        device = x.device
+        arange = torch.arange(q_len, device=device)
+
+        write_index = None
+        attn_mask = None
+        if cache is not None:
+            offsets = cache.offsets.to(device)
+            q_lens = cache.q_lens if cache.q_lens is not None else torch.full((b,), q_len, device=device)
+            kv_lens = cache.kv_lens if cache.kv_lens is not None else offsets + q_lens
+            capacity = cache.k.shape[2]
+            if cache.window is not None:
+                key_len = cache.window
+            else:
+                key_len = max(int(kv_lens.max().item()), int((offsets + q_len).max().item()))
+            if key_len > capacity:
+                raise ValueError(f"cache window of {key_len} tokens exceeds the slot capacity {capacity}")
+            if positions is None:
+                positions = offsets[:, None] + arange[None, :]
+            pos_idx = offsets[:, None] + arange[None, :]
+            write_index = (cache.slots[:, None], pos_idx, key_len)
+            keys = torch.arange(key_len, device=device)
+            attn_mask = (keys[None, :] < kv_lens[:, None])[:, None, None, :]
+        else:
+            if positions is None:
+                positions = arange[None, :].expand(b, q_len)
+            if attention_mask is not None:
+                if attention_mask.dim() == 2:
+                    attn_mask = attention_mask.bool()[:, None, None, :]
+                elif attention_mask.dim() == 3:
+                    attn_mask = attention_mask.bool()[:, None]
+                else:
+                    attn_mask = attention_mask.bool()
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
+        for i, block in enumerate(self.model.transformer["blocks"]):
+            x = block(x, cos, sin, attn_mask, i, cache, write_index, self.use_flash_attn)
+        if logits_index is not None:
+            x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.model.transformer["ln_f"](x)
+        if return_hidden:
+            return x
+        return self.model.transformer["ff_out"](x)
+
+
+def build_model(config: LLaDAConfig, *, device="cpu", dtype=torch.float32, seed: int | None = 0) -> LLaDAModelLM:
+    """A freshly initialised model (for training from scratch, tests and demos)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    model = LLaDAModelLM(config)
+    model.init_weights(generator=gen)
+    return model.to(device=device, dtype=dtype)

@@ -1,0 +1,108 @@
+"""The dLLM-Var training objective: noising of packed rows and the masked cross-entropy.
+
+Per row one t ~ U[t_min, t_max]; each response token is replaced by MASK with probability t;
+every terminal token (EOS/EOT) in a response is always masked; prompt tokens and padding are
+never masked. The loss is the mean cross-entropy over masked positions (optionally LLaDA's 1/t
+weighting).
+
+Tail masking (our remedy, off by default): with the paper's packing the token after each
+always-masked EOS is the next sample's clean prompt, a shortcut a small model learns instead of
+"answer done -> EOS". In a fraction of rows we pick a sample boundary and replace everything after
+it with MASK, excluded from the loss: exactly what the model sees at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_WEIGHTINGS = ("mean", "inverse_t")
+
+
+@dataclass
+class NoisedBatch:
+    input_ids: torch.Tensor  # [b, L] with MASK at noised positions
+    targets: torch.Tensor  # [b, L] clean ids
+    loss_mask: torch.Tensor  # [b, L] bool: positions that count in the loss
+    t: torch.Tensor  # [b] noise level per row
+
+
+def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids: torch.Tensor | None, *,
+                mask_token_id: int, terminal_token_ids: tuple[int, ...], t_min: float = 0.1, t_max: float = 0.9,
+                tail_mask_prob: float = 0.0, generator: torch.Generator | None = None) -> NoisedBatch:
+    """Noise packed rows [b, L] for one training step (deterministic for a seeded generator)."""
+    if not 0.0 <= t_min <= t_max <= 1.0:
+        raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    if not 0.0 <= tail_mask_prob <= 1.0:
+        raise ValueError(f"tail_mask_prob must be in [0, 1], got {tail_mask_prob}")
+    b, length = input_ids.shape
+    device = input_ids.device
+    real = segment_ids > 0 if segment_ids is not None else torch.ones_like(prompt_mask, dtype=torch.bool)
+    response = real & ~prompt_mask.bool()
+
+    t = t_min + (t_max - t_min) * torch.rand(b, generator=generator, device="cpu").to(device)
+    u = torch.rand(b, length, generator=generator, device="cpu").to(device)
+    terminal = torch.zeros_like(response)
+    for tok in terminal_token_ids:
+        terminal |= input_ids == tok
+    masked = response & ((u < t[:, None]) | terminal)
+    loss_mask = masked.clone()
+
+    if tail_mask_prob > 0 and segment_ids is not None:
+        tail = _tail_positions(segment_ids, tail_mask_prob, generator)
+        masked |= tail
+        loss_mask &= ~tail
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return NoisedBatch(noisy, input_ids, loss_mask, t)
+
+
+def _tail_positions(segment_ids: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """For a `prob` fraction of rows: every position after a randomly chosen sample end."""
+    b, length = segment_ids.shape
+    out = torch.zeros(b, length, dtype=torch.bool, device=segment_ids.device)
+    seg = segment_ids.cpu()
+    pick = torch.rand(b, generator=generator) < prob
+    cut_u = torch.rand(b, generator=generator)
+    positions = torch.arange(length)
+    for row in torch.nonzero(pick).flatten().tolist():
+        s = seg[row]
+        # A boundary = the last position of a segment that is followed by more of the row.
+        ends = torch.nonzero((s[:-1] > 0) & (s[1:] != s[:-1])).flatten()
+        if len(ends) == 0:
+            continue
+        end = int(ends[int(cut_u[row] * len(ends))])
+        out[row] = (positions > end).to(out.device)
+    return out
+
+
+def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
+                   t: torch.Tensor | None = None, weighting: str = "mean") -> torch.Tensor:
+    """Cross-entropy over masked positions.
+
+    weighting="mean": plain mean over masked tokens (dLLM-Var).
+    weighting="inverse_t": each token weighted by 1/t of its row, summed and divided by the
+    number of real positions, LLaDA's unbiased ELBO estimate.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    n = loss_mask.sum()
+    if n == 0:
+        return logits.sum() * 0.0  # keeps the graph (and DeepSpeed's hooks) intact
+    ce = F.cross_entropy(logits[loss_mask].float(), targets[loss_mask], reduction="none")
+    if weighting == "mean":
+        return ce.mean()
+    if t is None:
+        raise ValueError("weighting='inverse_t' needs the per-row noise levels t")
+    w = (1.0 / t)[:, None].expand_as(loss_mask)[loss_mask]
+    return (ce * w).sum() / loss_mask.numel()
+
+
+def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal mask [b, L, L] (True = may attend) so packed samples do not see each other.
+
+    An ablation only: dLLM-Var trains with full attention over the whole row. Padding attends
+    only to padding.
+    """
+    return segment_ids[:, :, None] == segment_ids[:, None, :]

@@ -1,0 +1,48 @@
+import os
+
+import pytest
+import torch
+
+# Tests never download anything, never open progress bars and never ask for a Ray token.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import dllm  # noqa: E402
+
+TASK_TEXT = [
+    "reverse: abcdef => fedcba", "sort: dcba => abcd", "add 12+34 => 46", "repeat x 3 => x x x",
+    "spell 7 => seven", "dedupe: aabbcc => abc", "0123456789 +-=> :,.?!", "Hello world\n",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    return dllm.train_tokenizer(TASK_TEXT, kind="char")
+
+
+def make_config(tokenizer, **overrides) -> dllm.LLaDAConfig:
+    ids = dllm.special_ids(tokenizer)
+    return dllm.tiny_config(len(tokenizer), **ids, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(char_tokenizer):
+    return make_config(char_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, char_tokenizer, tiny_config):
+    path = tmp_path_factory.mktemp("ckpt")
+    model = dllm.build_model(tiny_config, seed=0)
+    dllm.save_pretrained(model, char_tokenizer, path)
+    return path

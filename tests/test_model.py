@@ -1,0 +1,134 @@
+"""The network: LLaDA's architecture, its cache semantics and its options."""
+
+import pytest
+import torch
+
+import dllm
+from dllm.model import CacheView
+from reference_llada import ReferenceLLaDA
+
+
+def _model(cfg, seed=0):
+    return dllm.build_model(cfg, seed=seed).eval()
+
+
+def test_logits_match_independent_reference(tiny_config):
+    model = _model(tiny_config)
+    ref = ReferenceLLaDA(model.state_dict(), tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (11,))
+    with torch.no_grad():
+        ours = model(ids[None])[0].double()
+    theirs, _ = ref.forward(ids)
+    assert ours.shape == (11, tiny_config.embedding_size)
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_is_bidirectional(tiny_config):
+    model = _model(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (1, 8))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % tiny_config.vocab_size
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    # Changing the last token changes the first position's logits: no causal mask.
+    assert not torch.allclose(a[0, 0], b[0, 0])
+
+
+def test_gqa_config_runs_and_matches_reference(char_tokenizer):
+    from conftest import make_config
+    cfg = make_config(char_tokenizer, n_heads=4, n_kv_heads=1)
+    model = _model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (7,))
+    with torch.no_grad():
+        ours = model(ids[None])[0].double()
+    theirs, _ = ReferenceLLaDA(model.state_dict(), cfg).forward(ids)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def _pool(cfg, slots, capacity):
+    shape = (cfg.n_layers, slots, capacity, cfg.n_kv_heads, cfg.head_dim)
+    return torch.zeros(shape), torch.zeros(shape)
+
+
+def test_cached_forward_equals_uncached_for_same_context(tiny_config):
+    """Prompt K/V written once, then a block against the cache == the reference with the same past."""
+    model = _model(tiny_config)
+    ref = ReferenceLLaDA(model.state_dict(), tiny_config)
+    prompt = torch.randint(0, tiny_config.vocab_size, (9,))
+    block = torch.randint(0, tiny_config.vocab_size, (4,))
+    k, v = _pool(tiny_config, 2, 32)
+    with torch.no_grad():
+        model(prompt[None], cache=CacheView(k, v, slots=torch.tensor([1]), offsets=torch.tensor([0])))
+        cached = model(block[None], cache=CacheView(k, v, slots=torch.tensor([1]), offsets=torch.tensor([9])))[0]
+    _, past = ref.forward(prompt)
+    expected, _ = ref.forward(block, past=past)
+    assert torch.allclose(cached.double(), expected, atol=1e-4)
+    # With no cached context at all, the cached path equals the plain forward.
+    with torch.no_grad():
+        plain = model(block[None])[0]
+        fresh = model(block[None], cache=CacheView(k, v, slots=torch.tensor([0]), offsets=torch.tensor([0])))[0]
+    assert torch.allclose(plain, fresh, atol=1e-5)
+
+
+def test_cache_rows_with_different_lengths_are_independent(tiny_config):
+    model = _model(tiny_config)
+    k, v = _pool(tiny_config, 3, 40)
+    prompts = [torch.randint(0, tiny_config.vocab_size, (n,)) for n in (5, 12)]
+    block = torch.randint(0, tiny_config.vocab_size, (2, 4))
+    with torch.no_grad():
+        for slot, p in zip((0, 2), prompts):
+            model(p[None], cache=CacheView(k, v, slots=torch.tensor([slot]), offsets=torch.tensor([0])))
+        batched = model(block, cache=CacheView(k, v, slots=torch.tensor([0, 2]), offsets=torch.tensor([5, 12])))
+        alone = [model(block[i:i + 1], cache=CacheView(k, v, slots=torch.tensor([s]), offsets=torch.tensor([n])))[0]
+                 for i, (s, n) in enumerate(((0, 5), (2, 12)))]
+    for i in range(2):
+        assert torch.allclose(batched[i], alone[i], atol=1e-5)
+
+
+def test_padded_batch_with_attention_mask_matches_unpadded(tiny_config):
+    model = _model(tiny_config)
+    short = torch.randint(0, tiny_config.vocab_size, (5,))
+    long = torch.randint(0, tiny_config.vocab_size, (8,))
+    pad = tiny_config.pad_token_id
+    ids = torch.stack([torch.cat([torch.full((3,), pad), short]), long])  # left padding
+    mask = torch.stack([torch.cat([torch.zeros(3), torch.ones(5)]), torch.ones(8)])
+    positions = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), torch.arange(5)]), torch.arange(8)])
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, positions=positions)
+        alone = model(short[None])[0]
+    assert torch.allclose(batched[0, 3:], alone, atol=1e-5)
+
+
+def test_logits_index_selects_positions(tiny_config):
+    model = _model(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 10))
+    index = torch.tensor([[7, 8, 9], [0, 1, 2]])
+    with torch.no_grad():
+        full = model(ids)
+        part = model(ids, logits_index=index)
+    assert part.shape == (2, 3, tiny_config.embedding_size)
+    assert torch.allclose(part, torch.stack([full[0, 7:10], full[1, 0:3]]), atol=1e-6)
+
+
+def test_inputs_embeds_path_equals_ids_path(tiny_config):
+    model = _model(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (1, 6))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), model(inputs_embeds=model.embed(ids)), atol=1e-6)
+
+
+def test_config_rejects_inconsistent_shapes():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        dllm.LLaDAConfig(d_model=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        dllm.tiny_config(32, mask_token_id=99)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu_fp32(tiny_config):
+    model = _model(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    with torch.no_grad():
+        cpu = model(ids)
+        gpu = model.to("cuda", torch.bfloat16)(ids.cuda()).float().cpu()
+    assert (gpu - cpu).norm() / cpu.norm() < 2e-2

@@ -1,0 +1,116 @@
+"""The dLLM-Var noising and loss."""
+
+import pytest
+import torch
+
+import dllm
+
+MASK, EOS, EOT = 3, 2, 6
+
+
+def _row_batch(rows=64, length=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 40, (rows, length), generator=g)
+    prompt = torch.zeros(rows, length, dtype=torch.bool)
+    seg = torch.zeros(rows, length, dtype=torch.int32)
+    # Samples of 32 tokens per row: 10 prompt tokens, 21 response tokens, EOS (EOT every other one).
+    for s in range(length // 32):
+        lo = s * 32
+        prompt[:, lo:lo + 10] = True
+        ids[:, lo + 31] = EOS if s % 2 == 0 else EOT
+        seg[:, lo:lo + 32] = s + 1
+    return ids, prompt, seg
+
+
+def _noise(ids, prompt, seg, seed=1, **kw):
+    return dllm.noise_batch(ids, prompt, seg, mask_token_id=MASK, terminal_token_ids=(EOS, EOT),
+                            generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_terminal_tokens_are_always_masked_and_prompts_never():
+    ids, prompt, seg = _row_batch()
+    out = _noise(ids, prompt, seg)
+    terminal = (ids == EOS) | (ids == EOT)
+    assert (out.input_ids[terminal] == MASK).all()
+    assert (out.input_ids[prompt] == ids[prompt]).all()
+
+
+def test_response_tokens_are_masked_with_probability_t_per_row():
+    ids, prompt, seg = _row_batch()
+    out = _noise(ids, prompt, seg)
+    assert ((out.t >= 0.1) & (out.t <= 0.9)).all()
+    ordinary = ~prompt & (ids != EOS) & (ids != EOT)
+    rate = ((out.input_ids == MASK) & ordinary).sum(1).float() / ordinary.sum(1)
+    # 168 ordinary response tokens per row: the observed rate tracks that row's t.
+    assert (rate - out.t).abs().max() < 0.15
+    assert torch.corrcoef(torch.stack([rate, out.t]))[0, 1] > 0.95
+
+
+def test_loss_covers_exactly_the_masked_response_positions():
+    ids, prompt, seg = _row_batch()
+    out = _noise(ids, prompt, seg)
+    assert torch.equal(out.loss_mask, out.input_ids == MASK)
+    assert torch.equal(out.targets, ids)
+
+
+def test_noising_is_deterministic_under_a_seed():
+    ids, prompt, seg = _row_batch()
+    a, b, c = _noise(ids, prompt, seg, seed=5), _noise(ids, prompt, seg, seed=5), _noise(ids, prompt, seg, seed=6)
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_padding_is_never_masked():
+    ids, prompt, seg = _row_batch(rows=4)
+    seg[:, 200:] = 0
+    out = _noise(ids, prompt, seg, t_min=1.0, t_max=1.0)
+    assert (out.input_ids[:, 200:] == ids[:, 200:]).all()
+    assert not out.loss_mask[:, 200:].any()
+
+
+def test_tail_masking_masks_everything_after_a_sample_end_outside_the_loss():
+    ids, prompt, seg = _row_batch(rows=32)
+    out = _noise(ids, prompt, seg, tail_mask_prob=1.0)
+    for row in range(32):
+        masked_prompt = torch.nonzero(prompt[row] & (out.input_ids[row] == MASK)).flatten()
+        assert len(masked_prompt) > 0  # every row got a tail (each row has 7 inner boundaries)
+        start = int(masked_prompt[0])
+        assert start % 32 == 0  # the tail begins right after a sample's EOS
+        assert (out.input_ids[row, start:] == MASK).all()
+        assert not out.loss_mask[row, start:].any()
+        assert out.loss_mask[row, start - 1]  # the boundary EOS itself stays in the loss
+
+
+def test_tail_masking_off_by_default_matches_paper_objective():
+    ids, prompt, seg = _row_batch()
+    assert torch.equal(_noise(ids, prompt, seg).input_ids, _noise(ids, prompt, seg, tail_mask_prob=0.0).input_ids)
+
+
+def test_loss_is_mean_ce_over_masked_positions_only():
+    ids, prompt, seg = _row_batch(rows=2, length=64)
+    out = _noise(ids, prompt, seg)
+    logits = torch.randn(2, 64, 50)
+    loss = dllm.diffusion_loss(logits, out.targets, out.loss_mask)
+    manual = torch.nn.functional.cross_entropy(logits[out.loss_mask], ids[out.loss_mask])
+    assert torch.allclose(loss, manual)
+    # Changing logits at unmasked positions does not change the loss.
+    logits2 = logits.clone()
+    logits2[~out.loss_mask] += torch.randn_like(logits2[~out.loss_mask])
+    assert torch.allclose(dllm.diffusion_loss(logits2, out.targets, out.loss_mask), loss)
+
+
+def test_inverse_t_weighting():
+    ids, prompt, seg = _row_batch(rows=2, length=64)
+    out = _noise(ids, prompt, seg)
+    logits = torch.randn(2, 64, 50)
+    loss = dllm.diffusion_loss(logits, out.targets, out.loss_mask, out.t, weighting="inverse_t")
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), ids.reshape(-1), reduction="none").view(2, 64)
+    manual = (ce * out.loss_mask / out.t[:, None]).sum() / ids.numel()
+    assert torch.allclose(loss, manual)
+    with pytest.raises(ValueError, match="weighting"):
+        dllm.diffusion_loss(logits, out.targets, out.loss_mask, weighting="sqrt")
+
+
+def test_document_mask_is_block_diagonal():
+    seg = torch.tensor([[1, 1, 2, 2, 0]])
+    m = dllm.document_attention_mask(seg)[0]
+    assert m[0, 1] and not m[0, 2] and m[2, 3] and not m[3, 4]
