@@ -5,13 +5,14 @@ Imports no Ray: `pipelines`, `train` and `serve` are the Ray shells around this 
 
 from .checkpoint import CheckpointError, load_model, save_pretrained
 from .config import LLaDAConfig, tiny_config
+from .engine import Engine, Generation, GenerationConfig, RequestOutput
 from .model import CacheView, LLaDAModelLM, build_model
 from .objective import diffusion_loss, document_attention_mask, noise_batch
 from .packing import PackedRows, pack_samples
 from .tokenizer import load_tokenizer, special_ids, train_tokenizer
 
 __all__ = [
-    "CacheView", "CheckpointError", "LLaDAConfig", "LLaDAModelLM", "PackedRows", "build_model",
+    "CacheView", "CheckpointError", "Engine", "Generation", "GenerationConfig", "RequestOutput", "LLaDAConfig", "LLaDAModelLM", "PackedRows", "build_model",
     "diffusion_loss", "document_attention_mask", "load_model", "load_tokenizer", "noise_batch",
     "pack_samples", "save_pretrained", "special_ids", "tiny_config", "train_tokenizer",
 ]

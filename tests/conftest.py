@@ -46,3 +46,29 @@ def tiny_checkpoint(tmp_path_factory, char_tokenizer, tiny_config):
     model = dllm.build_model(tiny_config, seed=0)
     dllm.save_pretrained(model, char_tokenizer, path)
     return path
+
+
+def make_confident_model(config, seed=8, scale=60.0):
+    """A random model made confident (several tokens pass tau=0.9 per step) that emits EOS at varied
+    points: the LM head is scaled up, and EOS takes over the head row of a token the model often
+    produces. Deterministic for a given config."""
+    import collections
+
+    model = dllm.build_model(config, seed=seed)
+    head = model.model.transformer["ff_out"].weight
+    with torch.no_grad():
+        head.mul_(scale)
+    probe = dllm.Engine(model, max_batch_size=8, max_model_len=256)
+    prompts = [list(range(7, 7 + n)) for n in (3, 5, 8, 11)]
+    gens = probe.generate(prompts, dllm.GenerationConfig(block_size=8, max_new_tokens=32))
+    counts = collections.Counter(t for g in gens for t in g.token_ids).most_common()
+    token = counts[1][0] if len(counts) > 1 else counts[0][0]
+    with torch.no_grad():
+        head[config.eos_token_id] = head[token]
+        head[token] = -head[token].abs()
+    return model
+
+
+@pytest.fixture(scope="session")
+def confident_model(tiny_config):
+    return make_confident_model(tiny_config)

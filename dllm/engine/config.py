@@ -1,0 +1,80 @@
+"""Decoding settings of one request."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DECODERS = ("threshold", "factor", "credit", "hierarchical", "fixed_k")
+
+
+@dataclass
+class GenerationConfig:
+    """How one request is decoded.
+
+    block_size:      B, tokens per block (dLLM-Var default 64)
+    threshold:       tau: commit every masked position with confidence >= tau (always >= 1 token)
+    max_new_tokens:  cap on generated tokens (the answer is cut there, finish_reason "length")
+    decoder:         one of DECODERS (see dllm.engine.decoders)
+    temperature:     0 = greedy; > 0 samples candidates with Gumbel-max, seeded by `seed`
+    seed:            per-request seed: the same seed gives the same output
+    stop_token_ids:  extra token ids that end the answer (EOS and EOT always do)
+    stop:            stop strings (need a tokenizer); the text is cut before the first one
+    commit_pass:     True (default, the paper's): after a finished block, one forward over
+                     [finished block + B masks] writes the block's K/V. False: keep the K/V of the
+                     block's last denoise step and save that forward (an approximation).
+    factor:          f of the factor rule (commit the largest n with (n+1)(1-c_n) < f)
+    low_threshold:   hierarchical decoding's per-run threshold
+    tokens_per_step: k of the fixed_k (low-confidence remasking) decoder
+    credit_alpha/beta/gamma: credit decoding (dInfer defaults 0.7 / 0.8 / 0.2)
+    smoothing:       iteration smoothing (dInfer): masked inputs get mask-embedding + alpha_t * E[emb]
+    smoothing_alpha: (initial, growth per step, max) of alpha_t; the threshold decays 1.0 -> tau by
+                     smoothing_threshold_decay per step
+    """
+
+    block_size: int = 64
+    threshold: float = 0.9
+    max_new_tokens: int = 1024
+    decoder: str = "threshold"
+    temperature: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    stop: list[str] | None = None
+    commit_pass: bool = True
+    factor: float = 1.0
+    low_threshold: float = 0.6
+    tokens_per_step: int = 1
+    credit_alpha: float = 0.7
+    credit_beta: float = 0.8
+    credit_gamma: float = 0.2
+    smoothing: bool = False
+    smoothing_alpha: tuple[float, float, float] = field(default=(0.15, 0.02, 0.3))
+    smoothing_threshold_decay: float = 0.02
+
+    def __post_init__(self) -> None:
+        def bad(name, allowed):
+            raise ValueError(f"GenerationConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:
+            bad("block_size", "an integer in [1, 1024]")
+        if not 0.0 < self.threshold <= 1.0:
+            bad("threshold", "a confidence in (0, 1]")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "an integer >= 1")
+        if self.decoder not in DECODERS:
+            bad("decoder", f"one of {list(DECODERS)}")
+        if self.temperature < 0:
+            bad("temperature", "a number >= 0")
+        if self.factor <= 0:
+            bad("factor", "a number > 0")
+        if not 0.0 <= self.low_threshold <= self.threshold:
+            bad("low_threshold", "in [0, threshold]")
+        if not isinstance(self.tokens_per_step, int) or self.tokens_per_step < 1:
+            bad("tokens_per_step", "an integer >= 1")
+        if self.stop is not None and (not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)):
+            bad("stop", "a list of non-empty strings")
+        if self.stop_token_ids is not None and not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "a list of token ids")
+
+    def replace(self, **changes) -> "GenerationConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,96 @@
+"""Parallel decoders: which masked positions of a block to commit after one forward.
+
+Pure, batched tensor functions over the block (rows = requests, B positions each). None of them
+syncs with the host, so a step can run inside a CUDA graph or an unrolled loop. Every rule commits
+at least the single most confident masked position, so a block always makes progress.
+
+Shapes: logits [n, B, V]; masked / commit [n, B] bool; per-row parameters [n].
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG = -1.0  # confidence given to positions that are not masked (below any probability)
+
+
+def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tensor | None = None,
+               gumbel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate token and its confidence at each position.
+
+    Greedy: x = argmax softmax(logits). With temperature T > 0 and Gumbel noise g:
+    x = argmax(logits + T * g) (Gumbel-max sampling). Confidence = softmax(logits)[x]. The MASK
+    token itself is never a candidate.
+    """
+    mask_col = torch.tensor([mask_token_id], device=logits.device)
+    logits = logits.float().index_fill(-1, mask_col, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    scores = logits if gumbel is None else logits + temperature[:, None, None] * gumbel
+    x = scores.argmax(-1)
+    conf = torch.gather(probs, -1, x[..., None]).squeeze(-1)
+    return x, conf
+
+
+def _top1(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """One-hot of the most confident masked position of each row (none if nothing is masked)."""
+    c = conf.masked_fill(~masked, NEG)
+    idx = c.argmax(-1, keepdim=True)
+    return torch.zeros_like(masked).scatter(-1, idx, True) & masked
+
+
+def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Commit masked positions with confidence >= threshold, plus the top-1 (Fast-dLLM / dLLM-Var)."""
+    return (masked & (conf >= threshold[:, None])) | _top1(conf, masked)
+
+
+def factor_commit(conf: torch.Tensor, masked: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Fast-dLLM's factor rule: with masked confidences sorted c_1 >= c_2 >= ..., commit the largest
+    n such that (n + 1) * (1 - c_n) < f (at least one)."""
+    c = conf.masked_fill(~masked, NEG)
+    sorted_c, order = c.sort(-1, descending=True)
+    n = torch.arange(1, c.shape[-1] + 1, device=c.device, dtype=c.dtype)
+    ok = ((n + 1) * (1 - sorted_c) < factor[:, None]) & (sorted_c > NEG)
+    count = torch.where(ok, n, torch.zeros_like(n)).amax(-1).clamp(min=1)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(c.shape[-1], device=c.device).expand_as(order))
+    return masked & (ranks < count[:, None])
+
+
+def top_k_commit(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """LLaDA's low-confidence remasking schedule: commit the k most confident masked positions."""
+    c = conf.masked_fill(~masked, NEG)
+    order = c.argsort(-1, descending=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(c.shape[-1], device=c.device).expand_as(order))
+    return masked & (ranks < k[:, None])
+
+
+def hierarchical_commit(conf: torch.Tensor, masked: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """dInfer's hierarchical decoding: in every contiguous run of masks, the most confident position
+    if it passes `low`; plus every position above `high`; plus the global top-1."""
+    n, b = masked.shape
+    start = masked & ~torch.cat([torch.zeros_like(masked[:, :1]), masked[:, :-1]], dim=1)
+    run = torch.cumsum(start.long(), dim=1) * masked  # 1, 2, ... per run; 0 outside masks
+    c = conf.masked_fill(~masked, NEG)
+    run_best = torch.full((n, b + 1), NEG, device=conf.device, dtype=c.dtype).scatter_reduce(
+        1, run, c, reduce="amax", include_self=True)
+    is_best = masked & (c >= torch.gather(run_best, 1, run))
+    return (is_best & (conf > low[:, None])) | (masked & (conf > high[:, None])) | _top1(conf, masked)
+
+
+def credit_fuse(logits: torch.Tensor, credit: torch.Tensor, masked: torch.Tensor, alpha: torch.Tensor,
+                beta: torch.Tensor, gamma: torch.Tensor, first_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dInfer's credit decoding: credit decays by beta and grows by p_top1^gamma on each masked
+    position's running argmax; returns (logits + alpha * log(1 + credit), new credit).
+
+    credit [n, B, V] fp32; first_step [n] bool (no decay on a block's first step).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    p_top, idx = probs.max(-1)
+    decay = torch.where(first_step, torch.ones_like(beta), beta)[:, None, None]
+    boost = torch.zeros_like(credit).scatter_(-1, idx[..., None], (p_top ** gamma[:, None])[..., None])
+    credit = credit * decay + boost * masked[..., None]
+    return logits.float() + alpha[:, None, None] * torch.log1p(credit), credit
+
+
+def soft_embedding(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """Expected input embedding under softmax(logits): [n, B, V] x [V, d] -> [n, B, d] (smoothing)."""
+    return torch.softmax(logits.float(), dim=-1).to(embedding.dtype) @ embedding

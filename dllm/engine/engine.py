@@ -1,0 +1,353 @@
+"""The block-diffusion engine (dLLM-Var inference with continuous batching).
+
+Per request (block size B):
+1. PREFILL: one forward over prompt + B masks; the prompt's K/V become committed context and the
+   block's logits drive the first decode step.
+2. DENOISE: forward only the B block tokens against the cache until no mask is left.
+3. When a block is finished: stop if it holds EOS/EOT/a stop token (output cut at the first one),
+   a stop string, or the cap; otherwise
+4. COMMIT: one forward over [finished block + B new masks] writes the block's K/V (committed
+   context from then on) and is the first decode step of the next block. Go to 2.
+Committed K/V is never recomputed. With `commit_pass=False` step 4 is skipped: the K/V the
+block's last denoise step wrote is kept, and the next block starts with a DENOISE forward.
+
+Every running request takes part in every step; requests whose next forward has the same shape
+share it. The host syncs once per forward group (to learn which blocks are finished).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+
+import torch
+
+from ..model import LLaDAModelLM
+from . import decoders
+from .config import GenerationConfig
+from .kv_cache import KVCache
+from .request import Generation, Phase, Request, RequestOutput
+from .scheduler import Scheduler
+
+
+class Engine:
+    """Continuous-batching dLLM-Var engine over one model replica.
+
+    max_batch_size:     cache slots = requests decoded concurrently (more wait in a queue)
+    max_model_len:      cache positions per slot (prompt + generated + one block of scratch);
+                        default the model's max_sequence_length
+    max_prefill_tokens: padded tokens one prefill forward may hold
+    """
+
+    def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
+                 max_model_len: int | None = None, max_prefill_tokens: int = 8192) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_model_len = max_model_len or self.config.max_sequence_length
+        self.cache = KVCache(self.config, max_batch_size, self.max_model_len, device=self.device, dtype=self.dtype)
+        self.scheduler = Scheduler(self.cache, max_prefill_tokens)
+        self.mask_id = self.config.mask_token_id
+        stop = set(self.config.stop_token_ids)
+        eot = getattr(tokenizer, "eot_token_id", None)
+        if eot is not None:
+            stop.add(eot)
+        self.base_stop_ids = frozenset(stop)
+        self._requests: dict[str, Request] = {}
+        self._outputs: list[RequestOutput] = []
+        self._ids = itertools.count()
+        self.total_forwards = 0
+
+    # ----- public API ------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError for a prompt that can never fit."""
+        config = config or GenerationConfig()
+        prompt_ids = self._encode(prompt)
+        if config.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an Engine with a tokenizer")
+        b = config.block_size
+        max_blocks = (self.max_model_len - len(prompt_ids)) // b
+        if max_blocks < 1:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens plus one block of {b} needs {len(prompt_ids) + b} cache "
+                f"positions, but a slot holds max_model_len={self.max_model_len}; shorten the prompt")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(
+            request_id=request_id, prompt_ids=prompt_ids, config=config,
+            max_new_tokens=min(config.max_new_tokens, max_blocks * b),
+            stop_ids=self.base_stop_ids | frozenset(config.stop_token_ids or ()),
+        )
+        if config.temperature > 0:
+            seed = config.seed if config.seed is not None else random.getrandbits(63)
+            req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its cache slot; its last output has finish_reason 'abort'."""
+        req = self._requests.get(request_id)
+        if req is None or req.phase is Phase.FINISHED:
+            return False
+        self._finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one forward for every running request; return committed blocks and finished requests."""
+        for group in self.scheduler.schedule():
+            self._run_group(group)
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> list[Generation]:
+        """Decode all prompts together (continuous batching) and return their Generations in order."""
+        configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(prompts)
+        if len(configs) != len(prompts):
+            raise ValueError(f"got {len(configs)} configs for {len(prompts)} prompts")
+        ids = [self.add_request(p, c) for p, c in zip(prompts, configs)]
+        results: dict[str, Generation] = {}
+        while len(results) < len(ids):
+            for out in self.step():
+                if out.finished and out.request_id in ids:
+                    results[out.request_id] = out.generation
+        return [results[i] for i in ids]
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "cache_slots_used": self.cache.used_slots,
+            "cache_slots_total": self.cache.num_slots,
+            "cache_tokens_used": sum(r.cached_len for r in self.scheduler.running),
+            "cache_tokens_total": self.cache.num_slots * self.cache.capacity,
+            "total_forwards": self.total_forwards,
+        }
+
+    # ----- one forward group -----------------------------------------------------------------
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need an Engine with a tokenizer; pass token ids instead")
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.config.embedding_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return ids
+
+    def _run_group(self, reqs: list[Request]) -> None:
+        phase, b = reqs[0].phase, reqs[0].block_size
+        n = len(reqs)
+        masks = torch.full((b,), self.mask_id, device=self.device, dtype=torch.long)
+        if phase is Phase.PREFILL:
+            q_lens = [len(r.prompt_ids) + b for r in reqs]
+            q_pad = max(q_lens)
+            rows = [torch.tensor(r.prompt_ids + [self.mask_id] * (q_pad - len(r.prompt_ids)), dtype=torch.long)
+                    for r in reqs]
+            ids = torch.stack(rows).to(self.device)
+            block_pos = torch.tensor([[len(r.prompt_ids) + j for j in range(b)] for r in reqs], device=self.device)
+            for r in reqs:
+                r.block = masks.clone()
+            offsets = [0] * n
+        elif phase is Phase.COMMIT:
+            ids = torch.stack([torch.cat([r.block, masks]) for r in reqs])
+            q_lens, q_pad = [2 * b] * n, 2 * b
+            block_pos = torch.arange(b, 2 * b, device=self.device).expand(n, b)
+            for r in reqs:
+                r.block = masks.clone()
+            offsets = [r.cached_len for r in reqs]
+        else:
+            ids = torch.stack([r.block for r in reqs])
+            q_lens, q_pad = [b] * n, b
+            block_pos = torch.arange(b, device=self.device).expand(n, b)
+            offsets = [r.cached_len for r in reqs]
+
+        view = self.cache.view([r.slot for r in reqs], offsets, q_lens, q_pad)
+        smoothing = [i for i, r in enumerate(reqs) if r.config.smoothing]
+        if smoothing:
+            logits = self.model(inputs_embeds=self._smoothed_embeddings(ids, reqs, smoothing), cache=view,
+                                logits_index=block_pos)
+        else:
+            logits = self.model(ids, cache=view, logits_index=block_pos)
+        self.total_forwards += 1
+
+        blocks = torch.stack([r.block for r in reqs])
+        new_blocks = self._decode(logits, blocks, reqs)
+        masks_left = (new_blocks == self.mask_id).sum(1).tolist()  # the one host sync per forward
+        for i, r in enumerate(reqs):
+            r.block = new_blocks[i]
+            if phase is Phase.PREFILL:
+                r.cached_len = len(r.prompt_ids)
+            elif phase is Phase.COMMIT:
+                r.cached_len += b
+            r.phase = Phase.DENOISE
+            r.num_forwards += 1
+            r.block_steps += 1
+            r.steps += 1
+            if masks_left[i] == 0:
+                self._complete_block(r)
+
+    def _smoothed_embeddings(self, ids: torch.Tensor, reqs: list[Request], rows: list[int]) -> torch.Tensor:
+        """Iteration smoothing: masked block inputs = mask embedding + alpha_t * E[embedding]."""
+        embeds = self.model.embed(ids)
+        for i in rows:
+            r = reqs[i]
+            if r.phase is not Phase.DENOISE or r.smooth_delta is None:
+                continue  # a fresh block has no previous-step distribution yet
+            a0, growth, a_max = r.config.smoothing_alpha
+            alpha = min(a0 + growth * r.steps, a_max)
+            masked = (r.block == self.mask_id)[:, None]
+            embeds[i] = embeds[i] + alpha * r.smooth_delta * masked
+        return embeds
+
+    def _decode(self, logits: torch.Tensor, blocks: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Apply each request's decoder to its block; returns the new blocks [n, B]."""
+        n, b = blocks.shape
+        dev = self.device
+        masked = blocks == self.mask_id
+        logits = logits.float()
+
+        credit_rows = [i for i, r in enumerate(reqs) if r.config.decoder == "credit"]
+        if credit_rows:
+            idx = torch.tensor(credit_rows, device=dev)
+            cfgs = [reqs[i].config for i in credit_rows]
+            state = torch.stack([reqs[i].credit if reqs[i].credit is not None and reqs[i].block_steps > 0
+                                 else torch.zeros_like(logits[i]) for i in credit_rows])
+            fused, state = decoders.credit_fuse(
+                logits[idx], state, masked[idx],
+                alpha=torch.tensor([c.credit_alpha for c in cfgs], device=dev),
+                beta=torch.tensor([c.credit_beta for c in cfgs], device=dev),
+                gamma=torch.tensor([c.credit_gamma for c in cfgs], device=dev),
+                first_step=torch.tensor([reqs[i].block_steps == 0 for i in credit_rows], device=dev))
+            logits = logits.index_copy(0, idx, fused)
+            for j, i in enumerate(credit_rows):
+                reqs[i].credit = state[j]
+
+        temps = [r.config.temperature for r in reqs]
+        if any(t > 0 for t in temps):
+            gumbel = torch.stack([
+                -torch.empty(b, logits.shape[-1], device=dev).exponential_(generator=r.generator).log()
+                if r.generator is not None else torch.zeros(b, logits.shape[-1], device=dev) for r in reqs])
+            x, conf = decoders.candidates(logits, self.mask_id, torch.tensor(temps, device=dev), gumbel)
+        else:
+            x, conf = decoders.candidates(logits, self.mask_id)
+
+        thresholds = torch.tensor([self._threshold(r) for r in reqs], device=dev)
+        commit = torch.zeros_like(masked)
+        kinds: dict[str, list[int]] = {}
+        for i, r in enumerate(reqs):
+            kinds.setdefault(r.config.decoder, []).append(i)
+        for kind, rows in kinds.items():
+            idx = torch.tensor(rows, device=dev)
+            c, m, tau = conf[idx], masked[idx], thresholds[idx]
+            if kind in ("threshold", "credit"):
+                part = decoders.threshold_commit(c, m, tau)
+            elif kind == "factor":
+                part = decoders.factor_commit(c, m, torch.tensor([reqs[i].config.factor for i in rows], device=dev))
+            elif kind == "hierarchical":
+                low = torch.tensor([reqs[i].config.low_threshold for i in rows], device=dev)
+                part = decoders.hierarchical_commit(c, m, tau, low)
+            else:  # fixed_k
+                k = torch.tensor([reqs[i].config.tokens_per_step for i in rows], device=dev)
+                part = decoders.top_k_commit(c, m, k)
+            commit[idx] = part
+
+        new_blocks = torch.where(commit, x, blocks)
+        for i, r in enumerate(reqs):
+            if r.config.smoothing:
+                r.smooth_delta = decoders.soft_embedding(logits[i:i + 1], self.model.embedding_weight)[0]
+        return new_blocks
+
+    def _threshold(self, r: Request) -> float:
+        if r.config.smoothing:  # dInfer couples smoothing with a threshold decaying from 1.0 to tau
+            return max(1.0 - r.config.smoothing_threshold_decay * r.steps, r.config.threshold)
+        return r.config.threshold
+
+    # ----- block and request lifecycle -------------------------------------------------------
+
+    def _complete_block(self, r: Request) -> None:
+        tokens = r.block.tolist()
+        r.num_blocks += 1
+        room = r.max_new_tokens - len(r.generated)
+        stop_at = next((j for j, t in enumerate(tokens) if t in r.stop_ids), None)
+        if stop_at is not None and stop_at <= room:
+            r.generated.extend(tokens[:stop_at])
+            return self._finish(r, "stop")
+        r.generated.extend(tokens[:room])
+        if r.config.stop and self._apply_stop_strings(r):
+            return self._finish(r, "stop")
+        if len(r.generated) >= r.max_new_tokens:
+            return self._finish(r, "length")
+        # Next block.
+        r.block_steps, r.credit, r.smooth_delta = 0, None, None
+        if r.config.commit_pass:
+            r.phase = Phase.COMMIT  # r.block still holds the finished block for the commit forward
+        else:
+            r.cached_len += r.block_size  # keep the last denoise step's K/V as committed context
+            r.block = torch.full((r.block_size,), self.mask_id, device=self.device, dtype=torch.long)
+            r.phase = Phase.DENOISE
+        self._emit(r)
+
+    def _apply_stop_strings(self, r: Request) -> bool:
+        """Cut the generation before the first stop string; True if one occurred."""
+        text = self._text(r.generated)
+        hits = [i for i in (text.find(s) for s in r.config.stop) if i >= 0]
+        if not hits:
+            return False
+        cut = min(hits)
+        r.final_text = text[:cut]
+        k = len(r.generated)
+        while k > 0 and len(self._text(r.generated[:k])) > cut:
+            k -= 1
+        r.final_ids = r.generated[:k]
+        return True
+
+    def _text(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _emit(self, r: Request, final: bool = False) -> None:
+        if final:
+            text, ids = r.final_text, r.final_ids
+        else:
+            text, ids = self._text(r.generated), r.generated
+            hold = max((len(s) for s in r.config.stop or ()), default=1) - 1  # a stop string may be half-way
+            while text.endswith("\ufffd") and hold < len(text):  # an incomplete multi-byte character
+                hold += 1
+            text = text[: len(text) - hold] if hold else text
+        new_text = text[r.emitted_text:] if len(text) > r.emitted_text else ""
+        new_ids = ids[r.emitted_tokens:] if len(ids) > r.emitted_tokens else []
+        r.emitted_text = max(r.emitted_text, len(text))
+        r.emitted_tokens = max(r.emitted_tokens, len(ids))
+        generation = None
+        if final:
+            generation = Generation(r.request_id, list(ids), text, r.finish_reason, r.num_forwards, r.num_blocks,
+                                    len(r.prompt_ids))
+        if new_ids or new_text or final:
+            self._outputs.append(RequestOutput(r.request_id, new_ids, new_text, final, generation))
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.finish_reason = reason
+        if r.final_ids is None:
+            r.final_ids = list(r.generated)
+            r.final_text = self._text(r.final_ids)
+        self.scheduler.finish(r)
+        r.block = r.credit = r.smooth_delta = None
+        self._emit(r, final=True)
+        del self._requests[r.request_id]

@@ -1,0 +1,69 @@
+"""Who runs in the next step, and which requests share a forward.
+
+Continuous batching at step granularity: a waiting request is admitted as soon as a cache slot is
+free, a finished one leaves at once. Each step runs every running request exactly once; requests
+whose next forward has the same shape (phase and block size) share one forward.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .kv_cache import KVCache
+from .request import Phase, Request
+
+
+class Scheduler:
+    def __init__(self, cache: KVCache, max_prefill_tokens: int) -> None:
+        self.cache = cache
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self) -> list[Request]:
+        """Move waiting requests into free cache slots (first come, first served)."""
+        admitted = []
+        while self.waiting and self.cache.free_slots:
+            req = self.waiting.popleft()
+            req.slot = self.cache.allocate()
+            req.phase = Phase.PREFILL
+            self.running.append(req)
+            admitted.append(req)
+        return admitted
+
+    def schedule(self) -> list[list[Request]]:
+        """Forward groups for this step: same phase and block size; prefills split by a token budget."""
+        self.admit()
+        groups: dict[tuple, list[Request]] = {}
+        for req in self.running:
+            groups.setdefault((req.phase, req.block_size), []).append(req)
+        batches = []
+        for (phase, _), reqs in groups.items():
+            if phase is not Phase.PREFILL:
+                batches.append(reqs)
+                continue
+            reqs.sort(key=Request.query_len)  # similar lengths together: less padding
+            batch: list[Request] = []
+            for req in reqs:
+                padded = max([r.query_len() for r in batch] + [req.query_len()]) * (len(batch) + 1)
+                if batch and padded > self.max_prefill_tokens:
+                    batches.append(batch)
+                    batch = []
+                batch.append(req)
+            batches.append(batch)
+        return batches
+
+    def finish(self, request: Request) -> None:
+        """Take a request out (finished or aborted) and free its slot at once."""
+        if request in self.running:
+            self.running.remove(request)
+            self.cache.release(request.slot)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.phase = Phase.FINISHED

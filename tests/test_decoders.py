@@ -1,0 +1,83 @@
+"""Each decoder's commit rule on hand-made confidences and logits."""
+
+import torch
+
+from dllm.engine import decoders
+
+T = torch.tensor
+
+
+def test_threshold_commits_all_above_tau_and_always_the_top1():
+    conf = T([[0.95, 0.2, 0.91, 0.5], [0.3, 0.4, 0.1, 0.2]])
+    masked = T([[True, True, True, False], [True, True, True, True]])
+    out = decoders.threshold_commit(conf, masked, T([0.9, 0.9]))
+    assert out.tolist() == [[True, False, True, False], [False, True, False, False]]
+
+
+def test_threshold_never_commits_unmasked_positions_and_nothing_when_block_is_done():
+    conf = T([[0.99, 0.99]])
+    assert decoders.threshold_commit(conf, T([[False, False]]), T([0.5])).tolist() == [[False, False]]
+
+
+def test_factor_rule_commits_largest_n_with_n_plus_1_times_error_below_f():
+    # sorted confidences 0.99, 0.9, 0.8, 0.3 -> (n+1)(1-c_n) = 0.02, 0.3, 0.8, 3.5
+    conf = T([[0.8, 0.99, 0.3, 0.9]])
+    masked = torch.ones(1, 4, dtype=torch.bool)
+    assert decoders.factor_commit(conf, masked, T([0.5])).tolist() == [[False, True, False, True]]
+    assert decoders.factor_commit(conf, masked, T([1.0])).tolist() == [[True, True, False, True]]
+    assert decoders.factor_commit(conf, masked, T([0.01])).tolist() == [[False, True, False, False]]  # top-1
+
+
+def test_top_k_commits_the_k_most_confident_masked_positions():
+    conf = T([[0.1, 0.9, 0.5, 0.7], [0.1, 0.9, 0.5, 0.7]])
+    masked = T([[True, True, True, True], [True, False, True, True]])
+    out = decoders.top_k_commit(conf, masked, T([2, 2]))
+    assert out.tolist() == [[False, True, False, True], [False, False, True, True]]
+
+
+def test_hierarchical_picks_best_of_each_mask_run_above_low_plus_all_above_high():
+    # runs of masks: [0,1], [3,4,5]; position 2 and 6 are decided
+    conf = T([[0.7, 0.5, 0.0, 0.3, 0.65, 0.62, 0.0]])
+    masked = T([[True, True, False, True, True, True, False]])
+    out = decoders.hierarchical_commit(conf, masked, high=T([0.95]), low=T([0.6]))
+    assert out.tolist() == [[True, False, False, False, True, False, False]]
+    out = decoders.hierarchical_commit(conf, masked, high=T([0.6]), low=T([0.6]))
+    assert out.tolist() == [[True, False, False, False, True, True, False]]
+    # nothing passes: still the global top-1
+    out = decoders.hierarchical_commit(conf, masked, high=T([0.99]), low=T([0.99]))
+    assert out.tolist() == [[True, False, False, False, False, False, False]]
+
+
+def test_candidates_exclude_the_mask_token_and_report_softmax_confidence():
+    logits = T([[[5.0, 0.0, 9.0], [0.0, 2.0, 0.0]]])
+    x, conf = decoders.candidates(logits, mask_token_id=2)
+    assert x.tolist() == [[0, 1]]
+    assert torch.allclose(conf[0, 0], torch.softmax(T([5.0, 0.0]), -1)[0])
+
+
+def test_gumbel_sampling_follows_the_noise_at_temperature():
+    logits = torch.zeros(1, 1, 4)
+    gumbel = T([[[0.0, 0.0, 3.0, 0.0]]])
+    x, _ = decoders.candidates(logits.clone(), 3, T([1.0]), gumbel)
+    assert x.item() == 2
+    x, _ = decoders.candidates(logits.clone(), 3, T([0.0]), gumbel)  # T=0 ignores the noise
+    assert x.item() == 0
+
+
+def test_credit_accumulates_on_a_stable_argmax_and_decays():
+    logits = torch.log(T([[[0.6, 0.4]]]))
+    credit = torch.zeros(1, 1, 2)
+    masked = T([[True]])
+    args = dict(alpha=T([0.7]), beta=T([0.8]), gamma=T([0.2]))
+    fused, credit = decoders.credit_fuse(logits, credit, masked, first_step=T([True]), **args)
+    assert torch.allclose(credit[0, 0], T([0.6 ** 0.2, 0.0]))
+    fused, credit2 = decoders.credit_fuse(logits, credit, masked, first_step=T([False]), **args)
+    assert abs(credit2[0, 0, 0].item() - (0.8 * 0.6 ** 0.2 + 0.6 ** 0.2)) < 1e-6
+    # the stable candidate's margin grows: its fused probability rises above the raw 0.6
+    assert torch.softmax(fused, -1)[0, 0, 0] > 0.6
+
+
+def test_soft_embedding_is_the_expected_embedding():
+    emb = T([[1.0, 0.0], [0.0, 1.0]])
+    logits = torch.log(T([[[0.25, 0.75]]]))
+    assert torch.allclose(decoders.soft_embedding(logits, emb), T([[[0.25, 0.75]]]))

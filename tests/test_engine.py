@@ -1,0 +1,292 @@
+"""The block-diffusion engine: the dLLM-Var algorithm, stopping, batching, sampling, lifecycle."""
+
+import copy
+
+import pytest
+import torch
+
+import dllm
+from dllm import GenerationConfig
+from reference_llada import ReferenceLLaDA
+
+B = 8
+CFG = GenerationConfig(block_size=B, threshold=0.9, max_new_tokens=48)
+
+
+def _prompts(n=6):
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(7, 40, (length,), generator=g).tolist() for length in (3, 5, 8, 11, 13, 4, 9, 17)[:n]]
+
+
+def reference_generate(ref: ReferenceLLaDA, prompt, cfg, commit_pass=True):
+    """dLLM-Var block diffusion written out plainly for one request: a list-of-tensors cache, a
+    Python threshold rule. Returns (tokens cut at the first stop token, finish reason, forwards)."""
+    mask, stops = cfg_ids(ref)
+    b = cfg.block_size
+
+    def decode(block, logits):
+        logits = logits.clone()
+        logits[:, mask] = float("-inf")
+        probs = torch.softmax(logits, -1)
+        conf, x = probs.max(-1)
+        masked = [i for i, t in enumerate(block) if t == mask]
+        chosen = [i for i in masked if conf[i] >= cfg.threshold]
+        best = max(masked, key=lambda i: conf[i])
+        for i in set(chosen) | {best}:
+            block[i] = int(x[i])
+
+    def keep(kv, n):
+        return [(k[:, :n], v[:, :n]) for k, v in kv]
+
+    block = [mask] * b
+    logits, kv = ref.forward(torch.tensor(prompt + block))
+    past, forwards = keep(kv, len(prompt)), 1
+    decode(block, logits[-b:])
+    generated = []
+    while True:
+        while mask in block:
+            logits, kv = ref.forward(torch.tensor(block), past=past)
+            forwards += 1
+            decode(block, logits)
+        cut = next((i for i, t in enumerate(block) if t in stops), None)
+        if cut is not None:
+            return generated + block[:cut], "stop", forwards
+        generated += block
+        if len(generated) >= cfg.max_new_tokens:
+            return generated[: cfg.max_new_tokens], "length", forwards
+        past_len = past[0][0].shape[1]
+        if commit_pass:
+            logits, kv = ref.forward(torch.tensor(block + [mask] * b), past=past)
+            forwards += 1
+            past, block = keep(kv, past_len + b), [mask] * b
+            decode(block, logits[-b:])
+        else:
+            past, block = keep(kv, past_len + b), [mask] * b  # K/V of the block's last denoise step
+
+
+def cfg_ids(ref):
+    return ref.cfg.mask_token_id, set(ref.cfg.stop_token_ids)
+
+
+@pytest.fixture(scope="module")
+def model64(confident_model):
+    return copy.deepcopy(confident_model).double()
+
+
+def _engine(model, tokenizer=None, **kw):
+    kw.setdefault("max_batch_size", 8)
+    kw.setdefault("max_model_len", 256)
+    return dllm.Engine(model, tokenizer, **kw)
+
+
+@pytest.mark.parametrize("commit_pass", [True, False])
+def test_engine_matches_straightforward_block_diffusion(model64, commit_pass):
+    ref = ReferenceLLaDA(model64.state_dict(), model64.config)
+    cfg = CFG.replace(commit_pass=commit_pass)
+    gens = _engine(model64).generate(_prompts(), cfg)
+    stops = 0
+    for prompt, gen in zip(_prompts(), gens):
+        tokens, reason, forwards = reference_generate(ref, prompt, cfg, commit_pass)
+        assert gen.token_ids == tokens
+        assert gen.finish_reason == reason
+        assert gen.num_forwards == forwards
+        stops += reason == "stop"
+    # The fixture model is confident: several tokens per forward, and EOS ends some requests.
+    assert sum(len(g.token_ids) for g in gens) > 1.5 * sum(g.num_forwards for g in gens) - 1e-9 or stops
+    assert 0 < stops < len(gens) + 1
+    assert max(g.tokens_per_forward for g in gens) > 1.5
+
+
+def test_output_is_cut_before_the_first_eos_and_never_contains_stop_tokens(confident_model):
+    gens = _engine(confident_model).generate(_prompts(8), CFG)
+    stop_ids = set(confident_model.config.stop_token_ids)
+    stopped = [g for g in gens if g.finish_reason == "stop"]
+    assert stopped
+    for g in gens:
+        assert not stop_ids & set(g.token_ids)
+    for g in stopped:  # stopped inside its last block, not at a block boundary by luck
+        assert len(g.token_ids) < g.num_blocks * B
+
+
+def test_max_new_tokens_caps_the_output(confident_model):
+    gens = _engine(confident_model).generate(_prompts(8), CFG.replace(max_new_tokens=5))
+    assert all(len(g.token_ids) <= 5 for g in gens)
+    assert all(g.num_blocks == 1 for g in gens)
+    assert any(g.finish_reason == "length" and len(g.token_ids) == 5 for g in gens)
+
+
+def test_extra_stop_token_ends_the_answer_before_it(confident_model):
+    engine = _engine(confident_model)
+    base = engine.generate(_prompts(8), CFG)
+    long = max(base, key=lambda g: len(g.token_ids))
+    i = len(long.token_ids) // 2
+    token = long.token_ids[i]
+    first = long.token_ids.index(token)
+    prompt = _prompts(8)[base.index(long)]
+    again = engine.generate([prompt], CFG.replace(stop_token_ids=[token]))[0]
+    assert again.finish_reason == "stop"
+    assert again.token_ids == long.token_ids[:first]
+
+
+def test_stop_string_cuts_the_text(confident_model, char_tokenizer):
+    engine = _engine(confident_model, char_tokenizer)
+    base = engine.generate(_prompts(8), CFG)
+    long = max(base, key=lambda g: len(g.text))
+    stop = long.text[len(long.text) // 2:len(long.text) // 2 + 2]
+    again = engine.generate([_prompts(8)[base.index(long)]], CFG.replace(stop=[stop]))[0]
+    assert again.finish_reason == "stop"
+    assert again.text == long.text[: long.text.find(stop)]
+    assert char_tokenizer.decode(again.token_ids) == again.text
+
+
+def test_string_prompts_are_tokenised(confident_model, char_tokenizer):
+    engine = _engine(confident_model, char_tokenizer)
+    a = engine.generate(["reverse: abc =>"], CFG)[0]
+    ids = char_tokenizer("reverse: abc =>", add_special_tokens=False)["input_ids"]
+    b = engine.generate([ids], CFG)[0]
+    assert a.token_ids == b.token_ids and a.text == char_tokenizer.decode(a.token_ids)
+
+
+def test_greedy_output_does_not_depend_on_the_batch(model64):
+    prompts = _prompts(8)
+    alone = [_engine(model64).generate([p], CFG)[0].token_ids for p in prompts]
+    together = [g.token_ids for g in _engine(model64).generate(prompts, CFG)]
+    assert together == alone
+    # Staggered arrivals with a different block size in the mix: requests join mid-flight.
+    engine = _engine(model64, max_batch_size=3)
+    ids = {}
+    results = {}
+    for i, p in enumerate(prompts):
+        ids[engine.add_request(p, CFG)] = i
+        engine.add_request(list(reversed(p)), CFG.replace(block_size=4))
+        for out in engine.step():
+            if out.finished and out.request_id in ids:
+                results[ids[out.request_id]] = out.generation.token_ids
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished and out.request_id in ids:
+                results[ids[out.request_id]] = out.generation.token_ids
+    assert [results[i] for i in range(len(prompts))] == alone
+
+
+def test_seeded_sampling_is_reproducible(confident_model):
+    engine = _engine(confident_model)
+    sample = CFG.replace(temperature=2.0, seed=5)
+    a = engine.generate(_prompts(3), sample)
+    b = engine.generate(_prompts(3), sample)
+    c = engine.generate(_prompts(3), sample.replace(seed=6))
+    greedy = engine.generate(_prompts(3), CFG)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+    assert [g.token_ids for g in a] != [g.token_ids for g in greedy]
+
+
+@pytest.mark.parametrize("decoder", ["factor", "credit", "hierarchical", "fixed_k"])
+def test_every_decoder_generates_valid_output(confident_model, decoder):
+    gens = _engine(confident_model).generate(_prompts(4), CFG.replace(decoder=decoder, tokens_per_step=2))
+    for g in gens:
+        assert g.finish_reason in ("stop", "length")
+        assert confident_model.config.mask_token_id not in g.token_ids
+    if decoder == "fixed_k":  # exactly 2 tokens per forward: B/2 forwards per block
+        assert all(g.num_forwards == g.num_blocks * B // 2 for g in gens)
+
+
+def test_iteration_smoothing_feeds_expected_embeddings_to_masked_positions(confident_model):
+    model = copy.deepcopy(confident_model)
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("inputs_embeds"))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    engine = _engine(model)
+    gens = engine.generate(_prompts(2)[1:], CFG.replace(smoothing=True))
+    assert gens[0].finish_reason in ("stop", "length")
+    table = confident_model.embedding_weight.detach()
+    assert all(e is not None for e in seen)  # smoothing runs on the embeddings input path
+    # Denoise forwards (B inputs) carry mask embedding + alpha * E[embedding] at still-masked
+    # positions: input rows that are no token's embedding.
+    denoise = [e[0] for e in seen if e.shape[1] == B]
+    soft_rows = [row for e in denoise for row in e if torch.cdist(row[None], table).min() > 1e-4]
+    assert soft_rows
+
+
+def test_iteration_smoothing_threshold_decays_from_one_to_tau(confident_model):
+    from dllm.engine.request import Request
+    engine = _engine(confident_model)
+    cfg = CFG.replace(smoothing=True, threshold=0.8)
+    r = Request("r", [1], cfg, 8, frozenset())
+    assert engine._threshold(r) == 1.0
+    r.steps = 5
+    assert abs(engine._threshold(r) - 0.9) < 1e-9
+    r.steps = 50
+    assert engine._threshold(r) == 0.8
+
+
+def test_streamed_blocks_add_up_to_the_final_answer(confident_model, char_tokenizer):
+    engine = _engine(confident_model, char_tokenizer)
+    rid = engine.add_request(_prompts(2)[1], CFG)  # a multi-block answer
+    tokens, text, final = [], "", None
+    blocks = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == rid
+            tokens += out.new_token_ids
+            text += out.new_text
+            blocks += bool(out.new_token_ids) and not out.finished
+            final = out.generation if out.finished else final
+    assert final is not None and tokens == final.token_ids and text == final.text
+    assert blocks >= 1
+
+
+def test_abort_frees_the_slot_and_leaves_others_untouched(model64):
+    prompts = _prompts(2)
+    alone = _engine(model64).generate([prompts[1]], CFG)[0]
+    engine = _engine(model64, max_batch_size=2)
+    a = engine.add_request(prompts[0], CFG.replace(max_new_tokens=200))
+    b = engine.add_request(prompts[1], CFG)
+    engine.step()
+    engine.step()
+    assert engine.cache.free_slots == 0
+    assert engine.abort(a)
+    assert engine.cache.free_slots == 1
+    assert not engine.abort(a)  # already gone
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.generation
+    assert finished[a].finish_reason == "abort"
+    assert finished[b].token_ids == alone.token_ids
+
+
+def test_more_requests_than_slots_wait_and_all_complete(confident_model):
+    engine = _engine(confident_model, max_batch_size=2)
+    gens = engine.generate(_prompts(6), CFG)
+    alone = [_engine(confident_model).generate([p], CFG)[0] for p in _prompts(6)]
+    assert len(gens) == 6 and all(g.finish_reason in ("stop", "length") for g in gens)
+    assert [g.token_ids for g in gens] == [g.token_ids for g in alone]
+    assert engine.cache.free_slots == 2
+
+
+def test_prompt_that_can_never_fit_is_refused_clearly(confident_model):
+    engine = _engine(confident_model, max_model_len=32)
+    with pytest.raises(ValueError, match="max_model_len=32"):
+        engine.add_request(list(range(7, 7 + 30)), CFG)
+    # A prompt that fits but leaves room for fewer tokens than asked is capped by the slot.
+    g = engine.generate([[7, 8, 9]], CFG.replace(max_new_tokens=500))[0]
+    assert len(g.token_ids) <= 32 - 3
+
+
+def test_bad_requests_are_rejected(confident_model):
+    engine = _engine(confident_model)
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request("text without a tokenizer")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request([10**6])
+    with pytest.raises(ValueError, match="decoder"):
+        GenerationConfig(decoder="beam")
+    with pytest.raises(ValueError, match="threshold"):
+        GenerationConfig(threshold=0.0)
