@@ -1,0 +1,129 @@
+"""Engine speed against the baselines, on the same model and prompts, in one run.
+
+    python -m benchmarks.engine_bench [--model DIR] [--device cuda] [--json out.json]
+
+Without --model a random LLaDA-shaped model is built (--d-model/--layers/...): its answers are
+meaningless and never hit EOS, so every system decodes up to the same cap and the ratio measures
+the inference algorithm alone (cache, blocks, parallel commits). With a trained checkpoint
+(e.g. the quickstart's) and its held-out prompts (--prompts-jsonl) the answers are real.
+
+Reports per system: output tokens (before the first EOS), forwards (NFE), TPF, wall seconds, TPS,
+and the TPS speedup over LLaDA vanilla measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import dllm
+from dllm.baselines import fast_dllm_generate, llada_generate
+
+
+def build_random_model(args) -> dllm.LLaDAModelLM:
+    cfg = dllm.LLaDAConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
+                           mlp_hidden_size=args.d_model * 3, vocab_size=args.vocab, embedding_size=args.vocab,
+                           mask_token_id=args.vocab - 1, eos_token_id=args.vocab - 2, eot_token_id=None,
+                           bos_token_id=None, pad_token_id=args.vocab - 2, max_sequence_length=4096)
+    return dllm.build_model(cfg, seed=0)
+
+
+def load_prompts(args, model, tokenizer) -> list[list[int]]:
+    if args.prompts_jsonl:
+        rows = [json.loads(line) for line in open(args.prompts_jsonl) if line.strip()][: args.num_prompts]
+        return [tokenizer((r.get("instruction", "") + r.get("input", "")), add_special_tokens=False)["input_ids"]
+                for r in rows]
+    g = torch.Generator().manual_seed(0)
+    hi = min(model.config.vocab_size, model.config.mask_token_id) - 2
+    return [torch.randint(0, hi, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_prompts)]
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def run(args) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        model = dllm.load_model(args.model, device=args.device, dtype=dtype)
+        tokenizer = dllm.load_tokenizer(args.model)
+    else:
+        model, tokenizer = build_random_model(args).to(args.device, dtype), None
+    prompts = load_prompts(args, model, tokenizer)
+    b, cap = args.block_size, args.max_new_tokens
+    cap = -(-cap // b) * b
+    engine = dllm.Engine(model, max_batch_size=args.batch, max_model_len=max(map(len, prompts)) + cap + 2 * b)
+    results = []
+
+    def record(name, tokens, forwards, seconds, requests):
+        n_tok = sum(len(t) for t in tokens)
+        results.append({"system": name, "requests": requests, "tokens": n_tok, "forwards": forwards,
+                        "tpf": n_tok / max(1, forwards), "seconds": seconds, "tps": n_tok / seconds})
+
+    engine.generate(prompts[:1], dllm.GenerationConfig(block_size=b, max_new_tokens=b))  # warm-up
+    for decoder in args.decoders:
+        cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=cap, threshold=args.threshold, decoder=decoder)
+        if args.batch == 1:  # batch 1: one request at a time, as the papers measure
+            gens, secs = timed(lambda: [engine.generate([p], cfg)[0] for p in prompts])
+        else:
+            gens, secs = timed(lambda: engine.generate(prompts, cfg))
+        record(f"dllm-var engine ({decoder})", [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs,
+               len(prompts))
+    for gen_len in args.vanilla_gen_lengths:
+        out, secs = timed(lambda: [llada_generate(model, [p], gen_length=gen_len, steps=gen_len, block_length=gen_len)
+                                   for p in prompts])
+        record(f"LLaDA vanilla (gen {gen_len}, steps {gen_len})", [o.token_ids[0] for o in out],
+               sum(o.num_forwards for o in out), secs, len(prompts))
+    out, secs = timed(lambda: [fast_dllm_generate(model, [p], gen_length=cap, block_length=args.fast_block,
+                                                  threshold=args.threshold, cache="dual") for p in prompts])
+    record(f"Fast-dLLM style (dual cache, gen {cap})", [o.token_ids[0] for o in out], sum(o.num_forwards for o in out),
+           secs, len(prompts))
+    base = next((r["tps"] for r in results if r["system"].startswith("LLaDA vanilla")), None)
+    for r in results:
+        r["speedup_vs_vanilla"] = r["tps"] / base if base else None
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory (default: a random model)")
+    p.add_argument("--prompts-jsonl", help="Alpaca-style jsonl whose instruction+input are the prompts")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--fast-block", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--batch", type=int, default=1, help="engine concurrency (1 = one request at a time)")
+    p.add_argument("--decoders", nargs="+", default=["threshold"], choices=list(dllm.engine.DECODERS))
+    p.add_argument("--vanilla-gen-lengths", type=int, nargs="+", default=[128])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    results = run(args)
+    print(f"\n{'system':44} {'tokens':>7} {'NFE':>6} {'TPF':>6} {'sec':>8} {'tok/s':>9} {'speedup':>8}")
+    for r in results:
+        sp = f"{r['speedup_vs_vanilla']:.2f}x" if r["speedup_vs_vanilla"] else "-"
+        print(f"{r['system']:44} {r['tokens']:7d} {r['forwards']:6d} {r['tpf']:6.2f} {r['seconds']:8.2f} "
+              f"{r['tps']:9.1f} {sp:>8}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "dtype": args.dtype, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
