@@ -106,3 +106,22 @@ def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     only to padding.
     """
     return segment_ids[:, :, None] == segment_ids[:, None, :]
+
+
+def diffusion_loss_from_hidden(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                               loss_mask: torch.Tensor, t: torch.Tensor | None = None,
+                               weighting: str = "mean") -> torch.Tensor:
+    """`diffusion_loss` computed from final hidden states [b, L, d]: the LM head runs only on the
+    masked positions (a 126k-vocabulary head over a whole 8192-token row would not fit)."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    if loss_mask.sum() == 0:
+        return hidden.sum() * 0.0 + sum(p.sum() for p in head.parameters()) * 0.0
+    logits = head(hidden[loss_mask]).float()
+    ce = F.cross_entropy(logits, targets[loss_mask], reduction="none")
+    if weighting == "mean":
+        return ce.mean()
+    if t is None:
+        raise ValueError("weighting='inverse_t' needs the per-row noise levels t")
+    w = (1.0 / t)[:, None].expand_as(loss_mask)[loss_mask]
+    return (ce * w).sum() / loss_mask.numel()

@@ -28,6 +28,9 @@ class PackedRows:
     prompt_mask: np.ndarray  # bool [rows, seq_len]
     segment_ids: np.ndarray  # int32 [rows, seq_len], 0 = padding
     dropped: list[int] = field(default_factory=list)  # indices of samples that could not be packed
+    # concat mode with keep_tail: the unfinished end of the stream as (prompt, response) pieces,
+    # to be packed again with other batches' tails so that only the very last row is padded.
+    tail: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -48,12 +51,13 @@ class PackedRows:
 
 
 def pack_samples(samples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, *, mode: str = "concat",
-                 pad_token_id: int) -> PackedRows:
+                 pad_token_id: int, keep_tail: bool = False) -> PackedRows:
     """Pack (prompt_ids, response_ids) samples into rows of `seq_len` tokens.
 
     No token is lost or duplicated: the concatenation of every row's non-pad tokens equals the
     concatenation of the packed samples (in "concat" mode in input order; in "no_split" mode each
     sample appears whole in exactly one row). Empty samples are dropped and reported.
+    keep_tail (concat mode): return only full rows and hand the remainder back in `tail`.
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
@@ -61,6 +65,8 @@ def pack_samples(samples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len
         raise ValueError(f"unknown packing mode {mode!r}; choose one of {PACK_MODES}")
     dropped = [i for i, (p, r) in enumerate(samples) if len(p) + len(r) == 0]
     if mode == "concat":
+        if keep_tail:
+            return _pack_concat_keep_tail(samples, seq_len, pad_token_id, dropped)
         return _pack_concat(samples, seq_len, pad_token_id, dropped)
     return _pack_no_split(samples, seq_len, pad_token_id, dropped)
 
@@ -98,6 +104,33 @@ def _pack_concat(samples, seq_len, pad_token_id, dropped) -> PackedRows:
             change = np.concatenate(([True], s[1:] != s[:-1])) & real
             seg[row] = np.where(real, np.cumsum(change), 0)
     return PackedRows(ids, prompt, seg, dropped)
+
+
+def _pack_concat_keep_tail(samples, seq_len, pad_token_id, dropped) -> PackedRows:
+    skip = set(dropped)
+    kept = [(list(p), list(r)) for i, (p, r) in enumerate(samples) if i not in skip]
+    total = sum(len(p) + len(r) for p, r in kept)
+    full = (total // seq_len) * seq_len
+    # Walk back from the end to split the stream at `full` tokens into rows and tail pieces.
+    head, tail, pos = [], [], 0
+    for p, r in kept:
+        n = len(p) + len(r)
+        if pos + n <= full:
+            head.append((p, r))
+        elif pos >= full:
+            tail.append((p, r))
+        else:
+            cut = full - pos  # the sample straddles the boundary
+            if cut <= len(p):
+                head.append((p[:cut], []))
+                tail.append((p[cut:], r))
+            else:
+                head.append((p, r[: cut - len(p)]))
+                tail.append(([], r[cut - len(p):]))
+        pos += n
+    rows = _pack_concat(head, seq_len, pad_token_id, []) if head else PackedRows(*_empty(0, seq_len, pad_token_id))
+    rows.dropped, rows.tail = dropped, tail
+    return rows
 
 
 def _pack_no_split(samples, seq_len, pad_token_id, dropped) -> PackedRows:

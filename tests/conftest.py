@@ -72,3 +72,13 @@ def make_confident_model(config, seed=8, scale=60.0):
 @pytest.fixture(scope="session")
 def confident_model(tiny_config):
     return make_confident_model(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole test session (starting Ray costs seconds)."""
+    from pipelines.runtime import ensure_ray
+
+    ray = ensure_ray(num_cpus=2, object_store_mb=300, dashboard=False)
+    yield ray
+    ray.shutdown()

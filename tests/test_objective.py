@@ -114,3 +114,13 @@ def test_document_mask_is_block_diagonal():
     seg = torch.tensor([[1, 1, 2, 2, 0]])
     m = dllm.document_attention_mask(seg)[0]
     assert m[0, 1] and not m[0, 2] and m[2, 3] and not m[3, 4]
+
+
+def test_loss_from_hidden_equals_loss_from_full_logits():
+    ids, prompt, seg = _row_batch(rows=2, length=64)
+    out = _noise(ids, prompt, seg)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 64, 16)
+    full = dllm.diffusion_loss(head(hidden), out.targets, out.loss_mask, out.t, weighting="inverse_t")
+    part = dllm.diffusion_loss_from_hidden(hidden, head, out.targets, out.loss_mask, out.t, weighting="inverse_t")
+    assert torch.allclose(full, part, atol=1e-6)

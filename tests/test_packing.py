@@ -75,3 +75,15 @@ def test_bad_arguments_are_rejected():
         dllm.pack_samples([([1], [2])], 8, mode="zip", pad_token_id=PAD)
     with pytest.raises(ValueError, match="seq_len"):
         dllm.pack_samples([([1], [2])], 0, pad_token_id=PAD)
+
+
+def test_concat_keep_tail_returns_full_rows_and_the_rest_as_pieces():
+    samples = _samples(40, seed=4)
+    part = dllm.pack_samples(samples, 64, mode="concat", pad_token_id=PAD, keep_tail=True)
+    assert (part.segment_ids > 0).all()  # only full rows
+    rest = dllm.pack_samples(part.tail, 64, mode="concat", pad_token_id=PAD)
+    stream = np.concatenate([np.array(p + r) for p, r in samples])
+    both = np.concatenate([part.input_ids[part.segment_ids > 0], rest.input_ids[rest.segment_ids > 0]])
+    assert np.array_equal(both, stream)
+    prompts = np.concatenate([part.prompt_mask[part.segment_ids > 0], rest.prompt_mask[rest.segment_ids > 0]])
+    assert np.array_equal(prompts, np.concatenate([np.array([True] * len(p) + [False] * len(r)) for p, r in samples]))

@@ -1,0 +1,397 @@
+"""Ray Data job: read instruction data -> tokenise (actor pool) -> multi-sample packing -> parquet.
+
+    python -m pipelines.pack --input 'data/*.jsonl' --tokenizer CKPT_DIR --output packed/ --seq-len 8192
+
+Input: jsonl or parquet files (local paths or any pyarrow/fsspec URI such as s3://bucket/x.jsonl), in
+Alpaca style (`instruction`, `input`, `output`) or chat style (`messages`: [{role, content}, ...],
+the last one the assistant's answer). Without --chat-template a sample is the dLLM-Var
+concatenation (prompt = instruction + input, response = output + EOS); with it, the tokenizer's
+chat template wraps the prompt and the response ends with EOT.
+
+Output: parquet rows of `seq_len` tokens with `input_ids`, `prompt_mask`, `segment_ids` (what
+`train` reads), and `stats.json`: samples read / packed / dropped by reason (with the first few bad
+lines by file and line), tokens in and out, packing efficiency, rows written. Re-running overwrites
+the output. A bad line never stops the job and never costs another sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+import dllm
+from dllm.packing import PACK_MODES, pack_samples
+
+from .runtime import ensure_ray, progress_bars_wanted
+
+ERROR_KINDS = ("malformed_json", "missing_field", "wrong_type", "empty_response", "too_long")
+NO_SPLIT_REPACK_BELOW = 0.98  # rows filled less than this are repacked across batches at the end
+
+
+class PipelineError(RuntimeError):
+    """A problem that stops the job before it starts (no input, no tokenizer, unwritable output)."""
+
+
+@dataclass
+class PackOptions:
+    inputs: list[str]
+    output: str
+    tokenizer: str
+    seq_len: int = 8192
+    mode: str = "concat"
+    chat_template: bool = False
+    max_sample_len: int | None = None  # default: seq_len (dLLM-Var drops samples >= the row length)
+    num_tokenizers: int = 2
+    pack_batch_size: int = 4096
+    address: str | None = None
+    examples_shown: int = 5
+
+    def __post_init__(self) -> None:
+        if self.mode not in PACK_MODES:
+            raise PipelineError(f"--mode must be one of {list(PACK_MODES)}, got {self.mode!r}")
+        if self.seq_len < 8:
+            raise PipelineError(f"--seq-len must be at least 8, got {self.seq_len}")
+        if self.max_sample_len is None:
+            self.max_sample_len = self.seq_len
+
+
+# ----- stage 1: files -> records (one per line / row), malformed ones kept as errors ------------
+
+def parse_file(row: dict) -> list[dict]:
+    path, data = row["path"], row["bytes"]
+    out = []
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1):
+            out.append({"source": path, "position": i, "record": json.dumps(rec, default=str), "error_kind": "",
+                        "error": ""})
+        return out
+    for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+            out.append({"source": path, "position": i, "record": line, "error_kind": "", "error": ""})
+        except json.JSONDecodeError as e:
+            out.append({"source": path, "position": i, "record": "", "error_kind": "malformed_json",
+                        "error": f"malformed JSON: {e.msg} at column {e.colno}"})
+    return out
+
+
+# ----- stage 2: records -> token ids (actor pool, one tokenizer per actor) ----------------------
+
+class Tokenize:
+    def __init__(self, tokenizer_dir: str, chat_template: bool, max_sample_len: int) -> None:
+        self.tok = dllm.load_tokenizer(tokenizer_dir)
+        self.chat = chat_template
+        self.max_len = max_sample_len
+        self.eos = self.tok.eos_token_id
+        self.eot = self.tok.eot_token_id if self.tok.eot_token_id is not None else self.eos
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def sample(self, rec) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids + EOS/EOT) or raises ValueError(kind, message)."""
+        if not isinstance(rec, dict):
+            raise ValueError("wrong_type", f"a record must be a JSON object, got {type(rec).__name__}")
+        if "messages" in rec:
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+                    for m in msgs):
+                raise ValueError("wrong_type", "'messages' must be a non-empty list of {role, content} strings")
+            if msgs[-1]["role"] != "assistant":
+                raise ValueError("missing_field", "the last message must be the assistant's answer")
+            context, answer = msgs[:-1], msgs[-1]["content"]
+            if self.chat:
+                prompt = self.tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+            else:
+                prompt = "".join(m["content"] for m in context)
+        else:
+            for key in ("instruction", "output"):
+                if key not in rec:
+                    raise ValueError("missing_field", f"missing field '{key}'")
+            fields = {k: rec.get(k, "") for k in ("instruction", "input", "output")}
+            fields["input"] = fields["input"] if fields["input"] is not None else ""
+            bad = [k for k, v in fields.items() if not isinstance(v, str)]
+            if bad:
+                raise ValueError("wrong_type", f"field '{bad[0]}' must be a string")
+            answer = fields["output"]
+            if self.chat:
+                user = fields["instruction"] + (("\n\n" + fields["input"]) if fields["input"] else "")
+                prompt = self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                      add_generation_prompt=True)
+            else:
+                prompt = fields["instruction"] + fields["input"]
+        if not answer.strip():
+            raise ValueError("empty_response", "the response is empty")
+        prompt_ids = self.encode(prompt)
+        response_ids = self.encode(answer) + [self.eot if self.chat else self.eos]
+        n = len(prompt_ids) + len(response_ids)
+        if n > self.max_len:
+            raise ValueError("too_long", f"{n} tokens, longer than the limit of {self.max_len}")
+        return prompt_ids, response_ids
+
+    def __call__(self, batch: dict) -> pa.Table:
+        prompts, responses, kinds, errors = [], [], [], []
+        for rec, kind, err in zip(batch["record"], batch["error_kind"], batch["error"]):
+            p, r, k, e = [], [], str(kind), "" if err is None else str(err)
+            if not k:
+                try:
+                    p, r = self.sample(json.loads(rec))
+                except ValueError as ex:
+                    k, e = ex.args if len(ex.args) == 2 else ("wrong_type", str(ex))
+            prompts.append(p)
+            responses.append(r)
+            kinds.append(k)
+            errors.append(e)
+        return pa.table({
+            "source": pa.array([str(s) for s in batch["source"]]),
+            "position": pa.array(np.asarray(batch["position"], dtype=np.int64)),
+            "prompt_ids": pa.array(prompts, type=pa.list_(pa.int64())),
+            "response_ids": pa.array(responses, type=pa.list_(pa.int64())),
+            "error_kind": pa.array(kinds),
+            "error": pa.array(errors),
+        })
+
+
+def summarize_batch(batch: pa.Table, keep: int) -> dict:
+    """Per-batch counts for stats.json (reduced on the driver; no shuffle needed)."""
+    kinds = batch.column("error_kind").to_pylist()
+    counts: dict[str, int] = {}
+    bad = []
+    for i, kind in enumerate(kinds):
+        if kind:
+            counts[kind] = counts.get(kind, 0) + 1
+            bad.append((batch.column("source")[i].as_py(), batch.column("position")[i].as_py(),
+                        batch.column("error")[i].as_py()))
+    tokens = sum(len(p) + len(r) for p, r, k in zip(batch.column("prompt_ids").to_pylist(),
+                                                    batch.column("response_ids").to_pylist(), kinds) if not k)
+    return {"tokens": np.array([tokens]), "dropped": np.array([json.dumps(counts)]),
+            "examples": np.array([json.dumps(sorted(bad)[:keep])])}
+
+
+# ----- stage 3: samples -> packed rows (stateless per batch; tails repacked at the end) --------
+
+ROW_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int64())), ("prompt_mask", pa.list_(pa.bool_())),
+    ("segment_ids", pa.list_(pa.int32())), ("tail_prompt", pa.list_(pa.int64())),
+    ("tail_response", pa.list_(pa.int64())), ("is_tail", pa.bool_()),
+])
+
+
+def rows_table(rows: dllm.PackedRows, tail: list[tuple[list[int], list[int]]]) -> pa.Table:
+    n, t = rows.num_rows, len(tail)
+    return pa.table({
+        "input_ids": [r.tolist() for r in rows.input_ids] + [[]] * t,
+        "prompt_mask": [r.tolist() for r in rows.prompt_mask] + [[]] * t,
+        "segment_ids": [r.tolist() for r in rows.segment_ids] + [[]] * t,
+        "tail_prompt": [[]] * n + [list(p) for p, _ in tail],
+        "tail_response": [[]] * n + [list(r) for _, r in tail],
+        "is_tail": [False] * n + [True] * t,
+    }, schema=ROW_SCHEMA)
+
+
+def pack_batch(batch: pa.Table, seq_len: int, mode: str, pad_token_id: int) -> pa.Table:
+    samples = list(zip(batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist()))
+    if mode == "concat":
+        packed = pack_samples(samples, seq_len, mode="concat", pad_token_id=pad_token_id, keep_tail=True)
+        return rows_table(packed, packed.tail)
+    packed = pack_samples(samples, seq_len, mode="no_split", pad_token_id=pad_token_id)
+    # Under-filled rows go back as samples, to be packed with other batches' leftovers.
+    fill = (packed.segment_ids > 0).mean(axis=1)
+    keep = fill >= NO_SPLIT_REPACK_BELOW
+    tail = []
+    for row in np.nonzero(~keep)[0]:
+        seg, ids, pm = packed.segment_ids[row], packed.input_ids[row], packed.prompt_mask[row]
+        for s in range(1, int(seg.max()) + 1):
+            sel = seg == s
+            tail.append((ids[sel & pm].tolist(), ids[sel & ~pm].tolist()))
+    kept = dllm.PackedRows(packed.input_ids[keep], packed.prompt_mask[keep], packed.segment_ids[keep])
+    return rows_table(kept, tail)
+
+
+# ----- the job ----------------------------------------------------------------------------------
+
+def _expand_inputs(inputs: list[str]) -> list[str]:
+    paths = []
+    for item in inputs:
+        if "://" in item:
+            paths.append(item)
+            continue
+        matched = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        for m in matched:
+            if os.path.isdir(m):
+                paths += sorted(os.path.join(m, f) for f in os.listdir(m) if f.endswith((".jsonl", ".json", ".parquet")))
+            elif os.path.isfile(m):
+                paths.append(m)
+    if not paths:
+        raise PipelineError(f"no input files match {inputs}; give jsonl/parquet files, directories or globs")
+    unsupported = [p for p in paths if not p.endswith((".jsonl", ".json", ".parquet"))]
+    if unsupported:
+        raise PipelineError(f"unsupported input file(s) {unsupported[:3]}: use .jsonl, .json (lines) or .parquet")
+    return paths
+
+
+def _check_output(output: str) -> None:
+    if "://" in output:
+        return  # remote filesystems report permission problems at write time
+    try:
+        os.makedirs(output, exist_ok=True)
+        probe = os.path.join(output, ".write-probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PipelineError(f"cannot write to output directory {output}: {e.strerror or e}") from e
+
+
+def run_pack(opts: PackOptions) -> dict:
+    """Run the pipeline; returns the stats dict that is also written as `stats.json`."""
+    t0 = time.time()
+    paths = _expand_inputs(opts.inputs)
+    try:
+        tok = dllm.load_tokenizer(opts.tokenizer)
+    except Exception as e:
+        raise PipelineError(f"cannot load the tokenizer from {opts.tokenizer}: {e}") from e
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    _check_output(opts.output)
+
+    ray = ensure_ray(opts.address)
+    from ray.data import ActorPoolStrategy, DataContext, SaveMode
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars_wanted()
+    ctx.enable_operator_progress_bars = progress_bars_wanted()
+
+    # Tokenizer actors each hold a CPU; leave one for the read tasks or the job deadlocks.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    pool = max(1, min(opts.num_tokenizers, cpus - 1))
+    records = ray.data.read_binary_files(paths, include_paths=True).flat_map(parse_file)
+    tokenized = records.map_batches(
+        Tokenize, fn_constructor_kwargs={"tokenizer_dir": str(opts.tokenizer), "chat_template": opts.chat_template,
+                                          "max_sample_len": opts.max_sample_len},
+        batch_size=256, compute=ActorPoolStrategy(min_size=1, max_size=pool), batch_format="numpy",
+    ).materialize()
+    samples_read = tokenized.count()
+    if samples_read == 0:
+        raise PipelineError(f"the input {paths} holds no records")
+
+    dropped = {k: 0 for k in ERROR_KINDS}
+    bad_rows, tokens_in = [], 0
+    for part in tokenized.map_batches(summarize_batch, batch_format="pyarrow", batch_size=4096,
+                                      fn_kwargs={"keep": opts.examples_shown}).take_all():
+        tokens_in += part["tokens"]
+        for kind, n in json.loads(part["dropped"]).items():
+            dropped[kind] += n
+        bad_rows += json.loads(part["examples"])
+    examples = [f"{src}:{pos}: {err}" for src, pos, err in sorted(bad_rows)[: opts.examples_shown]]
+
+    good = tokenized.filter(lambda r: r["error_kind"] == "")
+    packed = good.map_batches(pack_batch, batch_size=opts.pack_batch_size, batch_format="pyarrow",
+                              fn_kwargs={"seq_len": opts.seq_len, "mode": opts.mode, "pad_token_id": pad_id}).materialize()
+    rows = packed.filter(lambda r: not r["is_tail"]).select_columns(["input_ids", "prompt_mask", "segment_ids"])
+    tails = [(r["tail_prompt"], r["tail_response"]) for r in
+             packed.filter(lambda r: r["is_tail"]).select_columns(["tail_prompt", "tail_response"]).take_all()]
+    if tails:  # the leftovers of every batch, packed once: only the very last row is padded
+        last = pack_samples([(list(p), list(r)) for p, r in tails], opts.seq_len, mode=opts.mode, pad_token_id=pad_id)
+        last_ds = ray.data.from_arrow(rows_table(last, []).select(["input_ids", "prompt_mask", "segment_ids"]))
+        rows = rows.union(last_ds) if rows.count() else last_ds
+    rows = rows.materialize()
+    rows.write_parquet(opts.output, mode=SaveMode.OVERWRITE)
+
+    def total(column_fn):
+        return int(sum(column_fn(b) for b in rows.iter_batches(batch_format="pyarrow", batch_size=1024)))
+
+    rows_written = rows.count()
+    tokens_out = total(lambda b: np.count_nonzero(np.concatenate(b.column("segment_ids").to_numpy(zero_copy_only=False))))
+    stats = {
+        "inputs": paths, "output": opts.output, "mode": opts.mode, "seq_len": opts.seq_len,
+        "chat_template": opts.chat_template, "samples_read": samples_read,
+        "samples_packed": samples_read - sum(dropped.values()), "dropped": dropped,
+        "dropped_examples": examples, "tokens_in": tokens_in, "tokens_out": tokens_out,
+        "rows_written": rows_written,
+        "packing_efficiency": tokens_out / max(1, rows_written * opts.seq_len),
+        "seconds": round(time.time() - t0, 2), "options": asdict(opts),
+    }
+    if tokens_in != tokens_out:  # a bug, never a data problem: refuse to report success
+        raise RuntimeError(f"token count not conserved: {tokens_in} in, {tokens_out} out")
+    _write_stats(opts.output, stats)
+    return stats
+
+
+def _write_stats(output: str, stats: dict) -> None:
+    text = json.dumps(stats, indent=2)
+    if "://" in output:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(output)
+        with fs.open_output_stream(path.rstrip("/") + "/stats.json") as f:
+            f.write(text.encode())
+    else:
+        with open(os.path.join(output, "stats.json"), "w") as f:
+            f.write(text)
+
+
+def summary(stats: dict) -> str:
+    lines = [f"read {stats['samples_read']} samples, packed {stats['samples_packed']} into {stats['rows_written']} "
+             f"rows of {stats['seq_len']} ({stats['packing_efficiency']:.2%} real tokens, {stats['tokens_out']} tokens) "
+             f"in {stats['seconds']}s -> {stats['output']}"]
+    dropped = {k: v for k, v in stats["dropped"].items() if v}
+    if dropped:
+        lines.append(f"dropped: {dropped}")
+        lines += [f"  {e}" for e in stats["dropped_examples"]]
+    return "\n".join(lines)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m pipelines.pack", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", "-i", nargs="+", required=True,
+                   help="jsonl/parquet files, directories or globs; local paths or URIs (s3://, gs://, ...)")
+    p.add_argument("--output", "-o", required=True, help="output directory for parquet shards + stats.json (overwritten)")
+    p.add_argument("--tokenizer", required=True, help="checkpoint or tokenizer directory holding tokenizer.json")
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per packed row (dLLM-Var: 8192)")
+    p.add_argument("--mode", choices=PACK_MODES, default="concat",
+                   help="concat: the paper's stream packing, samples may straddle rows (default); "
+                        "no_split: each sample whole in one row, tails padded")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap prompts in the tokenizer's chat template and end responses with EOT "
+                        "(default: dLLM-Var concatenation, responses end with EOS)")
+    p.add_argument("--max-sample-len", type=int, help="drop samples longer than this many tokens (default: --seq-len)")
+    p.add_argument("--num-tokenizers", type=int, default=2, help="tokenizer actors in the pool")
+    p.add_argument("--pack-batch-size", type=int, default=4096, help="samples packed together per task")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> PackOptions:
+    return PackOptions(inputs=args.input, output=args.output, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                       mode=args.mode, chat_template=args.chat_template, max_sample_len=args.max_sample_len,
+                       num_tokenizers=args.num_tokenizers, pack_batch_size=args.pack_batch_size, address=args.address)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        stats = run_pack(options_from_args(args))
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The Ray Serve application: engine replicas behind an OpenAI-compatible FastAPI ingress.
+
+    serve run serve.app:build_app model=/path/to/checkpoint
+    serve run cluster/serve-config.yaml
+    dllm serve --model /path/to/checkpoint
+
+`EngineServer` replicas each load the checkpoint and run the continuous-batching engine in a
+background thread: requests from every caller join its batch between steps. `OpenAIIngress`
+validates and tokenises requests, then streams each committed block back (SSE) or returns the
+whole answer. Tensor parallelism is not supported: a replica holds the whole model on one GPU
+(LLaDA-8B in bf16 takes ~16 GB); scale with replicas.
+"""
+
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import dllm
+
+from .engine_loop import EngineLoop
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, new_id, now, reject_unsupported, usage)
+
+DEFAULT_DECODING = {"block_size": 64, "threshold": 0.9, "decoder": "threshold", "max_tokens": 256}
+
+
+def _decoding_defaults(user_config: dict | None) -> dict:
+    cfg = {**DEFAULT_DECODING, **(user_config or {})}
+    unknown = set(cfg) - set(DEFAULT_DECODING) - {"commit_pass"}
+    if unknown:
+        raise ValueError(f"user_config: unknown key(s) {sorted(unknown)}; allowed: {sorted(DEFAULT_DECODING)} + commit_pass")
+    dllm.GenerationConfig(block_size=cfg["block_size"], threshold=cfg["threshold"], decoder=cfg["decoder"],
+                          max_new_tokens=cfg["max_tokens"])  # validates the values
+    return cfg
+
+
+class EngineServer:
+    """One model replica: the engine, its background loop, health and metrics."""
+
+    def __init__(self, model: str, max_batch_size: int = 16, max_model_len: int | None = None,
+                 dtype: str | None = None) -> None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+        self.model_dir = model
+        net = dllm.load_model(model, device=device, dtype=torch_dtype)
+        tokenizer = dllm.load_tokenizer(model)
+        self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len)
+        self.loop = EngineLoop(self.engine)
+        self.defaults = dict(DEFAULT_DECODING)
+        self._metrics = _EngineMetrics()
+        self.loop.on_step = self._metrics.on_step
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Change decoding defaults (block size, threshold, decoder, max_tokens) without a restart."""
+        self.defaults = _decoding_defaults(user_config)
+
+    def check_health(self) -> None:
+        if not self.loop.alive:
+            raise RuntimeError(f"engine loop is dead: {self.loop.error!r}")
+
+    def info(self) -> dict:
+        return {"defaults": self.defaults, "max_model_len": self.engine.max_model_len, **self.engine.stats()}
+
+    async def generate(self, payload: dict):
+        """Stream one request: a dict per committed block, the last with finish_reason and stats."""
+        opts = {k: v for k, v in payload.get("options", {}).items() if v is not None}
+        merged = {**self.defaults, **opts}
+        config = dllm.GenerationConfig(
+            block_size=merged["block_size"], threshold=merged["threshold"], decoder=merged["decoder"],
+            max_new_tokens=payload.get("max_tokens") or merged["max_tokens"], temperature=payload.get("temperature", 0.0),
+            seed=payload.get("seed"), stop=payload.get("stop") or None, commit_pass=merged.get("commit_pass", True))
+        start = time.monotonic()
+        first = True
+        async for out in self.loop.generate(payload["prompt_ids"], config):
+            if first:
+                self._metrics.first_block.observe(time.monotonic() - start)
+                first = False
+            item = {"token_ids": out.new_token_ids, "text": out.new_text, "finished": out.finished}
+            if out.finished:
+                g = out.generation
+                item.update(finish_reason=g.finish_reason, num_forwards=g.num_forwards, num_blocks=g.num_blocks,
+                            completion_tokens=len(g.token_ids), prompt_tokens=g.prompt_tokens)
+                self._metrics.on_finish(g)
+            yield item
+
+    def __del__(self) -> None:  # graceful drain: Serve stops routing first, then in-flight requests finish
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.shutdown(timeout=20)
+
+
+class _EngineMetrics:
+    """Custom metrics (Ray dashboard / Prometheus: names get a `ray_` prefix, counters `_total`)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter("dllm_requests", "finished requests", tag_keys=("finish_reason",))
+        self.tokens = Counter("dllm_generated_tokens", "tokens generated (before the first EOS)")
+        self.forwards = Counter("dllm_forwards", "model forwards spent on finished requests")
+        self.tpf = Histogram("dllm_tokens_per_forward", "tokens per forward of a finished request",
+                             boundaries=[1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32])
+        self.first_block = Histogram("dllm_time_to_first_block_s", "seconds from arrival to the first committed block",
+                                     boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
+        self.queue = Gauge("dllm_queue_depth", "requests waiting for a cache slot")
+        self.running = Gauge("dllm_running_requests", "requests being decoded")
+        self.cache = Gauge("dllm_kv_cache_usage", "fraction of KV-cache slots in use")
+        self.tps = Gauge("dllm_engine_tokens_per_s", "tokens per second over the last finished requests")
+        self._window: list[tuple[float, int]] = []
+
+    def on_step(self, stats: dict) -> None:
+        self.queue.set(stats["waiting"])
+        self.running.set(stats["running"])
+        self.cache.set(stats["cache_slots_used"] / max(1, stats["cache_slots_total"]))
+
+    def on_finish(self, g: dllm.Generation) -> None:
+        self.requests.inc(tags={"finish_reason": g.finish_reason})
+        if g.token_ids:  # Ray counters only accept positive increments
+            self.tokens.inc(len(g.token_ids))
+        if g.num_forwards:
+            self.forwards.inc(g.num_forwards)
+        self.tpf.observe(g.tokens_per_forward)
+        t = time.monotonic()
+        self._window = [(ts, n) for ts, n in self._window if t - ts < 30] + [(t, len(g.token_ids))]
+        span = max(1e-3, t - self._window[0][0]) if len(self._window) > 1 else 30.0
+        self.tps.set(sum(n for _, n in self._window) / span)
+
+
+# ----- the HTTP ingress ------------------------------------------------------------------------
+
+api = FastAPI(title="dllm OpenAI-compatible API")
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(status_code=e.status, content=e.body())
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError):
+    return _error_response(e)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError):
+    err = e.errors()[0] if e.errors() else {}
+    loc = [str(x) for x in err.get("loc", []) if x != "body"]
+    if err.get("type") == "json_invalid":
+        return _error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
+    param = ".".join(loc) or None
+    msg = f"invalid value for '{param}': {err.get('msg', 'invalid')}" if param else err.get("msg", "invalid request")
+    return _error_response(APIError(400, msg, param=param, code="invalid_value"))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException):
+    return _error_response(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+
+def _load_api_keys(api_keys: list[str] | None) -> set[str]:
+    keys = set(api_keys or [])
+    if os.environ.get("DLLM_API_KEYS"):
+        keys |= {k.strip() for k in os.environ["DLLM_API_KEYS"].split(",") if k.strip()}
+    if os.environ.get("DLLM_API_KEYS_FILE"):
+        with open(os.environ["DLLM_API_KEYS_FILE"]) as f:
+            keys |= {line.strip() for line in f if line.strip()}
+    return keys
+
+
+_AUTH: dict[str, set[str]] = {"keys": set()}  # set by the ingress replica at start-up
+_OPEN_PATHS = ("/health", "/-/healthz")
+
+
+@api.middleware("http")
+async def _require_api_key(request: Request, call_next):
+    keys = _AUTH["keys"]
+    if keys and request.url.path not in _OPEN_PATHS:
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or header[7:] not in keys:
+            return _error_response(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                            type="authentication_error", code="invalid_api_key"))
+    return await call_next(request)
+
+
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, engine, model: str, served_model_name: str | None = None, max_model_len: int | None = None,
+                 max_tokens_cap: int = 1024, api_keys: list[str] | None = None) -> None:
+        self.engine = engine
+        self.tokenizer = dllm.load_tokenizer(model)
+        config = dllm.LLaDAConfig.from_file(os.path.join(model, "config.json"))
+        self.max_model_len = max_model_len or config.max_sequence_length
+        self.max_tokens_cap = max_tokens_cap
+        self.model_name = served_model_name or os.path.basename(os.path.normpath(model))
+        self.api_keys = _load_api_keys(api_keys)
+        self.created = now()
+
+        _AUTH["keys"] = self.api_keys
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "dllm", "max_model_len": self.max_model_len}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, req: CompletionRequest):
+        self._check_common(req)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise APIError(400, "a list of several prompts is not supported; send one request per prompt",
+                               param="prompt", code="unsupported_parameter")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
+            if bad:
+                raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {len(self.tokenizer)})",
+                               param="prompt", code="invalid_value")
+        return await self._run(req, ids, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatCompletionRequest):
+        if req.max_completion_tokens is not None and req.max_tokens is None:
+            req.max_tokens = req.max_completion_tokens
+        self._check_common(req)
+        if not req.messages:
+            raise APIError(400, "'messages' must hold at least one message", param="messages", code="invalid_value")
+        text = self.tokenizer.apply_chat_template([m.model_dump(include={"role", "content"}) for m in req.messages],
+                                                  tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return await self._run(req, ids, chat=True)
+
+    # ----- shared request path ----------------------------------------------------------------
+
+    def _check_common(self, req) -> None:
+        if req.model != self.model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+        reject_unsupported(req)
+        if req.max_tokens is not None and not 1 <= req.max_tokens <= self.max_tokens_cap:
+            raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_cap}, got {req.max_tokens}",
+                           param="max_tokens", code="invalid_value")
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop must be up to 4 non-empty strings", param="stop", code="invalid_value")
+
+    async def _run(self, req, prompt_ids: list[int], chat: bool):
+        block = req.block_size or 64
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt", code="invalid_value")
+        if len(prompt_ids) + block > self.max_model_len:
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; with one block of {block} it exceeds the "
+                                f"model's context of {self.max_model_len} tokens", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        payload = {"prompt_ids": prompt_ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
+                   "seed": req.seed, "stop": [req.stop] if isinstance(req.stop, str) else req.stop,
+                   "options": {"block_size": req.block_size, "threshold": req.threshold, "decoder": req.decoder,
+                               "commit_pass": req.commit_pass}}
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        stream = self.engine.options(stream=True).generate.remote(payload)
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._sse(stream, rid, chat, include_usage), media_type="text/event-stream")
+        text, last = "", None
+        try:
+            async for item in stream:
+                text += item["text"]
+                last = item
+        except Exception as e:
+            raise self._engine_error(e) from e
+        return self._final_body(rid, chat, text, last)
+
+    def _engine_error(self, e: Exception) -> APIError:
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(e, BackPressureError):
+            return APIError(503, "the server is overloaded; retry later", type="server_error", code="overloaded")
+        cause = getattr(e, "cause", None) or e
+        if isinstance(cause, ValueError):
+            return APIError(400, str(cause), code="invalid_value")
+        return APIError(500, f"generation failed: {cause}", type="server_error", code="internal_error")
+
+    def _stats(self, last: dict) -> dict:
+        return {"forwards": last["num_forwards"], "blocks": last["num_blocks"],
+                "tokens_per_forward": last["completion_tokens"] / max(1, last["num_forwards"])}
+
+    def _final_body(self, rid: str, chat: bool, text: str, last: dict) -> dict:
+        base = {"id": rid, "created": now(), "model": self.model_name,
+                "usage": usage(last["prompt_tokens"], last["completion_tokens"]), "dllm": self._stats(last)}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": last["finish_reason"], "logprobs": None}
+            return {**base, "object": "chat.completion", "choices": [choice]}
+        choice = {"index": 0, "text": text, "finish_reason": last["finish_reason"], "logprobs": None}
+        return {**base, "object": "text_completion", "choices": [choice]}
+
+    async def _sse(self, stream, rid: str, chat: bool, include_usage: bool):
+        created = now()
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, first: bool = False, extra: dict | None = None) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                if text:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice],
+                    **(extra or {})}
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            first = True
+            async for item in stream:
+                if item["finished"]:
+                    extra = {"dllm": self._stats(item)}
+                    if item["text"] or first:
+                        yield chunk(item["text"], None, first)
+                    yield chunk(None, item["finish_reason"], extra=extra)
+                    if include_usage:
+                        body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
+                                "usage": usage(item["prompt_tokens"], item["completion_tokens"])}
+                        yield f"data: {json.dumps(body)}\n\n"
+                elif item["text"]:
+                    yield chunk(item["text"], None, first)
+                    first = False
+        except Exception as e:  # headers are sent: report the error in-band, as OpenAI does
+            yield f"data: {json.dumps(self._engine_error(e).body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+# ----- building the application ----------------------------------------------------------------
+
+def _gpus_available() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_app(args: dict[str, Any]):
+    """Application builder (`serve run serve.app:build_app model=DIR key=value ...`).
+
+    Keys: model (required), name, max_batch_size, max_model_len, dtype, max_tokens_cap, api_keys
+    (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
+    min_replicas / max_replicas / target_ongoing_requests / upscale_delay_s / downscale_delay_s
+    (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests, decoding (dict of
+    decoding defaults), tensor_parallel_size (only 1).
+    """
+    args = dict(args)
+    if "model" not in args:
+        raise ValueError("build_app needs model=<checkpoint directory>")
+    model = str(args.pop("model"))
+    if int(args.pop("tensor_parallel_size", 1)) != 1:
+        raise ValueError("tensor_parallel_size > 1 is not supported: a replica holds the whole model on one GPU "
+                         "(LLaDA-8B bf16 needs ~16 GB + KV cache); scale out with replicas instead")
+    max_batch = int(args.pop("max_batch_size", 16))
+    num_gpus = float(args.pop("num_gpus", 1 if _gpus_available() else 0))
+    num_cpus = float(args.pop("num_cpus", 1))
+    max_model_len = args.pop("max_model_len", None)
+    max_model_len = int(max_model_len) if max_model_len is not None else None
+    decoding = _decoding_defaults(args.pop("decoding", None))
+    engine_opts: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": num_cpus},
+        "max_ongoing_requests": int(args.pop("max_ongoing_requests", 2 * max_batch)),
+        "max_queued_requests": int(args.pop("max_queued_requests", 8 * max_batch)),
+        "user_config": decoding,
+        "health_check_period_s": float(args.pop("health_check_period_s", 10)),
+        "graceful_shutdown_timeout_s": float(args.pop("graceful_shutdown_timeout_s", 30)),
+    }
+    autoscale_keys = ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
+                      "downscale_delay_s", "metrics_interval_s", "look_back_period_s")
+    autoscaling = {k: args.pop(k) for k in autoscale_keys if k in args}
+    if autoscaling:
+        if "num_replicas" in args:
+            raise ValueError("give either num_replicas or autoscaling keys (min_replicas, max_replicas, ...), not both")
+        autoscaling.setdefault("target_ongoing_requests", max_batch)
+        engine_opts["autoscaling_config"] = {k: (float(v) if k.endswith("_s") or k == "target_ongoing_requests"
+                                                 else int(v)) for k, v in autoscaling.items()}
+    else:
+        engine_opts["num_replicas"] = int(args.pop("num_replicas", 1))
+    name = args.pop("name", None)
+    max_tokens_cap = int(args.pop("max_tokens_cap", 1024))
+    api_keys = args.pop("api_keys", None)
+    if isinstance(api_keys, str):
+        api_keys = [k for k in api_keys.split(",") if k]
+    ingress_cpus = float(args.pop("ingress_num_cpus", 0.5))
+    dtype = args.pop("dtype", None)
+    if args:
+        raise ValueError(f"build_app: unknown argument(s) {sorted(args)}")
+
+    engine = serve.deployment(EngineServer, name="EngineServer").options(**engine_opts).bind(
+        model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype)
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
+                               ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
+    return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,
+                        max_tokens_cap=max_tokens_cap, api_keys=api_keys)

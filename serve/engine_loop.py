@@ -1,0 +1,125 @@
+"""Runs a `dllm.Engine` in a background thread and serves it to asyncio callers.
+
+The engine steps continuously while any request is in flight; callers on the event loop submit a
+request and iterate its outputs (one item per committed block, the last one finished). New
+requests join between steps; an abandoned iterator aborts its request, freeing its cache slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import dllm
+
+
+@dataclass
+class _Submission:
+    request_id: str
+    prompt_ids: list[int]
+    config: dllm.GenerationConfig
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    submitted_at: float
+
+
+class EngineLoop:
+    def __init__(self, engine: dllm.Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._live: dict[str, _Submission] = {}
+        self._ids = itertools.count()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.on_step = None  # optional callback(stats dict) after each step, for metrics
+        self._thread = threading.Thread(target=self._run, name="dllm-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._live) + self._inbox.qsize()
+
+    async def generate(self, prompt_ids: list[int], config: dllm.GenerationConfig) -> AsyncIterator[dllm.RequestOutput]:
+        """Yield the request's outputs as blocks commit; closing the iterator early aborts it."""
+        if not self.alive:
+            raise RuntimeError(f"the engine loop is not running: {self.error!r}")
+        sub = _Submission(f"srv-{next(self._ids)}", prompt_ids, config, asyncio.get_running_loop(), asyncio.Queue(),
+                          time.monotonic())
+        self._inbox.put(("add", sub))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await sub.outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the caller went away (client disconnect, cancellation): free the slot
+                self._inbox.put(("abort", sub.request_id))
+                self._wake.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Let in-flight requests finish (up to `timeout`), then stop the thread."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline and self.alive:
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    # ----- the engine thread --------------------------------------------------------------------
+
+    def _deliver(self, sub: _Submission, item) -> None:
+        sub.loop.call_soon_threadsafe(sub.outputs.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add_request(payload.prompt_ids, payload.config, request_id=payload.request_id)
+                    self._live[payload.request_id] = payload
+                except Exception as e:  # a request the engine refuses fails alone
+                    self._deliver(payload, e)
+            elif kind == "abort" and payload in self._live:
+                self.engine.abort(payload)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    sub = self._live.get(out.request_id)
+                    if sub is None:
+                        continue
+                    if out.finished:
+                        del self._live[out.request_id]
+                    self._deliver(sub, out)
+                if self.on_step is not None:
+                    self.on_step(self.engine.stats())
+        except BaseException as e:  # the loop is dead: fail everyone waiting, let health checks see it
+            self.error = e
+            for sub in self._live.values():
+                self._deliver(sub, RuntimeError(f"engine loop failed: {e!r}"))
+            self._live.clear()

@@ -1,0 +1,110 @@
+"""OpenAI-compatible request/response shapes, our extra fields, and OpenAI-style errors."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+import dllm
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class DiffusionOptions(BaseModel):
+    """Our extras, accepted as extra body fields (OpenAI clients: `extra_body={...}`)."""
+
+    block_size: int | None = Field(default=None, ge=1, le=1024)
+    threshold: float | None = Field(default=None, gt=0.0, le=1.0)
+    decoder: Literal[dllm.engine.DECODERS] | None = None  # type: ignore[valid-type]
+    commit_pass: bool | None = None
+
+
+class _Common(DiffusionOptions):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Any = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+
+def reject_unsupported(req: _Common) -> None:
+    """Parameters we accept for compatibility only at their neutral values."""
+    checks = [
+        ("n", req.n != 1, "n > 1 is not supported; send the request n times (with different seeds)"),
+        ("top_p", req.top_p != 1.0, "top_p is not supported by diffusion decoding; use temperature"),
+        ("presence_penalty", req.presence_penalty != 0.0, "presence_penalty is not supported"),
+        ("frequency_penalty", req.frequency_penalty != 0.0, "frequency_penalty is not supported"),
+        ("logprobs", req.logprobs not in (None, False), "logprobs are not supported"),
+        ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
+    ]
+    if isinstance(req, CompletionRequest):
+        checks += [("echo", req.echo, "echo is not supported"),
+                   ("best_of", req.best_of not in (None, 1), "best_of is not supported"),
+                   ("suffix", req.suffix is not None, "suffix (infilling) is not supported")]
+    if isinstance(req, ChatCompletionRequest):
+        checks += [("tools", bool(req.tools), "tools / function calling are not supported"),
+                   ("response_format", req.response_format not in (None, {"type": "text"}),
+                    "response_format other than text is not supported")]
+    for param, bad, message in checks:
+        if bad:
+            raise APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,133 @@
+"""The Ray Data packing job, end to end on a local Ray."""
+
+import collections
+import glob
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+import dllm
+from pipelines.pack import PackOptions, PipelineError, main, run_pack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, char_tokenizer):
+    path = tmp_path_factory.mktemp("tok")
+    char_tokenizer.save_pretrained(str(path))
+    return path
+
+
+def _alpaca(i):
+    return {"instruction": f"reverse: {'abcdef'[: 1 + i % 6]} =>", "input": " " * (i % 2), "output": "fedcba"[: 1 + i % 6]}
+
+
+def _read_rows(out):
+    files = sorted(glob.glob(str(out / "*.parquet")))
+    return pq.ParquetDataset(files).read().to_pylist()
+
+
+def _samples_in_rows(rows):
+    """(prompt, response) of every sample piece found in the rows, via segment ids + prompt mask."""
+    found = []
+    for r in rows:
+        for s in sorted(set(r["segment_ids"]) - {0}):
+            idx = [i for i, v in enumerate(r["segment_ids"]) if v == s]
+            found.append((tuple(r["input_ids"][i] for i in idx if r["prompt_mask"][i]),
+                          tuple(r["input_ids"][i] for i in idx if not r["prompt_mask"][i])))
+    return found
+
+
+def test_jsonl_with_bad_lines_packs_every_good_sample_once_and_reports_the_rest(ray_local, tmp_path, tokenizer_dir,
+                                                                            char_tokenizer):
+    src = tmp_path / "data.jsonl"
+    good = [_alpaca(i) for i in range(40)]
+    lines = [json.dumps(g) for g in good[:20]]
+    lines += ["{broken", json.dumps({"instruction": "no output"}), json.dumps({"instruction": "a", "output": "   "}),
+              json.dumps({"instruction": "x" * 200, "output": "y"}), json.dumps({"instruction": 3, "output": "z"})]
+    lines += [json.dumps(g) for g in good[20:]]
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "packed"
+    opts = PackOptions(inputs=[str(src)], output=str(out), tokenizer=str(tokenizer_dir), seq_len=48, mode="no_split",
+                       num_tokenizers=1, pack_batch_size=16)
+    stats = run_pack(opts)
+
+    enc = lambda t: tuple(char_tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    eos = char_tokenizer.eos_token_id
+    expected = [(enc(g["instruction"] + g["input"]), enc(g["output"]) + (eos,)) for g in good]
+    rows = _read_rows(out)
+    assert sorted(_samples_in_rows(rows)) == sorted(expected)  # each good sample exactly once, masks right
+    assert all(len(r["input_ids"]) == 48 for r in rows)
+    assert stats["samples_read"] == 45 and stats["samples_packed"] == 40
+    assert stats["dropped"] == {"malformed_json": 1, "missing_field": 1, "wrong_type": 1, "empty_response": 1,
+                                "too_long": 1}
+    assert stats["dropped_examples"][0].endswith(":21: malformed JSON: Expecting property name enclosed in double quotes at column 2")
+    assert ":22: missing field 'output'" in stats["dropped_examples"][1]
+    assert stats["tokens_in"] == stats["tokens_out"] == sum(len(p) + len(r) for p, r in expected)
+    assert stats["rows_written"] == len(rows)
+    assert json.loads((out / "stats.json").read_text())["rows_written"] == len(rows)
+
+    # Re-running overwrites instead of appending.
+    run_pack(opts)
+    assert len(_read_rows(out)) == len(rows)
+
+
+def test_concat_mode_streams_samples_with_only_the_last_row_padded(ray_local, tmp_path, tokenizer_dir, char_tokenizer):
+    src = tmp_path / "data.jsonl"
+    good = [_alpaca(i) for i in range(60)]
+    src.write_text("\n".join(json.dumps(g) for g in good))
+    stats = run_pack(PackOptions(inputs=[str(src)], output=str(tmp_path / "out"), tokenizer=str(tokenizer_dir),
+                                 seq_len=40, mode="concat", num_tokenizers=1, pack_batch_size=8))
+    rows = _read_rows(tmp_path / "out")
+    padded = [r for r in rows if 0 in r["segment_ids"]]
+    assert len(padded) <= 1
+    enc = lambda t: char_tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    expected = collections.Counter()
+    prompt_tokens = 0
+    for g in good:
+        p = enc(g["instruction"] + g["input"])
+        expected.update(p + enc(g["output"]) + [char_tokenizer.eos_token_id])
+        prompt_tokens += len(p)
+    got = collections.Counter(t for r in rows for t, s in zip(r["input_ids"], r["segment_ids"]) if s)
+    assert got == expected
+    assert sum(m for r in rows for m in r["prompt_mask"]) == prompt_tokens
+    assert stats["packing_efficiency"] > (len(rows) - 1) / len(rows)
+
+
+def test_chat_style_parquet_input_with_the_chat_template(ray_local, tmp_path, tokenizer_dir, char_tokenizer):
+    import pyarrow as pa
+
+    msgs = [[{"role": "user", "content": f"add {i}+1"}, {"role": "assistant", "content": str(i + 1)}] for i in range(12)]
+    pq.write_table(pa.table({"messages": msgs}), str(tmp_path / "chat.parquet"))
+    stats = run_pack(PackOptions(inputs=[str(tmp_path / "chat.parquet")], output=str(tmp_path / "out"),
+                                 tokenizer=str(tokenizer_dir), seq_len=96, mode="no_split", chat_template=True,
+                                 num_tokenizers=1))
+    assert stats["samples_packed"] == 12
+    found = sorted(_samples_in_rows(_read_rows(tmp_path / "out")))
+    eot = char_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    prompt = char_tokenizer.apply_chat_template(msgs[0][:1], tokenize=False, add_generation_prompt=True)
+    assert (tuple(char_tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+            tuple(char_tokenizer("1", add_special_tokens=False)["input_ids"]) + (eot,)) in found
+
+
+def test_fails_fast_on_no_input_no_tokenizer_or_unwritable_output(tmp_path, tokenizer_dir, capsys):
+    with pytest.raises(PipelineError, match="no input files"):
+        run_pack(PackOptions(inputs=[str(tmp_path / "none*.jsonl")], output=str(tmp_path / "o"), tokenizer=str(tokenizer_dir)))
+    (tmp_path / "d.jsonl").write_text(json.dumps(_alpaca(1)))
+    with pytest.raises(PipelineError, match="tokenizer"):
+        run_pack(PackOptions(inputs=[str(tmp_path / "d.jsonl")], output=str(tmp_path / "o"), tokenizer=str(tmp_path)))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PipelineError, match="cannot write"):
+        run_pack(PackOptions(inputs=[str(tmp_path / "d.jsonl")], output=str(blocker / "sub"), tokenizer=str(tokenizer_dir)))
+    assert main(["--input", str(tmp_path / "none.jsonl"), "--output", "o", "--tokenizer", str(tokenizer_dir)]) == 2
+    assert "no input files" in capsys.readouterr().err
+
+
+def test_empty_input_file_is_an_error(ray_local, tmp_path, tokenizer_dir):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(PipelineError, match="no records"):
+        run_pack(PackOptions(inputs=[str(tmp_path / "empty.jsonl")], output=str(tmp_path / "o"),
+                             tokenizer=str(tokenizer_dir), num_tokenizers=1))

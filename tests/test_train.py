@@ -1,0 +1,115 @@
+"""Ray Train + DeepSpeed SFT on CPU: 2 workers, gloo, ZeRO-2."""
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import dllm
+from train.config import ConfigError, TrainConfig
+from train.loop import DS_STATE_DIR, FAULT_MARKER
+from train.sft import final_model_dir, main, run_training
+
+pytestmark = pytest.mark.slow
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def packed_data(tmp_path_factory, char_tokenizer):
+    """A copy/reverse task packed the dLLM-Var way and written as the pipeline writes it."""
+    root = tmp_path_factory.mktemp("train")
+    rng = random.Random(0)
+    enc = lambda t: char_tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    samples = []
+    for _ in range(400):
+        word = "".join(rng.choice("abcdef") for _ in range(rng.randint(1, 5)))
+        samples.append((enc(f"reverse: {word} =>"), enc(word[::-1]) + [char_tokenizer.eos_token_id]))
+    rows = dllm.pack_samples(samples, SEQ, mode="concat", pad_token_id=char_tokenizer.eos_token_id)
+    table = pa.table({"input_ids": [r.tolist() for r in rows.input_ids],
+                      "prompt_mask": [r.tolist() for r in rows.prompt_mask],
+                      "segment_ids": [r.tolist() for r in rows.segment_ids]})
+    (root / "data").mkdir()
+    pq.write_table(table, str(root / "data" / "part-0.parquet"))
+    char_tokenizer.save_pretrained(str(root / "tok"))
+    return root
+
+
+def _config(root, name, **kw):
+    base = dict(run_name=name, data=str(root / "data"), tokenizer=str(root / "tok"), storage_path=str(root / "runs"),
+                model_config={"d_model": 48, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_hidden_size": 96,
+                              "max_sequence_length": 512, "rope_theta": 10000.0},
+                seq_len=SEQ, micro_batch_size=4, num_workers=2, precision="fp32", lr=3e-3, warmup_steps=3,
+                max_steps=30, checkpoint_every=10, log_every=5, tail_mask_prob=0.5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _history(result):
+    return json.loads((final_model_dir(result) / "trainer_state.json").read_text())
+
+
+def test_loss_goes_down_and_the_checkpoint_loads_and_generates(ray_local, packed_data):
+    result = run_training(_config(packed_data, "learn"))
+    assert result.error is None
+    state = _history(result)
+    losses = [h["loss"] for h in state["history"]]
+    assert state["step"] == 30 and len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0]
+    model = dllm.load_model(final_model_dir(result))
+    tok = dllm.load_tokenizer(final_model_dir(result))
+    gen = dllm.Engine(model, tok, max_model_len=128).generate(["reverse: abc =>"], dllm.GenerationConfig(
+        block_size=8, max_new_tokens=16))[0]
+    assert gen.finish_reason in ("stop", "length") and gen.num_forwards >= 1
+    assert (Path(result.checkpoint.path) / DS_STATE_DIR).is_dir()
+
+
+def test_resubmitting_the_same_run_resumes_step_and_optimizer_state(ray_local, packed_data):
+    first = run_training(_config(packed_data, "resume", max_steps=10, checkpoint_every=10))
+    state1 = _history(first)
+    assert state1["step"] == 10
+    second = run_training(_config(packed_data, "resume", max_steps=20, checkpoint_every=10))
+    state2 = _history(second)
+    assert state2["step"] == 20
+    assert state2["micro_steps"] == 20 * 1  # no micro-batch repeated or skipped
+    assert [h["step"] for h in state2["history"]] == [5, 10, 15, 20]  # continued, not restarted
+    assert state2["history"][:2] == state1["history"]
+    # The optimizer state continued too: Adam's step counter is at 20 in the DeepSpeed checkpoint.
+    ds_dir = Path(second.checkpoint.path) / DS_STATE_DIR / "state"
+    optim_files = sorted(ds_dir.glob("*optim_states.pt"))
+    assert optim_files
+    optim = torch.load(optim_files[0], map_location="cpu", weights_only=False)
+    steps = {int(s["step"]) for s in optim["optimizer_state_dict"]["base_optimizer_state"]["state"].values()}
+    assert steps == {20}
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_finishes(ray_local, packed_data):
+    cfg = _config(packed_data, "fault", max_steps=20, checkpoint_every=5, fail_at_step=12, max_failures=2)
+    result = run_training(cfg)
+    assert result.error is None
+    assert (Path(cfg.storage_path) / "fault" / FAULT_MARKER).exists()
+    state = _history(result)
+    assert state["step"] == 20 and state["micro_steps"] == 20
+    # Steps 11-12 ran twice (before the crash and after resuming from step 10); logged steps are unique.
+    assert [h["step"] for h in state["history"]] == [5, 10, 15, 20]
+
+
+def test_config_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        TrainConfig.from_dict({"run_name": "x", "data": "d", "model": "m", "max_steps": 1, "learning_rate": 1})
+    with pytest.raises(ConfigError, match="exactly one of 'model'"):
+        TrainConfig(run_name="x", data="d", max_steps=1)
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(run_name="x", data="d", model="m", max_steps=1, precision="fp16")
+    with pytest.raises(ConfigError, match="fp8 needs use_gpu"):
+        TrainConfig(run_name="x", data="d", model="m", max_steps=1, fp8=True)
+    with pytest.raises(ConfigError, match="max_steps' or 'epochs"):
+        TrainConfig(run_name="x", data="d", model="m")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run_name: x\ndata: d\nmodel: m\nmax_steps: 1\nbogus: 2\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "bogus" in capsys.readouterr().err

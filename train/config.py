@@ -1,0 +1,136 @@
+"""One validated configuration for an SFT run (YAML in, dataclass out; unknown keys are errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRECISIONS = ("bf16", "fp32")
+LOSS_WEIGHTINGS = ("mean", "inverse_t")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a dLLM-Var SFT run.
+
+    Model: `model` (a checkpoint directory, e.g. LLaDA-8B-Base) or `model_config` (LLaDAConfig
+    fields for a fresh model; vocabulary and special ids come from `tokenizer`).
+    Data: `data` is the packed parquet directory written by `pipelines.pack`.
+    Steps: `max_steps` optimizer steps, or `epochs` passes over the data (one of the two).
+    Batch: each optimizer step sees num_workers * micro_batch_size * grad_accum rows.
+    """
+
+    run_name: str
+    data: str
+    model: str | None = None
+    model_config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    storage_path: str = "runs"
+    seq_len: int | None = None  # checked against the data when given
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: int | None = None
+    lr: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    precision: str = "bf16"
+    fp8: bool = False
+    zero_stage: int = 2
+    t_min: float = 0.1
+    t_max: float = 0.9
+    loss_weighting: str = "mean"
+    tail_mask_prob: float = 0.0
+    document_mask: bool = False
+    seed: int = 0
+    max_failures: int = 0
+    log_every: int = 10
+    fail_at_step: int | None = None  # test hook: one worker dies once at this step
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into checkpoints
+
+    def __post_init__(self) -> None:
+        def bad(name, allowed):
+            raise ConfigError(f"train config: {name}={getattr(self, name)!r} is invalid; expected {allowed}")
+
+        if (self.model is None) == (self.model_config is None):
+            raise ConfigError("train config: give exactly one of 'model' (checkpoint dir) or 'model_config' (fresh model)")
+        if self.model_config is not None and self.tokenizer is None:
+            raise ConfigError("train config: a fresh model ('model_config') needs 'tokenizer' (a tokenizer directory)")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ConfigError("train config: give exactly one of 'max_steps' or 'epochs'")
+        for name in ("micro_batch_size", "grad_accum", "num_workers", "checkpoint_every", "keep_checkpoints",
+                     "cpus_per_worker", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        for name in ("max_steps", "epochs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                bad(name, "an integer >= 1")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"one of {list(PRECISIONS)}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            bad("loss_weighting", f"one of {list(LOSS_WEIGHTINGS)}")
+        if self.zero_stage not in (0, 1, 2):
+            bad("zero_stage", "0, 1 or 2")
+        if not 0 <= self.t_min <= self.t_max <= 1:
+            raise ConfigError(f"train config: need 0 <= t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
+        if not 0 <= self.tail_mask_prob <= 1:
+            bad("tail_mask_prob", "a fraction in [0, 1]")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train config: lr must be > 0 and warmup_steps, weight_decay, grad_clip >= 0")
+        self.betas = tuple(self.betas)
+        if self.fp8 and not self.use_gpu:
+            raise ConfigError("train config: fp8 needs use_gpu: true (FP8 linears run on Hopper-class GPUs only)")
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.tokenizer or self.model
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError("train config must be a mapping of keys to values")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"train config: unknown key(s) {unknown}; allowed keys: {sorted(names)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
+        if missing:
+            raise ConfigError(f"train config: missing required key(s) {missing}")
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise ConfigError(f"train config: {e}") from e
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"train config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"train config {path} is not valid YAML: {e}") from e
+        return cls.from_dict({**raw, **(overrides or {})})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d

@@ -1,0 +1,213 @@
+"""What each Ray Train worker runs: DeepSpeed ZeRO-2 SFT with the dLLM-Var objective.
+
+Data order is deterministic: every worker walks the packed rows in file order in global batches of
+num_workers * micro_batch_size rows and takes its own slice. Optimizer step s therefore always sees
+the same rows, which makes resuming exact: a restarted run skips the micro-batches its checkpoint
+already consumed, repeating and skipping nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import dllm
+
+from .config import TrainConfig
+
+DS_STATE_DIR = "deepspeed"  # inside a Ray Train checkpoint: DeepSpeed's resumable state
+HF_DIR = "hf"  # inside a Ray Train checkpoint: a checkpoint directory dllm.load_model reads
+DS_TAG = "state"
+FAULT_MARKER = "injected-fault-done"
+
+
+def build_model(cfg: TrainConfig, tokenizer) -> dllm.LLaDAModelLM:
+    if cfg.model:
+        return dllm.load_model(cfg.model, dtype=torch.float32).train()
+    special = dllm.special_ids(tokenizer)
+    raw = {"vocab_size": len(tokenizer), "embedding_size": len(tokenizer), **special, **cfg.model_config}
+    return dllm.build_model(dllm.LLaDAConfig.from_dict(raw), seed=cfg.seed).train()
+
+
+def enable_fp8(model: torch.nn.Module) -> None:
+    """Swap the transformer's linears for torchao float8 (E4M3, tensorwise scales) training linears."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("fp8 training needs a CUDA GPU; this worker has none")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise RuntimeError(f"fp8 training needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as e:
+        raise RuntimeError("fp8 training needs torchao (pip install 'dllm-ray[gpu]')") from e
+
+    def wanted(module: torch.nn.Module, fqn: str) -> bool:
+        # Blocks' projections only: the embedding is no linear and the LM head runs on few rows.
+        return isinstance(module, torch.nn.Linear) and ".blocks." in fqn and module.in_features % 16 == 0 \
+            and module.out_features % 16 == 0
+
+    convert_to_float8_training(model, module_filter_fn=wanted)
+
+
+def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
+            "torch_adam": not on_gpu}},  # FusedAdam would JIT-compile for minutes on CPU
+        "scheduler": {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": max(1, cfg.warmup_steps),
+            "warmup_type": "linear"}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _skip_cpu_shm_build() -> None:
+    """DeepSpeed JIT-builds a shared-memory comm op on CPU (a minute on 2 cores); gloo is enough."""
+    from deepspeed.accelerator import get_accelerator
+    import deepspeed.ops
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
+
+
+def train_loop_per_worker(raw_config: dict) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = TrainConfig.from_dict(raw_config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = cfg.use_gpu and torch.cuda.is_available()
+    torch.manual_seed(cfg.seed)
+    _skip_cpu_shm_build()
+
+    tokenizer = dllm.load_tokenizer(cfg.tokenizer_dir)
+    model = build_model(cfg, tokenizer)
+    config = model.config
+    if cfg.fp8:
+        model = model.cuda()
+        enable_fp8(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, on_gpu))
+    device = engine.device
+
+    state = {"step": 0, "micro_steps": 0, "samples_seen": 0, "tokens_seen": 0, "elapsed": 0.0, "history": []}
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            _, client = engine.load_checkpoint(str(Path(d) / DS_STATE_DIR), tag=DS_TAG)
+        state.update(client or {})
+        if rank == 0:
+            print(f"[train] resumed at step {state['step']} (samples seen {state['samples_seen']})", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    rows_per_micro = world * cfg.micro_batch_size
+    micro_per_epoch = None
+    total_steps = cfg.max_steps
+    stop_tokens = config.stop_token_ids
+    t_start = time.time() - state["elapsed"]
+    t_log, tokens_log = time.time(), 0
+    loss_sum, loss_n = 0.0, 0
+
+    def save_checkpoint(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(str(Path(tmp) / DS_STATE_DIR), tag=DS_TAG, client_state=dict(state))
+            if rank == 0:
+                hf = dllm.save_pretrained(engine.module, tokenizer, Path(tmp) / HF_DIR)
+                (hf / "trainer_state.json").write_text(json.dumps({"config": cfg.to_dict(), **state}, indent=2))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    epoch = state["micro_steps"] // micro_per_epoch if micro_per_epoch else 0
+    done = False
+    while not done:
+        seen_this_epoch = 0
+        skip = state["micro_steps"] - (epoch * micro_per_epoch if micro_per_epoch else 0)
+        for batch in shard.iter_torch_batches(batch_size=rows_per_micro, drop_last=True,
+                                              dtypes={"input_ids": torch.long, "prompt_mask": torch.bool,
+                                                      "segment_ids": torch.int32}):
+            seen_this_epoch += 1
+            if seen_this_epoch <= skip:
+                continue  # consumed before the checkpoint this run resumed from
+            lo = rank * cfg.micro_batch_size
+            ids = batch["input_ids"][lo:lo + cfg.micro_batch_size].to(device)
+            prompt = batch["prompt_mask"][lo:lo + cfg.micro_batch_size].to(device)
+            seg = batch["segment_ids"][lo:lo + cfg.micro_batch_size].to(device)
+            if cfg.seq_len and ids.shape[1] != cfg.seq_len:
+                raise ValueError(f"packed rows have {ids.shape[1]} tokens but the config says seq_len={cfg.seq_len}")
+            # Noise depends only on (seed, micro step, rank): identical after a resume.
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["micro_steps"] * 997 + rank)
+            noised = dllm.noise_batch(ids, prompt, seg, mask_token_id=config.mask_token_id,
+                                      terminal_token_ids=stop_tokens, t_min=cfg.t_min, t_max=cfg.t_max,
+                                      tail_mask_prob=cfg.tail_mask_prob, generator=gen)
+            mask = dllm.document_attention_mask(seg) if cfg.document_mask else None
+            hidden = engine(noised.input_ids, attention_mask=mask, return_hidden=True)
+            loss = dllm.diffusion_loss_from_hidden(hidden, engine.module.model.transformer["ff_out"], noised.targets,
+                                                   noised.loss_mask, noised.t, cfg.loss_weighting)
+            engine.backward(loss)
+            engine.step()
+            state["micro_steps"] += 1
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            tokens_log += ids.numel() * world
+            if state["micro_steps"] % cfg.grad_accum:
+                continue
+            state["step"] += 1
+            state["samples_seen"] += int(sum(int(s.max()) for s in seg)) * world
+            state["tokens_seen"] += ids.numel() * world * cfg.grad_accum
+            state["elapsed"] = time.time() - t_start
+            step = state["step"]
+
+            if cfg.fail_at_step == step and rank == world - 1:
+                marker = Path(cfg.storage_path) / cfg.run_name / FAULT_MARKER
+                if not marker.exists():
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.write_text("the test hook killed a worker here once")
+                    os._exit(1)  # a worker dies abruptly, as a lost node would
+
+            last = total_steps is not None and step >= total_steps
+            if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
+                now = time.time()
+                mean = torch.tensor([loss_sum / max(1, loss_n)], device=device)
+                if world > 1:
+                    torch.distributed.all_reduce(mean)
+                    mean /= world
+                metrics = {"step": step, "loss": float(mean), "lr": engine.get_lr()[0],
+                           "tokens_per_s": tokens_log / max(1e-9, now - t_log), "samples_seen": state["samples_seen"],
+                           "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed"], "epoch": epoch}
+                t_log, tokens_log, loss_sum, loss_n = now, 0, 0.0, 0
+                state["history"].append({k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s")})
+                if rank == 0:
+                    print(f"[train] step {step}{'/' + str(total_steps) if total_steps else ''} loss {metrics['loss']:.4f} "
+                          f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s "
+                          f"elapsed {metrics['elapsed_s']:.0f}s", flush=True)
+                if step % cfg.checkpoint_every == 0 or last:
+                    save_checkpoint(metrics)
+                else:
+                    ray.train.report(metrics)
+            if last:
+                done = True
+                break
+        if micro_per_epoch is None:
+            micro_per_epoch = seen_this_epoch
+            if micro_per_epoch == 0:
+                raise ValueError(f"the training data has fewer than num_workers*micro_batch_size = {rows_per_micro} rows")
+        if done:
+            break
+        epoch += 1
+        if cfg.epochs is not None and epoch >= cfg.epochs:
+            if state["step"] % cfg.checkpoint_every:  # the final state, unless just saved
+                save_checkpoint({"step": state["step"], "epoch": epoch, "samples_seen": state["samples_seen"],
+                                 "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed"]})
+            break
