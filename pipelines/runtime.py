@@ -29,6 +29,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, objec
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Logical CPUs: at least 4 so that training workers, data tasks and Serve replicas can
+        # coexist on a small machine instead of waiting on each other for a CPU forever.
+        num_cpus = num_cpus or max(4, os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard,
                  object_store_memory=object_store_mb * 2**20 if object_store_mb else None, **kwargs)
     return ray

@@ -67,7 +67,8 @@ class EngineServer:
             raise RuntimeError(f"engine loop is dead: {self.loop.error!r}")
 
     def info(self) -> dict:
-        return {"defaults": self.defaults, "max_model_len": self.engine.max_model_len, **self.engine.stats()}
+        return {"defaults": self.defaults, "max_model_len": self.engine.max_model_len, "aborted": self.loop.aborted,
+                "pid": os.getpid(), **self.engine.stats()}
 
     async def generate(self, payload: dict):
         """Stream one request: a dict per committed block, the last with finish_reason and stats."""
@@ -181,7 +182,7 @@ _OPEN_PATHS = ("/health", "/-/healthz")
 @api.middleware("http")
 async def _require_api_key(request: Request, call_next):
     keys = _AUTH["keys"]
-    if keys and request.url.path not in _OPEN_PATHS:
+    if keys and not request.url.path.endswith(_OPEN_PATHS):
         header = request.headers.get("authorization", "")
         if not header.startswith("Bearer ") or header[7:] not in keys:
             return _error_response(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",

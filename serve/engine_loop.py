@@ -37,6 +37,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        self.aborted = 0  # requests abandoned by their callers (client disconnects)
         self.on_step = None  # optional callback(stats dict) after each step, for metrics
         self._thread = threading.Thread(target=self._run, name="dllm-engine-loop", daemon=True)
         self._thread.start()
@@ -100,6 +101,8 @@ class EngineLoop:
                     self._deliver(payload, e)
             elif kind == "abort" and payload in self._live:
                 self.engine.abort(payload)
+                self._live.pop(payload, None)
+                self.aborted += 1
 
     def _run(self) -> None:
         try:

@@ -79,6 +79,6 @@ def ray_local():
     """One embedded Ray for the whole test session (starting Ray costs seconds)."""
     from pipelines.runtime import ensure_ray
 
-    ray = ensure_ray(num_cpus=2, object_store_mb=300, dashboard=False)
+    ray = ensure_ray(num_cpus=4, object_store_mb=400, dashboard=False)
     yield ray
     ray.shutdown()

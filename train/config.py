@@ -59,6 +59,8 @@ class TrainConfig:
     tail_mask_prob: float = 0.0
     document_mask: bool = False
     seed: int = 0
+    materialize_data: bool = True  # read the packed rows once into the object store (False: stream each epoch)
+    time_limit_s: float | None = None  # stop (with a final checkpoint) once training has run this long
     max_failures: int = 0
     log_every: int = 10
     fail_at_step: int | None = None  # test hook: one worker dies once at this step

@@ -108,7 +108,8 @@ def train_loop_per_worker(raw_config: dict) -> None:
     if resumed:
         with resumed.as_directory() as d:
             _, client = engine.load_checkpoint(str(Path(d) / DS_STATE_DIR), tag=DS_TAG)
-        state.update(client or {})
+        client = client or {}
+        state.update({k: client[k] for k in state if k in client})  # DeepSpeed adds keys of its own
         if rank == 0:
             print(f"[train] resumed at step {state['step']} (samples seen {state['samples_seen']})", flush=True)
 
@@ -176,7 +177,12 @@ def train_loop_per_worker(raw_config: dict) -> None:
                     marker.write_text("the test hook killed a worker here once")
                     os._exit(1)  # a worker dies abruptly, as a lost node would
 
-            last = total_steps is not None and step >= total_steps
+            last = (total_steps is not None and step >= total_steps) or (
+                cfg.time_limit_s is not None and state["elapsed"] >= cfg.time_limit_s)
+            if cfg.time_limit_s is not None and world > 1:  # every rank must agree to stop at the same step
+                flag = torch.tensor([int(last)], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                last = bool(flag.item())
             if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
                 now = time.time()
                 mean = torch.tensor([loss_sum / max(1, loss_n)], device=device)

@@ -46,6 +46,8 @@ def run_training(cfg: TrainConfig, address: str | None = None):
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise ConfigError(f"{cfg.data} lacks column(s) {missing}: pack the data with `python -m pipelines.pack` first")
+    if cfg.materialize_data:
+        data = data.materialize()  # each epoch then iterates blocks in memory instead of re-reading files
     storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
     cfg.storage_path = storage
     env = {"TOKENIZERS_PARALLELISM": "false"}

@@ -1,0 +1,125 @@
+"""The `dllm` command: one entry point for every stage.
+
+    dllm quickstart            the whole pipeline on an embedded local Ray (synthetic data -> serve)
+    dllm data synthetic        write the synthetic variable-length task as Alpaca jsonl
+    dllm pack ...              Ray Data tokenise + pack (same as python -m pipelines.pack)
+    dllm train ...             Ray Train + DeepSpeed SFT (same as python -m train.sft)
+    dllm serve --model DIR     Ray Serve OpenAI-compatible server
+    dllm generate --model DIR  decode prompts with the engine, no Ray
+
+The Ray-based stages are imported only when their subcommand runs: the `dllm` core itself never
+imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args) -> int:
+    import torch
+
+    import dllm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = dllm.load_model(args.model, device=device, dtype=dtype)
+    tok = dllm.load_tokenizer(args.model)
+    engine = dllm.Engine(model, tok, max_batch_size=max(1, len(args.prompt)))
+    config = dllm.GenerationConfig(block_size=args.block_size, threshold=args.threshold,
+                                   max_new_tokens=args.max_new_tokens, decoder=args.decoder)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+               if args.chat else p for p in args.prompt]
+    for prompt, gen in zip(args.prompt, engine.generate(prompts, config)):
+        print(f"> {prompt}\n{gen.text}\n[{gen.finish_reason}, {len(gen.token_ids)} tokens, "
+              f"{gen.num_forwards} forwards, TPF {gen.tokens_per_forward:.2f}]")
+    return 0
+
+
+def _serve(args) -> int:
+    import time
+
+    from pipelines.runtime import dashboard_url, ensure_ray
+
+    ensure_ray(args.address)
+    from ray import serve
+
+    from serve.app import build_app
+
+    app_args = {"model": args.model, "max_batch_size": args.max_batch_size}
+    for key in ("name", "max_model_len", "num_gpus", "min_replicas", "max_replicas", "num_replicas", "api_keys"):
+        value = getattr(args, key)
+        if value is not None:
+            app_args[key] = value
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(app_args), name="dllm", route_prefix="/")
+    print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (OpenAI-compatible); "
+          f"dashboard: {dashboard_url() or 'off'}; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    from .quickstart import add_quickstart_parser
+    from .synthetic import add_synthetic_parser
+
+    add_quickstart_parser(sub)
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    add_synthetic_parser(data)
+
+    pack = sub.add_parser("pack", help="Ray Data tokenise + pack (python -m pipelines.pack)", add_help=False)
+    pack.set_defaults(func=lambda a, rest: __import__("pipelines.pack", fromlist=["main"]).main(rest))
+    train = sub.add_parser("train", help="Ray Train + DeepSpeed SFT (python -m train.sft)", add_help=False)
+    train.set_defaults(func=lambda a, rest: __import__("train.sft", fromlist=["main"]).main(rest))
+
+    s = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (OpenAI-compatible HTTP)")
+    s.add_argument("--model", required=True, help="checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", help="model name clients send (default: the directory name)")
+    s.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together per replica")
+    s.add_argument("--max-model-len", type=int, help="cache positions per request (default: the model's)")
+    s.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 if the cluster has GPUs, else 0)")
+    s.add_argument("--num-replicas", type=int)
+    s.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
+    s.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
+    s.add_argument("--api-keys", help="comma-separated keys required as 'Authorization: Bearer <key>'")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    s.set_defaults(func=lambda a, rest: _serve(a))
+
+    g = sub.add_parser("generate", help="decode prompts with the engine (no Ray)")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    g.add_argument("--block-size", type=int, default=64)
+    g.add_argument("--threshold", type=float, default=0.9)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--decoder", default="threshold")
+    g.add_argument("--device")
+    g.set_defaults(func=lambda a, rest: _generate(a))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("pack", "train"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return int(args.func(args, rest) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Cluster configs: Ray's own autoscaler validation, strict KubeRay CRD schemas, consistent Serve config."""
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+CRDS = ROOT.parent / "shared" / "kuberay-crds"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_autoscaler_yaml_passes_rays_validation(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    nodes = config["available_node_types"]
+    assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}  # no work on the head
+    assert any("H100" in str(n.get("resources")) for n in nodes.values())
+
+
+def test_autoscaler_validation_rejects_a_typo():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    config["available_node_types"]["serve_1gpu"]["min_workerz"] = 1
+    with pytest.raises(Exception, match="min_workerz"):
+        validate_config(prepare_config(config))
+
+
+def _strict(schema):
+    """kubectl --validate=strict: an object with declared properties accepts no other field."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def _crd_schema(kind_file):
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS}")
+    crd = yaml.safe_load((CRDS / kind_file).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def _validate(manifest, schema):
+    # Kubernetes accepts integers or strings for int-or-string fields (resource quantities).
+    jsonschema.validate(manifest, schema, cls=jsonschema.Draft7Validator)
+
+
+@pytest.mark.parametrize("manifest,crd", [("rayjob-train.yaml", "ray.io_rayjobs.yaml"),
+                                          ("rayservice.yaml", "ray.io_rayservices.yaml")])
+def test_kuberay_manifests_match_the_real_crd_schemas_strictly(manifest, crd):
+    _validate(yaml.safe_load((CLUSTER / "kuberay" / manifest).read_text()), _crd_schema(crd))
+
+
+def test_strict_validation_catches_an_unknown_field():
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-train.yaml").read_text())
+    doc["spec"]["entrypointz"] = "typo"
+    with pytest.raises(jsonschema.ValidationError, match="entrypointz"):
+        _validate(doc, _crd_schema("ray.io_rayjobs.yaml"))
+
+
+def test_rayservice_embeds_the_projects_serve_config():
+    service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == yaml.safe_load((CLUSTER / "serve-config.yaml").read_text())
+
+
+def test_serve_config_is_valid_for_serve_and_its_args_for_our_builder():
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    config = yaml.safe_load((CLUSTER / "serve-config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    assert config["applications"][0]["import_path"] == "serve.app:build_app"
+    # every key is one build_app knows, with valid values
+    assert isinstance(build_app(config["applications"][0]["args"]), Application)
+
+
+def test_training_yaml_for_the_cluster_is_a_valid_train_config():
+    from train.config import TrainConfig
+
+    cfg = TrainConfig.from_yaml(CLUSTER / "train-llada8b.yaml")
+    assert cfg.num_workers == 8 and cfg.use_gpu and cfg.seq_len == 8192

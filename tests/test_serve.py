@@ -1,0 +1,236 @@
+"""The Ray Serve application on a local Ray, over real HTTP, with the official openai client."""
+
+import concurrent.futures as cf
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+import dllm
+
+pytestmark = pytest.mark.slow
+
+APP_ARGS = {"max_model_len": 256, "num_cpus": 0.25, "ingress_num_cpus": 0.25, "max_batch_size": 8,
+            "decoding": {"block_size": 8, "max_tokens": 48}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, confident_model, char_tokenizer):
+    path = tmp_path_factory.mktemp("served") / "tiny"
+    dllm.save_pretrained(confident_model, char_tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, model_dir):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": str(model_dir), **APP_ARGS}), name="main", route_prefix="/")
+    serve.run(build_app({"model": str(model_dir), **APP_ARGS, "api_keys": "k1,k2"}), name="secure",
+              route_prefix="/secure")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def _engine_info(app="main"):
+    from ray import serve
+
+    return serve.get_deployment_handle("EngineServer", app_name=app).info.remote().result()
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_completion_with_the_openai_client_matches_the_engine(client, model_dir):
+    out = client.completions.create(model="tiny", prompt="reverse: abc =>", max_tokens=40)
+    engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
+    direct = engine.generate(["reverse: abc =>"], dllm.GenerationConfig(block_size=8, max_new_tokens=40))[0]
+    assert out.choices[0].text == direct.text
+    assert out.choices[0].finish_reason == direct.finish_reason
+    assert out.usage.completion_tokens == len(direct.token_ids)
+    assert out.usage.prompt_tokens == len("reverse: abc =>")
+    assert out.model_extra["dllm"]["forwards"] == direct.num_forwards
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streamed_text_equals_non_streamed_text_for_the_same_seed(client, chat):
+    kw = dict(model="tiny", max_tokens=48, temperature=1.0, seed=7)
+    if chat:
+        msgs = [{"role": "user", "content": "sort: dcba =>"}]
+        full = client.chat.completions.create(messages=msgs, **kw)
+        chunks = list(client.chat.completions.create(messages=msgs, stream=True, **kw))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == full.choices[0].message.content
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    else:
+        full = client.completions.create(prompt="sort: dcba =>", **kw)
+        chunks = list(client.completions.create(prompt="sort: dcba =>", stream=True, **kw))
+        assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+        assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert len(chunks) >= 2
+
+
+def test_sse_wire_format_ends_with_done_and_can_report_usage(server):
+    with httpx.stream("POST", f"{server}/v1/completions", json={
+            "model": "tiny", "prompt": "add 1+2 =>", "stream": True, "max_tokens": 24,
+            "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    assert usage["prompt_tokens"] == len("add 1+2 =>")
+
+
+def test_concurrent_requests_each_get_their_own_answer(server, client):
+    prompts = [f"reverse: {w} =>" for w in ("a", "ab", "abc", "abcd", "dcba", "cab", "bca", "aabb", "x", "xy", "yx", "abab")]
+    alone = {p: client.completions.create(model="tiny", prompt=p, max_tokens=40).choices[0].text for p in prompts}
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        together = dict(zip(prompts, pool.map(
+            lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=40).choices[0].text, prompts)))
+    assert together == alone
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "tiny", "prompt": 3}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x" * 300}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "decoder": "beam"}, 400, "decoder"),
+    ({"model": "tiny", "prompt": "x", "unknown_field": 1}, 400, "unknown_field"),
+    ({"model": "tiny", "prompt": [10**7]}, 400, "prompt"),
+])
+def test_invalid_completion_requests_get_openai_style_errors(server, body, status, param):
+    r = httpx.post(f"{server}/v1/completions", json=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_invalid_chat_requests_and_bad_json(server):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+    r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.get(f"{server}/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
+    before = _engine_info()["aborted"]
+    with httpx.stream("POST", f"{server}/v1/completions", json={
+            "model": "tiny", "prompt": [5, 6, 7, 8, 9], "stream": True, "max_tokens": 1024, "block_size": 1,
+            "threshold": 1.0}) as r:
+        next(r.iter_lines())  # the first block arrived; now hang up
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        info = _engine_info()
+        if info["aborted"] > before and info["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert info["aborted"] == before + 1
+    assert info["running"] == 0 and info["cache_slots_used"] == 0
+
+
+def test_api_keys_are_enforced_except_on_health(server):
+    base = f"{server}/secure"
+    assert httpx.get(f"{base}/health").status_code == 200
+    r = httpx.get(f"{base}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
+    secure = openai.OpenAI(base_url=f"{base}/v1", api_key="k1", max_retries=0)
+    assert secure.completions.create(model="tiny", prompt="x", max_tokens=8).choices[0].finish_reason
+
+
+def test_reconfigure_changes_decoding_defaults_without_a_restart(server, model_dir):
+    from ray import serve
+
+    from serve.app import build_app
+
+    pid = _engine_info()["pid"]
+    serve.run(build_app({"model": str(model_dir), **APP_ARGS, "decoding": {"block_size": 4, "max_tokens": 12}}),
+              name="main", route_prefix="/")
+    info = _engine_info()
+    assert info["defaults"]["block_size"] == 4 and info["defaults"]["max_tokens"] == 12
+    assert info["pid"] == pid
+    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7, 8, 9]}).json()
+    assert r["usage"]["completion_tokens"] <= 12
+    serve.run(build_app({"model": str(model_dir), **APP_ARGS}), name="main", route_prefix="/")
+
+
+def test_a_dead_replica_is_replaced(server):
+    import ray
+
+    pid = _engine_info()["pid"]
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if "main" in a["name"] and "EngineServer" in a["name"] and a["name"].startswith("SERVE_REPLICA"))
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    deadline = time.time() + 60
+    ok = False
+    while time.time() < deadline and not ok:
+        try:
+            r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 8}, timeout=10)
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    assert ok
+    assert _engine_info()["pid"] != pid
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, model_dir):
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"model": str(model_dir), **APP_ARGS, "min_replicas": 1, "max_replicas": 2,
+                         "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 2,
+                         "metrics_interval_s": 0.5, "look_back_period_s": 1}), name="scale", route_prefix="/scale")
+
+    def running():
+        dep = serve.status().applications["scale"].deployments["EngineServer"]
+        return dep.replica_states.get("RUNNING", 0)
+
+    assert running() == 1
+    body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9], "max_tokens": 1024, "block_size": 1, "threshold": 1.0}
+    peak = 1
+    with cf.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(httpx.post, f"{server}/scale/v1/completions", json=body, timeout=120) for _ in range(6)]
+        deadline = time.time() + 60
+        while time.time() < deadline and peak < 2:
+            peak = max(peak, running())
+            time.sleep(0.3)
+        for f in futures:
+            assert f.result().status_code == 200
+    assert peak == 2
+    deadline = time.time() + 60
+    while time.time() < deadline and running() > 1:
+        time.sleep(0.5)
+    assert running() == 1
+    serve.delete("scale")
