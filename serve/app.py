@@ -155,8 +155,9 @@ async def _validation_error(_: Request, e: RequestValidationError):
     loc = [str(x) for x in err.get("loc", []) if x != "body"]
     if err.get("type") == "json_invalid":
         return _error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
-    param = ".".join(loc) or None
-    msg = f"invalid value for '{param}': {err.get('msg', 'invalid')}" if param else err.get("msg", "invalid request")
+    param = loc[0] if loc else None  # the request field, as OpenAI names it
+    where = ".".join(loc)
+    msg = f"invalid value for '{where}': {err.get('msg', 'invalid')}" if param else err.get("msg", "invalid request")
     return _error_response(APIError(400, msg, param=param, code="invalid_value"))
 
 
@@ -175,16 +176,16 @@ def _load_api_keys(api_keys: list[str] | None) -> set[str]:
     return keys
 
 
-_AUTH: dict[str, set[str]] = {"keys": set()}  # set by the ingress replica at start-up
+_KEYS_ENV = "DLLM_INGRESS_ACTIVE_KEYS"  # set by the ingress replica at start-up
 _OPEN_PATHS = ("/health", "/-/healthz")
 
 
 @api.middleware("http")
 async def _require_api_key(request: Request, call_next):
-    keys = _AUTH["keys"]
+    keys = os.environ.get(_KEYS_ENV, "")
     if keys and not request.url.path.endswith(_OPEN_PATHS):
         header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or header[7:] not in keys:
+        if not header.startswith("Bearer ") or header[7:] not in keys.split("\n"):
             return _error_response(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                                             type="authentication_error", code="invalid_api_key"))
     return await call_next(request)
@@ -203,7 +204,9 @@ class OpenAIIngress:
         self.api_keys = _load_api_keys(api_keys)
         self.created = now()
 
-        _AUTH["keys"] = self.api_keys
+        # Serve ships the FastAPI app (and this middleware) by value, so module globals would be a
+        # different copy from the one the middleware sees; the process environment is shared.
+        os.environ[_KEYS_ENV] = "\n".join(sorted(self.api_keys))
 
     @api.get("/health")
     async def health(self) -> dict:

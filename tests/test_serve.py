@@ -3,6 +3,7 @@
 import concurrent.futures as cf
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -168,20 +169,23 @@ def test_api_keys_are_enforced_except_on_health(server):
     assert secure.completions.create(model="tiny", prompt="x", max_tokens=8).choices[0].finish_reason
 
 
-def test_reconfigure_changes_decoding_defaults_without_a_restart(server, model_dir):
+def test_reconfigure_changes_decoding_defaults_without_a_restart(server):
+    """Serve calls reconfigure(user_config) when `serve deploy` changes the decoding defaults."""
     from ray import serve
 
-    from serve.app import build_app
-
+    handle = serve.get_deployment_handle("EngineServer", app_name="main")
     pid = _engine_info()["pid"]
-    serve.run(build_app({"model": str(model_dir), **APP_ARGS, "decoding": {"block_size": 4, "max_tokens": 12}}),
-              name="main", route_prefix="/")
-    info = _engine_info()
-    assert info["defaults"]["block_size"] == 4 and info["defaults"]["max_tokens"] == 12
-    assert info["pid"] == pid
-    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7, 8, 9]}).json()
-    assert r["usage"]["completion_tokens"] <= 12
-    serve.run(build_app({"model": str(model_dir), **APP_ARGS}), name="main", route_prefix="/")
+    handle.reconfigure.remote({"block_size": 4, "max_tokens": 12}).result()
+    try:
+        info = _engine_info()
+        assert info["defaults"]["block_size"] == 4 and info["defaults"]["max_tokens"] == 12
+        assert info["pid"] == pid
+        r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7, 8, 9]}).json()
+        assert r["usage"]["completion_tokens"] <= 12
+        with pytest.raises(Exception, match="unknown key"):
+            handle.reconfigure.remote({"block_sise": 4}).result()
+    finally:
+        handle.reconfigure.remote(APP_ARGS["decoding"]).result()
 
 
 def test_a_dead_replica_is_replaced(server):
@@ -219,15 +223,22 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, mode
 
     assert running() == 1
     body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9], "max_tokens": 1024, "block_size": 1, "threshold": 1.0}
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            assert httpx.post(f"{server}/scale/v1/completions", json=body, timeout=120).status_code == 200
+
     peak = 1
     with cf.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(httpx.post, f"{server}/scale/v1/completions", json=body, timeout=120) for _ in range(6)]
-        deadline = time.time() + 60
+        workers = [pool.submit(load) for _ in range(6)]
+        deadline = time.time() + 90
         while time.time() < deadline and peak < 2:
             peak = max(peak, running())
             time.sleep(0.3)
-        for f in futures:
-            assert f.result().status_code == 200
+        stop.set()
+        for w in workers:
+            w.result()
     assert peak == 2
     deadline = time.time() + 60
     while time.time() < deadline and running() > 1:
