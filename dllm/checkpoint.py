@@ -91,6 +91,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
                         f"tensor {name} in {file.name} has shape {list(shape)}, config.json implies {list(expected[name])}")
                 state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
+    model.enable_flash_attn()  # on CUDA with flash-attn installed; SDPA otherwise
     return model.eval()
 
 

@@ -146,7 +146,7 @@ class LLaDAModelLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = _Transformer(config)
-        self.use_flash_attn = False  # set by enable_flash_attn(); never silently on
+        self.use_flash_attn = False  # see enable_flash_attn(); load_model turns it on where it applies
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -159,7 +159,9 @@ class LLaDAModelLM(nn.Module):
 
     def enable_flash_attn(self) -> bool:
         """Use flash-attn for unmasked attention when it is installed and the model is on CUDA."""
-        self.use_flash_attn = _flash_attn_func is not None and self.embedding_weight.is_cuda
+        weight = self.embedding_weight
+        self.use_flash_attn = (_flash_attn_func is not None and weight.is_cuda
+                               and weight.dtype in (torch.float16, torch.bfloat16))
         return self.use_flash_attn
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:

@@ -91,6 +91,11 @@ def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch
     if n == 0:
         return logits.sum() * 0.0  # keeps the graph (and DeepSpeed's hooks) intact
     ce = F.cross_entropy(logits[loss_mask].float(), targets[loss_mask], reduction="none")
+    return _weighted(ce, loss_mask, t, weighting)
+
+
+def _weighted(ce: torch.Tensor, loss_mask: torch.Tensor, t: torch.Tensor | None, weighting: str) -> torch.Tensor:
+    """Reduce per-token cross-entropies (at the masked positions, in order) to the loss."""
     if weighting == "mean":
         return ce.mean()
     if t is None:
@@ -118,10 +123,4 @@ def diffusion_loss_from_hidden(hidden: torch.Tensor, head: torch.nn.Module, targ
     if loss_mask.sum() == 0:
         return hidden.sum() * 0.0 + sum(p.sum() for p in head.parameters()) * 0.0
     logits = head(hidden[loss_mask]).float()
-    ce = F.cross_entropy(logits, targets[loss_mask], reduction="none")
-    if weighting == "mean":
-        return ce.mean()
-    if t is None:
-        raise ValueError("weighting='inverse_t' needs the per-row noise levels t")
-    w = (1.0 / t)[:, None].expand_as(loss_mask)[loss_mask]
-    return (ce * w).sum() / loss_mask.numel()
+    return _weighted(F.cross_entropy(logits, targets[loss_mask], reduction="none"), loss_mask, t, weighting)

@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+# String tasks a small model learns in minutes on 2 cores, with answers of 1 to ~27 characters
+# (add and count need more training than the quickstart's budget; `--tasks` picks any set).
+QUICK_TASKS = ["dedupe", "repeat", "reverse", "sort", "spell"]
+QUICK_SEQ_LEN = 64  # a few samples per row: a model trained from scratch finds its sample faster
 QUICK_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 384,
                "max_sequence_length": 512, "rope_theta": 10000.0}
 
@@ -32,6 +36,7 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--tail-mask", type=float, default=0.5,
                    help="fraction of rows with tail masking (0 = the paper's objective exactly)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="synthetic tasks to train and evaluate on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keep-serving", action="store_true", help="leave the server up after the report")
     p.set_defaults(func=lambda args, rest: run_quickstart(args))
@@ -59,7 +64,7 @@ def run_quickstart(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     stage("synthetic variable-length task")
-    train_path, held_path = write_dataset(work / "data", args.train_samples, args.heldout, seed=0)
+    train_path, held_path = write_dataset(work / "data", args.train_samples, args.heldout, seed=0, tasks=args.tasks)
     print(f"train: {train_path} ({args.train_samples} samples)  held-out: {held_path} ({args.heldout})")
 
     stage("tokenizer + model config")
@@ -71,10 +76,10 @@ def run_quickstart(args) -> int:
     from pipelines.pack import PackOptions, run_pack, summary
     from pipelines.runtime import dashboard_url, ensure_ray
 
-    ensure_ray(dashboard=True)
+    ensure_ray(dashboard=True, quiet=False)  # worker output (training progress) reaches this terminal
     print(f"Ray dashboard: {dashboard_url() or 'not available'}")
     stats = run_pack(PackOptions(inputs=[str(train_path)], output=str(work / "packed"), tokenizer=str(work / "tokenizer"),
-                                 seq_len=256, mode="concat"))
+                                 seq_len=QUICK_SEQ_LEN, mode="concat"))
     print(summary(stats))
 
     stage(f"Ray Train + DeepSpeed ZeRO-2: dLLM-Var SFT for up to {args.minutes:g} min")
@@ -84,8 +89,9 @@ def run_quickstart(args) -> int:
     gpu = torch.cuda.is_available()
     run_name = f"quickstart-{int(time.time())}"
     cfg = TrainConfig(run_name=run_name, data=str(work / "packed"), tokenizer=str(work / "tokenizer"),
-                      storage_path=str(work / "runs"), model_config=QUICK_MODEL, seq_len=256, micro_batch_size=8,
-                      num_workers=args.workers, use_gpu=gpu, precision="bf16" if gpu else "fp32", lr=2e-3,
+                      storage_path=str(work / "runs"), model_config=QUICK_MODEL, seq_len=QUICK_SEQ_LEN,
+                      micro_batch_size=max(1, 64 // args.workers),
+                      num_workers=args.workers, use_gpu=gpu, precision="bf16" if gpu else "fp32", lr=3e-3,
                       warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
                       time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
                       tail_mask_prob=args.tail_mask)
@@ -159,7 +165,7 @@ def evaluate_over_http(model_dir: Path, held_path: Path, args) -> dict:
     for row, text in zip(rows, texts):
         per_task.setdefault(row["task"], []).append(text == row["output"])
     return {
-        "model": name, "checkpoint": str(model_dir), "prompts": len(rows),
+        "model": name, "checkpoint": str(model_dir), "prompts": len(rows), "block_size": args.block_size,
         "served": {
             "exact_match": sum(t == r["output"] for t, r in zip(texts, rows)) / len(rows),
             "self_stopped": sum(a["choices"][0]["finish_reason"] == "stop" for a in answers) / len(rows),
@@ -184,7 +190,7 @@ def evaluate_vanilla(model_dir: Path, held_path: Path, report: dict) -> dict:
     rows = _heldout(held_path)[:20]
     prompts = [tok(r["instruction"] + r["input"], add_special_tokens=False)["input_ids"] for r in rows]
     engine = dllm.Engine(model, tok, max_batch_size=1, max_model_len=512)
-    cfg = dllm.GenerationConfig(block_size=16, max_new_tokens=64)
+    cfg = dllm.GenerationConfig(block_size=report["block_size"], max_new_tokens=64, early_stop=True)
     t = time.time()
     ours = [engine.generate([p], cfg)[0] for p in prompts]
     ours_s = time.time() - t

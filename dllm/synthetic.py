@@ -1,7 +1,7 @@
 """A synthetic instruction task whose answers have truly variable lengths.
 
-Each sample is one of several string tasks over a small alphabet (reverse, sort, dedupe, repeat,
-add, spell, count, successor letters); answers run from 1 to ~30 characters, so a model must learn
+Each sample is one of several string tasks over a small alphabet (copy, reverse, sort, dedupe,
+repeat, add, spell, count); answers run from 1 to ~30 characters, so a model must learn
 where to put EOS. Written as Alpaca jsonl (`instruction`, `input`, `output`), the pipeline's input.
 
     dllm data synthetic --out data/ --train 20000 --heldout 200
@@ -35,6 +35,11 @@ def _reverse(rng):
     return f"reverse {w}", w[::-1]
 
 
+def _copy(rng):
+    w = _word(rng, 1, 14)
+    return f"copy {w}", w
+
+
 def _sort(rng):
     w = _word(rng, 1, 12)
     return f"sort {w}", "".join(sorted(w))
@@ -66,7 +71,7 @@ def _count(rng):
     return f"count {c} in {w}", str(w.count(c))
 
 
-TASKS = {"reverse": _reverse, "sort": _sort, "dedupe": _dedupe, "repeat": _repeat, "add": _add, "spell": _spell,
+TASKS = {"copy": _copy, "reverse": _reverse, "sort": _sort, "dedupe": _dedupe, "repeat": _repeat, "add": _add, "spell": _spell,
          "count": _count}
 
 

@@ -30,6 +30,7 @@ class DiffusionOptions(BaseModel):
     threshold: float | None = Field(default=None, gt=0.0, le=1.0)
     decoder: Literal[dllm.engine.DECODERS] | None = None  # type: ignore[valid-type]
     commit_pass: bool | None = None
+    early_stop: bool | None = None
 
 
 class _Common(DiffusionOptions):

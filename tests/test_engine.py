@@ -108,6 +108,15 @@ def test_output_is_cut_before_the_first_eos_and_never_contains_stop_tokens(confi
         assert len(g.token_ids) < g.num_blocks * B
 
 
+def test_early_stop_keeps_the_tokens_and_saves_forwards(confident_model):
+    plain = _engine(confident_model).generate(_prompts(8), CFG)
+    early = _engine(confident_model).generate(_prompts(8), CFG.replace(early_stop=True))
+    assert [g.token_ids for g in early] == [g.token_ids for g in plain]
+    assert [g.finish_reason for g in early] == [g.finish_reason for g in plain]
+    assert all(e.num_forwards <= p.num_forwards for e, p in zip(early, plain))
+    assert sum(e.num_forwards for e in early) < sum(p.num_forwards for p in plain)
+
+
 def test_max_new_tokens_caps_the_output(confident_model):
     gens = _engine(confident_model).generate(_prompts(8), CFG.replace(max_new_tokens=5))
     assert all(len(g.token_ids) <= 5 for g in gens)

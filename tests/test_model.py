@@ -132,3 +132,15 @@ def test_cuda_bf16_matches_cpu_fp32(tiny_config):
         cpu = model(ids)
         gpu = model.to("cuda", torch.bfloat16)(ids.cuda()).float().cpu()
     assert (gpu - cpu).norm() / cpu.norm() < 2e-2
+
+
+@pytest.mark.gpu
+def test_flash_attn_path_matches_sdpa(tiny_config):
+    pytest.importorskip("flash_attn")
+    model = _model(tiny_config).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 32), device="cuda")
+    with torch.no_grad():
+        sdpa = model(ids).float()
+        assert model.enable_flash_attn()
+        flash = model(ids).float()
+    assert (flash - sdpa).norm() / sdpa.norm() < 2e-2

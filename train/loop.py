@@ -102,6 +102,7 @@ def train_loop_per_worker(raw_config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(cfg, on_gpu))
     device = engine.device
+    engine.module.enable_flash_attn()  # CUDA + bf16 + flash-attn installed; SDPA otherwise
 
     state = {"step": 0, "micro_steps": 0, "samples_seen": 0, "tokens_seen": 0, "elapsed": 0.0, "history": []}
     resumed = ray.train.get_checkpoint()

@@ -20,6 +20,9 @@ class GenerationConfig:
     seed:            per-request seed: the same seed gives the same output
     stop_token_ids:  extra token ids that end the answer (EOS and EOT always do)
     stop:            stop strings (need a tokenizer); the text is cut before the first one
+    early_stop:      end a block as soon as a stop token is committed with no mask before it (the
+                     answer is then settled; the positions after it would only cost forwards).
+                     Same tokens, fewer forwards; off by default (the paper decodes the whole block).
     commit_pass:     True (default, the paper's): after a finished block, one forward over
                      [finished block + B masks] writes the block's K/V. False: keep the K/V of the
                      block's last denoise step and save that forward (an approximation).
@@ -40,6 +43,7 @@ class GenerationConfig:
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     stop: list[str] | None = None
+    early_stop: bool = False
     commit_pass: bool = True
     factor: float = 1.0
     low_threshold: float = 0.6

@@ -188,7 +188,7 @@ class Engine:
 
         blocks = torch.stack([r.block for r in reqs])
         new_blocks = self._decode(logits, blocks, reqs)
-        masks_left = (new_blocks == self.mask_id).sum(1).tolist()  # the one host sync per forward
+        done = self._finished_blocks(new_blocks, reqs).tolist()  # the one host sync per forward
         for i, r in enumerate(reqs):
             r.block = new_blocks[i]
             if phase is Phase.PREFILL:
@@ -199,8 +199,26 @@ class Engine:
             r.num_forwards += 1
             r.block_steps += 1
             r.steps += 1
-            if masks_left[i] == 0:
+            if done[i]:
                 self._complete_block(r)
+
+    def _finished_blocks(self, blocks: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """[n] bool: the block has no mask left, or (early_stop) a committed stop token with no mask before it."""
+        masked = blocks == self.mask_id
+        done = ~masked.any(1)
+        early = [i for i, r in enumerate(reqs) if r.config.early_stop]
+        if early:
+            width = max(len(reqs[i].stop_ids) for i in early)
+            ids = torch.tensor([sorted(reqs[i].stop_ids) + [-1] * (width - len(reqs[i].stop_ids)) for i in early],
+                               device=self.device)
+            idx = torch.tensor(early, device=self.device)
+            rows, m = blocks[idx], masked[idx]
+            pos = torch.arange(rows.shape[1], device=self.device)
+            is_stop = (rows[:, :, None] == ids[:, None, :]).any(-1)
+            first_stop = torch.where(is_stop, pos, rows.shape[1]).amin(1)
+            settled = (first_stop < rows.shape[1]) & ~(m & (pos < first_stop[:, None])).any(1)
+            done = done.index_copy(0, idx, done[idx] | settled)
+        return done
 
     def _smoothed_embeddings(self, ids: torch.Tensor, reqs: list[Request], rows: list[int]) -> torch.Tensor:
         """Iteration smoothing: masked block inputs = mask embedding + alpha_t * E[embedding]."""
