@@ -245,3 +245,20 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, mode
         time.sleep(0.5)
     assert running() == 1
     serve.delete("scale")
+
+
+def test_engine_metrics_reach_the_prometheus_endpoint(server, client):
+    import ray
+
+    client.completions.create(model="tiny", prompt=[5, 6, 7, 8, 9], max_tokens=16)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = {"ray_dllm_requests_total", "ray_dllm_forwards_total", "ray_dllm_tokens_per_forward_bucket",
+              "ray_dllm_time_to_first_block_s_bucket", "ray_dllm_queue_depth", "ray_dllm_running_requests",
+              "ray_dllm_kv_cache_usage"}
+    found = set()
+    deadline = time.time() + 60
+    while time.time() < deadline and not wanted <= found:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_dllm")}
+        time.sleep(1)
+    assert wanted <= found
