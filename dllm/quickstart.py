@@ -109,7 +109,8 @@ def run_quickstart(args) -> int:
 
     stage("LLaDA vanilla baseline on the same model and prompts")
     report["vanilla"] = evaluate_vanilla(model_dir, held_path, report)
-    report["speedup_tps_vs_vanilla"] = report["served"]["tokens_per_s"] / max(1e-9, report["vanilla"]["tokens_per_s"])
+    van = report["vanilla"]["tokens_per_s"]  # 0 when the baseline's answers are all empty: no ratio then
+    report["speedup_tps_vs_vanilla"] = report["served"]["tokens_per_s"] / van if van > 0 else None
     report["elapsed_s"] = time.time() - t0
     report["train"] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
                        "tail_mask_prob": args.tail_mask, "minutes": args.minutes}
@@ -207,7 +208,7 @@ def evaluate_vanilla(model_dir: Path, held_path: Path, report: dict) -> dict:
         "engine_batch1_tokens_per_s": our_tokens / ours_s,
         "engine_batch1_exact_match": sum(g.text == r["output"] for g, r in zip(ours, rows)) / len(rows),
         "engine_batch1_tpf": our_tokens / max(1, sum(g.num_forwards for g in ours)),
-        "speedup_batch1": (our_tokens / ours_s) / max(1e-9, van_tokens / van_s),
+        "speedup_batch1": (our_tokens / ours_s) / (van_tokens / van_s) if van_tokens else None,
     }
 
 
@@ -226,7 +227,8 @@ def print_report(r: dict) -> None:
     print(f"batch 1, first {v['prompts']} prompts: dLLM-Var engine {v['engine_batch1_tokens_per_s']:.1f} tok/s "
           f"(TPF {v['engine_batch1_tpf']:.2f}, EM {v['engine_batch1_exact_match']:.0%}) vs LLaDA vanilla "
           f"(gen {v['gen_length']}, {v['steps']} steps) {v['tokens_per_s']:.1f} tok/s (TPF {v['tpf']:.2f}, "
-          f"EM {v['exact_match']:.0%}): {v['speedup_batch1']:.1f}x")
+          f"EM {v['exact_match']:.0%}): " + (f"{v['speedup_batch1']:.1f}x" if v["speedup_batch1"] else
+                                              "no ratio (the baseline produced no tokens)"))
     for e in r["examples"]:
         print(f"  {e['prompt']!r:32} target {e['target']!r:24} got {e['answer']!r}")
     print(f"total time {r['elapsed_s'] / 60:.1f} min; report saved as report.json")

@@ -59,5 +59,8 @@ def test_quickstart_runs_every_stage_end_to_end(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["prompts"] == 12
     assert 0 <= report["served"]["exact_match"] <= 1 and report["served"]["tpf"] > 0
-    assert report["vanilla"]["tokens_per_s"] > 0 and report["speedup_tps_vs_vanilla"] > 0
+    # 18 s of training: the baseline may answer nothing at all, and then no ratio is reported.
+    assert report["vanilla"]["prompts"] == 12 and report["vanilla"]["tokens_per_s"] >= 0
+    speedup = report["speedup_tps_vs_vanilla"]
+    assert (speedup is None) == (report["vanilla"]["tokens_per_s"] == 0) and (speedup is None or speedup > 0)
     assert "quickstart report" in out.stdout
