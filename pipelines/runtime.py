@@ -41,8 +41,7 @@ def dashboard_url() -> str | None:
     import ray
 
     try:
-        url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
-        url = url or ray.worker.get_dashboard_url()
+        url = ray._private.worker.get_dashboard_url()  # Ray 2.60 has no public accessor
     except Exception:
         return None
     return f"http://{url}" if url and not url.startswith("http") else url

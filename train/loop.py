@@ -131,7 +131,7 @@ def train_loop_per_worker(raw_config: dict) -> None:
                 (hf / "trainer_state.json").write_text(json.dumps({"config": cfg.to_dict(), **state}, indent=2))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
-    epoch = state["micro_steps"] // micro_per_epoch if micro_per_epoch else 0
+    epoch = 0  # a resumed run skips whole epochs below until it reaches its micro-step
     done = False
     while not done:
         seen_this_epoch = 0

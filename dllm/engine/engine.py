@@ -154,9 +154,9 @@ class Engine:
         phase, b = reqs[0].phase, reqs[0].block_size
         n = len(reqs)
         masks = torch.full((b,), self.mask_id, device=self.device, dtype=torch.long)
+        q_lens = [r.query_len() for r in reqs]
+        q_pad = max(q_lens)  # prefills of different prompt lengths are padded; other phases share one length
         if phase is Phase.PREFILL:
-            q_lens = [len(r.prompt_ids) + b for r in reqs]
-            q_pad = max(q_lens)
             rows = [torch.tensor(r.prompt_ids + [self.mask_id] * (q_pad - len(r.prompt_ids)), dtype=torch.long)
                     for r in reqs]
             ids = torch.stack(rows).to(self.device)
@@ -166,14 +166,12 @@ class Engine:
             offsets = [0] * n
         elif phase is Phase.COMMIT:
             ids = torch.stack([torch.cat([r.block, masks]) for r in reqs])
-            q_lens, q_pad = [2 * b] * n, 2 * b
             block_pos = torch.arange(b, 2 * b, device=self.device).expand(n, b)
             for r in reqs:
                 r.block = masks.clone()
             offsets = [r.cached_len for r in reqs]
         else:
             ids = torch.stack([r.block for r in reqs])
-            q_lens, q_pad = [b] * n, b
             block_pos = torch.arange(b, device=self.device).expand(n, b)
             offsets = [r.cached_len for r in reqs]
 
