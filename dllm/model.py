@@ -24,6 +24,8 @@ from torch import nn
 
 from .config import LLaDAConfig
 
+from .kernels import pool_attention as _pool
+
 try:  # flash-attn is optional and CUDA-only; SDPA is the default everywhere.
     from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
 except Exception:  # pragma: no cover - not installable on the CPU machines
@@ -53,6 +55,14 @@ class CacheView:
     window: int | None = None  # pool positions to read (>= every kv_len); saves a host sync
 
 
+@dataclass
+class _CacheStep:
+    """Per-forward indices derived from a CacheView (shared by all layers)."""
+
+    slot_idx: torch.Tensor  # [batch, 1]
+    pos_idx: torch.Tensor  # [batch, q]: where the new K/V go
+    key_len: int  # pool positions the SDPA path reads
+    kv_lens: torch.Tensor  # [batch]
 
 
 class RMSNorm(nn.Module):
@@ -102,7 +112,8 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)  # down
 
-    def forward(self, x, cos, sin, attn_mask, layer: int, cache: CacheView | None, write_index, use_flash: bool):
+    def forward(self, x, cos, sin, attn_mask, layer: int, cache: CacheView | None, step: _CacheStep | None,
+                attention: str, causal: bool = False):
         b, q_len, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(b, q_len, self.n_heads, self.head_dim)
@@ -110,19 +121,26 @@ class LLaDABlock(nn.Module):
         v = self.v_proj(h).view(b, q_len, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            # Write the new K/V into the pool, then attend over the row's window of the pool.
-            slot_idx, pos_idx, key_len = write_index
-            cache.k[layer][slot_idx, pos_idx] = k.to(cache.k.dtype)
-            cache.v[layer][slot_idx, pos_idx] = v.to(cache.v.dtype)
-            k = cache.k[layer][cache.slots, :key_len].to(q.dtype)
-            v = cache.v[layer][cache.slots, :key_len].to(q.dtype)
-        if use_flash and attn_mask is None:
-            attn = _flash_attn_func(q, k, v, causal=False)
+            # Write the new K/V into the pool, then attend over the row's part of the pool.
+            cache.k[layer][step.slot_idx, step.pos_idx] = k.to(cache.k.dtype)
+            cache.v[layer][step.slot_idx, step.pos_idx] = v.to(cache.v.dtype)
+            if attention == "pool_kernel":
+                attn = _pool.pool_attention(q, cache.k[layer], cache.v[layer], cache.slots, step.kv_lens)
+                return self._output(x, attn)
+            k = cache.k[layer][cache.slots, :step.key_len].to(q.dtype)
+            v = cache.v[layer][cache.slots, :step.key_len].to(q.dtype)
+        if attention == "flash" and attn_mask is None:
+            attn = _flash_attn_func(q, k, v, causal=causal)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             attn = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads)
+                q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads)
             attn = attn.transpose(1, 2)
+        return self._output(x, attn)
+
+    def _output(self, x, attn):
+        """Attention output projection and the MLP, both residual."""
+        b, q_len, _ = x.shape
         x = x + self.attn_out(attn.reshape(b, q_len, -1))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -147,6 +165,7 @@ class LLaDAModelLM(nn.Module):
         self.config = config
         self.model = _Transformer(config)
         self.use_flash_attn = False  # see enable_flash_attn(); load_model turns it on where it applies
+        self.use_pool_kernel = False  # see enable_pool_kernel(); the engine turns it on where it applies
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -163,6 +182,13 @@ class LLaDAModelLM(nn.Module):
         self.use_flash_attn = (_flash_attn_func is not None and weight.is_cuda
                                and weight.dtype in (torch.float16, torch.bfloat16))
         return self.use_flash_attn
+
+    def enable_pool_kernel(self) -> bool:
+        """Attend to the engine's K/V pool with the Triton kernel (no gather copy, CUDA-graph safe)
+        where triton runs and the head size suits it; otherwise keep gather + SDPA."""
+        self.use_pool_kernel = (_pool.available(self.embedding_weight.device)
+                                and _pool.supported_head_dim(self.config.head_dim))
+        return self.use_pool_kernel
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) linears/embeddings with output projections scaled by depth; norms = 1."""
@@ -188,6 +214,7 @@ class LLaDAModelLM(nn.Module):
         cache: CacheView | None = None,
         logits_index: torch.Tensor | None = None,
         return_hidden: bool = False,
+        causal: bool = False,
     ) -> torch.Tensor:
         """Run the network.
 
@@ -198,6 +225,7 @@ class LLaDAModelLM(nn.Module):
                         boolean [batch, q, q] / [batch, 1, q, q] mask (True = may attend)
         cache:          a CacheView (see there); queries then attend to the pool
         logits_index:   LongTensor [batch, n] of query positions whose logits are wanted
+        causal:         causal attention (an autoregressive twin for comparisons; not with a cache)
         Returns logits [batch, q or n, embedding_size] (fp32 math is left to the caller), or the
         final hidden states when `return_hidden`.
         """
@@ -208,8 +236,11 @@ class LLaDAModelLM(nn.Module):
         device = x.device
         arange = torch.arange(q_len, device=device)
 
-        write_index = None
+        step = None
         attn_mask = None
+        if causal and (cache is not None or attention_mask is not None):
+            raise ValueError("causal=True takes neither a cache nor an attention_mask")
+        attention = "flash" if self.use_flash_attn else "sdpa"
         if cache is not None:
             offsets = cache.offsets.to(device)
             q_lens = cache.q_lens if cache.q_lens is not None else torch.full((b,), q_len, device=device)
@@ -224,9 +255,12 @@ class LLaDAModelLM(nn.Module):
             if positions is None:
                 positions = offsets[:, None] + arange[None, :]
             pos_idx = offsets[:, None] + arange[None, :]
-            write_index = (cache.slots[:, None], pos_idx, key_len)
-            keys = torch.arange(key_len, device=device)
-            attn_mask = (keys[None, :] < kv_lens[:, None])[:, None, None, :]
+            step = _CacheStep(cache.slots[:, None], pos_idx, key_len, kv_lens)
+            if self.use_pool_kernel:
+                attention = "pool_kernel"  # reads the pool by slot and kv_len: no mask, no gather
+            else:
+                keys = torch.arange(key_len, device=device)
+                attn_mask = (keys[None, :] < kv_lens[:, None])[:, None, None, :]
         else:
             if positions is None:
                 positions = arange[None, :].expand(b, q_len)
@@ -240,7 +274,7 @@ class LLaDAModelLM(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
 
         for i, block in enumerate(self.model.transformer["blocks"]):
-            x = block(x, cos, sin, attn_mask, i, cache, write_index, self.use_flash_attn)
+            x = block(x, cos, sin, attn_mask, i, cache, step, attention, causal)
         if logits_index is not None:
             x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
         x = self.model.transformer["ln_f"](x)
@@ -251,7 +285,10 @@ class LLaDAModelLM(nn.Module):
 
 def build_model(config: LLaDAConfig, *, device="cpu", dtype=torch.float32, seed: int | None = 0) -> LLaDAModelLM:
     """A freshly initialised model (for training from scratch, tests and demos)."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    model = LLaDAModelLM(config)
-    model.init_weights(generator=gen)
-    return model.to(device=device, dtype=dtype)
+    with torch.device("meta"):  # no throw-away init: an 8B model is built on the GPU directly
+        model = LLaDAModelLM(config)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        model.init_weights(generator=gen)
+    return model.to(dtype=dtype)

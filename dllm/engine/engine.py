@@ -13,6 +13,9 @@ block's last denoise step wrote is kept, and the next block starts with a DENOIS
 
 Every running request takes part in every step; requests whose next forward has the same shape
 share it. The host syncs once per forward group (to learn which blocks are finished).
+
+On CUDA the cache is read by the pool-attention kernel and DENOISE / COMMIT forwards (fixed
+shapes) replay CUDA graphs (`cuda_graphs.py`); PREFILL (any prompt length) runs eagerly.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from ..model import LLaDAModelLM
 from . import decoders
 from .config import GenerationConfig
+from .cuda_graphs import GraphedForward
 from .kv_cache import KVCache
 from .request import Generation, Phase, Request, RequestOutput
 from .scheduler import Scheduler
@@ -38,17 +42,31 @@ class Engine:
     max_model_len:      cache positions per slot (prompt + generated + one block of scratch);
                         default the model's max_sequence_length
     max_prefill_tokens: padded tokens one prefill forward may hold
+    cuda_graphs:        replay CUDA graphs for DENOISE / COMMIT forwards; default: on where the
+                        model is on CUDA and triton is installed
     """
 
     def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
-                 max_model_len: int | None = None, max_prefill_tokens: int = 8192) -> None:
+                 max_model_len: int | None = None, max_prefill_tokens: int = 8192,
+                 cuda_graphs: bool | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = max_model_len or self.config.max_sequence_length
-        self.cache = KVCache(self.config, max_batch_size, self.max_model_len, device=self.device, dtype=self.dtype)
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            model.enable_pool_kernel()
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda and model.use_pool_kernel
+        if cuda_graphs and not (on_cuda and model.use_pool_kernel):
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device and triton installed "
+                             "(the pool-attention kernel keeps graph shapes independent of the cache length)")
+        self.cache = KVCache(self.config, max_batch_size, self.max_model_len, device=self.device, dtype=self.dtype,
+                             scratch_slot=cuda_graphs)
+        self.graphs = (GraphedForward(model, self.cache.k, self.cache.v, self.cache.scratch_slot, self.config.mask_token_id)
+                       if cuda_graphs else None)
         self.scheduler = Scheduler(self.cache, max_prefill_tokens)
         self.mask_id = self.config.mask_token_id
         stop = set(self.config.stop_token_ids)
@@ -175,13 +193,18 @@ class Engine:
             block_pos = torch.arange(b, device=self.device).expand(n, b)
             offsets = [r.cached_len for r in reqs]
 
-        view = self.cache.view([r.slot for r in reqs], offsets, q_lens, q_pad)
+        slots = [r.slot for r in reqs]
         smoothing = [i for i, r in enumerate(reqs) if r.config.smoothing]
-        if smoothing:
-            logits = self.model(inputs_embeds=self._smoothed_embeddings(ids, reqs, smoothing), cache=view,
-                                logits_index=block_pos)
-        else:
-            logits = self.model(ids, cache=view, logits_index=block_pos)
+        logits = None
+        if self.graphs is not None and phase is not Phase.PREFILL and not smoothing:
+            logits = self.graphs.run(ids, slots, offsets, logits_start=b if phase is Phase.COMMIT else 0, n_logits=b)
+        if logits is None:
+            view = self.cache.view(slots, offsets, q_lens, q_pad)
+            if smoothing:
+                logits = self.model(inputs_embeds=self._smoothed_embeddings(ids, reqs, smoothing), cache=view,
+                                    logits_index=block_pos)
+            else:
+                logits = self.model(ids, cache=view, logits_index=block_pos)
         self.total_forwards += 1
 
         blocks = torch.stack([r.block for r in reqs])

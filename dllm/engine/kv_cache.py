@@ -17,16 +17,20 @@ class KVCache:
 
     A slot holds one request: its committed context (prompt + finished blocks) at [0, length)
     followed by scratch positions where in-flight block K/V are written by each forward.
+    With `scratch_slot`, one more slot (index num_slots) is never handed out: padding rows of a
+    CUDA graph write there.
     """
 
-    def __init__(self, config: LLaDAConfig, num_slots: int, capacity: int, *, device, dtype) -> None:
+    def __init__(self, config: LLaDAConfig, num_slots: int, capacity: int, *, device, dtype,
+                 scratch_slot: bool = False) -> None:
         if num_slots < 1 or capacity < 1:
             raise ValueError(f"KV cache needs num_slots >= 1 and capacity >= 1, got {num_slots}, {capacity}")
-        shape = (config.n_layers, num_slots, capacity, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, num_slots + int(scratch_slot), capacity, config.n_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
         self.num_slots = num_slots
+        self.scratch_slot = num_slots if scratch_slot else None
         self._free = list(range(num_slots - 1, -1, -1))
 
     @property

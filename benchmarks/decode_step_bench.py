@@ -1,0 +1,264 @@
+"""One decode step at LLaDA-8B's shape against the memory roofline, and an autoregressive HF Llama
+of the same shape (the GPU half of issue 7, goals 1 and 2).
+
+    python -m benchmarks.decode_step_bench [--contexts 512 2048] [--block 64] [--json out.json]
+
+A decode step at batch 1 is memory-bound: every weight is read once per forward whether the
+forward carries 1 token (AR) or 64 (a block). The roofline time of a step is
+    (bytes of weights read + bytes of K/V read) / HBM bandwidth,
+with the bandwidth measured in this run by a device-to-device copy (bytes read + written).
+Weights read per step: every matrix except the embedding table (only the block's rows of it).
+
+Timed per context length (random bf16 weights; CUDA events, median of many):
+- forward, eager, gather + SDPA attention (the portable path)
+- forward, eager, pool-attention kernel
+- forward, CUDA graph (what the engine replays): the DENOISE step [B] and the COMMIT step [2B]
+- one full engine step (forward + decoder + block bookkeeping + the host sync)
+then Hugging Face's LlamaForCausalLM of the same shape, `generate` with a static cache and its
+automatic torch.compile, per generated token; and the ratio block step / AR token.
+`--profile` writes a torch.profiler table of one eager step (where the time goes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import dllm
+from dllm.model import CacheView
+
+
+def llada_8b_config(vocab: int = 126464) -> dllm.LLaDAConfig:
+    return dllm.LLaDAConfig(vocab_size=vocab, embedding_size=vocab, mask_token_id=vocab - 128, eos_token_id=vocab - 127,
+                            eot_token_id=None, bos_token_id=None, pad_token_id=vocab - 127)
+
+
+def small_config() -> dllm.LLaDAConfig:
+    return dllm.LLaDAConfig(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=768, vocab_size=1024,
+                            embedding_size=1024, mask_token_id=1000, eos_token_id=1001, eot_token_id=None,
+                            bos_token_id=None, pad_token_id=1001, max_sequence_length=4096)
+
+
+def time_cuda(fn, iters: int = 30, warmup: int = 3) -> float:
+    """Median milliseconds of fn() by CUDA events (CPU: perf_counter)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    cuda = torch.cuda.is_available()
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def hbm_bandwidth_gbs(device) -> float:
+    """Device-to-device copy of 2 GiB: (bytes read + written) / time."""
+    n = 2 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda: dst.copy_(src), iters=20)
+    del src, dst
+    return 2 * n / (ms / 1e3) / 1e9
+
+
+def weight_bytes_per_step(model: dllm.LLaDAModelLM) -> int:
+    emb = model.embedding_weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - emb.numel() * emb.element_size()  # the embedding is only gathered
+
+
+def kv_bytes(cfg: dllm.LLaDAConfig, tokens: int, dtype_bytes: int = 2) -> int:
+    return 2 * cfg.n_layers * tokens * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def step_rows(model, engine, ctx: int, block: int, bw: float, args) -> list[dict]:
+    cfg, dev = model.config, engine.device
+    slot = engine.cache.allocate()
+    engine.cache.k[:, slot].normal_()  # a filled cache: values matter for nothing but realism
+    engine.cache.v[:, slot].normal_()
+    ids_b = torch.randint(0, cfg.vocab_size - 200, (1, block), device=dev)
+    ids_2b = torch.randint(0, cfg.vocab_size - 200, (1, 2 * block), device=dev)
+    w_bytes = weight_bytes_per_step(model)
+    rows = []
+
+    def eager(ids, logits_start, kernel: bool):
+        q = ids.shape[1]
+        model.use_pool_kernel = kernel
+        view = CacheView(engine.cache.k, engine.cache.v, slots=torch.tensor([slot], device=dev),
+                         offsets=torch.tensor([ctx], device=dev), window=ctx + q)
+        index = torch.arange(logits_start, logits_start + block, device=dev)[None]
+        return lambda: model(ids, cache=view, logits_index=index)
+
+    def add(name, ms, q_tokens):
+        roof_bytes = w_bytes + kv_bytes(cfg, ctx + q_tokens)
+        roof_ms = roof_bytes / (bw * 1e9) * 1e3
+        rows.append({"context": ctx, "step": name, "ms": ms, "roofline_ms": roof_ms, "efficiency": roof_ms / ms})
+
+    with torch.inference_mode():
+        kernel_ok = model.enable_pool_kernel()
+        add("forward B, eager, gather+SDPA", time_cuda(eager(ids_b, 0, False), args.iters), block)
+        if kernel_ok:
+            add("forward B, eager, pool kernel", time_cuda(eager(ids_b, 0, True), args.iters), block)
+        model.use_pool_kernel = kernel_ok
+        if engine.graphs is not None:
+            add("forward B, CUDA graph (DENOISE)",
+                time_cuda(lambda: engine.graphs.run(ids_b, [slot], [ctx], 0, block), args.iters), block)
+            add("forward 2B, CUDA graph (COMMIT+next)",
+                time_cuda(lambda: engine.graphs.run(ids_2b, [slot], [ctx], block, block), args.iters), 2 * block)
+    engine.cache.release(slot)
+
+    # A full engine step: a request whose prompt fills the context, timed over denoise steps
+    # (random weights rarely clear the threshold: each step commits ~1 token, so steps stay DENOISE).
+    prompt = torch.randint(0, cfg.vocab_size - 200, (ctx,)).tolist()
+    gcfg = dllm.GenerationConfig(block_size=block, max_new_tokens=block, threshold=1.0)
+    rid = engine.add_request(prompt, gcfg)
+    engine.step()  # prefill
+    n = min(args.iters, block - 2)
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    t0 = time.perf_counter()
+    for _ in range(n):
+        engine.step()
+    ms = (time.perf_counter() - t0) * 1e3 / n
+    engine.abort(rid)
+    engine.step()
+    add("engine.step() (forward + decode + sync)", ms, block)
+    return rows
+
+
+def profile_step(model, engine, ctx: int, block: int, path: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = engine.device
+    slot = engine.cache.allocate()
+    view = CacheView(engine.cache.k, engine.cache.v, slots=torch.tensor([slot], device=dev),
+                     offsets=torch.tensor([ctx], device=dev), window=ctx + block)
+    ids = torch.randint(0, 1000, (1, block), device=dev)
+    index = torch.arange(block, device=dev)[None]
+    with torch.inference_mode():
+        for _ in range(3):
+            model(ids, cache=view, logits_index=index)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            for _ in range(5):
+                model(ids, cache=view, logits_index=index)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    engine.cache.release(slot)
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    with open(path, "w") as f:
+        f.write(table)
+    return table
+
+
+class _TokenClock:
+    """A `generate` streamer that notes when each new token arrives (generate syncs per token anyway)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_llama_rows(cfg: dllm.LLaDAConfig, ctx: int, args) -> list[dict]:
+    """Per-token decode time of HF LlamaForCausalLM: `generate` with a static cache (and, on CUDA,
+    its automatic torch.compile); the median gap between consecutive tokens of one generate call."""
+    from benchmarks.ar_twin import random_llama
+
+    llama = random_llama(cfg, args.device, getattr(torch, args.dtype))
+    prompt = torch.randint(0, cfg.vocab_size - 200, (1, ctx), device=args.device)
+    n = args.hf_tokens
+
+    def gen(streamer=None):
+        return llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, eos_token_id=None, pad_token_id=cfg.pad_token_id,
+                              cache_implementation="static", streamer=streamer)
+
+    t0 = time.perf_counter()
+    gen()  # compiles the decode step (first call of this shape)
+    compile_s = time.perf_counter() - t0
+    clock = _TokenClock()
+    gen(clock)
+    gaps = [b - a for a, b in zip(clock.times[2:], clock.times[3:])]  # [0] is the prompt, [1] the prefill token
+    ms = 1e3 * statistics.median(gaps)
+    print(f"  HF generate, context {ctx}: {ms:.3f} ms/token (first call incl. compile {compile_s:.0f}s)", flush=True)
+    del llama
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [{"context": ctx, "system": "HF LlamaForCausalLM generate (static cache + compile)", "ms_per_token": ms,
+             "tokens_per_s": 1e3 / ms, "first_call_s": compile_s}]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=["llada-8b", "small"], default="llada-8b")
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--hf", action="store_true", help="also time the HF autoregressive Llama of the same shape")
+    p.add_argument("--hf-tokens", type=int, default=128, help="tokens per HF generate call")
+    p.add_argument("--profile", help="write a torch.profiler table of one eager step here")
+    p.add_argument("--json", help="write all results here")
+    args = p.parse_args(argv)
+
+    cfg = llada_8b_config() if args.shape == "llada-8b" else small_config()
+    dev = torch.device(args.device)
+    bw = hbm_bandwidth_gbs(dev) if dev.type == "cuda" else 20.0
+    print(f"device {dev} bandwidth {bw:.0f} GB/s (copy, read+write)", flush=True)
+    model = dllm.build_model(cfg, device=dev, dtype=getattr(torch, args.dtype))
+    n_params = sum(p.numel() for p in model.parameters())
+    max_ctx = max(args.contexts)
+    engine = dllm.Engine(model, max_batch_size=1, max_model_len=max_ctx + 3 * args.block)
+    print(f"model {args.shape}: {n_params / 1e9:.2f}B params, weights read per step "
+          f"{weight_bytes_per_step(model) / 1e9:.2f} GB; cuda graphs: {engine.graphs is not None}", flush=True)
+    rows = []
+    for ctx in args.contexts:
+        rows += step_rows(model, engine, ctx, args.block, bw, args)
+    if args.profile:
+        print(profile_step(model, engine, max_ctx, args.block, args.profile))
+    print(f"\n{'context':>7}  {'step':44} {'ms':>8} {'roofline ms':>11} {'of roofline':>11}")
+    for r in rows:
+        print(f"{r['context']:7d}  {r['step']:44} {r['ms']:8.3f} {r['roofline_ms']:11.3f} {r['efficiency']:10.0%}")
+    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "bandwidth_gbs": bw,
+              "params": n_params, "block": args.block, "steps": rows}
+    del engine, model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.hf:
+        ar = []
+        for ctx in args.contexts:
+            ar += hf_llama_rows(cfg, ctx, args)
+        result["autoregressive"] = ar
+        graph_ms = {r["context"]: r["ms"] for r in rows if r["step"].startswith("forward B, CUDA graph")}
+        step_ms = {r["context"]: r["ms"] for r in rows if r["step"].startswith("engine.step")}
+        print(f"\n{'context':>7}  {'HF AR ms/token':>14} {'our block step ms':>17} {'block/AR':>8}")
+        for a in ar:
+            ours = graph_ms.get(a["context"], step_ms[a["context"]])
+            a["block_step_over_ar_token"] = ours / a["ms_per_token"]
+            print(f"{a['context']:7d}  {a['ms_per_token']:14.3f} {ours:17.3f} {a['block_step_over_ar_token']:8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

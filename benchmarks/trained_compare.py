@@ -1,0 +1,309 @@
+"""Trained models end to end: our engine vs LLaDA vanilla, Fast-dLLM style and an autoregressive
+twin, on the synthetic variable-length tasks (issue 7, goals 3 and 4).
+
+    python -m benchmarks.trained_compare [--minutes 3] [--size 100m] [--json out.json]
+
+1. Data: the synthetic tasks (all of them), a char tokenizer, rows of 256 tokens packed as
+   dLLM-Var packs them.
+2. Two networks of the same shape (~100M parameters at --size 100m) trained for the same steps on
+   the same rows: a dLLM-Var model (our objective, with tail masking) and an autoregressive twin
+   (causal attention, next-token loss on answers + EOS). A plain PyTorch loop (bf16 autocast,
+   AdamW): the GPU box has neither Ray nor DeepSpeed; the objective is the package's own.
+3. On the held-out prompts, batch 1 and batch 16: answer tokens, forwards, TPF, TPS, exact match of
+   (a) our engine with each decoder, (b) LLaDA vanilla (gen 256 and 1024, steps = gen length),
+   (c) Fast-dLLM style (dual cache), (d) the AR twin through HF `generate` with a static cache
+   and torch.compile. Speedups are TPS ratios measured in this run.
+4. Continuous batching: the engine under 1, 8, 32 and 64 concurrent requests (closed loop),
+   output tokens/s and p50/p99 latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+import dllm
+from benchmarks.ar_twin import causal_lm_loss, to_hf_llama
+from dllm.baselines import fast_dllm_generate, llada_generate
+from dllm.synthetic import all_text, make_samples
+
+SIZES = {  # name -> (d_model, n_layers, n_heads); mlp = 3 d_model like LLaDA
+    "100m": (768, 14, 12),
+    "300m": (1024, 22, 16),
+    "tiny": (64, 2, 4),  # CPU smoke runs of this script
+}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----- data and training ------------------------------------------------------------------------
+
+def build_data(args):
+    tok = dllm.train_tokenizer(all_text(make_samples(5000, seed=99)) + ["0123456789 ="], kind="char")
+    held = make_samples(args.heldout, seed=1)
+    seen = {s["instruction"] for s in held}
+    train = [s for s in make_samples(args.train_samples, seed=5) if s["instruction"] not in seen]
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    samples = [(enc(s["instruction"]), enc(s["output"]) + [tok.eos_token_id]) for s in train]
+    rows = dllm.pack_samples(samples, args.seq_len, mode="concat", pad_token_id=tok.eos_token_id)
+    return tok, held, rows
+
+
+def model_config(tok, size: str) -> dllm.LLaDAConfig:
+    d, layers, heads = SIZES[size]
+    return dllm.LLaDAConfig(**dllm.special_ids(tok), vocab_size=len(tok), embedding_size=len(tok), d_model=d,
+                            n_layers=layers, n_heads=heads, n_kv_heads=heads, mlp_hidden_size=3 * d,
+                            max_sequence_length=1024 + 256, rope_theta=10000.0)
+
+
+def train(kind: str, cfg, rows, args, steps: int | None = None) -> tuple[dllm.LLaDAModelLM, dict]:
+    """Train a `kind` ('dllm-var' or 'autoregressive') model for `steps` (or --minutes)."""
+    dev = torch.device(args.device)
+    model = dllm.build_model(cfg, device=dev, dtype=torch.float32, seed=0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=dev.type == "cuda")
+    ids = torch.tensor(rows.input_ids)
+    prompt = torch.tensor(rows.prompt_mask)
+    seg = torch.tensor(rows.segment_ids)
+    gen = torch.Generator().manual_seed(0)  # same rows, same order for both kinds
+    budget_steps = steps or 10**9
+    est_steps = steps or args.est_steps
+    t0, step, tokens, losses = time.time(), 0, 0, []
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    while step < budget_steps and (steps or time.time() - t0 < args.minutes * 60):
+        idx = torch.randint(0, len(ids), (args.batch,), generator=gen)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / est_steps))))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast:
+            if kind == "dllm-var":
+                nb = dllm.noise_batch(ids[idx], prompt[idx], seg[idx], mask_token_id=cfg.mask_token_id,
+                                      terminal_token_ids=cfg.stop_token_ids, tail_mask_prob=args.tail_mask, generator=gen)
+                hidden = model(nb.input_ids.to(dev), return_hidden=True)
+                loss = dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets.to(dev),
+                                                       nb.loss_mask.to(dev))
+            else:
+                real = (seg[idx] > 0) & ~prompt[idx].bool()
+                loss = causal_lm_loss(model, ids[idx].to(dev), real.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += idx.numel() * ids.shape[1]
+        if step % 100 == 0:
+            losses.append((step, round(loss.item(), 4)))
+            print(f"  [{kind}] step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    sync()
+    secs = time.time() - t0
+    info = {"kind": kind, "steps": step, "seconds": secs, "tokens_per_s": tokens / secs, "loss_history": losses}
+    return model.eval().to(torch.bfloat16 if dev.type == "cuda" else torch.float32), info
+
+
+# ----- evaluation --------------------------------------------------------------------------------
+
+def score(name, batch, texts, stopped, forwards, seconds, held, tok) -> dict:
+    answers = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    n_tok = sum(len(a) for a in answers)
+    exact = sum(t == s["output"] for t, s in zip(texts, held))
+    return {"system": name, "batch": batch, "prompts": len(texts), "tokens": n_tok, "forwards": forwards,
+            "tpf": n_tok / max(1, forwards), "seconds": seconds, "tps": n_tok / seconds,
+            "exact_match": exact / len(texts), "self_stopped": sum(stopped) / len(stopped)}
+
+
+def eval_engine(engine, tok, held, decoder, batch, args) -> dict:
+    cfg = dllm.GenerationConfig(block_size=args.block, max_new_tokens=args.max_new_tokens, decoder=decoder,
+                                threshold=0.9, early_stop=True)
+    prompts = [s["instruction"] for s in held]
+    engine.generate(prompts[:batch], cfg)  # warm-up: captures the graphs of these shapes
+    sync()
+    t0 = time.perf_counter()
+    gens = []
+    for i in range(0, len(prompts), batch):
+        gens += engine.generate(prompts[i:i + batch], cfg)
+    sync()
+    secs = time.perf_counter() - t0
+    return score(f"engine ({decoder})", batch, [g.text for g in gens], [g.finish_reason == "stop" for g in gens],
+                 sum(g.num_forwards for g in gens), secs, held, tok)
+
+
+def eval_baseline(name, fn, model, tok, held, batch) -> dict:
+    prompts = [tok(s["instruction"], add_special_tokens=False)["input_ids"] for s in held]
+    fn(model, prompts[:1])  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    texts, stopped, forwards = [], [], 0
+    for i in range(0, len(prompts), batch):
+        out = fn(model, prompts[i:i + batch])
+        texts += [tok.decode(t, skip_special_tokens=True) for t in out.token_ids]
+        stopped += out.stopped
+        forwards += out.num_forwards * len(prompts[i:i + batch])  # a batch forward serves every row
+    sync()
+    return score(name, batch, texts, stopped, forwards, time.perf_counter() - t0, held, tok)
+
+
+def eval_autoregressive(llama, tok, held, batch, args) -> dict:
+    """HF generate, static cache + its automatic torch.compile; prompts left-padded to one width so
+    one compiled shape serves every batch."""
+    width = args.ar_prompt_width
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompts = [tok(s["instruction"], add_special_tokens=False)["input_ids"][-width:] for s in held]
+    extra = {"cache_implementation": "static"} if args.device == "cuda" else {}
+
+    def run(chunk):
+        real = len(chunk)
+        chunk = chunk + [chunk[0]] * (batch - real)  # every call the same shape: one compiled graph
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = llama.generate(ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens,
+                             do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=pad, **extra)
+        return out[:real, width:].tolist()
+
+    t0 = time.perf_counter()
+    run(prompts[:batch])  # compiles (the first call of a shape)
+    compile_s = time.perf_counter() - t0
+    run(prompts[:batch])
+    sync()
+    t0 = time.perf_counter()
+    texts, stopped, steps = [], [], 0
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        for row in run(chunk):
+            cut = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
+            stopped.append(cut < len(row))
+            texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+            steps += cut + int(cut < len(row))  # one forward per generated token, the EOS included
+    sync()
+    r = score("autoregressive twin (HF generate, static cache + compile)", batch, texts, stopped, steps,
+              time.perf_counter() - t0, held, tok)
+    r["compile_seconds"] = compile_s
+    return r
+
+
+def closed_loop(engine, tok, held, concurrency: int, n_requests: int, args) -> dict:
+    """`concurrency` clients, each sending its next request when the last one finished."""
+    cfg = dllm.GenerationConfig(block_size=args.block, max_new_tokens=args.max_new_tokens, early_stop=True)
+    prompts = [held[i % len(held)]["instruction"] for i in range(n_requests)]
+    started, latencies, tokens = {}, [], 0
+    next_i = 0
+    sync()
+    t0 = time.perf_counter()
+    while next_i < n_requests or engine.has_unfinished():
+        while next_i < n_requests and len(started) < concurrency:
+            rid = engine.add_request(prompts[next_i], cfg)
+            started[rid] = time.perf_counter()
+            next_i += 1
+        for out in engine.step():
+            if out.finished:
+                latencies.append(time.perf_counter() - started.pop(out.request_id))
+                tokens += len(out.generation.token_ids)
+    secs = time.perf_counter() - t0
+    latencies.sort()
+    return {"concurrency": concurrency, "requests": n_requests, "tokens": tokens, "seconds": secs,
+            "tokens_per_s": tokens / secs, "p50_latency_ms": 1e3 * statistics.median(latencies),
+            "p99_latency_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", choices=sorted(SIZES), default="100m")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time of the dLLM-Var model; the twin gets its steps")
+    p.add_argument("--est-steps", type=int, default=3000, help="steps the LR schedule is laid out for")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--tail-mask", type=float, default=0.5)
+    p.add_argument("--train-samples", type=int, default=200000)
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--ar-prompt-width", type=int, default=32)
+    p.add_argument("--decoders", nargs="+", default=["threshold", "factor", "credit", "hierarchical"])
+    p.add_argument("--vanilla-prompts", type=int, nargs=2, default=[32, 8], help="prompts for gen 256 and gen 1024")
+    p.add_argument("--vanilla-lengths", type=int, nargs=2, default=[256, 1024])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--skip-ar", action="store_true")
+    p.add_argument("--json", help="write all results here")
+    args = p.parse_args(argv)
+
+    tok, held, rows = build_data(args)
+    cfg = model_config(tok, args.size)
+    print(f"data: {len(rows.input_ids)} rows of {args.seq_len}; model {args.size}: {cfg.num_parameters() / 1e6:.0f}M params",
+          flush=True)
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "params": cfg.num_parameters(),
+              "args": vars(args), "training": [], "systems": [], "batching": []}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
+    model, info = train("dllm-var", cfg, rows, args)
+    result["training"].append(info)
+    save()
+    engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
+    systems = result["systems"]
+    for batch in (1, 16):
+        for decoder in args.decoders:
+            systems.append(eval_engine(engine, tok, held, decoder, batch, args))
+            print(systems[-1], flush=True)
+        for gen_len, n in zip(args.vanilla_lengths, args.vanilla_prompts):
+            fn = lambda m, ps, g=gen_len: llada_generate(m, ps, gen_length=g, steps=g, block_length=g)  # noqa: E731
+            systems.append(eval_baseline(f"LLaDA vanilla (gen {gen_len}, steps {gen_len})", fn, model, tok,
+                                         held[:max(n, batch)], batch))
+            print(systems[-1], flush=True)
+        fn = lambda m, ps: fast_dllm_generate(m, ps, gen_length=128, block_length=args.block, threshold=0.9, cache="dual")  # noqa: E731
+        systems.append(eval_baseline("Fast-dLLM style (dual cache, gen 128)", fn, model, tok, held, batch))
+        print(systems[-1], flush=True)
+        save()
+    for c in args.concurrency:
+        result["batching"].append(closed_loop(engine, tok, held, c, max(2 * c, 64), args))
+        print(result["batching"][-1], flush=True)
+    save()
+    del engine
+
+    if not args.skip_ar:
+        twin, info = train("autoregressive", cfg, rows, args, steps=result["training"][0]["steps"])
+        result["training"].append(info)
+        llama = to_hf_llama(twin)
+        for batch in (1, 16):
+            systems.append(eval_autoregressive(llama, tok, held, batch, args))
+            print(systems[-1], flush=True)
+            save()
+
+    for batch in (1, 16):
+        rows_b = [s for s in systems if s["batch"] == batch]
+        vanilla = next((s["tps"] for s in rows_b if "gen 1024" in s["system"]), None)
+        ar = next((s["tps"] for s in rows_b if s["system"].startswith("autoregressive")), None)
+        print(f"\nbatch {batch}\n{'system':58} {'n':>4} {'EM':>6} {'stop':>5} {'TPF':>6} {'tok/s':>9} {'vs van1024':>10} {'vs AR':>6}")
+        for s in rows_b:
+            s["speedup_vs_vanilla_1024"] = s["tps"] / vanilla if vanilla else None
+            s["speedup_vs_ar"] = s["tps"] / ar if ar else None
+            v = f"{s['speedup_vs_vanilla_1024']:.1f}x" if vanilla else "-"
+            a = f"{s['speedup_vs_ar']:.2f}x" if ar else "-"
+            print(f"{s['system']:58} {s['prompts']:4d} {s['exact_match']:6.1%} {s['self_stopped']:5.0%} {s['tpf']:6.2f} "
+                  f"{s['tps']:9.1f} {v:>10} {a:>6}")
+    print(f"\n{'concurrency':>11} {'tok/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for b in result["batching"]:
+        print(f"{b['concurrency']:11d} {b['tokens_per_s']:9.1f} {b['p50_latency_ms']:8.1f} {b['p99_latency_ms']:8.1f}")
+    for t in result["training"]:
+        print(f"trained {t['kind']}: {t['steps']} steps in {t['seconds']:.0f}s, {t['tokens_per_s']:.0f} tok/s, "
+              f"last loss {t['loss_history'][-1][1] if t['loss_history'] else '-'}")
+    save()
+
+
+if __name__ == "__main__":
+    main()

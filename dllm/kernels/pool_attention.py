@@ -1,0 +1,165 @@
+"""Attention of a block of queries against each row's own slot of the K/V pool, in one Triton kernel.
+
+The engine keeps K/V in a pool [n_slots, capacity, n_kv_heads, head_dim] per layer and a batch
+row may live in any slot. The portable path (`gather + SDPA`) first copies every row's window of
+the pool into a dense tensor: at batch 1 against 2k cached tokens of an 8B model that copy moves
+twice the K/V bytes the attention itself reads. This kernel reads K/V straight from the pool
+through the slot index and stops at each row's kv_len, which lives on the device: the launch
+shape depends only on (rows, q_len, heads), so it runs unchanged inside a CUDA graph while the
+cache grows.
+
+Parallelism at batch 1 comes from splitting each row's keys into `splits` chunks (flash-decoding);
+the partial results are merged with their log-sum-exp weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # triton is absent on the CPU machines unless installed for the interpreter
+    triton = None
+
+
+def available(device: torch.device | str) -> bool:
+    """True where the kernel can run: CUDA with triton, or triton's CPU interpreter (tests)."""
+    if triton is None:
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supported_head_dim(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pool_attention_kernel(
+        Q, K, V, Slots, KvLens, Out, MaxLog, SumExp,
+        stride_qn, stride_qm, stride_qh,
+        stride_ks, stride_kt, stride_kh,
+        stride_vs, stride_vt, stride_vh,
+        stride_on, stride_om, stride_oh, stride_os,
+        stride_mn, stride_mh, stride_ms,
+        q_len, n_heads, group, qk_scale_log2,
+        SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        # One program: BLOCK_M queries of one (row, head), over one chunk of that row's keys.
+        pid_m = tl.program_id(0)
+        pid_rh = tl.program_id(1)
+        split = tl.program_id(2)
+        row = pid_rh // n_heads
+        head = pid_rh % n_heads
+        kv_head = head // group
+        slot = tl.load(Slots + row).to(tl.int64)
+        kv_len = tl.load(KvLens + row)
+        chunk = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, kv_len)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + row * stride_qn + offs_m[:, None] * stride_qm + head * stride_qh + offs_d[None, :],
+                    mask=offs_m[:, None] < q_len, other=0.0)
+        k_base = K + slot * stride_ks + kv_head * stride_kh
+        v_base = V + slot * stride_vs + kv_head * stride_vh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for t0 in range(start, end, BLOCK_N):
+            offs_n = t0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < end
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale_log2  # log2 domain: exp2 below
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        out_mask = offs_m[:, None] < q_len
+        if SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(Out + row * stride_on + offs_m[:, None] * stride_om + head * stride_oh + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=out_mask)
+        else:
+            tl.store(Out + row * stride_on + offs_m[:, None] * stride_om + head * stride_oh + split * stride_os
+                     + offs_d[None, :], acc, mask=out_mask)
+            stats = row * stride_mn + head * stride_mh + split * stride_ms + offs_m
+            tl.store(MaxLog + stats, m_i, mask=offs_m < q_len)
+            tl.store(SumExp + stats, l_i, mask=offs_m < q_len)
+
+
+def choose_splits(rows: int, heads: int, q_len: int, capacity: int, block_m: int = 64, block_n: int = 64,
+                  target_programs: int = 264) -> int:
+    """Key chunks per (row, head): enough programs to fill the GPU (about 2 per SM of an H100),
+    never more chunks than the slot has key blocks."""
+    programs = rows * heads * math.ceil(q_len / block_m)
+    return max(1, min(16, math.ceil(target_programs / programs), math.ceil(capacity / block_n)))
+
+
+def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+                   kv_lens: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v of every row against keys [0, kv_len) of its slot.
+
+    q:       [n, q_len, n_heads, head_dim]
+    k_pool:  [n_slots, capacity, n_kv_heads, head_dim] (one layer of the pool), v_pool alike
+    slots:   [n] int slot of each row; kv_lens: [n] int keys each row attends to (>= 1)
+    Returns [n, q_len, n_heads, head_dim] in q's dtype. No host sync.
+    """
+    n, q_len, n_heads, head_dim = q.shape
+    n_kv_heads = k_pool.shape[2]
+    if triton is None:
+        raise RuntimeError("pool_attention needs triton (pip install triton); use the SDPA path instead")
+    if not supported_head_dim(head_dim):
+        raise ValueError(f"pool_attention supports power-of-two head_dim >= 16, got {head_dim}")
+    if k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
+        raise ValueError("the K/V pool's head_dim axis must be contiguous")
+    q = q.contiguous()
+    block_m = 64 if q_len > 32 else max(16, triton.next_power_of_2(q_len))
+    block_n = 64
+    splits = splits or choose_splits(n, n_heads, q_len, k_pool.shape[1], block_m, block_n)
+    grid = (triton.cdiv(q_len, block_m), n * n_heads, splits)
+    scale = 1.0 / math.sqrt(head_dim) * 1.4426950408889634  # log2(e): the kernel uses exp2
+    if splits == 1:
+        out = torch.empty_like(q)
+        max_log = sum_exp = out  # unused
+        o_strides = (out.stride(0), out.stride(1), out.stride(2), 0)
+        m_strides = (0, 0, 0)
+    else:
+        out = torch.empty((n, q_len, n_heads, splits, head_dim), device=q.device, dtype=torch.float32)
+        max_log = torch.empty((n, n_heads, splits, q_len), device=q.device, dtype=torch.float32)
+        sum_exp = torch.empty_like(max_log)
+        o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
+        m_strides = (max_log.stride(0), max_log.stride(1), max_log.stride(2))
+    _pool_attention_kernel[grid](
+        q, k_pool, v_pool, slots, kv_lens.to(torch.int32), out, max_log, sum_exp,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        *o_strides, *m_strides,
+        q_len, n_heads, n_heads // n_kv_heads, scale,
+        SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        num_warps=4, num_stages=2,
+    )
+    if splits == 1:
+        return out
+    # Merge the chunks: weights 2^(m_s - max_s m_s); chunks with no keys have m = -inf, weight 0.
+    top = max_log.amax(2, keepdim=True)
+    w = torch.exp2(max_log - top)  # [n, H, S, q]
+    denom = (sum_exp * w).sum(2)  # [n, H, q]
+    w = w.permute(0, 3, 1, 2)[..., None]  # [n, q, H, S, 1]
+    merged = (out * w).sum(3) / denom.permute(0, 2, 1)[..., None]
+    return merged.to(q.dtype)
