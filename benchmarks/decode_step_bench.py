@@ -243,6 +243,13 @@ def main(argv=None) -> None:
     del engine, model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
+    save()
     if args.hf:
         ar = []
         for ctx in args.contexts:
@@ -255,9 +262,7 @@ def main(argv=None) -> None:
             ours = graph_ms.get(a["context"], step_ms[a["context"]])
             a["block_step_over_ar_token"] = ours / a["ms_per_token"]
             print(f"{a['context']:7d}  {a['ms_per_token']:14.3f} {ours:17.3f} {a['block_step_over_ar_token']:8.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        save()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class _Graph:
     ids: torch.Tensor  # [rows, q] static inputs...
     slots: torch.Tensor  # [rows]
     offsets: torch.Tensor  # [rows]
+    logits_index: torch.Tensor  # [rows, n_logits]: the graph reads it at every replay, so it lives here
     logits: torch.Tensor  # [rows, n_logits, vocab] static output
 
 
@@ -70,24 +71,25 @@ class GraphedForward:
         self.replays += 1
         return g.logits[:rows]
 
-    def _forward(self, g: _Graph, logits_index: torch.Tensor) -> torch.Tensor:
+    def _forward(self, g: _Graph) -> torch.Tensor:
         view = CacheView(self.k_pool, self.v_pool, slots=g.slots, offsets=g.offsets, window=self.capacity)
-        return self.model(g.ids, cache=view, logits_index=logits_index)
+        return self.model(g.ids, cache=view, logits_index=g.logits_index)
 
     def _capture(self, rows: int, q_len: int, logits_start: int, n_logits: int) -> _Graph:
         dev = self.device
         g = _Graph(graph=torch.cuda.CUDAGraph(),
                    ids=torch.full((rows, q_len), self.mask_token_id, device=dev, dtype=torch.long),
                    slots=torch.full((rows,), self.scratch_slot, device=dev, dtype=torch.long),  # harmless while capturing
-                   offsets=torch.zeros(rows, device=dev, dtype=torch.long), logits=None)
-        logits_index = torch.arange(logits_start, logits_start + n_logits, device=dev).expand(rows, n_logits)
+                   offsets=torch.zeros(rows, device=dev, dtype=torch.long),
+                   logits_index=torch.arange(logits_start, logits_start + n_logits, device=dev).expand(rows, n_logits),
+                   logits=None)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: kernel compilation and library handles stay out of the graph
             for _ in range(2):
-                self._forward(g, logits_index)
+                self._forward(g)
         torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(g.graph, pool=self.mempool):
-            g.logits = self._forward(g, logits_index)
+            g.logits = self._forward(g)
         self.graphs[(rows, q_len, logits_start, n_logits)] = g
         return g
