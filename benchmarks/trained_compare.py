@@ -75,12 +75,12 @@ def train(kind: str, cfg, rows, args, steps: int | None = None) -> tuple[dllm.LL
     seg = torch.tensor(rows.segment_ids)
     gen = torch.Generator().manual_seed(0)  # same rows, same order for both kinds
     budget_steps = steps or 10**9
-    est_steps = steps or args.est_steps
     t0, step, tokens, losses = time.time(), 0, 0, []
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     while step < budget_steps and (steps or time.time() - t0 < args.minutes * 60):
         idx = torch.randint(0, len(ids), (args.batch,), generator=gen)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / est_steps))))
+        progress = step / steps if steps else (time.time() - t0) / (args.minutes * 60)  # cosine over the budget
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast:
@@ -220,19 +220,18 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", choices=sorted(SIZES), default="100m")
     p.add_argument("--minutes", type=float, default=3.0, help="training time of the dLLM-Var model; the twin gets its steps")
-    p.add_argument("--est-steps", type=int, default=3000, help="steps the LR schedule is laid out for")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--tail-mask", type=float, default=0.5)
-    p.add_argument("--train-samples", type=int, default=200000)
+    p.add_argument("--train-samples", type=int, default=100000)
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--ar-prompt-width", type=int, default=32)
     p.add_argument("--decoders", nargs="+", default=["threshold", "factor", "credit", "hierarchical"])
-    p.add_argument("--vanilla-prompts", type=int, nargs=2, default=[32, 8], help="prompts for gen 256 and gen 1024")
+    p.add_argument("--vanilla-prompts", type=int, nargs=2, default=[16, 4], help="prompts for gen 256 and gen 1024")
     p.add_argument("--vanilla-lengths", type=int, nargs=2, default=[256, 1024])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--skip-ar", action="store_true")

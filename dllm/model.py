@@ -15,6 +15,7 @@ never run over a whole prompt.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -72,10 +73,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like LLaDA, then scale in the input dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 like LLaDA, then scale in the input dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.to(x.dtype) * weight
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,20 +118,19 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)  # down
 
     def forward(self, x, cos, sin, attn_mask, layer: int, cache: CacheView | None, step: _CacheStep | None,
-                attention: str, causal: bool = False):
+                attention: str, causal: bool = False, fns: "BlockFunctions | None" = None):
+        fns = fns or EAGER
         b, q_len, _ = x.shape
-        h = self.attn_norm(x)
-        q = self.q_proj(h).view(b, q_len, self.n_heads, self.head_dim)
-        k = self.k_proj(h).view(b, q_len, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(b, q_len, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = fns.attention_inputs(x, cos, sin, self.attn_norm.weight, self.q_proj.weight, self.k_proj.weight,
+                                       self.v_proj.weight, self.attn_norm.eps, self.n_heads, self.n_kv_heads)
         if cache is not None:
             # Write the new K/V into the pool, then attend over the row's part of the pool.
             cache.k[layer][step.slot_idx, step.pos_idx] = k.to(cache.k.dtype)
             cache.v[layer][step.slot_idx, step.pos_idx] = v.to(cache.v.dtype)
             if attention == "pool_kernel":
-                attn = _pool.pool_attention(q, cache.k[layer], cache.v[layer], cache.slots, step.kv_lens)
-                return self._output(x, attn)
+                attn = _pool.pool_attention(q, cache.k[layer], cache.v[layer], cache.slots, step.kv_lens,
+                                            merge=fns.merge_splits)
+                return self._output(x, attn, fns)
             k = cache.k[layer][cache.slots, :step.key_len].to(q.dtype)
             v = cache.v[layer][cache.slots, :step.key_len].to(q.dtype)
         if attention == "flash" and attn_mask is None:
@@ -136,14 +140,49 @@ class LLaDABlock(nn.Module):
             attn = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads)
             attn = attn.transpose(1, 2)
-        return self._output(x, attn)
+        return self._output(x, attn, fns)
 
-    def _output(self, x, attn):
-        """Attention output projection and the MLP, both residual."""
-        b, q_len, _ = x.shape
-        x = x + self.attn_out(attn.reshape(b, q_len, -1))
-        h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+    def _output(self, x, attn, fns: "BlockFunctions"):
+        return fns.block_output(x, attn, self.attn_out.weight, self.ff_norm.weight, self.ff_proj.weight,
+                                self.up_proj.weight, self.ff_out.weight, self.ff_norm.eps)
+
+
+def attention_inputs(x, cos, sin, norm_w, wq, wk, wv, eps: float, n_heads: int, n_kv_heads: int):
+    """Pre-norm, Q/K/V projections and rotary: x [b, q, d] -> q [b, q, H, hd], k and v [b, q, Hkv, hd]."""
+    b, q_len, d = x.shape
+    head_dim = wq.shape[0] // n_heads
+    h = rms_norm(x, norm_w, eps)
+    q = F.linear(h, wq).view(b, q_len, n_heads, head_dim)
+    k = F.linear(h, wk).view(b, q_len, n_kv_heads, head_dim)
+    v = F.linear(h, wv).view(b, q_len, n_kv_heads, head_dim)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def block_output(x, attn, wo, norm_w, w_gate, w_up, w_down, eps: float):
+    """Attention output projection and the SwiGLU MLP, both residual: x, attn [b, q, ...] -> [b, q, d]."""
+    b, q_len, _ = x.shape
+    x = x + F.linear(attn.reshape(b, q_len, -1), wo)
+    h = rms_norm(x, norm_w, eps)
+    return x + F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
+
+
+@dataclass(frozen=True)
+class BlockFunctions:
+    """The elementwise-heavy parts of a block. Eager, every norm, rotary and residual is several
+    small kernels (~50 per layer); compiled once (shapes dynamic, weights as arguments, so all
+    layers share one compiled function) they fuse into a few. Matmuls stay cuBLAS either way."""
+
+    attention_inputs: object = attention_inputs
+    block_output: object = block_output
+    merge_splits: object = _pool.merge_splits
+
+
+EAGER = BlockFunctions()
+
+
+def compiled_block_functions() -> BlockFunctions:
+    compile = functools.partial(torch.compile, dynamic=True, fullgraph=True)
+    return BlockFunctions(compile(attention_inputs), compile(block_output), compile(_pool.merge_splits))
 
 
 class _Transformer(nn.Module):
@@ -166,6 +205,7 @@ class LLaDAModelLM(nn.Module):
         self.model = _Transformer(config)
         self.use_flash_attn = False  # see enable_flash_attn(); load_model turns it on where it applies
         self.use_pool_kernel = False  # see enable_pool_kernel(); the engine turns it on where it applies
+        self.block_functions = EAGER  # see compile_blocks()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -189,6 +229,12 @@ class LLaDAModelLM(nn.Module):
         self.use_pool_kernel = (_pool.available(self.embedding_weight.device)
                                 and _pool.supported_head_dim(self.config.head_dim))
         return self.use_pool_kernel
+
+    def compile_blocks(self) -> None:
+        """Fuse each block's norms, rotary and residuals with torch.compile (one compile serves every
+        layer and shape). Same function, fewer kernels; worth it on GPUs, where a decode step is
+        otherwise ~1,500 tiny kernels."""
+        self.block_functions = compiled_block_functions()
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) linears/embeddings with output projections scaled by depth; norms = 1."""
@@ -274,7 +320,7 @@ class LLaDAModelLM(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
 
         for i, block in enumerate(self.model.transformer["blocks"]):
-            x = block(x, cos, sin, attn_mask, i, cache, step, attention, causal)
+            x = block(x, cos, sin, attn_mask, i, cache, step, attention, causal, self.block_functions)
         if logits_index is not None:
             x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
         x = self.model.transformer["ln_f"](x)

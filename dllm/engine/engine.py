@@ -44,11 +44,13 @@ class Engine:
     max_prefill_tokens: padded tokens one prefill forward may hold
     cuda_graphs:        replay CUDA graphs for DENOISE / COMMIT forwards; default: on where the
                         model is on CUDA and triton is installed
+    compile_blocks:     fuse each block's elementwise work with torch.compile (model.compile_blocks);
+                        default: on with CUDA graphs. The first steps of a new shape pay the compile.
     """
 
     def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
                  max_model_len: int | None = None, max_prefill_tokens: int = 8192,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, compile_blocks: bool | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -63,6 +65,8 @@ class Engine:
         if cuda_graphs and not (on_cuda and model.use_pool_kernel):
             raise ValueError("cuda_graphs=True needs the model on a CUDA device and triton installed "
                              "(the pool-attention kernel keeps graph shapes independent of the cache length)")
+        if compile_blocks if compile_blocks is not None else cuda_graphs:
+            model.compile_blocks()
         self.cache = KVCache(self.config, max_batch_size, self.max_model_len, device=self.device, dtype=self.dtype,
                              scratch_slot=cuda_graphs)
         self.graphs = (GraphedForward(model, self.cache.k, self.cache.v, self.cache.scratch_slot, self.config.mask_token_id)

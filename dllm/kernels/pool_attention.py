@@ -111,12 +111,13 @@ def choose_splits(rows: int, heads: int, q_len: int, capacity: int, block_m: int
 
 
 def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                   kv_lens: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+                   kv_lens: torch.Tensor, splits: int | None = None, merge=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v of every row against keys [0, kv_len) of its slot.
 
     q:       [n, q_len, n_heads, head_dim]
     k_pool:  [n_slots, capacity, n_kv_heads, head_dim] (one layer of the pool), v_pool alike
     slots:   [n] int slot of each row; kv_lens: [n] int keys each row attends to (>= 1)
+    merge:   the function that merges key chunks (default `merge_splits`; a compiled one fuses it)
     Returns [n, q_len, n_heads, head_dim] in q's dtype. No host sync.
     """
     n, q_len, n_heads, head_dim = q.shape
@@ -156,10 +157,15 @@ def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     )
     if splits == 1:
         return out
-    # Merge the chunks: weights 2^(m_s - max_s m_s); chunks with no keys have m = -inf, weight 0.
+    return (merge or merge_splits)(out, max_log, sum_exp, q.dtype)
+
+
+def merge_splits(out: torch.Tensor, max_log: torch.Tensor, sum_exp: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Merge per-chunk results: out [n, q, H, S, d] (unnormalised), max_log / sum_exp [n, H, S, q]
+    (log2 domain). Chunk weights are 2^(m_s - max m); chunks with no keys have m = -inf, weight 0."""
     top = max_log.amax(2, keepdim=True)
     w = torch.exp2(max_log - top)  # [n, H, S, q]
     denom = (sum_exp * w).sum(2)  # [n, H, q]
     w = w.permute(0, 3, 1, 2)[..., None]  # [n, q, H, S, 1]
     merged = (out * w).sum(3) / denom.permute(0, 2, 1)[..., None]
-    return merged.to(q.dtype)
+    return merged.to(dtype)
