@@ -123,8 +123,10 @@ def test_cuda_graph_engine_decodes_like_eager(tiny_config):
     cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=24)
     for n in (1, 2, 4):
         prompts = [list(range(7, 7 + 3 + 2 * i)) for i in range(n)]
-        eager = dllm.Engine(model, max_batch_size=4, max_model_len=128, cuda_graphs=False).generate(prompts, cfg)
-        engine = dllm.Engine(model, max_batch_size=4, max_model_len=128, cuda_graphs=True)
+        # both with the compiled block functions: the same kernels, eager launches vs graph replay
+        eager = dllm.Engine(model, max_batch_size=4, max_model_len=128, cuda_graphs=False,
+                            compile_blocks=True).generate(prompts, cfg)
+        engine = dllm.Engine(model, max_batch_size=4, max_model_len=128, cuda_graphs=True, compile_blocks=True)
         graphed = engine.generate(prompts, cfg)
         assert engine.graphs.replays > 0
         assert [g.token_ids for g in graphed] == [g.token_ids for g in eager]
