@@ -71,6 +71,17 @@ class GraphedForward:
         self.replays += 1
         return g.logits[:rows]
 
+    def capture_all(self, block_size: int, max_rows: int) -> int:
+        """Capture the DENOISE and COMMIT graphs of every row bucket up to max_rows now, so that no
+        capture (or compile) lands inside serving; returns how many graphs exist."""
+        for rows in ROW_BUCKETS:
+            if rows > max(1, max_rows) and rows != self.bucket(max_rows):
+                break
+            for key in ((rows, block_size, 0, block_size), (rows, 2 * block_size, block_size, block_size)):
+                if key not in self.graphs:
+                    self._capture(*key)
+        return len(self.graphs)
+
     def _forward(self, g: _Graph) -> torch.Tensor:
         view = CacheView(self.k_pool, self.v_pool, slots=g.slots, offsets=g.offsets, window=self.capacity)
         return self.model(g.ids, cache=view, logits_index=g.logits_index)

@@ -146,6 +146,16 @@ class Engine:
                     results[out.request_id] = out.generation
         return [results[i] for i in ids]
 
+    @torch.inference_mode()
+    def warmup(self, block_sizes: Sequence[int] = (64,)) -> int:
+        """Capture the CUDA graphs of every batch bucket for these block sizes (and compile the fused
+        blocks) before traffic arrives; returns the number of graphs (0 without CUDA graphs)."""
+        if self.graphs is None:
+            return 0
+        for b in block_sizes:
+            self.graphs.capture_all(b, self.cache.num_slots)
+        return len(self.graphs.graphs)
+
     def stats(self) -> dict:
         return {
             "running": len(self.scheduler.running),
@@ -155,6 +165,7 @@ class Engine:
             "cache_tokens_used": sum(r.cached_len for r in self.scheduler.running),
             "cache_tokens_total": self.cache.num_slots * self.cache.capacity,
             "total_forwards": self.total_forwards,
+            "cuda_graphs": len(self.graphs.graphs) if self.graphs is not None else 0,
         }
 
     # ----- one forward group -----------------------------------------------------------------
