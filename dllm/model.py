@@ -120,7 +120,6 @@ class LLaDABlock(nn.Module):
     def forward(self, x, cos, sin, attn_mask, layer: int, cache: CacheView | None, step: _CacheStep | None,
                 attention: str, causal: bool = False, fns: "BlockFunctions | None" = None):
         fns = fns or EAGER
-        b, q_len, _ = x.shape
         q, k, v = fns.attention_inputs(x, cos, sin, self.attn_norm.weight, self.q_proj.weight, self.k_proj.weight,
                                        self.v_proj.weight, self.attn_norm.eps, self.n_heads, self.n_kv_heads)
         if cache is not None:
