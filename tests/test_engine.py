@@ -299,3 +299,82 @@ def test_bad_requests_are_rejected(confident_model):
         GenerationConfig(decoder="beam")
     with pytest.raises(ValueError, match="threshold"):
         GenerationConfig(threshold=0.0)
+    with pytest.raises(ValueError, match="cache_policy"):
+        GenerationConfig(cache_policy="paged")
+
+
+def reference_refreshing_generate(ref: ReferenceLLaDA, prompt, cfg):
+    """The recomputing cache policies written out plainly: each denoise step recomputes the last
+    `vicinity` committed tokens (all of them for policy "none") together with the block and keeps
+    their fresh K/V; every new block starts with a forward over the whole context."""
+    mask, stops = cfg_ids(ref)
+    b = cfg.block_size
+
+    def decode(block, logits):
+        logits = logits.clone()
+        logits[:, mask] = float("-inf")
+        conf, x = torch.softmax(logits, -1).max(-1)
+        masked = [i for i, t in enumerate(block) if t == mask]
+        best = max(masked, key=lambda i: conf[i])
+        for i in {i for i in masked if conf[i] >= cfg.threshold} | {best}:
+            block[i] = int(x[i])
+
+    def keep(kv, n):
+        return [(k[:, :n], v[:, :n]) for k, v in kv]
+
+    generated, forwards = [], 0
+    while True:
+        context, block = prompt + generated, [mask] * b
+        logits, kv = ref.forward(torch.tensor(context + block))  # prefill, or the full refresh of a new block
+        past, forwards = keep(kv, len(context)), forwards + 1
+        decode(block, logits[-b:])
+        while mask in block:
+            left = len(context) if cfg.cache_policy == "none" else min(cfg.vicinity, len(context))
+            logits, kv = ref.forward(torch.tensor(context[len(context) - left:] + block),
+                                     past=keep(past, len(context) - left))
+            past, forwards = keep(kv, len(context)), forwards + 1
+            decode(block, logits[-b:])
+        cut = next((i for i, t in enumerate(block) if t in stops), None)
+        if cut is not None:
+            return generated + block[:cut], "stop", forwards
+        generated += block
+        if len(generated) >= cfg.max_new_tokens:
+            return generated[: cfg.max_new_tokens], "length", forwards
+
+
+@pytest.mark.parametrize("policy,vicinity", [("vicinity", 4), ("vicinity", 0), ("none", 16)])
+def test_recomputing_cache_policies_match_a_plain_implementation(model64, policy, vicinity):
+    ref = ReferenceLLaDA(model64.state_dict(), model64.config)
+    cfg = CFG.replace(cache_policy=policy, vicinity=vicinity)
+    gens = _engine(model64).generate(_prompts(), cfg)  # prompts of different lengths share forwards
+    for prompt, gen in zip(_prompts(), gens):
+        tokens, reason, forwards = reference_refreshing_generate(ref, prompt, cfg)
+        assert (gen.token_ids, gen.finish_reason, gen.num_forwards) == (tokens, reason, forwards)
+
+
+def test_cache_policies_mix_in_one_batch(model64):
+    prompts = _prompts(6)
+    policies = ["dllm-var", "vicinity", "none"] * 2
+    alone = [_engine(model64).generate([p], CFG.replace(cache_policy=c))[0].token_ids for p, c in zip(prompts, policies)]
+    together = _engine(model64).generate(prompts, [CFG.replace(cache_policy=c) for c in policies])
+    assert [g.token_ids for g in together] == alone
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_unrolled_denoise_steps_give_the_same_tokens(confident_model, early_stop):
+    """Loop unrolling runs several denoise steps per host sync: the answers are identical, forwards
+    spent on blocks that finished inside an unrolled run are counted."""
+    cfg = GenerationConfig(block_size=16, threshold=0.99, max_new_tokens=48, early_stop=early_stop)
+    prompts = _prompts(6)
+    plain = _engine(confident_model).generate(prompts, cfg)
+    engine = _engine(confident_model, max_unroll=4, expected_tpf=1.0)
+    unrolled = engine.generate(prompts, cfg)
+    assert [g.token_ids for g in unrolled] == [g.token_ids for g in plain]
+    assert [g.finish_reason for g in unrolled] == [g.finish_reason for g in plain]
+    assert sum(g.num_forwards for g in unrolled) >= sum(g.num_forwards for g in plain)
+    assert engine.stats()["host_syncs"] < engine.stats()["total_forwards"]  # several steps per sync
+
+
+def test_unrolling_needs_sane_settings(confident_model):
+    with pytest.raises(ValueError, match="max_unroll"):
+        _engine(confident_model, max_unroll=0)

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 DECODERS = ("threshold", "factor", "credit", "hierarchical", "fixed_k")
+CACHE_POLICIES = ("dllm-var", "vicinity", "none")
 
 
 @dataclass
@@ -30,6 +31,10 @@ class GenerationConfig:
     low_threshold:   hierarchical decoding's per-run threshold
     tokens_per_step: k of the fixed_k (low-confidence remasking) decoder
     credit_alpha/beta/gamma: credit decoding (dInfer defaults 0.7 / 0.8 / 0.2)
+    cache_policy:    "dllm-var" (default): committed K/V is reused as it is; "vicinity" (dInfer): each
+                     step also recomputes the last `vicinity` committed tokens, and a new block starts
+                     with a full refresh of the context; "none": every forward recomputes everything
+    vicinity:        committed tokens left of the block that the vicinity policy recomputes per step
     smoothing:       iteration smoothing (dInfer): masked inputs get mask-embedding + alpha_t * E[emb]
     smoothing_alpha: (initial, growth per step, max) of alpha_t; the threshold decays 1.0 -> tau by
                      smoothing_threshold_decay per step
@@ -51,6 +56,8 @@ class GenerationConfig:
     credit_alpha: float = 0.7
     credit_beta: float = 0.8
     credit_gamma: float = 0.2
+    cache_policy: str = "dllm-var"
+    vicinity: int = 16
     smoothing: bool = False
     smoothing_alpha: tuple[float, float, float] = field(default=(0.15, 0.02, 0.3))
     smoothing_threshold_decay: float = 0.02
@@ -67,6 +74,10 @@ class GenerationConfig:
             bad("max_new_tokens", "an integer >= 1")
         if self.decoder not in DECODERS:
             bad("decoder", f"one of {list(DECODERS)}")
+        if self.cache_policy not in CACHE_POLICIES:
+            bad("cache_policy", f"one of {list(CACHE_POLICIES)}")
+        if not isinstance(self.vicinity, int) or self.vicinity < 0:
+            bad("vicinity", "an integer >= 0")
         if self.temperature < 0:
             bad("temperature", "a number >= 0")
         if self.factor <= 0:

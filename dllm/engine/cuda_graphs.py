@@ -47,6 +47,7 @@ class GraphedForward:
         self.mempool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, int, int], _Graph] = {}
         self.replays = 0
+        self._last_meta: dict[tuple, tuple] = {}
 
     @staticmethod
     def bucket(rows: int) -> int | None:
@@ -64,9 +65,12 @@ class GraphedForward:
         g = self.graphs.get(key) or self._capture(*key)
         g.ids[:rows].copy_(ids)
         pad = bucket - rows
-        meta = torch.tensor([list(slots) + [self.scratch_slot] * pad, list(offsets) + [0] * pad])
-        g.slots.copy_(meta[0])
-        g.offsets.copy_(meta[1])
+        meta = (list(slots) + [self.scratch_slot] * pad, list(offsets) + [0] * pad)
+        if self._last_meta.get(key) != meta:  # unchanged in unrolled steps: no host->device copy
+            both = torch.tensor(meta)
+            g.slots.copy_(both[0])
+            g.offsets.copy_(both[1])
+            self._last_meta[key] = meta
         g.graph.replay()
         self.replays += 1
         return g.logits[:rows]

@@ -46,11 +46,15 @@ class Engine:
                         model is on CUDA and triton is installed
     compile_blocks:     fuse each block's elementwise work with torch.compile (model.compile_blocks);
                         default: on with CUDA graphs. The first steps of a new shape pay the compile.
+    max_unroll:         DENOISE steps run back to back before the host looks (dInfer's loop
+                        unrolling): k = clamp(masks left // expected_tpf, 1, max_unroll). Same tokens;
+                        extra forwards on blocks that finish early are counted.
     """
 
     def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
                  max_model_len: int | None = None, max_prefill_tokens: int = 8192,
-                 cuda_graphs: bool | None = None, compile_blocks: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, compile_blocks: bool | None = None,
+                 max_unroll: int = 1, expected_tpf: float = 4.0) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -78,10 +82,14 @@ class Engine:
         if eot is not None:
             stop.add(eot)
         self.base_stop_ids = frozenset(stop)
+        if max_unroll < 1 or expected_tpf <= 0:
+            raise ValueError(f"need max_unroll >= 1 and expected_tpf > 0, got {max_unroll}, {expected_tpf}")
+        self.max_unroll, self.expected_tpf = max_unroll, expected_tpf
         self._requests: dict[str, Request] = {}
         self._outputs: list[RequestOutput] = []
         self._ids = itertools.count()
         self.total_forwards = 0
+        self.host_syncs = 0  # block-status reads: one per forward group, or per unrolled run of steps
 
     # ----- public API ------------------------------------------------------------------------
 
@@ -165,6 +173,7 @@ class Engine:
             "cache_tokens_used": sum(r.cached_len for r in self.scheduler.running),
             "cache_tokens_total": self.cache.num_slots * self.cache.capacity,
             "total_forwards": self.total_forwards,
+            "host_syncs": self.host_syncs,
             "cuda_graphs": len(self.graphs.graphs) if self.graphs is not None else 0,
         }
 
@@ -186,57 +195,89 @@ class Engine:
     def _run_group(self, reqs: list[Request]) -> None:
         phase, b = reqs[0].phase, reqs[0].block_size
         n = len(reqs)
-        masks = torch.full((b,), self.mask_id, device=self.device, dtype=torch.long)
-        q_lens = [r.query_len() for r in reqs]
-        q_pad = max(q_lens)  # prefills of different prompt lengths are padded; other phases share one length
-        if phase is Phase.PREFILL:
-            rows = [torch.tensor(r.prompt_ids + [self.mask_id] * (q_pad - len(r.prompt_ids)), dtype=torch.long)
-                    for r in reqs]
-            ids = torch.stack(rows).to(self.device)
-            block_pos = torch.tensor([[len(r.prompt_ids) + j for j in range(b)] for r in reqs], device=self.device)
+        dev = self.device
+        masks = torch.full((b,), self.mask_id, device=dev, dtype=torch.long)
+        plans = [r.recomputed() for r in reqs]  # (cache offset, committed tokens recomputed first)
+        offsets = [offset for offset, _ in plans]
+        current = masks.expand(n, b) if phase is not Phase.DENOISE else torch.stack([r.block for r in reqs])
+        finished = torch.stack([r.block for r in reqs]) if phase is Phase.COMMIT else None
+        if all(not tokens for _, tokens in plans):  # DENOISE / COMMIT of the dllm-var policy: B or 2B tokens
+            ids = current if finished is None else torch.cat([finished, current], dim=1)
+            q_lens = [ids.shape[1]] * n
+            start = b if phase is Phase.COMMIT else 0
+            block_pos = torch.arange(start, start + b, device=dev).expand(n, b)
+        else:  # rows of different lengths (prefill, recomputing policies): right-padded with masks
+            q_lens = [r.query_len() for r in reqs]
+            q_pad = max(q_lens)
+            ids = torch.full((n, q_pad), self.mask_id, dtype=torch.long, device=dev)
+            starts = [r.block_start() for r in reqs]
+            for i, (_, tokens) in enumerate(plans):
+                if tokens:
+                    ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                if finished is not None:
+                    ids[i, len(tokens):len(tokens) + b] = finished[i]
+                ids[i, starts[i]:starts[i] + b] = current[i]
+            block_pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(b, device=dev)
+        if phase is not Phase.DENOISE:
             for r in reqs:
                 r.block = masks.clone()
-            offsets = [0] * n
-        elif phase is Phase.COMMIT:
-            ids = torch.stack([torch.cat([r.block, masks]) for r in reqs])
-            block_pos = torch.arange(b, 2 * b, device=self.device).expand(n, b)
-            for r in reqs:
-                r.block = masks.clone()
-            offsets = [r.cached_len for r in reqs]
-        else:
-            ids = torch.stack([r.block for r in reqs])
-            block_pos = torch.arange(b, device=self.device).expand(n, b)
-            offsets = [r.cached_len for r in reqs]
-
-        slots = [r.slot for r in reqs]
-        smoothing = [i for i, r in enumerate(reqs) if r.config.smoothing]
-        logits = None
-        if self.graphs is not None and phase is not Phase.PREFILL and not smoothing:
-            logits = self.graphs.run(ids, slots, offsets, logits_start=b if phase is Phase.COMMIT else 0, n_logits=b)
-        if logits is None:
-            view = self.cache.view(slots, offsets, q_lens, q_pad)
-            if smoothing:
-                logits = self.model(inputs_embeds=self._smoothed_embeddings(ids, reqs, smoothing), cache=view,
-                                    logits_index=block_pos)
-            else:
-                logits = self.model(ids, cache=view, logits_index=block_pos)
-        self.total_forwards += 1
-
         blocks = torch.stack([r.block for r in reqs])
-        new_blocks = self._decode(logits, blocks, reqs)
-        done = self._finished_blocks(new_blocks, reqs).tolist()  # the one host sync per forward
+
+        # DENOISE steps can be unrolled: k forwards + decodes back to back, one host sync at the end
+        # (decoders are branch-free: a finished block just stays finished). k from the masks left.
+        k = 1
+        if phase is Phase.DENOISE and self.max_unroll > 1:
+            fewest = min(r.masks_left for r in reqs)
+            k = max(1, min(self.max_unroll, int(fewest // self.expected_tpf)))
+        view = None
+        for _ in range(k):
+            logits = self._forward(reqs, ids, offsets, q_lens, block_pos, b, phase, view)
+            if logits is None:  # eager: build the view once for all unrolled steps
+                view = self.cache.view([r.slot for r in reqs], offsets, q_lens, ids.shape[1])
+                logits = self._forward(reqs, ids, offsets, q_lens, block_pos, b, phase, view)
+            self.total_forwards += 1
+            new_blocks = self._decode(logits, blocks, reqs)
+            for i, r in enumerate(reqs):
+                r.block = new_blocks[i]
+                r.num_forwards += 1
+                r.block_steps += 1
+                r.steps += 1
+            blocks = new_blocks
+            if k > 1:
+                ids = ids.scatter(1, block_pos, new_blocks)  # the next unrolled step sees the new block
+        done, masks_left = self._block_status(blocks, reqs)  # the one host sync per forward group
         for i, r in enumerate(reqs):
-            r.block = new_blocks[i]
+            r.masks_left = masks_left[i]
             if phase is Phase.PREFILL:
                 r.cached_len = len(r.prompt_ids)
             elif phase is Phase.COMMIT:
                 r.cached_len += b
             r.phase = Phase.DENOISE
-            r.num_forwards += 1
-            r.block_steps += 1
-            r.steps += 1
             if done[i]:
                 self._complete_block(r)
+
+    def _forward(self, reqs, ids, offsets, q_lens, block_pos, b, phase, view) -> torch.Tensor | None:
+        """Block logits [n, B, vocab]: a CUDA graph replay where one fits, else eager with `view`
+        (None from here asks the caller for a view)."""
+        smoothing = [i for i, r in enumerate(reqs) if r.config.smoothing]
+        uniform = all(q == ids.shape[1] for q in q_lens) and phase is not Phase.PREFILL
+        if view is None:
+            if self.graphs is None or smoothing or not uniform or ids.shape[1] not in (b, 2 * b):
+                return None
+            return self.graphs.run(ids, [r.slot for r in reqs], offsets,
+                                   logits_start=b if phase is Phase.COMMIT else 0, n_logits=b)
+        if smoothing:
+            embeds = self._smoothed_embeddings(ids, reqs, smoothing, block_pos)
+            return self.model(inputs_embeds=embeds, cache=view, logits_index=block_pos)
+        return self.model(ids, cache=view, logits_index=block_pos)
+
+    def _block_status(self, blocks: torch.Tensor, reqs: list[Request]) -> tuple[list[bool], list[int]]:
+        """Per request: is the block finished, and how many masks it has left (one device->host copy)."""
+        done = self._finished_blocks(blocks, reqs)
+        left = (blocks == self.mask_id).sum(1)
+        status = torch.stack([done.long(), left]).tolist()
+        self.host_syncs += 1
+        return [bool(d) for d in status[0]], status[1]
 
     def _finished_blocks(self, blocks: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """[n] bool: the block has no mask left, or (early_stop) a committed stop token with no mask before it."""
@@ -256,7 +297,8 @@ class Engine:
             done = done.index_copy(0, idx, done[idx] | settled)
         return done
 
-    def _smoothed_embeddings(self, ids: torch.Tensor, reqs: list[Request], rows: list[int]) -> torch.Tensor:
+    def _smoothed_embeddings(self, ids: torch.Tensor, reqs: list[Request], rows: list[int],
+                             block_pos: torch.Tensor) -> torch.Tensor:
         """Iteration smoothing: masked block inputs = mask embedding + alpha_t * E[embedding]."""
         embeds = self.model.embed(ids)
         for i in rows:
@@ -266,7 +308,8 @@ class Engine:
             a0, growth, a_max = r.config.smoothing_alpha
             alpha = min(a0 + growth * r.steps, a_max)
             masked = (r.block == self.mask_id)[:, None]
-            embeds[i] = embeds[i] + alpha * r.smooth_delta * masked
+            pos = block_pos[i]
+            embeds[i, pos] = embeds[i, pos] + alpha * r.smooth_delta * masked
         return embeds
 
     def _decode(self, logits: torch.Tensor, blocks: torch.Tensor, reqs: list[Request]) -> torch.Tensor:

@@ -67,6 +67,7 @@ class Request:
     num_forwards: int = 0
     num_blocks: int = 0
     block_steps: int = 0  # forwards spent on the current block
+    masks_left: int = 0  # masks in the current block at the last host sync
     steps: int = 0  # forwards spent in total (iteration counter for smoothing schedules)
     generator: torch.Generator | None = None
     credit: torch.Tensor | None = None  # [B, V] credit decoding state of the current block
@@ -81,9 +82,34 @@ class Request:
     def block_size(self) -> int:
         return self.config.block_size
 
-    def query_len(self) -> int:
+    def context_ids(self) -> list[int]:
+        """The tokens whose K/V are committed in the slot: the prompt, then the committed blocks."""
+        return self.prompt_ids + self.generated[: self.cached_len - len(self.prompt_ids)]
+
+    def recomputed(self) -> tuple[int, list[int]]:
+        """(cache offset, committed tokens recomputed before the block) of the next forward.
+
+        The query is those tokens, then [the finished block, if COMMIT], then the block being decoded.
+        Cache policies (GenerationConfig.cache_policy):
+        - dllm-var: nothing is recomputed; the block attends to the committed K/V as it is.
+        - vicinity: each DENOISE step recomputes the last `vicinity` committed tokens with the block in
+          view (refreshing their K/V); entering a block (COMMIT) recomputes the whole context.
+        - none: every forward recomputes the whole context (no reuse of K/V at all).
+        """
         if self.phase is Phase.PREFILL:
-            return len(self.prompt_ids) + self.block_size
-        if self.phase is Phase.COMMIT:
-            return 2 * self.block_size
-        return self.block_size
+            return 0, self.prompt_ids
+        policy = self.config.cache_policy
+        if policy == "dllm-var":
+            return self.cached_len, []
+        context = self.context_ids()
+        if policy == "vicinity" and self.phase is Phase.DENOISE:
+            left = min(self.config.vicinity, self.cached_len)
+            return self.cached_len - left, context[self.cached_len - left:]
+        return 0, context  # a full refresh
+
+    def block_start(self) -> int:
+        """Index in the query of the block being decoded."""
+        return len(self.recomputed()[1]) + (self.block_size if self.phase is Phase.COMMIT else 0)
+
+    def query_len(self) -> int:
+        return self.block_start() + self.block_size

@@ -38,15 +38,16 @@ class Scheduler:
         return admitted
 
     def schedule(self) -> list[list[Request]]:
-        """Forward groups for this step: same phase and block size; prefills split by a token budget."""
+        """Forward groups for this step: same phase, block size and cache policy. Groups whose queries
+        differ in length (prefills, recomputing cache policies) are split by a padded-token budget."""
         self.admit()
         groups: dict[tuple, list[Request]] = {}
         for req in self.running:
-            groups.setdefault((req.phase, req.block_size), []).append(req)
+            groups.setdefault((req.phase, req.block_size, req.config.cache_policy), []).append(req)
         batches = []
-        for (phase, _), reqs in groups.items():
-            if phase is not Phase.PREFILL:
-                batches.append(reqs)
+        for (phase, _, policy), reqs in groups.items():
+            if phase is not Phase.PREFILL and policy == "dllm-var":
+                batches.append(reqs)  # every query is B or 2B tokens: one forward
                 continue
             reqs.sort(key=Request.query_len)  # similar lengths together: less padding
             batch: list[Request] = []

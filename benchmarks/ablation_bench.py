@@ -1,0 +1,102 @@
+"""dInfer's inference techniques, one table: decoder x cache policy x loop unrolling.
+
+    python -m benchmarks.ablation_bench --model DIR --prompts-jsonl heldout.jsonl [--device cuda] [--json out.json]
+
+On a trained checkpoint (the quickstart's, for example: `--model quickstart/checkpoint/hf
+--prompts-jsonl quickstart/data/heldout.jsonl`) every combination decodes the same held-out prompts;
+the table has exact match, self-stopping, TPF and TPS, and each row's TPS relative to the default
+(threshold decoder, dLLM-Var cache, no unrolling) measured in the same run.
+
+Cache policies: dllm-var (committed K/V reused as is), vicinity (each step also recomputes the last
+`--vicinity` committed tokens; a full refresh when a block starts), none (everything recomputed at
+every step). Unrolling (k denoise steps per host sync) only pays off on a GPU, where a host sync
+stalls the device; on a CPU its rows show that it changes no answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+
+import dllm
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run(args) -> list[dict]:
+    model = dllm.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    tok = dllm.load_tokenizer(args.model)
+    rows = [json.loads(line) for line in open(args.prompts_jsonl) if line.strip()][: args.num_prompts]
+    prompts = [r["instruction"] + r.get("input", "") for r in rows]
+    results = []
+    for unroll in args.unroll:
+        engine = dllm.Engine(model, tok, max_batch_size=args.batch, max_model_len=args.max_model_len,
+                             max_unroll=unroll, expected_tpf=args.expected_tpf)
+        engine.warmup([args.block_size])
+        for decoder, policy in itertools.product(args.decoders, args.policies):
+            cfg = dllm.GenerationConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens,
+                                        threshold=args.threshold, decoder=decoder, cache_policy=policy,
+                                        vicinity=args.vicinity, early_stop=True)
+            engine.generate(prompts[: args.batch], cfg)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            gens = []
+            for i in range(0, len(prompts), args.batch):
+                gens += engine.generate(prompts[i:i + args.batch], cfg)
+            sync()
+            secs = time.perf_counter() - t0
+            tokens = sum(len(g.token_ids) for g in gens)
+            results.append({
+                "decoder": decoder, "cache_policy": policy, "unroll": unroll, "prompts": len(gens),
+                "exact_match": sum(g.text == r["output"] for g, r in zip(gens, rows)) / len(gens),
+                "self_stopped": sum(g.finish_reason == "stop" for g in gens) / len(gens),
+                "tpf": tokens / max(1, sum(g.num_forwards for g in gens)), "tps": tokens / secs, "seconds": secs})
+            print(results[-1], flush=True)
+    base = next((r["tps"] for r in results
+                 if (r["decoder"], r["cache_policy"], r["unroll"]) == ("threshold", "dllm-var", 1)), None)
+    for r in results:
+        r["tps_vs_default"] = r["tps"] / base if base else None
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompts-jsonl", required=True, help="Alpaca-style jsonl with instruction/input/output")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded together (1 = one at a time)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--decoders", nargs="+", default=["threshold", "credit", "hierarchical"],
+                   choices=list(dllm.engine.DECODERS))
+    p.add_argument("--policies", nargs="+", default=list(dllm.engine.CACHE_POLICIES),
+                   choices=list(dllm.engine.CACHE_POLICIES))
+    p.add_argument("--vicinity", type=int, default=16)
+    p.add_argument("--unroll", type=int, nargs="+", default=[1, 4] if torch.cuda.is_available() else [1])
+    p.add_argument("--expected-tpf", type=float, default=4.0)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    results = run(args)
+    print(f"\n{'decoder':13} {'cache':9} {'unroll':>6} {'EM':>6} {'stop':>5} {'TPF':>6} {'tok/s':>8} {'vs default':>10}")
+    for r in results:
+        ratio = f"{r['tps_vs_default']:.2f}x" if r["tps_vs_default"] else "-"
+        print(f"{r['decoder']:13} {r['cache_policy']:9} {r['unroll']:6d} {r['exact_match']:6.1%} {r['self_stopped']:5.0%} "
+              f"{r['tpf']:6.2f} {r['tps']:8.1f} {ratio:>10}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
