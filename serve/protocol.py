@@ -29,6 +29,7 @@ class DiffusionOptions(BaseModel):
     block_size: int | None = Field(default=None, ge=1, le=1024)
     threshold: float | None = Field(default=None, gt=0.0, le=1.0)
     decoder: Literal[dllm.engine.DECODERS] | None = None  # type: ignore[valid-type]
+    cache_policy: Literal[dllm.engine.CACHE_POLICIES] | None = None  # type: ignore[valid-type]
     commit_pass: bool | None = None
     early_stop: bool | None = None
 

@@ -121,6 +121,7 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
     ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
     ({"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ({"model": "tiny", "prompt": "x", "decoder": "beam"}, 400, "decoder"),
+    ({"model": "tiny", "prompt": "x", "cache_policy": "paged"}, 400, "cache_policy"),
     ({"model": "tiny", "prompt": "x", "unknown_field": 1}, 400, "unknown_field"),
     ({"model": "tiny", "prompt": [10**7]}, 400, "prompt"),
 ])
@@ -262,3 +263,10 @@ def test_engine_metrics_reach_the_prometheus_endpoint(server, client):
         found = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_dllm")}
         time.sleep(1)
     assert wanted <= found
+
+
+def test_cache_policy_is_a_request_option(server):
+    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "add 1+2 =>", "max_tokens": 16,
+                                                      "cache_policy": "vicinity"})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
