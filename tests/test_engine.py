@@ -18,6 +18,33 @@ def _prompts(n=6):
     return [torch.randint(7, 40, (length,), generator=g).tolist() for length in (3, 5, 8, 11, 13, 4, 9, 17)[:n]]
 
 
+def threshold_decode(block: list[int], logits: torch.Tensor, mask: int, threshold: float) -> None:
+    """The threshold rule on a Python list: commit every masked position with confidence >= threshold,
+    and the most confident one."""
+    logits = logits.clone()
+    logits[:, mask] = float("-inf")
+    conf, x = torch.softmax(logits, -1).max(-1)
+    masked = [i for i, t in enumerate(block) if t == mask]
+    best = max(masked, key=lambda i: conf[i])
+    for i in {i for i in masked if conf[i] >= threshold} | {best}:
+        block[i] = int(x[i])
+
+
+def finished_answer(generated, block, stops, cap, forwards):
+    """(tokens, finish reason, forwards) if this finished block ends the answer, else None."""
+    cut = next((i for i, t in enumerate(block) if t in stops), None)
+    if cut is not None:
+        return generated + block[:cut], "stop", forwards
+    if len(generated) + len(block) >= cap:
+        return (generated + block)[:cap], "length", forwards
+    return None
+
+
+def keep(kv, n):
+    """The first n positions of a reference K/V cache."""
+    return [(k[:, :n], v[:, :n]) for k, v in kv]
+
+
 def reference_generate(ref: ReferenceLLaDA, prompt, cfg, commit_pass=True):
     """dLLM-Var block diffusion written out plainly for one request: a list-of-tensors cache, a
     Python threshold rule. Returns (tokens cut at the first stop token, finish reason, forwards)."""
@@ -25,18 +52,7 @@ def reference_generate(ref: ReferenceLLaDA, prompt, cfg, commit_pass=True):
     b = cfg.block_size
 
     def decode(block, logits):
-        logits = logits.clone()
-        logits[:, mask] = float("-inf")
-        probs = torch.softmax(logits, -1)
-        conf, x = probs.max(-1)
-        masked = [i for i, t in enumerate(block) if t == mask]
-        chosen = [i for i in masked if conf[i] >= cfg.threshold]
-        best = max(masked, key=lambda i: conf[i])
-        for i in set(chosen) | {best}:
-            block[i] = int(x[i])
-
-    def keep(kv, n):
-        return [(k[:, :n], v[:, :n]) for k, v in kv]
+        threshold_decode(block, logits, mask, cfg.threshold)
 
     block = [mask] * b
     logits, kv = ref.forward(torch.tensor(prompt + block))
@@ -48,12 +64,10 @@ def reference_generate(ref: ReferenceLLaDA, prompt, cfg, commit_pass=True):
             logits, kv = ref.forward(torch.tensor(block), past=past)
             forwards += 1
             decode(block, logits)
-        cut = next((i for i, t in enumerate(block) if t in stops), None)
-        if cut is not None:
-            return generated + block[:cut], "stop", forwards
+        result = finished_answer(generated, block, stops, cfg.max_new_tokens, forwards)
+        if result:
+            return result
         generated += block
-        if len(generated) >= cfg.max_new_tokens:
-            return generated[: cfg.max_new_tokens], "length", forwards
         past_len = past[0][0].shape[1]
         if commit_pass:
             logits, kv = ref.forward(torch.tensor(block + [mask] * b), past=past)
@@ -311,16 +325,7 @@ def reference_refreshing_generate(ref: ReferenceLLaDA, prompt, cfg):
     b = cfg.block_size
 
     def decode(block, logits):
-        logits = logits.clone()
-        logits[:, mask] = float("-inf")
-        conf, x = torch.softmax(logits, -1).max(-1)
-        masked = [i for i, t in enumerate(block) if t == mask]
-        best = max(masked, key=lambda i: conf[i])
-        for i in {i for i in masked if conf[i] >= cfg.threshold} | {best}:
-            block[i] = int(x[i])
-
-    def keep(kv, n):
-        return [(k[:, :n], v[:, :n]) for k, v in kv]
+        threshold_decode(block, logits, mask, cfg.threshold)
 
     generated, forwards = [], 0
     while True:
@@ -334,12 +339,10 @@ def reference_refreshing_generate(ref: ReferenceLLaDA, prompt, cfg):
                                      past=keep(past, len(context) - left))
             past, forwards = keep(kv, len(context)), forwards + 1
             decode(block, logits[-b:])
-        cut = next((i for i, t in enumerate(block) if t in stops), None)
-        if cut is not None:
-            return generated + block[:cut], "stop", forwards
+        result = finished_answer(generated, block, stops, cfg.max_new_tokens, forwards)
+        if result:
+            return result
         generated += block
-        if len(generated) >= cfg.max_new_tokens:
-            return generated[: cfg.max_new_tokens], "length", forwards
 
 
 @pytest.mark.parametrize("policy,vicinity", [("vicinity", 4), ("vicinity", 0), ("none", 16)])
