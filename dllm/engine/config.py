@@ -35,6 +35,8 @@ class GenerationConfig:
                      step also recomputes the last `vicinity` committed tokens, and a new block starts
                      with a full refresh of the context; "none": every forward recomputes everything
     vicinity:        committed tokens left of the block that the vicinity policy recomputes per step
+    record_trajectory: keep, per block, the step at which each position was committed (the data of
+                     trajectory compression, `dllm.trajectory`); costs one host read per step
     smoothing:       iteration smoothing (dInfer): masked inputs get mask-embedding + alpha_t * E[emb]
     smoothing_alpha: (initial, growth per step, max) of alpha_t; the threshold decays 1.0 -> tau by
                      smoothing_threshold_decay per step
@@ -56,6 +58,7 @@ class GenerationConfig:
     credit_alpha: float = 0.7
     credit_beta: float = 0.8
     credit_gamma: float = 0.2
+    record_trajectory: bool = False
     cache_policy: str = "dllm-var"
     vicinity: int = 16
     smoothing: bool = False

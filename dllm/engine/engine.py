@@ -31,7 +31,7 @@ from . import decoders
 from .config import GenerationConfig
 from .cuda_graphs import GraphedForward
 from .kv_cache import KVCache
-from .request import Generation, Phase, Request, RequestOutput
+from .request import BlockTrajectory, Generation, Phase, Request, RequestOutput
 from .scheduler import Scheduler
 
 
@@ -97,7 +97,7 @@ class Engine:
                     request_id: str | None = None) -> str:
         """Queue a request; returns its id. Raises ValueError for a prompt that can never fit."""
         config = config or GenerationConfig()
-        prompt_ids = self._encode(prompt)
+        prompt_ids = self.encode(prompt)
         if config.stop and self.tokenizer is None:
             raise ValueError("stop strings need an Engine with a tokenizer")
         b = config.block_size
@@ -179,7 +179,8 @@ class Engine:
 
     # ----- one forward group -----------------------------------------------------------------
 
-    def _encode(self, prompt) -> list[int]:
+    def encode(self, prompt) -> list[int]:
+        """Prompt ids of a string (through the tokenizer) or of a list of ids (checked against the vocabulary)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("string prompts need an Engine with a tokenizer; pass token ids instead")
@@ -237,6 +238,7 @@ class Engine:
                 logits = self._forward(reqs, ids, offsets, q_lens, block_pos, b, phase, view)
             self.total_forwards += 1
             new_blocks = self._decode(logits, blocks, reqs)
+            self._record_reveals(reqs, blocks, new_blocks)
             for i, r in enumerate(reqs):
                 r.block = new_blocks[i]
                 r.num_forwards += 1
@@ -270,6 +272,20 @@ class Engine:
             embeds = self._smoothed_embeddings(ids, reqs, smoothing, block_pos)
             return self.model(inputs_embeds=embeds, cache=view, logits_index=block_pos)
         return self.model(ids, cache=view, logits_index=block_pos)
+
+    def _record_reveals(self, reqs: list[Request], before: torch.Tensor, after: torch.Tensor) -> None:
+        """record_trajectory: note the step at which each newly committed position was revealed."""
+        rows = [i for i, r in enumerate(reqs) if r.config.record_trajectory]
+        if not rows:
+            return
+        revealed = ((before != after) & (before == self.mask_id))[rows].tolist()
+        for i, row in zip(rows, revealed):
+            r = reqs[i]
+            if r.block_steps == 0:
+                r.reveal_step = [-1] * len(row)
+            for j, new in enumerate(row):
+                if new:
+                    r.reveal_step[j] = r.block_steps
 
     def _block_status(self, blocks: torch.Tensor, reqs: list[Request]) -> tuple[list[bool], list[int]]:
         """Per request: is the block finished, and how many masks it has left (one device->host copy)."""
@@ -379,6 +395,8 @@ class Engine:
 
     def _complete_block(self, r: Request) -> None:
         tokens = r.block.tolist()
+        if r.config.record_trajectory:
+            r.trajectory = (r.trajectory or []) + [BlockTrajectory(tokens, list(r.reveal_step))]
         r.num_blocks += 1
         room = r.max_new_tokens - len(r.generated)
         stop_at = next((j for j, t in enumerate(tokens) if t in r.stop_ids), None)
@@ -435,7 +453,7 @@ class Engine:
         generation = None
         if final:
             generation = Generation(r.request_id, list(ids), text, r.finish_reason, r.num_forwards, r.num_blocks,
-                                    len(r.prompt_ids))
+                                    len(r.prompt_ids), r.trajectory)
         if new_ids or new_text or final:
             self._outputs.append(RequestOutput(r.request_id, new_ids, new_text, final, generation))
 

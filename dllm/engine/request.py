@@ -19,6 +19,19 @@ class Phase(enum.Enum):
 
 
 @dataclass
+class BlockTrajectory:
+    """How one block was denoised: its final tokens and, per position, the step (0 = the block's first
+    forward) that committed it. State s_i of the block = the positions with reveal_step < i."""
+
+    tokens: list[int]
+    reveal_step: list[int]
+
+    @property
+    def steps(self) -> int:
+        return max(self.reveal_step) + 1
+
+
+@dataclass
 class Generation:
     """The result of one request.
 
@@ -26,6 +39,7 @@ class Generation:
     text:          decoded token_ids (empty without a tokenizer)
     finish_reason: "stop" (EOS/EOT/stop token/stop string), "length" (cap) or "abort"
     num_forwards:  model forwards this request took part in (NFE)
+    trajectory:    with GenerationConfig(record_trajectory=True), one BlockTrajectory per decoded block
     """
 
     request_id: str
@@ -35,6 +49,7 @@ class Generation:
     num_forwards: int
     num_blocks: int
     prompt_tokens: int
+    trajectory: list[BlockTrajectory] | None = None
 
     @property
     def tokens_per_forward(self) -> float:
@@ -68,6 +83,8 @@ class Request:
     num_blocks: int = 0
     block_steps: int = 0  # forwards spent on the current block
     masks_left: int = 0  # masks in the current block at the last host sync
+    reveal_step: list[int] | None = None  # per position of the current block (record_trajectory)
+    trajectory: list[BlockTrajectory] | None = None
     steps: int = 0  # forwards spent in total (iteration counter for smoothing schedules)
     generator: torch.Generator | None = None
     credit: torch.Tensor | None = None  # [B, V] credit decoding state of the current block
