@@ -15,11 +15,14 @@ twin, on the synthetic variable-length tasks (issue 7, goals 3 and 4).
    and torch.compile. Speedups are TPS ratios measured in this run.
 4. Continuous batching: the engine under 1, 8, 32 and 64 concurrent requests (closed loop),
    output tokens/s and p50/p99 latency.
+5. With --td-steps N: trajectory compression (dllm.trajectory): gold trajectories of training prompts,
+   N steps of compressed-transition fine-tuning, and the engine's TPF / exact match after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -54,7 +57,7 @@ def build_data(args):
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     samples = [(enc(s["instruction"]), enc(s["output"]) + [tok.eos_token_id]) for s in train]
     rows = dllm.pack_samples(samples, args.seq_len, mode="concat", pad_token_id=tok.eos_token_id)
-    return tok, held, rows
+    return tok, held, rows, train
 
 
 def model_config(tok, size: str) -> dllm.LLaDAConfig:
@@ -201,6 +204,46 @@ def eval_autoregressive(llama, tok, held, batch, args) -> dict:
     return r
 
 
+def trajectory_compression(model, tok, samples, args):
+    """dInfer's trajectory distillation on the trained model: record gold trajectories of training
+    prompts, then fine-tune a copy on compressed transitions (plain loop: the GPU box has no Ray)."""
+    from dllm.trajectory import exact_match, record_gold, transition_batch
+
+    dev = torch.device(args.device)
+    engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=args.block, max_new_tokens=args.max_new_tokens, threshold=0.9, early_stop=True)
+    t0 = time.time()
+    verifier = (lambda sample, text: True) if args.td_keep_all else exact_match
+    gold, stats = record_gold(engine, samples, cfg, verifier)
+    del engine
+    print(f"trajectories: kept {stats['kept']} of {stats['decoded']} (TPF {stats['tpf']:.2f}) in {time.time() - t0:.0f}s",
+          flush=True)
+    if not gold:
+        return None, {**stats, "skipped": "no trajectory passed the verifier"}
+    student = copy.deepcopy(model).float().train()
+    student.block_functions = dllm.model.EAGER
+    opt = torch.optim.AdamW(student.parameters(), lr=args.td_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    head = student.model.transformer["ff_out"]
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    losses = []
+    for step in range(args.td_steps):
+        pick = torch.randint(len(gold), (args.batch,), generator=gen).tolist()
+        nb = transition_batch([gold[i] for i in pick], mask_token_id=model.config.mask_token_id,
+                              pad_token_id=model.config.pad_token_id or 0, generator=gen)
+        with autocast:
+            hidden = student(nb.input_ids.to(dev), return_hidden=True)
+            loss = dllm.diffusion_loss_from_hidden(hidden, head, nb.targets.to(dev), nb.loss_mask.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            losses.append((step + 1, round(loss.item(), 4)))
+    info = {**stats, "steps": args.td_steps, "lr": args.td_lr, "seconds": time.time() - t0, "loss_history": losses}
+    return student.eval().to(next(model.parameters()).dtype), info
+
+
 def closed_loop(engine, tok, held, concurrency: int, n_requests: int, args) -> dict:
     """`concurrency` clients, each sending its next request when the last one finished."""
     cfg = dllm.GenerationConfig(block_size=args.block, max_new_tokens=args.max_new_tokens, early_stop=True)
@@ -246,10 +289,14 @@ def main(argv=None) -> None:
     p.add_argument("--fast-prompts", type=int, default=48, help="prompts for Fast-dLLM style")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--skip-ar", action="store_true")
+    p.add_argument("--td-steps", type=int, default=0, help="trajectory compression fine-tuning steps (0 = skip)")
+    p.add_argument("--td-prompts", type=int, default=4000, help="training prompts whose trajectories are recorded")
+    p.add_argument("--td-lr", type=float, default=1e-4)
+    p.add_argument("--td-keep-all", action="store_true", help="keep unverified trajectories too (smoke runs)")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
 
-    tok, held, rows = build_data(args)
+    tok, held, rows, train_samples = build_data(args)
     cfg = model_config(tok, args.size)
     print(f"data: {len(rows.input_ids)} rows of {args.seq_len}; model {args.size}: {cfg.num_parameters() / 1e6:.0f}M params",
           flush=True)
@@ -287,6 +334,20 @@ def main(argv=None) -> None:
         print(result["batching"][-1], flush=True)
     save()
     del engine
+
+    if args.td_steps:
+        td_model, info = trajectory_compression(model, tok, train_samples[: args.td_prompts], args)
+        result["trajectory_compression"] = info
+    if args.td_steps and td_model is not None:
+        td_engine = dllm.Engine(td_model, tok, max_batch_size=64, max_model_len=256)
+        td_engine.warmup([args.block])
+        for batch in (1, 16):
+            r = eval_engine(td_engine, tok, held, "threshold", batch, args)
+            r["system"] = "engine (threshold) after trajectory compression"
+            systems.append(r)
+            print(r, flush=True)
+        save()
+        del td_engine, td_model
 
     if not args.skip_ar:
         twin, info = train("autoregressive", cfg, rows, args, steps=result["training"][0]["steps"])

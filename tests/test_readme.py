@@ -58,7 +58,11 @@ def test_quickstart_runs_every_stage_end_to_end(tmp_path):
         assert f"=== [{n}/6]" in out.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["prompts"] == 12
-    assert 0 <= report["served"]["exact_match"] <= 1 and report["served"]["tpf"] > 0
+    served = report["served"]
+    # 18 s of training: the model may answer every prompt with a bare EOS (0 tokens, TPF 0); what must
+    # hold is that every prompt went through the HTTP API and was measured.
+    assert 0 <= served["exact_match"] <= 1 and served["tpf"] >= 0 and 0 <= served["self_stopped"] <= 1
+    assert served["produced_len"]["min"] >= 0 and served["target_len"]["max"] >= 1
     # 18 s of training: the baseline may answer nothing at all, and then no ratio is reported.
     assert report["vanilla"]["prompts"] == 12 and report["vanilla"]["tokens_per_s"] >= 0
     speedup = report["speedup_tps_vs_vanilla"]

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 PRECISIONS = ("bf16", "fp32")
+OBJECTIVES = ("dllm-var", "trajectory")
 LOSS_WEIGHTINGS = ("mean", "inverse_t")
 
 
@@ -23,7 +24,9 @@ class TrainConfig:
 
     Model: `model` (a checkpoint directory, e.g. LLaDA-8B-Base) or `model_config` (LLaDAConfig
     fields for a fresh model; vocabulary and special ids come from `tokenizer`).
-    Data: `data` is the packed parquet directory written by `pipelines.pack`.
+    Data: `data` is the packed parquet directory written by `pipelines.pack` (objective "dllm-var"),
+    or the trajectories written by `pipelines.trajectories` (objective "trajectory": trajectory
+    compression, each row a compressed transition s_i -> s_j of a recorded block; see dllm.trajectory).
     Steps: `max_steps` optimizer steps, or `epochs` passes over the data (one of the two).
     Batch: each optimizer step sees num_workers * micro_batch_size * grad_accum rows.
     """
@@ -56,6 +59,7 @@ class TrainConfig:
     t_min: float = 0.1
     t_max: float = 0.9
     loss_weighting: str = "mean"
+    objective: str = "dllm-var"
     tail_mask_prob: float = 0.0
     document_mask: bool = False
     seed: int = 0
@@ -86,6 +90,8 @@ class TrainConfig:
                 bad(name, "an integer >= 1")
         if self.precision not in PRECISIONS:
             bad("precision", f"one of {list(PRECISIONS)}")
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"one of {list(OBJECTIVES)}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             bad("loss_weighting", f"one of {list(LOSS_WEIGHTINGS)}")
         if self.zero_stage not in (0, 1, 2):

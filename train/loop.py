@@ -1,4 +1,5 @@
-"""What each Ray Train worker runs: DeepSpeed ZeRO-2 SFT with the dLLM-Var objective.
+"""What each Ray Train worker runs: DeepSpeed ZeRO-2 SFT with the dLLM-Var objective (or, with
+`objective: trajectory`, trajectory compression's compressed transitions).
 
 Data order is deterministic: every worker walks the packed rows in file order in global batches of
 num_workers * micro_batch_size rows and takes its own slice. Optimizer step s therefore always sees
@@ -8,6 +9,7 @@ already consumed, repeating and skipping nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -17,6 +19,8 @@ from pathlib import Path
 import torch
 
 import dllm
+from dllm.engine.request import BlockTrajectory
+from dllm.trajectory import Trajectory, transition_batch
 
 from .config import TrainConfig
 
@@ -81,6 +85,17 @@ def _skip_cpu_shm_build() -> None:
         deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
 
 
+def trajectories_from_rows(batch: dict, lo: int, n: int) -> list[Trajectory]:
+    """Rows of `pipelines.trajectories` (numpy batch) -> Trajectory objects, rows [lo, lo + n)."""
+    out = []
+    for i in range(lo, lo + n):
+        b = int(batch["block_size"][i])
+        tokens, reveal = list(map(int, batch["tokens"][i])), list(map(int, batch["reveal_step"][i]))
+        blocks = [BlockTrajectory(tokens[k:k + b], reveal[k:k + b]) for k in range(0, len(tokens), b)]
+        out.append(Trajectory(list(map(int, batch["prompt_ids"][i])), blocks, ""))
+    return out
+
+
 def train_loop_per_worker(raw_config: dict) -> None:
     import deepspeed
     import ray.train
@@ -136,24 +151,38 @@ def train_loop_per_worker(raw_config: dict) -> None:
     while not done:
         seen_this_epoch = 0
         skip = state["micro_steps"] - (epoch * micro_per_epoch if micro_per_epoch else 0)
-        for batch in shard.iter_torch_batches(batch_size=rows_per_micro, drop_last=True,
-                                              dtypes={"input_ids": torch.long, "prompt_mask": torch.bool,
-                                                      "segment_ids": torch.int32}):
+        if cfg.objective == "trajectory":
+            batches = shard.iter_batches(batch_size=rows_per_micro, drop_last=True, batch_format="numpy")
+        else:
+            batches = shard.iter_torch_batches(batch_size=rows_per_micro, drop_last=True,
+                                               dtypes={"input_ids": torch.long, "prompt_mask": torch.bool,
+                                                       "segment_ids": torch.int32})
+        for batch in batches:
             seen_this_epoch += 1
             if seen_this_epoch <= skip:
                 continue  # consumed before the checkpoint this run resumed from
             lo = rank * cfg.micro_batch_size
-            ids = batch["input_ids"][lo:lo + cfg.micro_batch_size].to(device)
-            prompt = batch["prompt_mask"][lo:lo + cfg.micro_batch_size].to(device)
-            seg = batch["segment_ids"][lo:lo + cfg.micro_batch_size].to(device)
-            if cfg.seq_len and ids.shape[1] != cfg.seq_len:
-                raise ValueError(f"packed rows have {ids.shape[1]} tokens but the config says seq_len={cfg.seq_len}")
             # Noise depends only on (seed, micro step, rank): identical after a resume.
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["micro_steps"] * 997 + rank)
-            noised = dllm.noise_batch(ids, prompt, seg, mask_token_id=config.mask_token_id,
-                                      terminal_token_ids=stop_tokens, t_min=cfg.t_min, t_max=cfg.t_max,
-                                      tail_mask_prob=cfg.tail_mask_prob, generator=gen)
-            mask = dllm.document_attention_mask(seg) if cfg.document_mask else None
+            mask = None
+            if cfg.objective == "trajectory":
+                trajs = trajectories_from_rows(batch, lo, cfg.micro_batch_size)
+                noised = transition_batch(trajs, mask_token_id=config.mask_token_id,
+                                          pad_token_id=config.pad_token_id or 0, generator=gen)
+                noised = dataclasses.replace(noised, input_ids=noised.input_ids.to(device),
+                                             targets=noised.targets.to(device), loss_mask=noised.loss_mask.to(device))
+                ids, samples = noised.input_ids, len(trajs)
+            else:
+                ids = batch["input_ids"][lo:lo + cfg.micro_batch_size].to(device)
+                prompt = batch["prompt_mask"][lo:lo + cfg.micro_batch_size].to(device)
+                seg = batch["segment_ids"][lo:lo + cfg.micro_batch_size].to(device)
+                if cfg.seq_len and ids.shape[1] != cfg.seq_len:
+                    raise ValueError(f"packed rows have {ids.shape[1]} tokens but the config says seq_len={cfg.seq_len}")
+                noised = dllm.noise_batch(ids, prompt, seg, mask_token_id=config.mask_token_id,
+                                          terminal_token_ids=stop_tokens, t_min=cfg.t_min, t_max=cfg.t_max,
+                                          tail_mask_prob=cfg.tail_mask_prob, generator=gen)
+                mask = dllm.document_attention_mask(seg) if cfg.document_mask else None
+                samples = int(sum(int(s.max()) for s in seg))
             hidden = engine(noised.input_ids, attention_mask=mask, return_hidden=True)
             loss = dllm.diffusion_loss_from_hidden(hidden, engine.module.model.transformer["ff_out"], noised.targets,
                                                    noised.loss_mask, noised.t, cfg.loss_weighting)
@@ -166,7 +195,7 @@ def train_loop_per_worker(raw_config: dict) -> None:
             if state["micro_steps"] % cfg.grad_accum:
                 continue
             state["step"] += 1
-            state["samples_seen"] += int(sum(int(s.max()) for s in seg)) * world
+            state["samples_seen"] += samples * world
             state["tokens_seen"] += ids.numel() * world * cfg.grad_accum
             state["elapsed"] = time.time() - t_start
             step = state["step"]

@@ -22,7 +22,10 @@ from pipelines.runtime import ensure_ray
 from .config import ConfigError, TrainConfig
 from .loop import HF_DIR, train_loop_per_worker
 
-REQUIRED_COLUMNS = ("input_ids", "prompt_mask", "segment_ids")
+REQUIRED_COLUMNS = {"dllm-var": ("input_ids", "prompt_mask", "segment_ids"),
+                    "trajectory": ("prompt_ids", "tokens", "reveal_step", "block_size")}
+MAKERS = {"dllm-var": "pack the data with `python -m pipelines.pack`",
+          "trajectory": "record trajectories with `python -m pipelines.trajectories`"}
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -43,9 +46,10 @@ def run_training(cfg: TrainConfig, address: str | None = None):
 
     data = ray.data.read_parquet(cfg.data, file_extensions=["parquet"])
     columns = set(data.schema().names)
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    missing = [c for c in REQUIRED_COLUMNS[cfg.objective] if c not in columns]
     if missing:
-        raise ConfigError(f"{cfg.data} lacks column(s) {missing}: pack the data with `python -m pipelines.pack` first")
+        raise ConfigError(f"{cfg.data} lacks column(s) {missing} for objective {cfg.objective!r}: "
+                          f"{MAKERS[cfg.objective]} first")
     if cfg.materialize_data:
         data = data.materialize()  # each epoch then iterates blocks in memory instead of re-reading files
     storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
