@@ -38,6 +38,7 @@ from dllm.synthetic import all_text, make_samples
 SIZES = {  # name -> (d_model, n_layers, n_heads); mlp = 3 d_model like LLaDA
     "100m": (768, 14, 12),
     "300m": (1024, 22, 16),
+    "small": (128, 4, 4),  # the quickstart's shape: CPU runs
     "tiny": (64, 2, 4),  # CPU smoke runs of this script
 }
 
@@ -51,9 +52,9 @@ def sync():
 
 def build_data(args):
     tok = dllm.train_tokenizer(all_text(make_samples(5000, seed=99)) + ["0123456789 ="], kind="char")
-    held = make_samples(args.heldout, seed=1)
+    held = make_samples(args.heldout, seed=1, tasks=args.tasks)
     seen = {s["instruction"] for s in held}
-    train = [s for s in make_samples(args.train_samples, seed=5) if s["instruction"] not in seen]
+    train = [s for s in make_samples(args.train_samples, seed=5, tasks=args.tasks) if s["instruction"] not in seen]
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     samples = [(enc(s["instruction"]), enc(s["output"]) + [tok.eos_token_id]) for s in train]
     rows = dllm.pack_samples(samples, args.seq_len, mode="concat", pad_token_id=tok.eos_token_id)
@@ -289,6 +290,8 @@ def main(argv=None) -> None:
     p.add_argument("--fast-prompts", type=int, default=48, help="prompts for Fast-dLLM style")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--skip-ar", action="store_true")
+    p.add_argument("--skip-baselines", action="store_true", help="no LLaDA vanilla / Fast-dLLM rows")
+    p.add_argument("--tasks", nargs="+", help="synthetic tasks (default: all)")
     p.add_argument("--td-steps", type=int, default=0, help="trajectory compression fine-tuning steps (0 = skip)")
     p.add_argument("--td-prompts", type=int, default=4000, help="training prompts whose trajectories are recorded")
     p.add_argument("--td-lr", type=float, default=1e-4)
@@ -319,6 +322,8 @@ def main(argv=None) -> None:
         for decoder in args.decoders:
             systems.append(eval_engine(engine, tok, held, decoder, batch, args))
             print(systems[-1], flush=True)
+        if args.skip_baselines:
+            continue
         for gen_len, n in zip(args.vanilla_lengths, args.vanilla_prompts):
             fn = lambda m, ps, g=gen_len: llada_generate(m, ps, gen_length=g, steps=g, block_length=g)  # noqa: E731
             systems.append(eval_baseline(f"LLaDA vanilla (gen {gen_len}, steps {gen_len})", fn, model, tok,
@@ -328,7 +333,7 @@ def main(argv=None) -> None:
         systems.append(eval_baseline("Fast-dLLM style (dual cache, gen 128)", fn, model, tok,
                                      held[:max(args.fast_prompts, batch)], batch))
         print(systems[-1], flush=True)
-        save()
+    save()
     for c in args.concurrency:
         result["batching"].append(closed_loop(engine, tok, held, c, max(2 * c, 64), args))
         print(result["batching"][-1], flush=True)
