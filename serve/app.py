@@ -56,8 +56,9 @@ class EngineServer:
         net = dllm.load_model(model, device=device, dtype=torch_dtype)
         tokenizer = dllm.load_tokenizer(model)
         self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len)
-        self.loop = EngineLoop(self.engine)
         self.defaults = dict(DEFAULT_DECODING)
+        self.engine.warmup([self.defaults["block_size"]])  # on CUDA: capture every batch bucket before traffic
+        self.loop = EngineLoop(self.engine)
         self._metrics = _EngineMetrics()
         self.loop.on_step = self._metrics.on_step
 
