@@ -1,6 +1,7 @@
 """Trajectory compression: recorded trajectories replay the engine's decoding, gold filtering, and the
 compressed-transition objective."""
 
+import pytest
 import torch
 
 import dllm
@@ -97,3 +98,13 @@ def test_compressed_transition_objective_trains(confident_model):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_verifiers_are_named_or_imported():
+    from pipelines.trajectories import load_verifier
+
+    assert load_verifier("exact_match")({"output": "ab"}, "ab")
+    assert load_verifier("any")({"output": "ab"}, "zz")
+    assert load_verifier("dllm.trajectory:exact_match") is exact_match  # package.module:function
+    with pytest.raises(ValueError, match="exact_match, any, or package.module:function"):
+        load_verifier("strict")

@@ -121,6 +121,20 @@ class Engine:
         self.scheduler.add(req)
         return request_id
 
+    def encode(self, prompt) -> list[int]:
+        """Prompt ids of a string (through the tokenizer) or of a list of ids (checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need an Engine with a tokenizer; pass token ids instead")
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.config.embedding_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return ids
+
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its cache slot; its last output has finish_reason 'abort'."""
         req = self._requests.get(request_id)
@@ -178,20 +192,6 @@ class Engine:
         }
 
     # ----- one forward group -----------------------------------------------------------------
-
-    def encode(self, prompt) -> list[int]:
-        """Prompt ids of a string (through the tokenizer) or of a list of ids (checked against the vocabulary)."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("string prompts need an Engine with a tokenizer; pass token ids instead")
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            ids = [int(t) for t in prompt]
-        vocab = self.config.embedding_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return ids
 
     def _run_group(self, reqs: list[Request]) -> None:
         phase, b = reqs[0].phase, reqs[0].block_size
