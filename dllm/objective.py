@@ -31,8 +31,14 @@ class NoisedBatch:
 
 def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids: torch.Tensor | None, *,
                 mask_token_id: int, terminal_token_ids: tuple[int, ...], t_min: float = 0.1, t_max: float = 0.9,
-                tail_mask_prob: float = 0.0, generator: torch.Generator | None = None) -> NoisedBatch:
-    """Noise packed rows [b, L] for one training step (deterministic for a seeded generator)."""
+                tail_mask_prob: float = 0.0, tail_target_id: int | None = None,
+                generator: torch.Generator | None = None) -> NoisedBatch:
+    """Noise packed rows [b, L] for one training step (deterministic for a seeded generator).
+
+    tail_mask_prob: fraction of rows whose positions after a random sample end are all masked (the
+    inference condition; see DESIGN.md). Those positions carry no loss, or with `tail_target_id`
+    (EOS) they are trained to predict it: every position past an answer learns to say "ended".
+    """
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
     if not 0.0 <= tail_mask_prob <= 1.0:
@@ -50,12 +56,17 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
     masked = response & ((u < t[:, None]) | terminal)
     loss_mask = masked.clone()
 
+    targets = input_ids
     if tail_mask_prob > 0 and segment_ids is not None:
         tail = _tail_positions(segment_ids, tail_mask_prob, generator)
         masked |= tail
-        loss_mask &= ~tail
+        if tail_target_id is None:
+            loss_mask &= ~tail
+        else:  # "past the end of the answer": every tail position is trained to say EOS
+            targets = torch.where(tail, torch.full_like(input_ids, tail_target_id), input_ids)
+            loss_mask |= tail
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    return NoisedBatch(noisy, input_ids, loss_mask, t)
+    return NoisedBatch(noisy, targets, loss_mask, t)
 
 
 def _tail_positions(segment_ids: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:

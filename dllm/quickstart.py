@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -35,6 +36,8 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (GPUs when present, else CPU processes)")
     p.add_argument("--tail-mask", type=float, default=0.5,
                    help="fraction of rows with tail masking (0 = the paper's objective exactly)")
+    p.add_argument("--tail-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the tail-masked positions to predict EOS: a denser length signal (default on; see README)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="synthetic tasks to train and evaluate on")
     p.add_argument("--port", type=int, default=8000)
@@ -94,7 +97,7 @@ def run_quickstart(args) -> int:
                       num_workers=args.workers, use_gpu=gpu, precision="bf16" if gpu else "fp32", lr=3e-3,
                       warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
                       time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
-                      tail_mask_prob=args.tail_mask)
+                      tail_mask_prob=args.tail_mask, tail_eos=args.tail_eos and args.tail_mask > 0)
     result = run_training(cfg)
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
@@ -113,7 +116,7 @@ def run_quickstart(args) -> int:
     report["speedup_tps_vs_vanilla"] = report["served"]["tokens_per_s"] / van if van > 0 else None
     report["elapsed_s"] = time.time() - t0
     report["train"] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-                       "tail_mask_prob": args.tail_mask, "minutes": args.minutes}
+                       "tail_mask_prob": args.tail_mask, "tail_eos": args.tail_eos, "minutes": args.minutes}
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     if args.keep_serving:

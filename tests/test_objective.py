@@ -80,6 +80,19 @@ def test_tail_masking_masks_everything_after_a_sample_end_outside_the_loss():
         assert out.loss_mask[row, start - 1]  # the boundary EOS itself stays in the loss
 
 
+def test_tail_eos_targets_teach_every_position_past_the_answer_to_say_eos():
+    ids, prompt, seg = _row_batch(rows=16)
+    plain = _noise(ids, prompt, seg, tail_mask_prob=1.0)
+    eos = _noise(ids, prompt, seg, tail_mask_prob=1.0, tail_target_id=EOS)
+    assert torch.equal(plain.input_ids, eos.input_ids)  # the same noise: only targets and loss differ
+    tail = (plain.input_ids == MASK) & prompt  # tail positions that hold the next samples' prompts
+    for row in range(16):
+        start = int(torch.nonzero(tail[row]).flatten()[0])
+        assert (eos.targets[row, start:] == EOS).all() and eos.loss_mask[row, start:].all()
+        assert torch.equal(eos.targets[row, :start], ids[row, :start])
+        assert torch.equal(eos.loss_mask[row, :start], plain.loss_mask[row, :start])
+
+
 def test_tail_masking_off_by_default_matches_paper_objective():
     ids, prompt, seg = _row_batch()
     assert torch.equal(_noise(ids, prompt, seg).input_ids, _noise(ids, prompt, seg, tail_mask_prob=0.0).input_ids)

@@ -109,6 +109,8 @@ def test_config_errors_are_clear(tmp_path, capsys):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, fp8=True)
     with pytest.raises(ConfigError, match="max_steps' or 'epochs"):
         TrainConfig(run_name="x", data="d", model="m")
+    with pytest.raises(ConfigError, match="tail_eos needs tail_mask_prob"):
+        TrainConfig(run_name="x", data="d", model="m", max_steps=1, tail_eos=True)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("run_name: x\ndata: d\nmodel: m\nmax_steps: 1\nbogus: 2\n")
     assert main(["--config", str(cfg)]) == 2

@@ -180,7 +180,8 @@ def train_loop_per_worker(raw_config: dict) -> None:
                     raise ValueError(f"packed rows have {ids.shape[1]} tokens but the config says seq_len={cfg.seq_len}")
                 noised = dllm.noise_batch(ids, prompt, seg, mask_token_id=config.mask_token_id,
                                           terminal_token_ids=stop_tokens, t_min=cfg.t_min, t_max=cfg.t_max,
-                                          tail_mask_prob=cfg.tail_mask_prob, generator=gen)
+                                          tail_mask_prob=cfg.tail_mask_prob, generator=gen,
+                                          tail_target_id=config.eos_token_id if cfg.tail_eos else None)
                 mask = dllm.document_attention_mask(seg) if cfg.document_mask else None
                 samples = int(sum(int(s.max()) for s in seg))
             hidden = engine(noised.input_ids, attention_mask=mask, return_hidden=True)
