@@ -23,6 +23,7 @@ from .engine.request import BlockTrajectory
 from .objective import NoisedBatch
 
 Verifier = Callable[[dict, str], bool]  # (sample, generated text) -> is the answer right?
+ROW_COLUMNS = ("prompt_ids", "tokens", "reveal_step", "block_size")  # a stored trajectory (parquet row)
 
 
 def exact_match(sample: dict, text: str) -> bool:
@@ -35,6 +36,20 @@ class Trajectory:
     prompt_ids: list[int]
     blocks: list[BlockTrajectory]
     text: str
+
+    def to_row(self) -> dict:
+        """The stored form (ROW_COLUMNS): the blocks' tokens and reveal steps laid end to end."""
+        return {"prompt_ids": list(self.prompt_ids), "tokens": [t for b in self.blocks for t in b.tokens],
+                "reveal_step": [r for b in self.blocks for r in b.reveal_step],
+                "block_size": len(self.blocks[0].tokens)}
+
+    @classmethod
+    def from_row(cls, row) -> "Trajectory":
+        """Inverse of to_row (values may be numpy arrays, as Ray Data hands them out)."""
+        b = int(row["block_size"])
+        tokens, reveal = [int(t) for t in row["tokens"]], [int(r) for r in row["reveal_step"]]
+        blocks = [BlockTrajectory(tokens[k:k + b], reveal[k:k + b]) for k in range(0, len(tokens), b)]
+        return cls([int(t) for t in row["prompt_ids"]], blocks, "")
 
 
 def record_gold(engine: Engine, samples: Sequence[dict], config: GenerationConfig,

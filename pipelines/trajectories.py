@@ -25,11 +25,9 @@ import time
 import pyarrow as pa
 
 import dllm
-from dllm.trajectory import exact_match, record_gold
+from dllm.trajectory import ROW_COLUMNS, exact_match, record_gold
 
 from .runtime import ensure_ray
-
-COLUMNS = ("prompt_ids", "tokens", "reveal_step", "block_size")
 
 
 def load_verifier(name: str):
@@ -60,13 +58,9 @@ class TrajectoryRecorder:
         samples = [{k: batch[k][i] for k in batch} for i in range(len(batch["instruction"]))]
         gold, stats = record_gold(self.engine, samples, self.config, self.verifier)
         # Plain Arrow list<int64> columns (not Ray's tensor extension): any parquet reader opens them.
-        ints = pa.list_(pa.int64())
-        return pa.table({
-            "prompt_ids": pa.array([t.prompt_ids for t in gold], type=ints),
-            "tokens": pa.array([[x for b in t.blocks for x in b.tokens] for t in gold], type=ints),
-            "reveal_step": pa.array([[r for b in t.blocks for r in b.reveal_step] for t in gold], type=ints),
-            "block_size": pa.array([self.config.block_size] * len(gold), type=pa.int64()),
-        })
+        rows = [t.to_row() for t in gold]
+        return pa.table({c: pa.array([r[c] for r in rows], type=pa.int64() if c == "block_size" else pa.list_(pa.int64()))
+                         for c in ROW_COLUMNS})
 
 
 def run_trajectories(args) -> dict:

@@ -108,3 +108,10 @@ def test_verifiers_are_named_or_imported():
     assert load_verifier("dllm.trajectory:exact_match") is exact_match  # package.module:function
     with pytest.raises(ValueError, match="exact_match, any, or package.module:function"):
         load_verifier("strict")
+
+
+def test_stored_rows_round_trip():
+    traj = Trajectory(prompt_ids=[1, 2], text="", blocks=[BlockTrajectory([5, 6], [0, 1]), BlockTrajectory([7, 2], [0, -1])])
+    row = traj.to_row()
+    assert row == {"prompt_ids": [1, 2], "tokens": [5, 6, 7, 2], "reveal_step": [0, 1, 0, -1], "block_size": 2}
+    assert Trajectory.from_row(row) == traj

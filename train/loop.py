@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 import dllm
-from dllm.engine.request import BlockTrajectory
-from dllm.trajectory import Trajectory, transition_batch
+from dllm.trajectory import ROW_COLUMNS, Trajectory, transition_batch
 
 from .config import TrainConfig
 
@@ -83,17 +82,6 @@ def _skip_cpu_shm_build() -> None:
 
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
-
-
-def trajectories_from_rows(batch: dict, lo: int, n: int) -> list[Trajectory]:
-    """Rows of `pipelines.trajectories` (numpy batch) -> Trajectory objects, rows [lo, lo + n)."""
-    out = []
-    for i in range(lo, lo + n):
-        b = int(batch["block_size"][i])
-        tokens, reveal = list(map(int, batch["tokens"][i])), list(map(int, batch["reveal_step"][i]))
-        blocks = [BlockTrajectory(tokens[k:k + b], reveal[k:k + b]) for k in range(0, len(tokens), b)]
-        out.append(Trajectory(list(map(int, batch["prompt_ids"][i])), blocks, ""))
-    return out
 
 
 def train_loop_per_worker(raw_config: dict) -> None:
@@ -166,7 +154,8 @@ def train_loop_per_worker(raw_config: dict) -> None:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["micro_steps"] * 997 + rank)
             mask = None
             if cfg.objective == "trajectory":
-                trajs = trajectories_from_rows(batch, lo, cfg.micro_batch_size)
+                trajs = [Trajectory.from_row({c: batch[c][i] for c in ROW_COLUMNS})
+                         for i in range(lo, lo + cfg.micro_batch_size)]
                 noised = transition_batch(trajs, mask_token_id=config.mask_token_id,
                                           pad_token_id=config.pad_token_id or 0, generator=gen)
                 noised = dataclasses.replace(noised, input_ids=noised.input_ids.to(device),

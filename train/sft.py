@@ -17,13 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from dllm.trajectory import ROW_COLUMNS
 from pipelines.runtime import ensure_ray
 
 from .config import ConfigError, TrainConfig
 from .loop import HF_DIR, train_loop_per_worker
 
-REQUIRED_COLUMNS = {"dllm-var": ("input_ids", "prompt_mask", "segment_ids"),
-                    "trajectory": ("prompt_ids", "tokens", "reveal_step", "block_size")}
+REQUIRED_COLUMNS = {"dllm-var": ("input_ids", "prompt_mask", "segment_ids"), "trajectory": ROW_COLUMNS}
 MAKERS = {"dllm-var": "pack the data with `python -m pipelines.pack`",
           "trajectory": "record trajectories with `python -m pipelines.trajectories`"}
 
