@@ -78,8 +78,9 @@ class GraphedForward:
     def capture_all(self, block_size: int, max_rows: int) -> int:
         """Capture the DENOISE and COMMIT graphs of every row bucket up to max_rows now, so that no
         capture (or compile) lands inside serving; returns how many graphs exist."""
+        top = self.bucket(max_rows) or ROW_BUCKETS[-1]
         for rows in ROW_BUCKETS:
-            if rows > max(1, max_rows) and rows != self.bucket(max_rows):
+            if rows > top:
                 break
             for key in ((rows, block_size, 0, block_size), (rows, 2 * block_size, block_size, block_size)):
                 if key not in self.graphs:

@@ -200,18 +200,17 @@ class Engine:
         masks = torch.full((b,), self.mask_id, device=dev, dtype=torch.long)
         plans = [r.recomputed() for r in reqs]  # (cache offset, committed tokens recomputed first)
         offsets = [offset for offset, _ in plans]
+        lead = b if phase is Phase.COMMIT else 0  # a COMMIT query carries the finished block first
+        starts = [len(tokens) + lead for _, tokens in plans]  # where the decoded block sits in each query
+        q_lens = [start + b for start in starts]
         current = masks.expand(n, b) if phase is not Phase.DENOISE else torch.stack([r.block for r in reqs])
         finished = torch.stack([r.block for r in reqs]) if phase is Phase.COMMIT else None
-        if all(not tokens for _, tokens in plans):  # DENOISE / COMMIT of the dllm-var policy: B or 2B tokens
+        uniform = all(not tokens for _, tokens in plans)  # DENOISE / COMMIT of the dllm-var policy: B or 2B tokens
+        if uniform:
             ids = current if finished is None else torch.cat([finished, current], dim=1)
-            q_lens = [ids.shape[1]] * n
-            start = b if phase is Phase.COMMIT else 0
-            block_pos = torch.arange(start, start + b, device=dev).expand(n, b)
+            block_pos = torch.arange(lead, lead + b, device=dev).expand(n, b)
         else:  # rows of different lengths (prefill, recomputing policies): right-padded with masks
-            q_lens = [r.query_len() for r in reqs]
-            q_pad = max(q_lens)
-            ids = torch.full((n, q_pad), self.mask_id, dtype=torch.long, device=dev)
-            starts = [r.block_start() for r in reqs]
+            ids = torch.full((n, max(q_lens)), self.mask_id, dtype=torch.long, device=dev)
             for i, (_, tokens) in enumerate(plans):
                 if tokens:
                     ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
@@ -230,12 +229,16 @@ class Engine:
         if phase is Phase.DENOISE and self.max_unroll > 1:
             fewest = min(r.masks_left for r in reqs)
             k = max(1, min(self.max_unroll, int(fewest // self.expected_tpf)))
+        slots = [r.slot for r in reqs]
+        smoothing = [i for i, r in enumerate(reqs) if r.config.smoothing]
+        graphable = self.graphs is not None and uniform and phase is not Phase.PREFILL and not smoothing
         view = None
         for _ in range(k):
-            logits = self._forward(reqs, ids, offsets, q_lens, block_pos, b, phase, view)
-            if logits is None:  # eager: build the view once for all unrolled steps
-                view = self.cache.view([r.slot for r in reqs], offsets, q_lens, ids.shape[1])
-                logits = self._forward(reqs, ids, offsets, q_lens, block_pos, b, phase, view)
+            logits = self.graphs.run(ids, slots, offsets, logits_start=lead, n_logits=b) if graphable else None
+            if logits is None:  # eager (or no graph bucket fits): one view serves every unrolled step
+                if view is None:
+                    view = self.cache.view(slots, offsets, q_lens, ids.shape[1])
+                logits = self._eager_logits(reqs, ids, smoothing, block_pos, view)
             self.total_forwards += 1
             new_blocks = self._decode(logits, blocks, reqs)
             self._record_reveals(reqs, blocks, new_blocks)
@@ -258,16 +261,8 @@ class Engine:
             if done[i]:
                 self._complete_block(r)
 
-    def _forward(self, reqs, ids, offsets, q_lens, block_pos, b, phase, view) -> torch.Tensor | None:
-        """Block logits [n, B, vocab]: a CUDA graph replay where one fits, else eager with `view`
-        (None from here asks the caller for a view)."""
-        smoothing = [i for i, r in enumerate(reqs) if r.config.smoothing]
-        uniform = all(q == ids.shape[1] for q in q_lens) and phase is not Phase.PREFILL
-        if view is None:
-            if self.graphs is None or smoothing or not uniform or ids.shape[1] not in (b, 2 * b):
-                return None
-            return self.graphs.run(ids, [r.slot for r in reqs], offsets,
-                                   logits_start=b if phase is Phase.COMMIT else 0, n_logits=b)
+    def _eager_logits(self, reqs, ids, smoothing: list[int], block_pos, view) -> torch.Tensor:
+        """Block logits [n, B, vocab] of one eager forward against the cache `view`."""
         if smoothing:
             embeds = self._smoothed_embeddings(ids, reqs, smoothing, block_pos)
             return self.model(inputs_embeds=embeds, cache=view, logits_index=block_pos)

@@ -124,9 +124,6 @@ class Request:
             return self.cached_len - left, context[self.cached_len - left:]
         return 0, context  # a full refresh
 
-    def block_start(self) -> int:
-        """Index in the query of the block being decoded."""
-        return len(self.recomputed()[1]) + (self.block_size if self.phase is Phase.COMMIT else 0)
-
     def query_len(self) -> int:
-        return self.block_start() + self.block_size
+        """Tokens in the next forward: the recomputed ones, [the finished block,] the block."""
+        return len(self.recomputed()[1]) + (2 if self.phase is Phase.COMMIT else 1) * self.block_size

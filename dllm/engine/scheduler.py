@@ -51,9 +51,8 @@ class Scheduler:
                 continue
             reqs.sort(key=Request.query_len)  # similar lengths together: less padding
             batch: list[Request] = []
-            for req in reqs:
-                padded = max([r.query_len() for r in batch] + [req.query_len()]) * (len(batch) + 1)
-                if batch and padded > self.max_prefill_tokens:
+            for req in reqs:  # ascending: the newest request is the longest of its batch
+                if batch and req.query_len() * (len(batch) + 1) > self.max_prefill_tokens:
                     batches.append(batch)
                     batch = []
                 batch.append(req)
