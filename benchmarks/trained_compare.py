@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import time
 
@@ -34,6 +33,7 @@ import dllm
 from benchmarks.ar_twin import causal_lm_loss, to_hf_llama
 from dllm.baselines import fast_dllm_generate, llada_generate
 from dllm.synthetic import all_text, make_samples
+from train.schedule import learning_rate, run_progress
 
 SIZES = {  # name -> (d_model, n_layers, n_heads); mlp = 3 d_model like LLaDA
     "100m": (768, 14, 12),
@@ -83,8 +83,9 @@ def train(kind: str, cfg, rows, args, steps: int | None = None) -> tuple[dllm.LL
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     while step < budget_steps and (steps or time.time() - t0 < args.minutes * 60):
         idx = torch.randint(0, len(ids), (args.batch,), generator=gen)
-        progress = step / steps if steps else (time.time() - t0) / (args.minutes * 60)  # cosine over the budget
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        progress = run_progress(step, time.time() - t0, steps, None if steps else args.minutes * 60)
+        lr = learning_rate(lr=args.lr, schedule="cosine", warmup_steps=args.warmup, min_lr_ratio=0.1, step=step + 1,
+                           progress=progress)
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast:

@@ -12,6 +12,7 @@ import torch
 import dllm
 from train.config import ConfigError, TrainConfig
 from train.loop import DS_STATE_DIR, FAULT_MARKER
+from train.schedule import learning_rate, run_progress
 from train.sft import final_model_dir, main, run_training
 
 pytestmark = pytest.mark.slow
@@ -60,6 +61,11 @@ def test_loss_goes_down_and_the_checkpoint_loads_and_generates(ray_local, packed
     losses = [h["loss"] for h in state["history"]]
     assert state["step"] == 30 and len(losses) == 6
     assert losses[-1] < 0.8 * losses[0]
+    # The logged rate is the cosine schedule's (warm-up 3, floor 10 %); step s ran at the progress after s - 1.
+    expected = [learning_rate(lr=3e-3, schedule="cosine", warmup_steps=3, min_lr_ratio=0.1, step=h["step"],
+                              progress=(h["step"] - 1) / 30) for h in state["history"]]
+    assert [h["lr"] for h in state["history"]] == pytest.approx(expected)
+    assert state["history"][-1]["lr"] < 0.11 * 3e-3
     model = dllm.load_model(final_model_dir(result))
     tok = dllm.load_tokenizer(final_model_dir(result))
     gen = dllm.Engine(model, tok, max_model_len=128).generate(["reverse: abc =>"], dllm.GenerationConfig(
@@ -98,6 +104,21 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_finishes(ray_loca
     assert [h["step"] for h in state["history"]] == [5, 10, 15, 20]
 
 
+def test_the_rate_warms_up_then_decays_over_whichever_budget_ends_first():
+    rate = dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(schedule="cosine", step=5, progress=0.0, **rate) == pytest.approx(0.5)  # warming up
+    assert learning_rate(schedule="cosine", step=10, progress=0.0, **rate) == pytest.approx(1.0)
+    assert learning_rate(schedule="cosine", step=50, progress=0.5, **rate) == pytest.approx(0.55)
+    assert learning_rate(schedule="cosine", step=99, progress=1.0, **rate) == pytest.approx(0.1)
+    assert learning_rate(schedule="constant", step=99, progress=1.0, **rate) == 1.0
+    # A time limit that runs out before max_steps drives the decay; so do steps when they end first.
+    assert run_progress(100, 30.0, total_steps=1000, time_limit_s=60.0) == 0.5
+    assert run_progress(900, 30.0, total_steps=1000, time_limit_s=60.0) == 0.9
+    assert run_progress(5, 99.0, total_steps=None, time_limit_s=60.0) == 1.0
+    with pytest.raises(ValueError, match="unknown lr schedule 'linear'"):
+        learning_rate(schedule="linear", step=1, progress=0.0, **rate)
+
+
 def test_config_errors_are_clear(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\]"):
         TrainConfig.from_dict({"run_name": "x", "data": "d", "model": "m", "max_steps": 1, "learning_rate": 1})
@@ -109,6 +130,8 @@ def test_config_errors_are_clear(tmp_path, capsys):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, fp8=True)
     with pytest.raises(ConfigError, match="max_steps' or 'epochs"):
         TrainConfig(run_name="x", data="d", model="m")
+    with pytest.raises(ConfigError, match=r"lr_schedule='step' is invalid; expected one of \['constant', 'cosine'\]"):
+        TrainConfig(run_name="x", data="d", model="m", max_steps=1, lr_schedule="step")
     with pytest.raises(ConfigError, match="tail_eos needs tail_mask_prob"):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, tail_eos=True)
     cfg = tmp_path / "c.yaml"

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from .schedule import LR_SCHEDULES
+
 PRECISIONS = ("bf16", "fp32")
 OBJECTIVES = ("dllm-var", "trajectory")
 LOSS_WEIGHTINGS = ("mean", "inverse_t")
@@ -28,6 +30,8 @@ class TrainConfig:
     or the trajectories written by `pipelines.trajectories` (objective "trajectory": trajectory
     compression, each row a compressed transition s_i -> s_j of a recorded block; see dllm.trajectory).
     Steps: `max_steps` optimizer steps, or `epochs` passes over the data (one of the two).
+    Rate: `warmup_steps` linear warm-up, then `lr_schedule` (see train.schedule); a cosine decay
+    spans the whole budget, which `time_limit_s` ends early when it runs out first.
     Batch: each optimizer step sees num_workers * micro_batch_size * grad_accum rows.
     """
 
@@ -44,6 +48,8 @@ class TrainConfig:
     epochs: int | None = None
     lr: float = 1e-5
     warmup_steps: int = 50
+    lr_schedule: str = "cosine"  # after the warm-up: "constant", or "cosine" decay to lr * min_lr_ratio at the budget's end
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -93,6 +99,10 @@ class TrainConfig:
             bad("precision", f"one of {list(PRECISIONS)}")
         if self.objective not in OBJECTIVES:
             bad("objective", f"one of {list(OBJECTIVES)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", f"one of {list(LR_SCHEDULES)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "a fraction in [0, 1]")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             bad("loss_weighting", f"one of {list(LOSS_WEIGHTINGS)}")
         if self.zero_stage not in (0, 1, 2):

@@ -22,6 +22,7 @@ import dllm
 from dllm.trajectory import ROW_COLUMNS, Trajectory, transition_batch
 
 from .config import TrainConfig
+from .schedule import epoch_steps, learning_rate, run_progress
 
 DS_STATE_DIR = "deepspeed"  # inside a Ray Train checkpoint: DeepSpeed's resumable state
 HF_DIR = "hf"  # inside a Ray Train checkpoint: a checkpoint directory dllm.load_model reads
@@ -67,9 +68,7 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
             "torch_adam": not on_gpu}},  # FusedAdam would JIT-compile for minutes on CPU
-        "scheduler": {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": max(1, cfg.warmup_steps),
-            "warmup_type": "linear"}},
+        # No DeepSpeed scheduler: the loop sets the rate from train.schedule (it needs the elapsed time).
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -84,12 +83,13 @@ def _skip_cpu_shm_build() -> None:
         deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
 
 
-def train_loop_per_worker(raw_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> None:
+    """loop_config: {"config": TrainConfig as a dict, "dataset_rows": rows in the training data}."""
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
 
-    cfg = TrainConfig.from_dict(raw_config)
+    cfg = TrainConfig.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
@@ -121,6 +121,16 @@ def train_loop_per_worker(raw_config: dict) -> None:
     rows_per_micro = world * cfg.micro_batch_size
     micro_per_epoch = None
     total_steps = cfg.max_steps
+    budget_steps = total_steps or epoch_steps(loop_config["dataset_rows"], rows_per_micro, cfg.grad_accum, cfg.epochs)
+
+    def set_learning_rate() -> None:  # for the coming optimizer step; equal on every rank (agreed elapsed time)
+        progress = run_progress(state["step"], state["elapsed"], budget_steps, cfg.time_limit_s)
+        lr = learning_rate(lr=cfg.lr, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
+                           min_lr_ratio=cfg.min_lr_ratio, step=state["step"] + 1, progress=progress)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    set_learning_rate()
     stop_tokens = config.stop_token_ids
     t_start = time.time() - state["elapsed"]
     t_log, tokens_log = time.time(), 0
@@ -188,6 +198,10 @@ def train_loop_per_worker(raw_config: dict) -> None:
             state["samples_seen"] += samples * world
             state["tokens_seen"] += ids.numel() * world * cfg.grad_accum
             state["elapsed"] = time.time() - t_start
+            if cfg.time_limit_s is not None and world > 1:  # ranks agree on the clock: same stop step, same rate
+                clock = torch.tensor([state["elapsed"]], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(clock, op=torch.distributed.ReduceOp.MAX)
+                state["elapsed"] = float(clock.item())
             step = state["step"]
 
             if cfg.fail_at_step == step and rank == world - 1:
@@ -199,10 +213,6 @@ def train_loop_per_worker(raw_config: dict) -> None:
 
             last = (total_steps is not None and step >= total_steps) or (
                 cfg.time_limit_s is not None and state["elapsed"] >= cfg.time_limit_s)
-            if cfg.time_limit_s is not None and world > 1:  # every rank must agree to stop at the same step
-                flag = torch.tensor([int(last)], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                last = bool(flag.item())
             if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
                 now = time.time()
                 mean = torch.tensor([loss_sum / max(1, loss_n)], device=device)
@@ -225,6 +235,7 @@ def train_loop_per_worker(raw_config: dict) -> None:
             if last:
                 done = True
                 break
+            set_learning_rate()
         if micro_per_epoch is None:
             micro_per_epoch = seen_this_epoch
             if micro_per_epoch == 0:

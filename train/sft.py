@@ -54,12 +54,13 @@ def run_training(cfg: TrainConfig, address: str | None = None):
         data = data.materialize()  # each epoch then iterates blocks in memory instead of re-reading files
     storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
     cfg.storage_path = storage
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # Train's print patch would echo each worker line twice on the driver (its log + the stream it tees to).
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={"config": cfg.to_dict(), "dataset_rows": data.count()},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,
