@@ -26,47 +26,47 @@ def spell(n: int) -> str:
     return TENS[tens] + ("" if ones == 0 else " " + ONES[ones])
 
 
-def _word(rng: random.Random, lo: int, hi: int) -> str:
-    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(lo, hi)))
+def _word(rng: random.Random, lo: int, hi: int, cap: int | None) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(lo, hi if cap is None else min(hi, cap))))
 
 
-def _reverse(rng):
-    w = _word(rng, 1, 12)
+def _reverse(rng, cap):
+    w = _word(rng, 1, 12, cap)
     return f"reverse {w}", w[::-1]
 
 
-def _copy(rng):
-    w = _word(rng, 1, 14)
+def _copy(rng, cap):
+    w = _word(rng, 1, 14, cap)
     return f"copy {w}", w
 
 
-def _sort(rng):
-    w = _word(rng, 1, 12)
+def _sort(rng, cap):
+    w = _word(rng, 1, 12, cap)
     return f"sort {w}", "".join(sorted(w))
 
 
-def _dedupe(rng):
-    w = _word(rng, 1, 14)
+def _dedupe(rng, cap):
+    w = _word(rng, 1, 14, cap)
     return f"dedupe {w}", "".join(dict.fromkeys(w))
 
 
-def _repeat(rng):
-    w, n = _word(rng, 1, 4), rng.randint(1, 7)
+def _repeat(rng, cap):
+    w, n = _word(rng, 1, 4, cap), rng.randint(1, 7)
     return f"repeat {w} {n}", " ".join([w] * n)
 
 
-def _add(rng):
+def _add(rng, cap):
     a, b = rng.randint(0, 999), rng.randint(0, 999)
     return f"add {a} {b}", str(a + b)
 
 
-def _spell(rng):
+def _spell(rng, cap):
     n = rng.randint(0, 99)
     return f"spell {n}", spell(n)
 
 
-def _count(rng):
-    w = _word(rng, 1, 20)
+def _count(rng, cap):
+    w = _word(rng, 1, 20, cap)
     c = rng.choice(ALPHABET)
     return f"count {c} in {w}", str(w.count(c))
 
@@ -75,8 +75,14 @@ TASKS = {"copy": _copy, "reverse": _reverse, "sort": _sort, "dedupe": _dedupe, "
          "count": _count}
 
 
-def make_samples(n: int, seed: int = 0, tasks: list[str] | None = None) -> list[dict]:
-    """`n` Alpaca-style samples: instruction = the task line + ' = ', output = the answer."""
+def make_samples(n: int, seed: int = 0, tasks: list[str] | None = None, max_word_len: int | None = None) -> list[dict]:
+    """`n` Alpaca-style samples: instruction = the task line + ' = ', output = the answer.
+
+    max_word_len caps the length of the letter strings the tasks work on (each task's own range
+    otherwise, up to 12-20): shorter strings make an easier task with the same answer formats.
+    """
+    if max_word_len is not None and max_word_len < 1:
+        raise ValueError(f"max_word_len must be >= 1 (or None for each task's own range), got {max_word_len}")
     rng = random.Random(seed)
     names = tasks or sorted(TASKS)
     unknown = set(names) - set(TASKS)
@@ -85,21 +91,21 @@ def make_samples(n: int, seed: int = 0, tasks: list[str] | None = None) -> list[
     out = []
     for _ in range(n):
         name = rng.choice(names)
-        prompt, answer = TASKS[name](rng)
+        prompt, answer = TASKS[name](rng, max_word_len)
         out.append({"instruction": prompt + " = ", "input": "", "output": answer, "task": name})
     return out
 
 
 def write_dataset(out_dir: str | Path, n_train: int, n_heldout: int, seed: int = 0,
-                  tasks: list[str] | None = None) -> tuple[Path, Path]:
+                  tasks: list[str] | None = None, max_word_len: int | None = None) -> tuple[Path, Path]:
     """Write train.jsonl and heldout.jsonl (held-out prompts never appear in train)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    heldout = make_samples(n_heldout, seed=seed + 1, tasks=tasks)
+    heldout = make_samples(n_heldout, seed=seed + 1, tasks=tasks, max_word_len=max_word_len)
     seen = {s["instruction"] for s in heldout}
     train, k = [], 0
     while len(train) < n_train:
-        for s in make_samples(n_train, seed=seed + 1000 * (k + 2), tasks=tasks):
+        for s in make_samples(n_train, seed=seed + 1000 * (k + 2), tasks=tasks, max_word_len=max_word_len):
             if s["instruction"] not in seen and len(train) < n_train:
                 train.append(s)
         k += 1
@@ -121,9 +127,10 @@ def add_synthetic_parser(sub) -> None:
     p.add_argument("--heldout", type=int, default=200, help="held-out samples (prompts unseen in training)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="subset of tasks (default: all)")
+    p.add_argument("--max-word-len", type=int, help="cap on the tasks' letter-string lengths (default: each task's own)")
 
     def run(args, rest) -> int:
-        train, held = write_dataset(args.out, args.train, args.heldout, args.seed, args.tasks)
+        train, held = write_dataset(args.out, args.train, args.heldout, args.seed, args.tasks, args.max_word_len)
         print(f"wrote {args.train} samples to {train} and {args.heldout} to {held}")
         return 0
 

@@ -46,6 +46,24 @@ def test_dllm_data_synthetic_writes_variable_length_answers(tmp_path):
     assert not {r["instruction"] for r in held} & {r["instruction"] for r in rows}
 
 
+def test_max_word_len_shortens_the_strings_but_keeps_every_answer_format(tmp_path):
+    from dllm.synthetic import make_samples
+
+    default = make_samples(2000, seed=3)
+    capped = make_samples(2000, seed=3, max_word_len=5)
+    words = lambda samples, task: [s["instruction"].split()[1] for s in samples if s["task"] == task]  # noqa: E731
+    assert max(map(len, words(default, "reverse"))) == 12 and max(map(len, words(capped, "reverse"))) == 5
+    assert {s["task"] for s in capped} == {s["task"] for s in default}
+    # Repeat still builds long answers from short words: the length range survives the cap.
+    assert max(len(s["output"]) for s in capped) >= 20 and min(len(s["output"]) for s in capped) == 1
+    subprocess.run([sys.executable, "-m", "dllm.cli", "data", "synthetic", "--out", str(tmp_path), "--train", "200",
+                    "--heldout", "20", "--tasks", "sort", "--max-word-len", "3"], check=True, cwd=ROOT, timeout=120)
+    rows = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+    assert all(len(r["output"]) <= 3 for r in rows)
+    with pytest.raises(ValueError, match="max_word_len must be >= 1"):
+        make_samples(1, max_word_len=0)
+
+
 @pytest.mark.slow
 def test_quickstart_runs_every_stage_end_to_end(tmp_path):
     """The README's main command, shortened (30 s of training): every stage runs and the report is written."""
