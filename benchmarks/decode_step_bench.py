@@ -14,7 +14,8 @@ Timed per context length (random bf16 weights; CUDA events, median of many):
 - forward, eager, pool-attention kernel
 - forward, CUDA graph (what the engine replays): the DENOISE step [B] and the COMMIT step [2B]
 - one full engine step (forward + decoder + block bookkeeping + the host sync)
-then Hugging Face's LlamaForCausalLM of the same shape, `generate` with a static cache and its
+each with eager blocks, compiled blocks, and compiled blocks with fused Q/K/V and gate/up matrices
+(on a CPU: eager, unfused and fused); then Hugging Face's LlamaForCausalLM of the same shape, `generate` with a static cache and its
 automatic torch.compile, per generated token; and the ratio block step / AR token.
 `--profile` writes a torch.profiler table of one eager step (where the time goes).
 """
@@ -231,17 +232,21 @@ def main(argv=None) -> None:
     print(f"model {args.shape}: {n_params / 1e9:.2f}B params, weights read per step "
           f"{weight_bytes_per_step(model) / 1e9:.2f} GB", flush=True)
     rows = []
-    # First with eager blocks (~50 small kernels per layer), then with torch.compile'd blocks.
-    for label, compiled in (("eager blocks", False), ("compiled blocks", True)):
-        if compiled and dev.type != "cuda":
-            break
-        engine = dllm.Engine(model, max_batch_size=1, max_model_len=max_ctx + 3 * args.block, compile_blocks=compiled)
+    # Eager blocks (~50 small kernels per layer), torch.compile'd blocks, then the same with one Q/K/V and
+    # one gate/up matmul per block (fusing is one-way on a model, so it comes last).
+    variants = [("eager blocks", False, False), ("compiled blocks", True, False), ("compiled blocks, fused QKV+gate/up", True, True)]
+    if dev.type != "cuda":  # nothing compiles for graphs on a CPU: eager with and without fusion
+        variants = [("eager blocks", False, False), ("eager blocks, fused QKV+gate/up", False, True)]
+    for label, compiled, fused in variants:
+        engine = dllm.Engine(model, max_batch_size=1, max_model_len=max_ctx + 3 * args.block, compile_blocks=compiled,
+                             fuse_projections=fused)
         t0 = time.perf_counter()
         for ctx in args.contexts:
             rows += step_rows(model, engine, ctx, args.block, bw, args, label)
         print(f"{label}: measured in {time.perf_counter() - t0:.0f}s (compiles included)", flush=True)
         if args.profile:
-            profile_step(model, engine, max_ctx, args.block, f"{args.profile}.{label.split()[0]}.txt")
+            slug = label.split()[0] + ("-fused" if fused else "")
+            profile_step(model, engine, max_ctx, args.block, f"{args.profile}.{slug}.txt")
         del engine
     print(f"\n{'context':>7}  {'step':60} {'ms':>8} {'roofline ms':>11} {'of roofline':>11}")
     for r in rows:

@@ -116,12 +116,38 @@ class LLaDABlock(nn.Module):
         self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # gate
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)  # down
+        self._fused: tuple[torch.Tensor, torch.Tensor] | None = None  # see fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Keep Q/K/V in one [q+2kv, d] matrix and gate/up in one [2h, d] matrix, so inference runs two
+        matmuls where it ran five. The checkpoint-named parameters become views into them: no extra
+        memory, the same state_dict, and in-place loads still land in the fused matrices."""
+        with torch.no_grad():
+            qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            gate_up = torch.cat([self.ff_proj.weight, self.up_proj.weight])
+        d, kv, h = self.q_proj.out_features, self.k_proj.out_features, self.ff_proj.out_features
+        self.q_proj.weight.data, self.k_proj.weight.data, self.v_proj.weight.data = qkv.split([d, kv, kv])
+        self.ff_proj.weight.data, self.up_proj.weight.data = gate_up.split([h, h])
+        self._fused = (qkv, gate_up)
+
+    def _projection_weights(self):
+        """(Q/K/V weights, gate/up weights): one fused matrix each where fuse_projections() applies and
+        nothing needs gradients; the separate matrices otherwise (training, or after .to() moved the
+        parameters out of the fused storage, which drops the fusion)."""
+        fused = self._fused
+        if fused is not None and not (fused[0].data_ptr() == self.q_proj.weight.data_ptr()
+                                      and fused[1].data_ptr() == self.ff_proj.weight.data_ptr()):
+            self._fused = fused = None
+        if fused is not None and not torch.is_grad_enabled():
+            return (fused[0],), (fused[1],)
+        return (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight), (self.ff_proj.weight, self.up_proj.weight)
 
     def forward(self, x, cos, sin, attn_mask, layer: int, cache: CacheView | None, step: _CacheStep | None,
                 attention: str, causal: bool = False, fns: "BlockFunctions | None" = None):
         fns = fns or EAGER
-        q, k, v = fns.attention_inputs(x, cos, sin, self.attn_norm.weight, self.q_proj.weight, self.k_proj.weight,
-                                       self.v_proj.weight, self.attn_norm.eps, self.n_heads, self.n_kv_heads)
+        w_qkv, w_gate_up = self._projection_weights()
+        q, k, v = fns.attention_inputs(x, cos, sin, self.attn_norm.weight, w_qkv, self.attn_norm.eps, self.n_heads,
+                                       self.n_kv_heads, self.head_dim)
         if cache is not None:
             # Write the new K/V into the pool, then attend over the row's part of the pool.
             cache.k[layer][step.slot_idx, step.pos_idx] = k.to(cache.k.dtype)
@@ -129,7 +155,7 @@ class LLaDABlock(nn.Module):
             if attention == "pool_kernel":
                 attn = _pool.pool_attention(q, cache.k[layer], cache.v[layer], cache.slots, step.kv_lens,
                                             merge=fns.merge_splits)
-                return self._output(x, attn, fns)
+                return self._output(x, attn, w_gate_up, fns)
             k = cache.k[layer][cache.slots, :step.key_len].to(q.dtype)
             v = cache.v[layer][cache.slots, :step.key_len].to(q.dtype)
         if attention == "flash" and attn_mask is None:
@@ -139,30 +165,41 @@ class LLaDABlock(nn.Module):
             attn = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads)
             attn = attn.transpose(1, 2)
-        return self._output(x, attn, fns)
+        return self._output(x, attn, w_gate_up, fns)
 
-    def _output(self, x, attn, fns: "BlockFunctions"):
-        return fns.block_output(x, attn, self.attn_out.weight, self.ff_norm.weight, self.ff_proj.weight,
-                                self.up_proj.weight, self.ff_out.weight, self.ff_norm.eps)
+    def _output(self, x, attn, w_gate_up, fns: "BlockFunctions"):
+        return fns.block_output(x, attn, self.attn_out.weight, self.ff_norm.weight, w_gate_up, self.ff_out.weight,
+                                self.ff_norm.eps)
 
 
-def attention_inputs(x, cos, sin, norm_w, wq, wk, wv, eps: float, n_heads: int, n_kv_heads: int):
-    """Pre-norm, Q/K/V projections and rotary: x [b, q, d] -> q [b, q, H, hd], k and v [b, q, Hkv, hd]."""
+def _project(h, weights, sizes):
+    """h @ each output matrix: one matmul split by `sizes` for a fused matrix, else one per matrix."""
+    if len(weights) == 1:
+        return F.linear(h, weights[0]).split(sizes, dim=-1)
+    return [F.linear(h, w) for w in weights]
+
+
+def attention_inputs(x, cos, sin, norm_w, w_qkv, eps: float, n_heads: int, n_kv_heads: int, head_dim: int):
+    """Pre-norm, Q/K/V projections and rotary: x [b, q, d] -> q [b, q, H, hd], k and v [b, q, Hkv, hd].
+    w_qkv: (wq, wk, wv), or their rows stacked in one matrix."""
     b, q_len, d = x.shape
-    head_dim = wq.shape[0] // n_heads
     h = rms_norm(x, norm_w, eps)
-    q = F.linear(h, wq).view(b, q_len, n_heads, head_dim)
-    k = F.linear(h, wk).view(b, q_len, n_kv_heads, head_dim)
-    v = F.linear(h, wv).view(b, q_len, n_kv_heads, head_dim)
+    q, k, v = _project(h, w_qkv, (n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim))
+    q = q.reshape(b, q_len, n_heads, head_dim)
+    k = k.reshape(b, q_len, n_kv_heads, head_dim)
+    v = v.reshape(b, q_len, n_kv_heads, head_dim)
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
-def block_output(x, attn, wo, norm_w, w_gate, w_up, w_down, eps: float):
-    """Attention output projection and the SwiGLU MLP, both residual: x, attn [b, q, ...] -> [b, q, d]."""
+def block_output(x, attn, wo, norm_w, w_gate_up, w_down, eps: float):
+    """Attention output projection and the SwiGLU MLP, both residual: x, attn [b, q, ...] -> [b, q, d].
+    w_gate_up: (w_gate, w_up), or the two stacked in one matrix."""
     b, q_len, _ = x.shape
     x = x + F.linear(attn.reshape(b, q_len, -1), wo)
     h = rms_norm(x, norm_w, eps)
-    return x + F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
+    hidden = w_down.shape[1]
+    gate, up = _project(h, w_gate_up, (hidden, hidden))
+    return x + F.linear(F.silu(gate) * up, w_down)
 
 
 @dataclass(frozen=True)
@@ -228,6 +265,11 @@ class LLaDAModelLM(nn.Module):
         self.use_pool_kernel = (_pool.available(self.embedding_weight.device)
                                 and _pool.supported_head_dim(self.config.head_dim))
         return self.use_pool_kernel
+
+    def fuse_projections(self) -> None:
+        """Per block, one Q/K/V matmul and one gate/up matmul at inference (see LLaDABlock.fuse_projections)."""
+        for block in self.model.transformer["blocks"]:
+            block.fuse_projections()
 
     def compile_blocks(self) -> None:
         """Fuse each block's norms, rotary and residuals with torch.compile (one compile serves every

@@ -363,6 +363,18 @@ def test_cache_policies_mix_in_one_batch(model64):
     assert [g.token_ids for g in together] == alone
 
 
+def test_fused_projections_give_the_same_tokens(tiny_config):
+    from conftest import make_confident_model
+
+    cfg = GenerationConfig(block_size=16, threshold=0.9, max_new_tokens=48)
+    separate = _engine(make_confident_model(tiny_config)).generate(_prompts(6), cfg)  # CPU default: not fused
+    engine = _engine(make_confident_model(tiny_config), fuse_projections=True)
+    assert engine.model.model.transformer["blocks"][0]._fused is not None
+    fused = engine.generate(_prompts(6), cfg)
+    assert [g.token_ids for g in fused] == [g.token_ids for g in separate]
+    assert [g.num_forwards for g in fused] == [g.num_forwards for g in separate]
+
+
 @pytest.mark.parametrize("early_stop", [False, True])
 def test_unrolled_denoise_steps_give_the_same_tokens(confident_model, early_stop):
     """Loop unrolling runs several denoise steps per host sync: the answers are identical, forwards

@@ -45,6 +45,39 @@ def test_gqa_config_runs_and_matches_reference(char_tokenizer):
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
+def test_fused_projections_compute_the_same_function_and_keep_the_checkpoint_format(char_tokenizer):
+    """One Q/K/V and one gate/up matmul per block (GQA shapes too): same logits eager and compiled, the
+    same state_dict, loads land in the fused matrices, training still reaches every weight."""
+    from conftest import make_config
+    cfg = make_config(char_tokenizer, n_heads=4, n_kv_heads=2)
+    model, other = _model(cfg, seed=0), _model(cfg, seed=1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        before, other_logits = model(ids), other(ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_projections()
+    block = model.model.transformer["blocks"][0]
+    with torch.no_grad():
+        assert [len(w) for w in block._projection_weights()] == [1, 1]  # the fused path runs
+        assert torch.allclose(model(ids), before, atol=1e-5)
+        model.compile_blocks()
+        assert torch.allclose(model(ids), before, atol=1e-5)
+        model.block_functions = dllm.model.EAGER
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    model.load_state_dict(other.state_dict())  # in place: the fused matrices see the new weights
+    with torch.no_grad():
+        assert torch.allclose(model(ids), other_logits, atol=1e-5)
+    # With gradients the separate parameters are used, so every projection is trained.
+    model(ids).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "proj" in n)
+    # Moving the parameters out of the fused storage (dtype or device change) drops the fusion, not correctness.
+    model.to(torch.float64)
+    with torch.no_grad():
+        assert [len(w) for w in block._projection_weights()] == [3, 2]
+        assert torch.allclose(model(ids).float(), other_logits, atol=1e-5)
+
+
 def _pool(cfg, slots, capacity):
     shape = (cfg.n_layers, slots, capacity, cfg.n_kv_heads, cfg.head_dim)
     return torch.zeros(shape), torch.zeros(shape)
