@@ -97,6 +97,7 @@ def run_quickstart(args) -> int:
     from train.sft import final_model_dir, run_training
 
     gpu = torch.cuda.is_available()
+    tail_eos = args.tail_eos and args.tail_mask > 0  # EOS targets live on the tail-masked positions
     run_name = f"quickstart-{int(time.time())}"
     cfg = TrainConfig(run_name=run_name, data=str(work / "packed"), tokenizer=str(work / "tokenizer"),
                       storage_path=str(work / "runs"), model_config=QUICK_MODEL, seq_len=QUICK_SEQ_LEN,
@@ -104,7 +105,7 @@ def run_quickstart(args) -> int:
                       num_workers=args.workers, use_gpu=gpu, precision="bf16" if gpu else "fp32", lr=3e-3,
                       warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
                       time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
-                      tail_mask_prob=args.tail_mask, tail_eos=args.tail_eos and args.tail_mask > 0)
+                      tail_mask_prob=args.tail_mask, tail_eos=tail_eos)
     result = run_training(cfg)
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
@@ -123,7 +124,7 @@ def run_quickstart(args) -> int:
     report["speedup_tps_vs_vanilla"] = report["served"]["tokens_per_s"] / van if van > 0 else None
     report["elapsed_s"] = time.time() - t0
     report["train"] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-                       "tail_mask_prob": args.tail_mask, "tail_eos": args.tail_eos, "minutes": args.minutes}
+                       "tail_mask_prob": args.tail_mask, "tail_eos": tail_eos, "minutes": args.minutes}
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     if args.keep_serving:
