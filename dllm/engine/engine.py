@@ -206,7 +206,7 @@ class Engine:
         masks = torch.full((b,), self.mask_id, device=dev, dtype=torch.long)
         plans = [r.recomputed() for r in reqs]  # (cache offset, committed tokens recomputed first)
         offsets = [offset for offset, _ in plans]
-        lead = b if phase is Phase.COMMIT else 0  # a COMMIT query carries the finished block first
+        lead = reqs[0].finished_block_len  # the query layout of Request.query_len, from plans computed once
         starts = [len(tokens) + lead for _, tokens in plans]  # where the decoded block sits in each query
         q_lens = [start + b for start in starts]
         current = masks.expand(n, b) if phase is not Phase.DENOISE else torch.stack([r.block for r in reqs])

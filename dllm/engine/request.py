@@ -124,6 +124,11 @@ class Request:
             return self.cached_len - left, context[self.cached_len - left:]
         return 0, context  # a full refresh
 
+    @property
+    def finished_block_len(self) -> int:
+        """Tokens of the finished block a query carries before the decoded block (COMMIT only)."""
+        return self.block_size if self.phase is Phase.COMMIT else 0
+
     def query_len(self) -> int:
         """Tokens in the next forward: the recomputed ones, [the finished block,] the block."""
-        return len(self.recomputed()[1]) + (2 if self.phase is Phase.COMMIT else 1) * self.block_size
+        return len(self.recomputed()[1]) + self.finished_block_len + self.block_size
