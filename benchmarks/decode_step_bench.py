@@ -218,6 +218,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--hf", action="store_true", help="also time the HF autoregressive Llama of the same shape")
     p.add_argument("--hf-tokens", type=int, default=128, help="tokens per HF generate call")
+    p.add_argument("--variants", nargs="+", choices=["eager", "compiled"],
+                   help="block functions to time (default: all; 'compiled' includes the fused variant)")
     p.add_argument("--profile", help="write torch.profiler tables of eager steps to PROFILE.{eager,compiled}.txt")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
@@ -232,11 +234,20 @@ def main(argv=None) -> None:
     print(f"model {args.shape}: {n_params / 1e9:.2f}B params, weights read per step "
           f"{weight_bytes_per_step(model) / 1e9:.2f} GB", flush=True)
     rows = []
+    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "bandwidth_gbs": bw,
+              "params": n_params, "block": args.block, "steps": rows}
+
+    def save():  # after every variant: a run cut short by its time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
     # Eager blocks (~50 small kernels per layer), torch.compile'd blocks, then the same with one Q/K/V and
     # one gate/up matmul per block (fusing is one-way on a model, so it comes last).
     variants = [("eager blocks", False, False), ("compiled blocks", True, False), ("compiled blocks, fused QKV+gate/up", True, True)]
     if dev.type != "cuda":  # nothing compiles for graphs on a CPU: eager with and without fusion
         variants = [("eager blocks", False, False), ("eager blocks, fused QKV+gate/up", False, True)]
+    variants = [v for v in variants if args.variants is None or v[0].split(",")[0].split()[0] in args.variants]
     for label, compiled, fused in variants:
         engine = dllm.Engine(model, max_batch_size=1, max_model_len=max_ctx + 3 * args.block, compile_blocks=compiled,
                              fuse_projections=fused)
@@ -248,19 +259,13 @@ def main(argv=None) -> None:
             slug = label.split()[0] + ("-fused" if fused else "")
             profile_step(model, engine, max_ctx, args.block, f"{args.profile}.{slug}.txt")
         del engine
+        save()
     print(f"\n{'context':>7}  {'step':60} {'ms':>8} {'roofline ms':>11} {'of roofline':>11}")
     for r in rows:
         print(f"{r['context']:7d}  {r['step']:60} {r['ms']:8.3f} {r['roofline_ms']:11.3f} {r['efficiency']:10.0%}")
-    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "bandwidth_gbs": bw,
-              "params": n_params, "block": args.block, "steps": rows}
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-
-    def save():
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
 
     save()
     if args.hf:

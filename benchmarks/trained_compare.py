@@ -26,6 +26,7 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -270,6 +271,15 @@ def closed_loop(engine, tok, held, concurrency: int, n_requests: int, args) -> d
             "p99_latency_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
+def save_for_ablation(model, tok, held, directory: str) -> None:
+    out = Path(directory)
+    dllm.save_pretrained(model, tok, out / "model")
+    with open(out / "heldout.jsonl", "w") as f:
+        for s in held:
+            f.write(json.dumps(s) + "\n")
+    print(f"checkpoint and held-out prompts written to {out}", flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -297,6 +307,8 @@ def main(argv=None) -> None:
     p.add_argument("--td-prompts", type=int, default=4000, help="training prompts whose trajectories are recorded")
     p.add_argument("--td-lr", type=float, default=1e-4)
     p.add_argument("--td-keep-all", action="store_true", help="keep unverified trajectories too (smoke runs)")
+    p.add_argument("--save-dir", help="also write the trained dLLM-Var checkpoint (DIR/model) and the held-out "
+                   "prompts (DIR/heldout.jsonl): the inputs of benchmarks.ablation_bench")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
 
@@ -315,6 +327,8 @@ def main(argv=None) -> None:
     model, info = train("dllm-var", cfg, rows, args)
     result["training"].append(info)
     save()
+    if args.save_dir:
+        save_for_ablation(model, tok, held, args.save_dir)
     engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
     t0 = time.time()
     print(f"engine warm-up: {engine.warmup([args.block])} CUDA graphs in {time.time() - t0:.0f}s", flush=True)

@@ -146,12 +146,13 @@ class LLaDABlock(nn.Module):
                 attention: str, causal: bool = False, fns: "BlockFunctions | None" = None):
         fns = fns or EAGER
         w_qkv, w_gate_up = self._projection_weights()
-        q, k, v = fns.attention_inputs(x, cos, sin, self.attn_norm.weight, w_qkv, self.attn_norm.eps, self.n_heads,
-                                       self.n_kv_heads, self.head_dim)
-        if cache is not None:
+        heads = (self.n_heads, self.n_kv_heads, self.head_dim)
+        if cache is None:
+            q, k, v = fns.attention_inputs(x, cos, sin, self.attn_norm.weight, w_qkv, self.attn_norm.eps, *heads)
+        else:
             # Write the new K/V into the pool, then attend over the row's part of the pool.
-            cache.k[layer][step.slot_idx, step.pos_idx] = k.to(cache.k.dtype)
-            cache.v[layer][step.slot_idx, step.pos_idx] = v.to(cache.v.dtype)
+            q = fns.attention_inputs_to_pool(x, cos, sin, self.attn_norm.weight, w_qkv, self.attn_norm.eps, *heads,
+                                             cache.k[layer], cache.v[layer], step.slot_idx, step.pos_idx)
             if attention == "pool_kernel":
                 attn = _pool.pool_attention(q, cache.k[layer], cache.v[layer], cache.slots, step.kv_lens,
                                             merge=fns.merge_splits)
@@ -191,6 +192,17 @@ def attention_inputs(x, cos, sin, norm_w, w_qkv, eps: float, n_heads: int, n_kv_
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
+def attention_inputs_to_pool(x, cos, sin, norm_w, w_qkv, eps: float, n_heads: int, n_kv_heads: int, head_dim: int,
+                             k_pool, v_pool, slot_idx, pos_idx):
+    """attention_inputs, with the new K/V written into one layer's pool [n_slots, capacity, Hkv, hd] at
+    [slot_idx, pos_idx]; returns q. Compiled, the rotary kernel stores K/V straight into the pool: no
+    separate scatter kernels per layer."""
+    q, k, v = attention_inputs(x, cos, sin, norm_w, w_qkv, eps, n_heads, n_kv_heads, head_dim)
+    k_pool[slot_idx, pos_idx] = k.to(k_pool.dtype)
+    v_pool[slot_idx, pos_idx] = v.to(v_pool.dtype)
+    return q
+
+
 def block_output(x, attn, wo, norm_w, w_gate_up, w_down, eps: float):
     """Attention output projection and the SwiGLU MLP, both residual: x, attn [b, q, ...] -> [b, q, d].
     w_gate_up: (w_gate, w_up), or the two stacked in one matrix."""
@@ -209,6 +221,7 @@ class BlockFunctions:
     layers share one compiled function) they fuse into a few. Matmuls stay cuBLAS either way."""
 
     attention_inputs: object = attention_inputs
+    attention_inputs_to_pool: object = attention_inputs_to_pool
     block_output: object = block_output
     merge_splits: object = _pool.merge_splits
 
@@ -218,7 +231,8 @@ EAGER = BlockFunctions()
 
 def compiled_block_functions() -> BlockFunctions:
     compile = functools.partial(torch.compile, dynamic=True, fullgraph=True)
-    return BlockFunctions(compile(attention_inputs), compile(block_output), compile(_pool.merge_splits))
+    return BlockFunctions(compile(attention_inputs), compile(attention_inputs_to_pool), compile(block_output),
+                          compile(_pool.merge_splits))
 
 
 class _Transformer(nn.Module):
@@ -342,7 +356,8 @@ class LLaDAModelLM(nn.Module):
             if positions is None:
                 positions = offsets[:, None] + arange[None, :]
             pos_idx = offsets[:, None] + arange[None, :]
-            step = _CacheStep(cache.slots[:, None], pos_idx, key_len, kv_lens)
+            # int32 once per forward: the pool kernel reads it in every layer
+            step = _CacheStep(cache.slots[:, None], pos_idx, key_len, kv_lens.to(torch.int32))
             if self.use_pool_kernel:
                 attention = "pool_kernel"  # reads the pool by slot and kv_len: no mask, no gather
             else:

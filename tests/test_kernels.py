@@ -12,6 +12,7 @@ import torch
 
 import dllm
 from dllm.kernels import pool_attention as pa
+from dllm.model import CacheView
 
 needs_triton = pytest.mark.skipif(not pa.available("cuda" if torch.cuda.is_available() else "cpu"),
                                   reason="needs triton (CUDA, or its CPU interpreter)")
@@ -32,13 +33,18 @@ def reference(q, k_pool, v_pool, slots, kv_lens):
 
 
 @needs_triton
-@pytest.mark.parametrize("rows,q_len,heads,kv_heads,head_dim,splits", [
-    (2, 16, 4, 4, 32, None),  # splits chosen to fill the device
-    (3, 20, 4, 2, 16, 3),  # grouped-query heads, q_len not a power of two, 3 key chunks
-    (1, 64, 2, 2, 32, 1),  # one chunk: written directly, no merge
-    (2, 8, 2, 1, 16, 7),  # more chunks than some rows have key blocks: empty chunks weigh nothing
+@pytest.mark.parametrize("rows,q_len,heads,kv_heads,head_dim,splits,block_m,block_n,in_kernel", [
+    (2, 16, 4, 4, 32, None, None, 64, False),  # launch chosen to fill the device
+    (3, 20, 4, 2, 16, 3, None, 64, False),  # grouped-query heads, q_len not a power of two, 3 key chunks
+    (1, 64, 2, 2, 32, 1, None, 64, False),  # one chunk: written directly, no merge
+    (2, 8, 2, 1, 16, 7, None, 64, False),  # more chunks than some rows have key blocks: empty chunks weigh nothing
+    (1, 40, 2, 2, 32, 2, 16, 128, False),  # several query blocks per head (the last one partial), wide key steps
+    (2, 64, 2, 2, 16, 1, 32, 32, False),  # query blocks without key chunks, narrow key steps
+    (3, 20, 4, 2, 16, 3, 16, 64, True),  # chunks merged by the last one to finish, in the same kernel
+    (2, 8, 2, 1, 16, 7, None, 64, True),  # ... with empty chunks
 ])
-def test_pool_attention_matches_reference(rows, q_len, heads, kv_heads, head_dim, splits):
+def test_pool_attention_matches_reference(rows, q_len, heads, kv_heads, head_dim, splits, block_m, block_n,
+                                          in_kernel):
     g = torch.Generator().manual_seed(rows * 100 + q_len)
     n_slots, capacity = 4, 200
     q = torch.randn(rows, q_len, heads, head_dim, generator=g)
@@ -46,12 +52,14 @@ def test_pool_attention_matches_reference(rows, q_len, heads, kv_heads, head_dim
     v_pool = torch.randn(n_slots, capacity, kv_heads, head_dim, generator=g)
     slots = torch.randperm(n_slots, generator=g)[:rows]
     kv_lens = torch.randint(q_len, capacity, (rows,), generator=g)
-    out = pa.pool_attention(q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE), slots.to(DEVICE), kv_lens.to(DEVICE),
-                            splits=splits)
     ref = reference(q, k_pool, v_pool, slots, kv_lens)
-    assert out.shape == q.shape
     tolerance = 5e-3 if DEVICE == "cuda" else 1e-5  # the GPU's fp32 dots run in tf32
-    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < tolerance
+    for _ in range(2):  # twice: an in-kernel merge leaves its chunk counters zero for the next launch
+        out = pa.pool_attention(q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE), slots.to(DEVICE),
+                                kv_lens.to(DEVICE), splits=splits, block_m=block_m, block_n=block_n,
+                                merge_in_kernel=in_kernel)
+        assert out.shape == q.shape
+        assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < tolerance
 
 
 @needs_triton
@@ -136,17 +144,29 @@ def test_cuda_graph_engine_decodes_like_eager(tiny_config):
 
 
 def test_compiled_blocks_compute_the_same_function(tiny_config):
-    """torch.compile'd block functions (fused norms, rotary, residuals) give the eager logits, for
-    plain, cached and differently-shaped forwards (one dynamic-shape compile serves them all)."""
+    """torch.compile'd block functions (fused norms, rotary, residuals; with a cache, the K/V stored
+    into the pool by the same kernels) give the eager logits and the eager pool, for plain, cached and
+    differently-shaped forwards (one dynamic-shape compile serves them all)."""
     model = dllm.build_model(tiny_config, seed=1)
     ids = torch.randint(0, tiny_config.vocab_size - 4, (2, 12))
     longer = torch.randint(0, tiny_config.vocab_size - 4, (3, 20))
+    cfg = tiny_config
+
+    def forwards():
+        k = torch.zeros(cfg.n_layers, 4, 64, cfg.n_kv_heads, cfg.head_dim)
+        v = torch.zeros_like(k)
+        slots = torch.tensor([3, 1])
+        prefill = model(ids, cache=CacheView(k, v, slots, torch.tensor([0, 0])))
+        block = model(ids[:, :5], cache=CacheView(k, v, slots, torch.tensor([12, 12])))
+        return [model(ids), model(longer), prefill, block, k, v]
+
     with torch.no_grad():
-        eager = [model(ids), model(longer)]
+        eager = forwards()
         model.compile_blocks()
         try:
-            fused = [model(ids), model(longer)]
+            compiled = forwards()
         finally:
             model.block_functions = dllm.model.EAGER
-    for a, b in zip(eager, fused):
+    assert eager[-2][:, [3, 1], :17].abs().sum() > 0  # the pool was written where the rows live
+    for a, b in zip(eager, compiled):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

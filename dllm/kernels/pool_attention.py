@@ -43,16 +43,19 @@ if triton is not None:
 
     @triton.jit
     def _pool_attention_kernel(
-        Q, K, V, Slots, KvLens, Out, MaxLog, SumExp,
+        Q, K, V, Slots, KvLens, Out, MaxLog, SumExp, Final, Counters,
         stride_qn, stride_qm, stride_qh,
         stride_ks, stride_kt, stride_kh,
         stride_vs, stride_vt, stride_vh,
         stride_on, stride_om, stride_oh, stride_os,
         stride_mn, stride_mh, stride_ms,
+        stride_fn, stride_fm, stride_fh,
         q_len, n_heads, group, qk_scale_log2,
         SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        MERGE_IN_KERNEL: tl.constexpr,
     ):
-        # One program: BLOCK_M queries of one (row, head), over one chunk of that row's keys.
+        # One program: BLOCK_M queries of one (row, head), over one chunk of that row's keys. With
+        # MERGE_IN_KERNEL the last chunk to finish merges all chunks into Final (no second kernel).
         pid_m = tl.program_id(0)
         pid_rh = tl.program_id(1)
         split = tl.program_id(2)
@@ -100,6 +103,34 @@ if triton is not None:
             stats = row * stride_mn + head * stride_mh + split * stride_ms + offs_m
             tl.store(MaxLog + stats, m_i, mask=offs_m < q_len)
             tl.store(SumExp + stats, l_i, mask=offs_m < q_len)
+            if MERGE_IN_KERNEL:
+                # Publish this chunk (every thread's stores, then a release), count it; the program
+                # that counts the last chunk acquires the others' and merges.
+                tl.debug_barrier()
+                counter = Counters + pid_rh * tl.num_programs(0) + pid_m
+                done = tl.atomic_add(counter, 1, sem="acq_rel")
+                if done == SPLITS - 1:
+                    row_m = offs_m < q_len
+                    part = Out + row * stride_on + offs_m[:, None] * stride_om + head * stride_oh + offs_d[None, :]
+                    stat = row * stride_mn + head * stride_mh + offs_m
+                    m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                    l_all = tl.zeros([BLOCK_M], tl.float32)
+                    acc_all = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+                    for c in range(SPLITS):  # L2 reads (.cg): other SMs wrote these
+                        m_c = tl.load(MaxLog + stat + c * stride_ms, mask=row_m, other=float("-inf"), cache_modifier=".cg")
+                        l_c = tl.load(SumExp + stat + c * stride_ms, mask=row_m, other=0.0, cache_modifier=".cg")
+                        a_c = tl.load(part + c * stride_os, mask=out_mask, other=0.0, cache_modifier=".cg")
+                        m_new = tl.maximum(m_all, m_c)
+                        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # chunks without keys weigh 0
+                        w_all = tl.exp2(m_all - m_ref)
+                        w_c = tl.exp2(m_c - m_ref)
+                        l_all = l_all * w_all + l_c * w_c
+                        acc_all = acc_all * w_all[:, None] + a_c * w_c[:, None]
+                        m_all = m_new
+                    out = acc_all / l_all[:, None]
+                    tl.store(Final + row * stride_fn + offs_m[:, None] * stride_fm + head * stride_fh + offs_d[None, :],
+                             out.to(Final.dtype.element_ty), mask=out_mask)
+                    tl.atomic_xchg(counter, 0)  # zero again for the next launch (and graph replays)
 
 
 def choose_splits(rows: int, heads: int, q_len: int, capacity: int, block_m: int = 64, block_n: int = 64,
@@ -110,14 +141,35 @@ def choose_splits(rows: int, heads: int, q_len: int, capacity: int, block_m: int
     return max(1, min(16, math.ceil(target_programs / programs), math.ceil(capacity / block_n)))
 
 
+def default_block_m(q_len: int) -> int:
+    return 64 if q_len > 32 else max(16, triton.next_power_of_2(q_len))
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _chunk_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (row, head, query block), kept across calls: each launch
+    leaves them zero again, so a CUDA graph can replay launches that use them."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return counters
+
+
 def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                   kv_lens: torch.Tensor, splits: int | None = None, merge=None) -> torch.Tensor:
+                   kv_lens: torch.Tensor, splits: int | None = None, merge=None, block_m: int | None = None,
+                   block_n: int = 64, merge_in_kernel: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v of every row against keys [0, kv_len) of its slot.
 
     q:       [n, q_len, n_heads, head_dim]
     k_pool:  [n_slots, capacity, n_kv_heads, head_dim] (one layer of the pool), v_pool alike
     slots:   [n] int slot of each row; kv_lens: [n] int keys each row attends to (>= 1)
     merge:   the function that merges key chunks (default `merge_splits`; a compiled one fuses it)
+    block_m, block_n, splits: the launch (queries per program, keys per inner step, key chunks per
+             row and head); chosen from the shapes when not given
+    merge_in_kernel: the last chunk of each (row, head, query block) to finish merges them all, in
+             the same kernel (no `merge` launch; one int32 counter per program group, reset in-kernel)
     Returns [n, q_len, n_heads, head_dim] in q's dtype. No host sync.
     """
     n, q_len, n_heads, head_dim = q.shape
@@ -129,8 +181,7 @@ def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     if k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
         raise ValueError("the K/V pool's head_dim axis must be contiguous")
     q = q.contiguous()
-    block_m = 64 if q_len > 32 else max(16, triton.next_power_of_2(q_len))
-    block_n = 64
+    block_m = block_m or default_block_m(q_len)
     splits = splits or choose_splits(n, n_heads, q_len, k_pool.shape[1], block_m, block_n)
     grid = (triton.cdiv(q_len, block_m), n * n_heads, splits)
     scale = 1.0 / math.sqrt(head_dim) * 1.4426950408889634  # log2(e): the kernel uses exp2
@@ -145,18 +196,24 @@ def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
         sum_exp = torch.empty_like(max_log)
         o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
         m_strides = (max_log.stride(0), max_log.stride(1), max_log.stride(2))
+    merge_in_kernel = merge_in_kernel and splits > 1
+    final = torch.empty_like(q) if merge_in_kernel else out
+    counters = _chunk_counters(q.device, grid[0] * grid[1]) if merge_in_kernel else kv_lens
     _pool_attention_kernel[grid](
-        q, k_pool, v_pool, slots, kv_lens.to(torch.int32), out, max_log, sum_exp,
+        q, k_pool, v_pool, slots, kv_lens.to(torch.int32), out, max_log, sum_exp, final, counters,
         q.stride(0), q.stride(1), q.stride(2),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         *o_strides, *m_strides,
+        final.stride(0), final.stride(1), final.stride(2),
         q_len, n_heads, n_heads // n_kv_heads, scale,
-        SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, MERGE_IN_KERNEL=merge_in_kernel,
         num_warps=4, num_stages=2,
     )
     if splits == 1:
         return out
+    if merge_in_kernel:
+        return final
     return (merge or merge_splits)(out, max_log, sum_exp, q.dtype)
 
 
