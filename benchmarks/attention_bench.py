@@ -9,7 +9,7 @@ keys in each of 32 layers. Each layer gets its own K/V pool, as in the engine, s
 with key chunks, the merge, compiled as the engine compiles it) is captured in one CUDA graph and
 replayed: launch gaps are what a graph leaves, as in the engine. Reported per layer, next to the
 time the K/V bytes take at the copy bandwidth measured in the same run, and to the default launch
-the kernel picks by itself.
+the kernel picks by itself (`dllm.kernels.pool_attention`'s defaults come from this sweep).
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def sweep(ctx: int, args, bw: float, merge) -> list[dict]:
                  "kv_us": 1e3 * kv_ms})
     ref = F.scaled_dot_product_attention(dense_q[0], dense_k[0], dense_v[0]).transpose(1, 2)
 
-    default_m = pa.default_block_m(block)
-    default_s = pa.choose_splits(1, heads, block, capacity, default_m, 64)
-    configs = [(None, 64, None, False)] + [
+    default_m, default_n = pa.default_block_m(block), pa.default_block_n(hd)
+    default_s = pa.choose_splits(1, heads, block, capacity, default_m, default_n)
+    configs = [(None, None, None, True)] + [
         c for c in itertools.product(args.block_m, args.block_n, args.splits, args.merge_in_kernel) if c[2] > 1 or not c[3]]
     for block_m, block_n, splits, in_kernel in configs:
         launch = dict(splits=splits, merge=merge, block_m=block_m, block_n=block_n, merge_in_kernel=in_kernel)
@@ -80,9 +80,10 @@ def sweep(ctx: int, args, bw: float, merge) -> list[dict]:
         ms = time_cuda(g.replay, args.iters) / layers
         out = pa.pool_attention(q[0], k[0], v[0], slots, kv_lens, **launch)  # after replays: counters stay right
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        name = (f"default (block_m {default_m}, block_n 64, splits {default_s})" if block_m is None
+        name = (f"default (block_m {default_m}, block_n {default_n}, splits {default_s}, merge in kernel)"
+                if block_m is None
                 else f"block_m {block_m}, block_n {block_n}, splits {splits}" + (", merge in kernel" if in_kernel else ""))
-        rows.append({"context": ctx, "launch": name, "block_m": block_m or default_m, "block_n": block_n,
+        rows.append({"context": ctx, "launch": name, "block_m": block_m or default_m, "block_n": block_n or default_n,
                      "splits": splits or default_s, "merge_in_kernel": in_kernel, "us_per_layer": 1e3 * ms,
                      "kv_us": 1e3 * kv_ms, "rel_err": err})
         print(f"  ctx {ctx} {name}: {1e3 * ms:.1f} us/layer (rel err {err:.1e})", flush=True)
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
         raise SystemExit("attention_bench times a Triton kernel under CUDA graphs: it needs a CUDA GPU")
 
     bw = hbm_bandwidth_gbs(torch.device("cuda"))
-    merge = torch.compile(pa.merge_splits, dynamic=True, fullgraph=True)  # as the engine's compiled blocks
+    merge = torch.compile(pa.merge_splits, dynamic=True, fullgraph=True)  # the second-kernel merge, fused
     rows = []
     for ctx in args.contexts:
         rows += sweep(ctx, args, bw, merge)

@@ -154,8 +154,7 @@ class LLaDABlock(nn.Module):
             q = fns.attention_inputs_to_pool(x, cos, sin, self.attn_norm.weight, w_qkv, self.attn_norm.eps, *heads,
                                              cache.k[layer], cache.v[layer], step.slot_idx, step.pos_idx)
             if attention == "pool_kernel":
-                attn = _pool.pool_attention(q, cache.k[layer], cache.v[layer], cache.slots, step.kv_lens,
-                                            merge=fns.merge_splits)
+                attn = _pool.pool_attention(q, cache.k[layer], cache.v[layer], cache.slots, step.kv_lens)
                 return self._output(x, attn, w_gate_up, fns)
             k = cache.k[layer][cache.slots, :step.key_len].to(q.dtype)
             v = cache.v[layer][cache.slots, :step.key_len].to(q.dtype)
@@ -223,7 +222,6 @@ class BlockFunctions:
     attention_inputs: object = attention_inputs
     attention_inputs_to_pool: object = attention_inputs_to_pool
     block_output: object = block_output
-    merge_splits: object = _pool.merge_splits
 
 
 EAGER = BlockFunctions()
@@ -231,8 +229,7 @@ EAGER = BlockFunctions()
 
 def compiled_block_functions() -> BlockFunctions:
     compile = functools.partial(torch.compile, dynamic=True, fullgraph=True)
-    return BlockFunctions(compile(attention_inputs), compile(attention_inputs_to_pool), compile(block_output),
-                          compile(_pool.merge_splits))
+    return BlockFunctions(compile(attention_inputs), compile(attention_inputs_to_pool), compile(block_output))
 
 
 class _Transformer(nn.Module):

@@ -47,9 +47,9 @@ class Engine:
     compile_blocks:     fuse each block's elementwise work with torch.compile (model.compile_blocks);
                         default: on with CUDA graphs. The first steps of a new shape pay the compile.
     fuse_projections:   one Q/K/V and one gate/up matmul per block instead of five
-                        (model.fuse_projections; parameters and state_dict unchanged). Default: on
-                        CUDA (wider matmuls read the weights closer to HBM bandwidth); off on CPU,
-                        where it measured neutral (0.97-1.01x).
+                        (model.fuse_projections; parameters and state_dict unchanged). Default off:
+                        measured neutral on an H100 (a graphed 8B decode step 7.56 vs 7.49 ms: the
+                        wider Q/K/V matmul gains what the strided rotary input loses) and on CPU.
     max_unroll:         DENOISE steps run back to back before the host looks (dInfer's loop
                         unrolling): k = clamp(masks left // expected_tpf, 1, max_unroll). Same tokens;
                         extra forwards on blocks that finish early are counted.
@@ -58,7 +58,7 @@ class Engine:
     def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
                  max_model_len: int | None = None, max_prefill_tokens: int = 8192,
                  cuda_graphs: bool | None = None, compile_blocks: bool | None = None,
-                 fuse_projections: bool | None = None, max_unroll: int = 1, expected_tpf: float = 4.0) -> None:
+                 fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -75,7 +75,7 @@ class Engine:
                              "(the pool-attention kernel keeps graph shapes independent of the cache length)")
         if compile_blocks if compile_blocks is not None else cuda_graphs:
             model.compile_blocks()
-        if fuse_projections if fuse_projections is not None else on_cuda:
+        if fuse_projections:
             model.fuse_projections()
         self.cache = KVCache(self.config, max_batch_size, self.max_model_len, device=self.device, dtype=self.dtype,
                              scratch_slot=cuda_graphs)

@@ -133,8 +133,15 @@ if triton is not None:
                     tl.atomic_xchg(counter, 0)  # zero again for the next launch (and graph replays)
 
 
-def choose_splits(rows: int, heads: int, q_len: int, capacity: int, block_m: int = 64, block_n: int = 64,
-                  target_programs: int = 264) -> int:
+# Launch defaults, from a sweep on an H100 (benchmarks.attention_bench: a 64-query block of LLaDA-8B's
+# attention against 512 and 2048 cached keys, batch 1): 32 queries and 128 keys per program step, about
+# two programs per SM, chunks merged in-kernel. 13.9 / 28.1 us per layer against 20.2 / 27.3 for the
+# earlier 64 / 64 / 9 chunks with a merge kernel (and 15.1 / 34.2 for SDPA on dense K/V).
+TARGET_PROGRAMS = 256
+
+
+def choose_splits(rows: int, heads: int, q_len: int, capacity: int, block_m: int = 32, block_n: int = 128,
+                  target_programs: int = TARGET_PROGRAMS) -> int:
     """Key chunks per (row, head): enough programs to fill the GPU (about 2 per SM of an H100),
     never more chunks than the slot has key blocks."""
     programs = rows * heads * math.ceil(q_len / block_m)
@@ -142,34 +149,40 @@ def choose_splits(rows: int, heads: int, q_len: int, capacity: int, block_m: int
 
 
 def default_block_m(q_len: int) -> int:
-    return 64 if q_len > 32 else max(16, triton.next_power_of_2(q_len))
+    return min(32, max(16, triton.next_power_of_2(q_len)))
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+def default_block_n(head_dim: int) -> int:
+    return 128 if head_dim <= 128 else 64  # K and V tiles, double-buffered, within shared memory
+
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _chunk_counters(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 counters, one per (row, head, query block), kept across calls: each launch
-    leaves them zero again, so a CUDA graph can replay launches that use them."""
-    counters = _COUNTERS.get(device)
+    leaves them zero again, so a CUDA graph can replay launches that use them. One set per stream:
+    launches on one stream run one after the other, launches on two streams could overlap."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    counters = _COUNTERS.get((device, stream))
     if counters is None or counters.numel() < n:
-        counters = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        counters = _COUNTERS[(device, stream)] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
     return counters
 
 
 def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                   kv_lens: torch.Tensor, splits: int | None = None, merge=None, block_m: int | None = None,
-                   block_n: int = 64, merge_in_kernel: bool = False) -> torch.Tensor:
+                   kv_lens: torch.Tensor, splits: int | None = None, block_m: int | None = None,
+                   block_n: int | None = None, merge_in_kernel: bool = True, merge=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v of every row against keys [0, kv_len) of its slot.
 
     q:       [n, q_len, n_heads, head_dim]
     k_pool:  [n_slots, capacity, n_kv_heads, head_dim] (one layer of the pool), v_pool alike
     slots:   [n] int slot of each row; kv_lens: [n] int keys each row attends to (>= 1)
-    merge:   the function that merges key chunks (default `merge_splits`; a compiled one fuses it)
     block_m, block_n, splits: the launch (queries per program, keys per inner step, key chunks per
              row and head); chosen from the shapes when not given
     merge_in_kernel: the last chunk of each (row, head, query block) to finish merges them all, in
-             the same kernel (no `merge` launch; one int32 counter per program group, reset in-kernel)
+             the same kernel (one int32 counter per program group, zeroed again in-kernel); otherwise
+             `merge` (default `merge_splits`) merges them in a second launch
     Returns [n, q_len, n_heads, head_dim] in q's dtype. No host sync.
     """
     n, q_len, n_heads, head_dim = q.shape
@@ -182,6 +195,7 @@ def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
         raise ValueError("the K/V pool's head_dim axis must be contiguous")
     q = q.contiguous()
     block_m = block_m or default_block_m(q_len)
+    block_n = block_n or default_block_n(head_dim)
     splits = splits or choose_splits(n, n_heads, q_len, k_pool.shape[1], block_m, block_n)
     grid = (triton.cdiv(q_len, block_m), n * n_heads, splits)
     scale = 1.0 / math.sqrt(head_dim) * 1.4426950408889634  # log2(e): the kernel uses exp2
