@@ -140,7 +140,8 @@ class LLaDABlock(nn.Module):
             self._fused = fused = None
         if fused is not None and not torch.is_grad_enabled():
             return (fused[0],), (fused[1],)
-        return (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight), (self.ff_proj.weight, self.up_proj.weight)
+        return (_linear(self.q_proj), _linear(self.k_proj), _linear(self.v_proj)), (_linear(self.ff_proj),
+                                                                                    _linear(self.up_proj))
 
     def forward(self, x, cos, sin, attn_mask, layer: int, cache: CacheView | None, step: _CacheStep | None,
                 attention: str, causal: bool = False, fns: "BlockFunctions | None" = None):
@@ -168,15 +169,27 @@ class LLaDABlock(nn.Module):
         return self._output(x, attn, w_gate_up, fns)
 
     def _output(self, x, attn, w_gate_up, fns: "BlockFunctions"):
-        return fns.block_output(x, attn, self.attn_out.weight, self.ff_norm.weight, w_gate_up, self.ff_out.weight,
-                                self.ff_norm.eps)
+        return fns.block_output(x, attn, _linear(self.attn_out), self.ff_norm.weight, w_gate_up,
+                                _linear(self.ff_out), self.ff_norm.eps)
+
+
+def _linear(module: nn.Module):
+    """What a block function multiplies by: a plain Linear's weight (so one compiled function serves
+    every layer), or the module itself where a training recipe swapped in its own linear (torchao's
+    Float8Linear for FP8 training: its forward must run, not a matmul with its weight)."""
+    return module.weight if type(module) is nn.Linear else module
+
+
+def _apply(h, w):
+    return F.linear(h, w) if isinstance(w, torch.Tensor) else w(h)
 
 
 def _project(h, weights, sizes):
-    """h @ each output matrix: one matmul split by `sizes` for a fused matrix, else one per matrix."""
+    """h @ each output matrix: one matmul split by `sizes` for a fused matrix, else one per matrix
+    (each a weight, or a module: see _linear)."""
     if len(weights) == 1:
-        return F.linear(h, weights[0]).split(sizes, dim=-1)
-    return [F.linear(h, w) for w in weights]
+        return _apply(h, weights[0]).split(sizes, dim=-1)
+    return [_apply(h, w) for w in weights]
 
 
 def attention_inputs(x, cos, sin, norm_w, w_qkv, eps: float, n_heads: int, n_kv_heads: int, head_dim: int):
@@ -206,11 +219,11 @@ def block_output(x, attn, wo, norm_w, w_gate_up, w_down, eps: float):
     """Attention output projection and the SwiGLU MLP, both residual: x, attn [b, q, ...] -> [b, q, d].
     w_gate_up: (w_gate, w_up), or the two stacked in one matrix."""
     b, q_len, _ = x.shape
-    x = x + F.linear(attn.reshape(b, q_len, -1), wo)
+    x = x + _apply(attn.reshape(b, q_len, -1), wo)
     h = rms_norm(x, norm_w, eps)
-    hidden = w_down.shape[1]
+    hidden = (w_down if isinstance(w_down, torch.Tensor) else w_down.weight).shape[1]
     gate, up = _project(h, w_gate_up, (hidden, hidden))
-    return x + F.linear(F.silu(gate) * up, w_down)
+    return x + _apply(F.silu(gate) * up, w_down)
 
 
 @dataclass(frozen=True)

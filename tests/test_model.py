@@ -45,6 +45,35 @@ def test_gqa_config_runs_and_matches_reference(char_tokenizer):
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
+def test_a_swapped_in_training_linear_runs_its_own_forward(tiny_config):
+    """FP8 training swaps the blocks' nn.Linear for torchao's Float8Linear: the blocks must call the
+    module (a plain F.linear on its weight would silently train in bf16)."""
+
+    class CountingLinear(torch.nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            CountingLinear.calls += 1
+            return super().forward(x)
+
+    model = dllm.build_model(tiny_config, seed=3)
+    ids = torch.randint(0, tiny_config.vocab_size - 4, (2, 10))
+    with torch.no_grad():
+        expected = model(ids)
+    names = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+    for block in model.model.transformer["blocks"]:
+        for name in names:
+            old = getattr(block, name)
+            new = CountingLinear(old.in_features, old.out_features, bias=False)
+            new.weight = old.weight
+            setattr(block, name, new)
+    logits = model(ids)  # with gradients, as in training
+    assert CountingLinear.calls == len(names) * tiny_config.n_layers
+    assert torch.allclose(logits, expected, atol=1e-6)
+    logits.sum().backward()
+    assert model.model.transformer["blocks"][0].q_proj.weight.grad is not None
+
+
 def test_fused_projections_compute_the_same_function_and_keep_the_checkpoint_format(char_tokenizer):
     """One Q/K/V and one gate/up matmul per block (GQA shapes too): same logits eager and compiled, the
     same state_dict, loads land in the fused matrices, training still reaches every weight."""
