@@ -102,6 +102,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.fp8:
         model = model.cuda()
         enable_fp8(model)
+        # Eager, the float8 casts and scales are separate kernels: measured 0.52x bf16's tokens/s on an
+        # H100 (benchmarks.fp8_train_bench); compiled, 1.29x. Module.compile keeps the parameter names.
+        model.compile()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(cfg, on_gpu))
     device = engine.device

@@ -9,7 +9,8 @@ shape depends only on (rows, q_len, heads), so it runs unchanged inside a CUDA g
 cache grows.
 
 Parallelism at batch 1 comes from splitting each row's keys into `splits` chunks (flash-decoding);
-the partial results are merged with their log-sum-exp weights.
+the partial results are merged with their log-sum-exp weights by the last chunk of each query block
+to finish, in the same launch (or by a second kernel, `merge_in_kernel=False`).
 """
 
 from __future__ import annotations
