@@ -5,8 +5,8 @@ LLaDA-8B's attention shape, against SDPA on a dense copy of the same keys (issue
 
 One decode step attends a block of `--block` queries (batch 1, 32 heads of 128) to `context` cached
 keys in each of 32 layers. Each layer gets its own K/V pool, as in the engine, so the L2 cache
-(50 MB on an H100) cannot hold the keys between layers. The 32 layers' attention (the kernel and,
-with key chunks, the merge, compiled as the engine compiles it) is captured in one CUDA graph and
+(50 MB on an H100) cannot hold the keys between layers. The 32 layers' attention (the kernel, and
+for launches that merge key chunks in a second kernel, that merge, compiled) is captured in one CUDA graph and
 replayed: launch gaps are what a graph leaves, as in the engine. Reported per layer, next to the
 time the K/V bytes take at the copy bandwidth measured in the same run, and to the default launch
 the kernel picks by itself (`dllm.kernels.pool_attention`'s defaults come from this sweep).
@@ -22,20 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.decode_step_bench import hbm_bandwidth_gbs, time_cuda
+from dllm.engine.cuda_graphs import capture
 from dllm.kernels import pool_attention as pa
-
-
-def graph_of(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def sweep(ctx: int, args, bw: float, merge) -> list[dict]:
@@ -60,7 +48,7 @@ def sweep(ctx: int, args, bw: float, merge) -> list[dict]:
         for i in range(layers):
             F.scaled_dot_product_attention(dense_q[i], dense_k[i], dense_v[i])
 
-    g = graph_of(sdpa)
+    g, _ = capture(sdpa)
     ms = time_cuda(g.replay, args.iters) / layers
     rows.append({"context": ctx, "launch": "SDPA on dense K/V (reference)", "us_per_layer": 1e3 * ms,
                  "kv_us": 1e3 * kv_ms})
@@ -76,7 +64,7 @@ def sweep(ctx: int, args, bw: float, merge) -> list[dict]:
         def run(launch=launch):
             for i in range(layers):
                 pa.pool_attention(q[i], k[i], v[i], slots, kv_lens, **launch)
-        g = graph_of(run)
+        g, _ = capture(run)
         ms = time_cuda(g.replay, args.iters) / layers
         out = pa.pool_attention(q[0], k[0], v[0], slots, kv_lens, **launch)  # after replays: counters stay right
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -21,9 +21,24 @@ from ..model import CacheView, LLaDAModelLM
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
+def capture(fn, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """A CUDA graph of fn() and what the captured call returned. Two warm-up calls on a side stream
+    first, so kernel compilation and library handles stay out of the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # set by capture()
     ids: torch.Tensor  # [rows, q] static inputs...
     slots: torch.Tensor  # [rows]
     offsets: torch.Tensor  # [rows]
@@ -93,19 +108,12 @@ class GraphedForward:
 
     def _capture(self, rows: int, q_len: int, logits_start: int, n_logits: int) -> _Graph:
         dev = self.device
-        g = _Graph(graph=torch.cuda.CUDAGraph(),
+        g = _Graph(graph=None,
                    ids=torch.full((rows, q_len), self.mask_token_id, device=dev, dtype=torch.long),
                    slots=torch.full((rows,), self.scratch_slot, device=dev, dtype=torch.long),  # harmless while capturing
                    offsets=torch.zeros(rows, device=dev, dtype=torch.long),
                    logits_index=torch.arange(logits_start, logits_start + n_logits, device=dev).expand(rows, n_logits),
                    logits=None)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: kernel compilation and library handles stay out of the graph
-            for _ in range(2):
-                self._forward(g)
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(g.graph, pool=self.mempool):
-            g.logits = self._forward(g)
+        g.graph, g.logits = capture(lambda: self._forward(g), pool=self.mempool)
         self.graphs[(rows, q_len, logits_start, n_logits)] = g
         return g

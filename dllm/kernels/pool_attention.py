@@ -213,7 +213,7 @@ def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
         m_strides = (max_log.stride(0), max_log.stride(1), max_log.stride(2))
     merge_in_kernel = merge_in_kernel and splits > 1
     final = torch.empty_like(q) if merge_in_kernel else out
-    counters = _chunk_counters(q.device, grid[0] * grid[1]) if merge_in_kernel else kv_lens
+    counters = _chunk_counters(q.device, grid[0] * grid[1]) if merge_in_kernel else kv_lens  # else unused
     _pool_attention_kernel[grid](
         q, k_pool, v_pool, slots, kv_lens.to(torch.int32), out, max_log, sum_exp, final, counters,
         q.stride(0), q.stride(1), q.stride(2),
