@@ -26,6 +26,7 @@ import copy
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,9 +54,10 @@ def sync():
 
 def build_data(args):
     tok = dllm.train_tokenizer(all_text(make_samples(5000, seed=99)) + ["0123456789 ="], kind="char")
-    held = make_samples(args.heldout, seed=1, tasks=args.tasks)
+    held = make_samples(args.heldout, seed=1, tasks=args.tasks, max_word_len=args.max_word_len)
     seen = {s["instruction"] for s in held}
-    train = [s for s in make_samples(args.train_samples, seed=5, tasks=args.tasks) if s["instruction"] not in seen]
+    train = [s for s in make_samples(args.train_samples, seed=5, tasks=args.tasks, max_word_len=args.max_word_len)
+             if s["instruction"] not in seen]
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     samples = [(enc(s["instruction"]), enc(s["output"]) + [tok.eos_token_id]) for s in train]
     rows = dllm.pack_samples(samples, args.seq_len, mode="concat", pad_token_id=tok.eos_token_id)
@@ -69,8 +71,36 @@ def model_config(tok, size: str) -> dllm.LLaDAConfig:
                             max_sequence_length=1024 + 256, rope_theta=10000.0)
 
 
-def train(kind: str, cfg, rows, args, steps: int | None = None) -> tuple[dllm.LLaDAModelLM, dict]:
+@dataclass(frozen=True)
+class Objective:
+    """How the dLLM-Var model is noised and its loss reduced (dllm.noise_batch / diffusion_loss)."""
+    t_min: float = 0.1
+    t_max: float = 0.9
+    tail_mask_prob: float = 0.5
+    tail_eos: bool = False
+    complementary: bool = False
+    loss_weighting: str = "mean"
+
+    @classmethod
+    def from_args(cls, args) -> "Objective":
+        return cls(t_min=args.t_range[0], t_max=args.t_range[1], tail_mask_prob=args.tail_mask, tail_eos=args.tail_eos,
+                   complementary=args.complementary, loss_weighting=args.loss_weighting)
+
+
+def add_objective_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--t-range", type=float, nargs=2, default=[0.1, 0.9], metavar=("T_MIN", "T_MAX"),
+                   help="noise level per row ~ U[T_MIN, T_MAX]")
+    p.add_argument("--tail-mask", type=float, default=0.5)
+    p.add_argument("--tail-eos", action="store_true", help="tail-masked positions learn to predict EOS")
+    p.add_argument("--complementary", action="store_true",
+                   help="each row twice per step, with a mask and its complement (half as many distinct rows)")
+    p.add_argument("--loss-weighting", choices=dllm.objective.LOSS_WEIGHTINGS, default="mean")
+
+
+def train(kind: str, cfg, rows, args, steps: int | None = None,
+          objective: Objective | None = None) -> tuple[dllm.LLaDAModelLM, dict]:
     """Train a `kind` ('dllm-var' or 'autoregressive') model for `steps` (or --minutes)."""
+    objective = objective or Objective.from_args(args)
     dev = torch.device(args.device)
     model = dllm.build_model(cfg, device=dev, dtype=torch.float32, seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
@@ -91,11 +121,16 @@ def train(kind: str, cfg, rows, args, steps: int | None = None) -> tuple[dllm.LL
             group["lr"] = lr
         with autocast:
             if kind == "dllm-var":
-                nb = dllm.noise_batch(ids[idx], prompt[idx], seg[idx], mask_token_id=cfg.mask_token_id,
-                                      terminal_token_ids=cfg.stop_token_ids, tail_mask_prob=args.tail_mask, generator=gen)
+                # Complementary pairs: half the rows, each twice, so a step costs the same forward.
+                rows_idx = idx[: args.batch // 2] if objective.complementary else idx
+                nb = dllm.noise_batch(ids[rows_idx], prompt[rows_idx], seg[rows_idx], mask_token_id=cfg.mask_token_id,
+                                      terminal_token_ids=cfg.stop_token_ids, t_min=objective.t_min,
+                                      t_max=objective.t_max, tail_mask_prob=objective.tail_mask_prob,
+                                      tail_target_id=cfg.eos_token_id if objective.tail_eos else None,
+                                      complementary=objective.complementary, generator=gen)
                 hidden = model(nb.input_ids.to(dev), return_hidden=True)
                 loss = dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets.to(dev),
-                                                       nb.loss_mask.to(dev))
+                                                       nb.loss_mask.to(dev), nb.t.to(dev), objective.loss_weighting)
             else:
                 real = (seg[idx] > 0) & ~prompt[idx].bool()
                 loss = causal_lm_loss(model, ids[idx].to(dev), real.to(dev))
@@ -125,7 +160,7 @@ def score(name, batch, texts, stopped, forwards, seconds, held, tok) -> dict:
             "exact_match": exact / len(texts), "self_stopped": sum(stopped) / len(stopped)}
 
 
-def eval_engine(engine, tok, held, decoder, batch, args) -> dict:
+def eval_engine(engine, tok, held, decoder, batch, args, return_texts: bool = False) -> dict:
     cfg = dllm.GenerationConfig(block_size=args.block, max_new_tokens=args.max_new_tokens, decoder=decoder,
                                 threshold=0.9, early_stop=True)
     prompts = [s["instruction"] for s in held]
@@ -137,8 +172,10 @@ def eval_engine(engine, tok, held, decoder, batch, args) -> dict:
         gens += engine.generate(prompts[i:i + batch], cfg)
     sync()
     secs = time.perf_counter() - t0
-    return score(f"engine ({decoder})", batch, [g.text for g in gens], [g.finish_reason == "stop" for g in gens],
-                 sum(g.num_forwards for g in gens), secs, held, tok)
+    texts = [g.text for g in gens]
+    r = score(f"engine ({decoder})", batch, texts, [g.finish_reason == "stop" for g in gens],
+              sum(g.num_forwards for g in gens), secs, held, tok)
+    return {**r, "texts": texts} if return_texts else r
 
 
 def eval_baseline(name, fn, model, tok, held, batch) -> dict:
@@ -166,7 +203,7 @@ def _eval_baseline(name, fn, model, tok, held, batch) -> dict:
     return score(name, batch, texts, stopped, forwards, time.perf_counter() - t0, held, tok)
 
 
-def eval_autoregressive(llama, tok, held, batch, args) -> dict:
+def eval_autoregressive(llama, tok, held, batch, args, return_texts: bool = False) -> dict:
     """HF generate, static cache + its automatic torch.compile; prompts left-padded to one width so
     one compiled shape serves every batch."""
     width = args.ar_prompt_width
@@ -204,7 +241,7 @@ def eval_autoregressive(llama, tok, held, batch, args) -> dict:
     r = score("autoregressive twin (HF generate, static cache + compile)", batch, texts, stopped, steps,
               time.perf_counter() - t0, held, tok)
     r["compile_seconds"] = compile_s
-    return r
+    return {**r, "texts": texts} if return_texts else r
 
 
 def trajectory_compression(model, tok, samples, args):
@@ -271,6 +308,22 @@ def closed_loop(engine, tok, held, concurrency: int, n_requests: int, args) -> d
             "p99_latency_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
+def trained_model(kind: str, cfg, rows, tok, args, steps: int | None = None) -> tuple[dllm.LLaDAModelLM, dict]:
+    """Train `kind`, or load it from --work-dir where an earlier run trained it (so the two models
+    and the evaluation can run as separate device calls, each under its time limit)."""
+    where = Path(args.work_dir) / kind if args.work_dir else None
+    if where is not None and (where / "training.json").exists():
+        info = json.loads((where / "training.json").read_text())
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        print(f"[{kind}] loaded from {where} ({info['steps']} steps)", flush=True)
+        return dllm.load_model(where, device=args.device, dtype=dtype), info
+    model, info = train(kind, cfg, rows, args, steps=steps)
+    if where is not None:
+        dllm.save_pretrained(model, tok, where)
+        (where / "training.json").write_text(json.dumps(info))  # written last: marks a complete checkpoint
+    return model, info
+
+
 def save_for_ablation(model, tok, held, directory: str) -> None:
     out = Path(directory)
     dllm.save_pretrained(model, tok, out / "model")
@@ -289,7 +342,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--tail-mask", type=float, default=0.5)
+    add_objective_arguments(p)
     p.add_argument("--train-samples", type=int, default=100000)
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--block", type=int, default=32)
@@ -303,14 +356,22 @@ def main(argv=None) -> None:
     p.add_argument("--skip-ar", action="store_true")
     p.add_argument("--skip-baselines", action="store_true", help="no LLaDA vanilla / Fast-dLLM rows")
     p.add_argument("--tasks", nargs="+", help="synthetic tasks (default: all)")
+    p.add_argument("--max-word-len", type=int, help="cap on the tasks' letter strings (default: each task's own)")
     p.add_argument("--td-steps", type=int, default=0, help="trajectory compression fine-tuning steps (0 = skip)")
     p.add_argument("--td-prompts", type=int, default=4000, help="training prompts whose trajectories are recorded")
     p.add_argument("--td-lr", type=float, default=1e-4)
     p.add_argument("--td-keep-all", action="store_true", help="keep unverified trajectories too (smoke runs)")
     p.add_argument("--save-dir", help="also write the trained dLLM-Var checkpoint (DIR/model) and the held-out "
                    "prompts (DIR/heldout.jsonl): the inputs of benchmarks.ablation_bench")
+    p.add_argument("--work-dir", help="save each trained model here (DIR/dllm-var, DIR/autoregressive) and reuse "
+                   "the ones already there instead of training them again")
+    p.add_argument("--only-train", choices=["dllm-var", "autoregressive"],
+                   help="train (or load) only this model into --work-dir and stop: longer training than one device "
+                   "call allows, as three calls (dllm-var, autoregressive, then the evaluation)")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
+    if args.only_train and not args.work_dir:
+        p.error("--only-train needs --work-dir (where the trained model is kept for the next run)")
 
     tok, held, rows, train_samples = build_data(args)
     cfg = model_config(tok, args.size)
@@ -324,9 +385,18 @@ def main(argv=None) -> None:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
 
-    model, info = train("dllm-var", cfg, rows, args)
+    if args.only_train == "autoregressive":
+        dllm_info = Path(args.work_dir) / "dllm-var" / "training.json"
+        if not dllm_info.exists():
+            p.error(f"--only-train autoregressive takes its step count from {dllm_info}: "
+                    "run --only-train dllm-var with this --work-dir first")
+        trained_model("autoregressive", cfg, rows, tok, args, steps=json.loads(dllm_info.read_text())["steps"])
+        return
+    model, info = trained_model("dllm-var", cfg, rows, tok, args)
     result["training"].append(info)
     save()
+    if args.only_train == "dllm-var":
+        return
     if args.save_dir:
         save_for_ablation(model, tok, held, args.save_dir)
     engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
@@ -370,7 +440,7 @@ def main(argv=None) -> None:
         del td_engine, td_model
 
     if not args.skip_ar:
-        twin, info = train("autoregressive", cfg, rows, args, steps=result["training"][0]["steps"])
+        twin, info = trained_model("autoregressive", cfg, rows, tok, args, steps=result["training"][0]["steps"])
         result["training"].append(info)
         llama = to_hf_llama(twin)
         for batch in (1, 16):

@@ -31,13 +31,16 @@ class NoisedBatch:
 
 def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids: torch.Tensor | None, *,
                 mask_token_id: int, terminal_token_ids: tuple[int, ...], t_min: float = 0.1, t_max: float = 0.9,
-                tail_mask_prob: float = 0.0, tail_target_id: int | None = None,
+                tail_mask_prob: float = 0.0, tail_target_id: int | None = None, complementary: bool = False,
                 generator: torch.Generator | None = None) -> NoisedBatch:
     """Noise packed rows [b, L] for one training step (deterministic for a seeded generator).
 
     tail_mask_prob: fraction of rows whose positions after a random sample end are all masked (the
     inference condition; see DESIGN.md). Those positions carry no loss, or with `tail_target_id`
     (EOS) they are trained to predict it: every position past an answer learns to say "ended".
+    complementary: return 2b rows, each row once with its mask and once with the complement (noise
+    level 1 - t; terminals and tails masked in both): every response token is in the loss once per
+    pair, where one independent mask covers a t fraction of them.
     """
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
@@ -53,12 +56,18 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
     terminal = torch.zeros_like(response)
     for tok in terminal_token_ids:
         terminal |= input_ids == tok
-    masked = response & ((u < t[:, None]) | terminal)
+    drawn = u < t[:, None]
+    if complementary:
+        input_ids, response, terminal = input_ids.repeat(2, 1), response.repeat(2, 1), terminal.repeat(2, 1)
+        drawn, t = torch.cat([drawn, ~drawn]), torch.cat([t, 1.0 - t])
+        segment_ids = segment_ids.repeat(2, 1) if segment_ids is not None else None
+    masked = response & (drawn | terminal)
     loss_mask = masked.clone()
 
     targets = input_ids
     if tail_mask_prob > 0 and segment_ids is not None:
-        tail = _tail_positions(segment_ids, tail_mask_prob, generator)
+        tail = _tail_positions(segment_ids[:b], tail_mask_prob, generator)
+        tail = tail.repeat(2, 1) if complementary else tail
         masked |= tail
         if tail_target_id is None:
             loss_mask &= ~tail

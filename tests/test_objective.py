@@ -93,6 +93,29 @@ def test_tail_eos_targets_teach_every_position_past_the_answer_to_say_eos():
         assert torch.equal(eos.loss_mask[row, :start], plain.loss_mask[row, :start])
 
 
+def test_complementary_pairs_put_every_response_token_in_the_loss_exactly_once():
+    ids, prompt, seg = _row_batch(rows=8)
+    out = _noise(ids, prompt, seg, complementary=True)
+    assert out.input_ids.shape == (16, 256)
+    first, second = out.input_ids[:8], out.input_ids[8:]
+    assert torch.equal(first, _noise(ids, prompt, seg).input_ids)  # the first half is the ordinary draw
+    terminal = (ids == EOS) | (ids == EOT)
+    ordinary = ~prompt & ~terminal
+    assert torch.equal((first == MASK) & ordinary, ordinary & (second != MASK))  # exact complements
+    assert ((first == MASK) & (second == MASK))[terminal].all()  # terminals in both halves
+    assert (first[prompt] == ids[prompt]).all() and (second[prompt] == ids[prompt]).all()
+    assert torch.allclose(out.t[8:], 1 - out.t[:8])
+    assert torch.equal(out.targets, ids.repeat(2, 1))
+
+
+def test_complementary_pairs_share_their_tails():
+    ids, prompt, seg = _row_batch(rows=8)
+    out = _noise(ids, prompt, seg, complementary=True, tail_mask_prob=1.0, tail_target_id=EOS)
+    tail = (out.input_ids == MASK) & prompt.repeat(2, 1)
+    assert tail[:8].any(1).all() and torch.equal(tail[:8], tail[8:])
+    assert (out.targets[tail] == EOS).all() and out.loss_mask[tail].all()
+
+
 def test_tail_masking_off_by_default_matches_paper_objective():
     ids, prompt, seg = _row_batch()
     assert torch.equal(_noise(ids, prompt, seg).input_ids, _noise(ids, prompt, seg, tail_mask_prob=0.0).input_ids)

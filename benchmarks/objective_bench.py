@@ -1,0 +1,102 @@
+"""Which training objective teaches the dLLM-Var model the tasks fastest? (issue 7, goal 3)
+
+    python -m benchmarks.objective_bench [--steps 600] [--size small] [--variants tail tail-eos ...] [--json out.json]
+
+The trained dLLM-Var model trails its autoregressive twin in exact match at the same training
+budget (README, H100 section). This trains one model per objective variant, and the AR twin, for
+the same steps on the same rows (trained_compare's loop and data), and scores each on the same
+held-out prompts: exact match overall and per task, self-stop rate, TPF. Accuracy, not time, is
+the measurement, so a noisy CPU serves; every variant starts from the same initial weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import dllm
+from benchmarks.ar_twin import to_hf_llama
+from benchmarks.trained_compare import (Objective, add_objective_arguments, build_data, eval_autoregressive,
+                                        eval_engine, model_config, train)
+
+VARIANTS = {
+    "paper": Objective(tail_mask_prob=0.0),  # dLLM-Var as published
+    "tail": Objective(),  # + tail masking without loss on the tails (trained_compare's default)
+    "tail-eos": Objective(tail_eos=True),  # + EOS targets on the tails (the quickstart's default)
+    "tail-eos-t01": Objective(tail_eos=True, t_min=0.0, t_max=1.0),
+    "tail-eos-inverse-t": Objective(tail_eos=True, loss_weighting="inverse_t"),
+    "tail-eos-complementary": Objective(tail_eos=True, complementary=True),
+}
+
+
+def per_task(texts: list[str], held: list[dict]) -> dict[str, float]:
+    tasks = sorted({s["task"] for s in held})
+    out = {}
+    for task in tasks:
+        pairs = [(t, s) for t, s in zip(texts, held) if s["task"] == task]
+        out[task] = sum(t == s["output"] for t, s in pairs) / len(pairs)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", default="small")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--train-samples", type=int, default=50000)
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--tasks", nargs="+", help="synthetic tasks (default: all)")
+    p.add_argument("--max-word-len", type=int, help="cap on the tasks' letter strings (default: each task's own)")
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--ar-prompt-width", type=int, default=32)
+    p.add_argument("--decoder", default="threshold")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--skip-ar", action="store_true")
+    p.add_argument("--json", help="write all results here")
+    add_objective_arguments(p)  # unused by the named variants; keeps train()'s defaults complete
+    args = p.parse_args(argv)
+
+    tok, held, rows, _ = build_data(args)
+    cfg = model_config(tok, args.size)
+    print(f"data: {len(rows.input_ids)} rows of {args.seq_len}; model {args.size}: "
+          f"{cfg.num_parameters() / 1e6:.2f}M params; {args.steps} steps each", flush=True)
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args), "runs": []}
+
+    def record(name: str, info: dict, scored: dict, texts: list[str]) -> None:
+        run = {"variant": name, "training": info, **scored, "per_task": per_task(texts, held)}
+        result["runs"].append(run)
+        print(f"{name}: EM {run['exact_match']:.1%} stop {run['self_stopped']:.0%} TPF {run['tpf']:.2f} "
+              f"last loss {info['loss_history'][-1][1] if info['loss_history'] else '-'} {run['per_task']}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
+    for name in args.variants:
+        t0 = time.time()
+        model, info = train("dllm-var", cfg, rows, args, steps=args.steps, objective=VARIANTS[name])
+        info["objective"] = vars(VARIANTS[name])
+        engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
+        scored = eval_engine(engine, tok, held, args.decoder, 32, args, return_texts=True)
+        record(name, info, scored, scored.pop("texts"))
+        print(f"  ({time.time() - t0:.0f}s)", flush=True)
+    if not args.skip_ar:
+        twin, info = train("autoregressive", cfg, rows, args, steps=args.steps)
+        scored = eval_autoregressive(to_hf_llama(twin), tok, held, 32, args, return_texts=True)
+        record("autoregressive twin", info, scored, scored.pop("texts"))
+
+    print(f"\n{'objective':26} {'EM':>6} {'stop':>5} {'TPF':>5}  per task")
+    for r in result["runs"]:
+        tasks = " ".join(f"{k} {v:.0%}" for k, v in r["per_task"].items())
+        print(f"{r['variant']:26} {r['exact_match']:6.1%} {r['self_stopped']:5.0%} {r['tpf']:5.2f}  {tasks}")
+
+
+if __name__ == "__main__":
+    main()
