@@ -23,12 +23,13 @@ from benchmarks.trained_compare import (Objective, add_objective_arguments, buil
                                         eval_engine, model_config, train)
 
 VARIANTS = {
-    "paper": Objective(tail_mask_prob=0.0),  # dLLM-Var as published
-    "tail": Objective(),  # + tail masking without loss on the tails (trained_compare's default)
-    "tail-eos": Objective(tail_eos=True),  # + EOS targets on the tails (the quickstart's default)
+    "paper": Objective(tail_mask_prob=0.0, tail_eos=False),  # dLLM-Var as published
+    "tail": Objective(tail_eos=False),  # + tail masking without loss on the tails
+    "tail-eos": Objective(tail_eos=True),  # + EOS targets on the tails (the quickstart's and trained_compare's)
     "tail-eos-t01": Objective(tail_eos=True, t_min=0.0, t_max=1.0),
     "tail-eos-inverse-t": Objective(tail_eos=True, loss_weighting="inverse_t"),
     "tail-eos-complementary": Objective(tail_eos=True, complementary=True),
+    "tail-eos-t01-complementary": Objective(tail_eos=True, t_min=0.0, t_max=1.0, complementary=True),
 }
 
 
@@ -71,7 +72,8 @@ def main(argv=None) -> None:
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args), "runs": []}
 
     def record(name: str, info: dict, scored: dict, texts: list[str]) -> None:
-        run = {"variant": name, "training": info, **scored, "per_task": per_task(texts, held)}
+        wrong = [{"prompt": s["instruction"], "want": s["output"], "got": t} for t, s in zip(texts, held) if t != s["output"]]
+        run = {"variant": name, "training": info, **scored, "per_task": per_task(texts, held), "wrong": wrong[:24]}
         result["runs"].append(run)
         print(f"{name}: EM {run['exact_match']:.1%} stop {run['self_stopped']:.0%} TPF {run['tpf']:.2f} "
               f"last loss {info['loss_history'][-1][1] if info['loss_history'] else '-'} {run['per_task']}", flush=True)
