@@ -84,7 +84,6 @@ def main(argv=None) -> None:
     for name in args.variants:
         t0 = time.time()
         model, info = train("dllm-var", cfg, rows, args, steps=args.steps, objective=VARIANTS[name])
-        info["objective"] = vars(VARIANTS[name])
         engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
         scored = eval_engine(engine, tok, held, args.decoder, 32, args, return_texts=True)
         record(name, info, scored, scored.pop("texts"))

@@ -146,7 +146,8 @@ def train(kind: str, cfg, rows, args, steps: int | None = None,
             print(f"  [{kind}] step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
     sync()
     secs = time.time() - t0
-    info = {"kind": kind, "steps": step, "seconds": secs, "tokens_per_s": tokens / secs, "loss_history": losses}
+    info = {"kind": kind, "steps": step, "seconds": secs, "tokens_per_s": tokens / secs, "loss_history": losses,
+            **({"objective": vars(objective)} if kind == "dllm-var" else {})}
     return model.eval().to(torch.bfloat16 if dev.type == "cuda" else torch.float32), info
 
 
