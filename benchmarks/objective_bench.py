@@ -19,8 +19,8 @@ import torch
 
 import dllm
 from benchmarks.ar_twin import to_hf_llama
-from benchmarks.trained_compare import (Objective, add_objective_arguments, build_data, eval_autoregressive,
-                                        eval_engine, model_config, train)
+from benchmarks.trained_compare import (Objective, add_run_arguments, build_data, eval_autoregressive, eval_engine,
+                                        model_config, train)
 
 VARIANTS = {
     "paper": Objective(tail_mask_prob=0.0, tail_eos=False),  # dLLM-Var as published
@@ -44,25 +44,13 @@ def per_task(texts: list[str], held: list[dict]) -> dict[str, float]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size", default="small")
+    add_run_arguments(p)
+    p.set_defaults(size="small", seq_len=128, lr=3e-3, warmup=50, train_samples=50000)
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--train-samples", type=int, default=50000)
-    p.add_argument("--heldout", type=int, default=200)
-    p.add_argument("--tasks", nargs="+", help="synthetic tasks (default: all)")
-    p.add_argument("--max-word-len", type=int, help="cap on the tasks' letter strings (default: each task's own)")
-    p.add_argument("--block", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--ar-prompt-width", type=int, default=32)
     p.add_argument("--decoder", default="threshold")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     p.add_argument("--skip-ar", action="store_true")
     p.add_argument("--json", help="write all results here")
-    add_objective_arguments(p)  # unused by the named variants; keeps train()'s defaults complete
     args = p.parse_args(argv)
 
     tok, held, rows, _ = build_data(args)

@@ -87,6 +87,23 @@ class Objective:
                    complementary=args.complementary, loss_weighting=args.loss_weighting)
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """What build_data, train and the evaluations read (defaults: the GPU run; set_defaults to change)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", choices=sorted(SIZES), default="100m")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--train-samples", type=int, default=100000)
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--tasks", nargs="+", help="synthetic tasks (default: all)")
+    p.add_argument("--max-word-len", type=int, help="cap on the tasks' letter strings (default: each task's own)")
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--ar-prompt-width", type=int, default=32)
+
+
 def add_objective_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t-range", type=float, nargs=2, default=[0.1, 0.9], metavar=("T_MIN", "T_MAX"),
                    help="noise level per row ~ U[T_MIN, T_MAX]")
@@ -98,10 +115,17 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-weighting", choices=dllm.objective.LOSS_WEIGHTINGS, default="mean")
 
 
+def eval_dtype(device: str | torch.device) -> torch.dtype:
+    """Trained models are evaluated in bf16 on a GPU, in fp32 on a CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def train(kind: str, cfg, rows, args, steps: int | None = None,
           objective: Objective | None = None) -> tuple[dllm.LLaDAModelLM, dict]:
-    """Train a `kind` ('dllm-var' or 'autoregressive') model for `steps` (or --minutes)."""
-    objective = objective or Objective.from_args(args)
+    """Train a `kind` ('dllm-var' or 'autoregressive') model for `steps` (or --minutes); the dLLM-Var
+    model under `objective` (default: the --t-range / --tail-eos / ... arguments)."""
+    if kind == "dllm-var":
+        objective = objective or Objective.from_args(args)
     dev = torch.device(args.device)
     model = dllm.build_model(cfg, device=dev, dtype=torch.float32, seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
@@ -148,7 +172,7 @@ def train(kind: str, cfg, rows, args, steps: int | None = None,
     secs = time.time() - t0
     info = {"kind": kind, "steps": step, "seconds": secs, "tokens_per_s": tokens / secs, "loss_history": losses,
             **({"objective": vars(objective)} if kind == "dllm-var" else {})}
-    return model.eval().to(torch.bfloat16 if dev.type == "cuda" else torch.float32), info
+    return model.eval().to(eval_dtype(dev)), info
 
 
 # ----- evaluation --------------------------------------------------------------------------------
@@ -316,9 +340,8 @@ def trained_model(kind: str, cfg, rows, tok, args, steps: int | None = None) -> 
     where = Path(args.work_dir) / kind if args.work_dir else None
     if where is not None and (where / "training.json").exists():
         info = json.loads((where / "training.json").read_text())
-        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         print(f"[{kind}] loaded from {where} ({info['steps']} steps)", flush=True)
-        return dllm.load_model(where, device=args.device, dtype=dtype), info
+        return dllm.load_model(where, device=args.device, dtype=eval_dtype(args.device)), info
     model, info = train(kind, cfg, rows, args, steps=steps)
     if where is not None:
         dllm.save_pretrained(model, tok, where)
@@ -337,19 +360,9 @@ def save_for_ablation(model, tok, held, directory: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size", choices=sorted(SIZES), default="100m")
+    add_run_arguments(p)
     p.add_argument("--minutes", type=float, default=3.0, help="training time of the dLLM-Var model; the twin gets its steps")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200)
     add_objective_arguments(p)
-    p.add_argument("--train-samples", type=int, default=100000)
-    p.add_argument("--heldout", type=int, default=200)
-    p.add_argument("--block", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--ar-prompt-width", type=int, default=32)
     p.add_argument("--decoders", nargs="+", default=["threshold", "factor", "credit", "hierarchical"])
     p.add_argument("--vanilla-prompts", type=int, nargs=2, default=[8, 2], help="prompts for gen 256 and gen 1024")
     p.add_argument("--vanilla-lengths", type=int, nargs=2, default=[256, 1024])
@@ -357,8 +370,6 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--skip-ar", action="store_true")
     p.add_argument("--skip-baselines", action="store_true", help="no LLaDA vanilla / Fast-dLLM rows")
-    p.add_argument("--tasks", nargs="+", help="synthetic tasks (default: all)")
-    p.add_argument("--max-word-len", type=int, help="cap on the tasks' letter strings (default: each task's own)")
     p.add_argument("--td-steps", type=int, default=0, help="trajectory compression fine-tuning steps (0 = skip)")
     p.add_argument("--td-prompts", type=int, default=4000, help="training prompts whose trajectories are recorded")
     p.add_argument("--td-lr", type=float, default=1e-4)

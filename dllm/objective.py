@@ -60,13 +60,12 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
     if complementary:
         input_ids, response, terminal = input_ids.repeat(2, 1), response.repeat(2, 1), terminal.repeat(2, 1)
         drawn, t = torch.cat([drawn, ~drawn]), torch.cat([t, 1.0 - t])
-        segment_ids = segment_ids.repeat(2, 1) if segment_ids is not None else None
     masked = response & (drawn | terminal)
     loss_mask = masked.clone()
 
     targets = input_ids
     if tail_mask_prob > 0 and segment_ids is not None:
-        tail = _tail_positions(segment_ids[:b], tail_mask_prob, generator)
+        tail = _tail_positions(segment_ids, tail_mask_prob, generator)
         tail = tail.repeat(2, 1) if complementary else tail
         masked |= tail
         if tail_target_id is None:
