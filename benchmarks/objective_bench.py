@@ -1,12 +1,15 @@
 """Which training objective teaches the dLLM-Var model the tasks fastest? (issue 7, goal 3)
 
     python -m benchmarks.objective_bench [--steps 600] [--size small] [--variants tail tail-eos ...] [--json out.json]
+    python -m benchmarks.objective_bench --steps 4000 --evaluate-every 500 --variants tail-eos   # learning curves
 
 The trained dLLM-Var model trails its autoregressive twin in exact match at the same training
 budget (README, H100 section). This trains one model per objective variant, and the AR twin, for
 the same steps on the same rows (trained_compare's loop and data), and scores each on the same
 held-out prompts: exact match overall and per task, self-stop rate, TPF. Accuracy, not time, is
 the measurement, so a noisy CPU serves; every variant starts from the same initial weights.
+With --evaluate-every N each model is also scored every N steps (one run, so the rate is not yet
+decayed at the intermediate points): does the gap to the AR twin close with training?
 """
 
 from __future__ import annotations
@@ -42,12 +45,31 @@ def per_task(texts: list[str], held: list[dict]) -> dict[str, float]:
     return out
 
 
+def print_curves(runs: list[dict]) -> None:
+    """Exact match per evaluation step: one column per model (and decoder)."""
+    columns = {}
+    for r in runs:
+        for point in r["training"].get("curve", []):
+            if r["variant"] == "autoregressive twin":
+                columns.setdefault("AR twin", {})[point["step"]] = point["exact_match"]
+            else:
+                for decoder, scores in point.items():
+                    if decoder != "step":
+                        columns.setdefault(f"{r['variant']} ({decoder})", {})[point["step"]] = scores["exact_match"]
+    steps = sorted({s for col in columns.values() for s in col})
+    print(f"\nexact match during training\n{'step':>6} " + " ".join(f"{c:>26}" for c in columns))
+    for step in steps:
+        print(f"{step:6d} " + " ".join(f"{col[step]:26.1%}" if step in col else f"{'-':>26}" for col in columns.values()))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     p.set_defaults(size="small", seq_len=128, lr=3e-3, warmup=50, train_samples=50000)
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--decoder", default="threshold")
+    p.add_argument("--decoders", nargs="+", choices=dllm.engine.DECODERS, default=["threshold"],
+                   help="each dLLM-Var model is scored with each (fixed_k: one token per step)")
+    p.add_argument("--evaluate-every", type=int, default=0, help="also score every N steps (learning curves)")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     p.add_argument("--skip-ar", action="store_true")
     p.add_argument("--json", help="write all results here")
@@ -63,28 +85,43 @@ def main(argv=None) -> None:
         wrong = [{"prompt": s["instruction"], "want": s["output"], "got": t} for t, s in zip(texts, held) if t != s["output"]]
         run = {"variant": name, "training": info, **scored, "per_task": per_task(texts, held), "wrong": wrong[:24]}
         result["runs"].append(run)
-        print(f"{name}: EM {run['exact_match']:.1%} stop {run['self_stopped']:.0%} TPF {run['tpf']:.2f} "
+        print(f"{name} [{scored['system']}]: EM {run['exact_match']:.1%} stop {run['self_stopped']:.0%} TPF {run['tpf']:.2f} "
               f"last loss {info['loss_history'][-1][1] if info['loss_history'] else '-'} {run['per_task']}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
 
+    def score_engine(model, decoder: str) -> dict:
+        engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
+        return eval_engine(engine, tok, held, decoder, 32, args, return_texts=True)
+
+    def summary(scored: dict) -> dict:
+        return {k: scored[k] for k in ("exact_match", "self_stopped", "tpf")}
+
+    def score_twin(twin) -> dict:
+        return eval_autoregressive(to_hf_llama(twin), tok, held, 32, args, return_texts=True)
+
     for name in args.variants:
         t0 = time.time()
-        model, info = train("dllm-var", cfg, rows, args, steps=args.steps, objective=VARIANTS[name])
-        engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
-        scored = eval_engine(engine, tok, held, args.decoder, 32, args, return_texts=True)
-        record(name, info, scored, scored.pop("texts"))
+        model, info = train("dllm-var", cfg, rows, args, steps=args.steps, objective=VARIANTS[name],
+                            evaluate_every=args.evaluate_every,
+                            evaluate=lambda m: {d: summary(score_engine(m, d)) for d in args.decoders})
+        for decoder in args.decoders:
+            scored = score_engine(model, decoder)
+            record(name, info, scored, scored.pop("texts"))
         print(f"  ({time.time() - t0:.0f}s)", flush=True)
     if not args.skip_ar:
-        twin, info = train("autoregressive", cfg, rows, args, steps=args.steps)
-        scored = eval_autoregressive(to_hf_llama(twin), tok, held, 32, args, return_texts=True)
+        twin, info = train("autoregressive", cfg, rows, args, steps=args.steps, evaluate_every=args.evaluate_every,
+                           evaluate=lambda m: summary(score_twin(m)))
+        scored = score_twin(twin)
         record("autoregressive twin", info, scored, scored.pop("texts"))
 
-    print(f"\n{'objective':26} {'EM':>6} {'stop':>5} {'TPF':>5}  per task")
+    print(f"\n{'objective':26} {'decoder':20} {'EM':>6} {'stop':>5} {'TPF':>5}  per task")
     for r in result["runs"]:
         tasks = " ".join(f"{k} {v:.0%}" for k, v in r["per_task"].items())
-        print(f"{r['variant']:26} {r['exact_match']:6.1%} {r['self_stopped']:5.0%} {r['tpf']:5.2f}  {tasks}")
+        print(f"{r['variant']:26} {r['system'][:20]:20} {r['exact_match']:6.1%} {r['self_stopped']:5.0%} {r['tpf']:5.2f}  {tasks}")
+    if args.evaluate_every:
+        print_curves(result["runs"])
 
 
 if __name__ == "__main__":

@@ -120,10 +120,12 @@ def eval_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def train(kind: str, cfg, rows, args, steps: int | None = None,
-          objective: Objective | None = None) -> tuple[dllm.LLaDAModelLM, dict]:
+def train(kind: str, cfg, rows, args, steps: int | None = None, objective: Objective | None = None,
+          evaluate_every: int = 0, evaluate=None) -> tuple[dllm.LLaDAModelLM, dict]:
     """Train a `kind` ('dllm-var' or 'autoregressive') model for `steps` (or --minutes); the dLLM-Var
-    model under `objective` (default: the --t-range / --tail-eos / ... arguments)."""
+    model under `objective` (default: the --t-range / --tail-eos / ... arguments). With
+    `evaluate_every` N, `evaluate(model)` (in eval mode, no grad) scores the model every N steps:
+    info["curve"] holds {"step", **scores}, and its time is not counted as training time."""
     if kind == "dllm-var":
         objective = objective or Objective.from_args(args)
     dev = torch.device(args.device)
@@ -135,11 +137,11 @@ def train(kind: str, cfg, rows, args, steps: int | None = None,
     seg = torch.tensor(rows.segment_ids)
     gen = torch.Generator().manual_seed(0)  # same rows, same order for both kinds
     budget_steps = steps or 10**9
-    t0, step, tokens, losses = time.time(), 0, 0, []
+    t0, step, tokens, losses, curve, eval_secs = time.time(), 0, 0, [], [], 0.0
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    while step < budget_steps and (steps or time.time() - t0 < args.minutes * 60):
+    while step < budget_steps and (steps or time.time() - t0 - eval_secs < args.minutes * 60):
         idx = torch.randint(0, len(ids), (args.batch,), generator=gen)
-        progress = run_progress(step, time.time() - t0, steps, None if steps else args.minutes * 60)
+        progress = run_progress(step, time.time() - t0 - eval_secs, steps, None if steps else args.minutes * 60)
         lr = learning_rate(lr=args.lr, schedule="cosine", warmup_steps=args.warmup, min_lr_ratio=0.1, step=step + 1,
                            progress=progress)
         for group in opt.param_groups:
@@ -167,11 +169,18 @@ def train(kind: str, cfg, rows, args, steps: int | None = None,
         tokens += idx.numel() * ids.shape[1]
         if step % 100 == 0:
             losses.append((step, round(loss.item(), 4)))
-            print(f"  [{kind}] step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+            print(f"  [{kind}] step {step} loss {loss.item():.3f} ({time.time() - t0 - eval_secs:.0f}s)", flush=True)
+        if evaluate_every and step % evaluate_every == 0:
+            t_eval = time.time()
+            model.eval()
+            with torch.no_grad():
+                curve.append({"step": step, **evaluate(model)})
+            model.train()
+            eval_secs += time.time() - t_eval
     sync()
-    secs = time.time() - t0
+    secs = time.time() - t0 - eval_secs
     info = {"kind": kind, "steps": step, "seconds": secs, "tokens_per_s": tokens / secs, "loss_history": losses,
-            **({"objective": vars(objective)} if kind == "dllm-var" else {})}
+            **({"objective": vars(objective)} if kind == "dllm-var" else {}), **({"curve": curve} if curve else {})}
     return model.eval().to(eval_dtype(dev)), info
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import trained_compare
+from benchmarks import objective_bench, trained_compare
 
 TINY = ["--device", "cpu", "--size", "tiny", "--minutes", "0.02", "--batch", "4", "--seq-len", "64",
         "--train-samples", "500", "--heldout", "4", "--skip-baselines", "--decoders", "threshold", "--concurrency", "2"]
@@ -28,3 +28,19 @@ def test_trained_compare_trains_each_model_and_evaluates_in_separate_runs(tmp_pa
     assert {k: (work / k / "model.safetensors").stat().st_mtime_ns for k in weights} == weights
     systems = {s["system"] for s in result["systems"]}
     assert "engine (threshold)" in systems and any(s.startswith("autoregressive") for s in systems)
+
+
+def test_objective_bench_scores_each_model_during_training(tmp_path):
+    out = tmp_path / "curve.json"
+    objective_bench.main(["--device", "cpu", "--size", "tiny", "--steps", "4", "--evaluate-every", "2", "--batch", "4",
+                          "--seq-len", "64", "--train-samples", "500", "--heldout", "4", "--variants", "tail-eos",
+                          "--decoders", "threshold", "fixed_k", "--json", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["variant"], r["system"]) for r in runs][:2] == [("tail-eos", "engine (threshold)"),
+                                                               ("tail-eos", "engine (fixed_k)")]
+    dllm_curve, ar_curve = runs[0]["training"]["curve"], runs[-1]["training"]["curve"]
+    assert [p["step"] for p in dllm_curve] == [2, 4] and [p["step"] for p in ar_curve] == [2, 4]
+    assert set(dllm_curve[0]) == {"step", "threshold", "fixed_k"}
+    assert 0.0 <= dllm_curve[-1]["fixed_k"]["exact_match"] <= 1.0 and "exact_match" in ar_curve[-1]
+    assert runs[0]["training"]["steps"] == 4  # scoring does not eat into the training
+
