@@ -1,10 +1,16 @@
 """Benchmark plumbing that later GPU runs depend on (the measurements themselves run on the GPU box)."""
 
 import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks import objective_bench, trained_compare
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--device", "cpu", "--size", "tiny", "--minutes", "0.02", "--batch", "4", "--seq-len", "64",
         "--train-samples", "500", "--heldout", "4", "--skip-baselines", "--decoders", "threshold", "--concurrency", "2"]
@@ -44,3 +50,18 @@ def test_objective_bench_scores_each_model_during_training(tmp_path):
     assert 0.0 <= dllm_curve[-1]["fixed_k"]["exact_match"] <= 1.0 and "exact_match" in ar_curve[-1]
     assert runs[0]["training"]["steps"] == 4  # scoring does not eat into the training
 
+
+def test_fp8_train_bench_drives_the_training_workers_deepspeed_engine(tmp_path):
+    """The DeepSpeed path runs here in bf16 (FP8 needs a Hopper GPU): the same engine setup as a worker."""
+    out = tmp_path / "ds.json"
+    cmd = [sys.executable, "-m", "benchmarks.fp8_train_bench", "--deepspeed", "--device", "cpu", "--precisions", "bf16",
+           "--layers", "1", "--d-model", "128", "--vocab", "256", "--batch", "2", "--seq-len", "32", "--steps", "3",
+           "--warmup", "1", "--json", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["deepspeed"] and run["zero_stage"] == 2 and run["fp8_linears"] == 0
+    assert len(run["losses"]) == 3 and all(math.isfinite(x) for x in run["losses"])
+
+    refused = subprocess.run(cmd[:4] + ["--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "bf16 only" in refused.stderr

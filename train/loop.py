@@ -74,6 +74,24 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
     }
 
 
+def deepspeed_engine(model: dllm.LLaDAModelLM, cfg: TrainConfig, on_gpu: bool):
+    """The model under DeepSpeed as `cfg` asks (ZeRO stage, bf16, AdamW; FP8 linears, compiled, with
+    `fp8`). Needs torch.distributed initialised (Ray Train does it; a single process may do it itself)."""
+    import deepspeed
+
+    _skip_cpu_shm_build()
+    if cfg.fp8:
+        model = model.cuda()
+        enable_fp8(model)
+        # Eager, the float8 casts and scales are separate kernels: measured 0.52x bf16's tokens/s on an
+        # H100 (benchmarks.fp8_train_bench); compiled, 1.29x. Module.compile keeps the parameter names.
+        model.compile()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, on_gpu))
+    engine.module.enable_flash_attn()  # CUDA + bf16 + flash-attn installed; SDPA otherwise
+    return engine
+
+
 def _skip_cpu_shm_build() -> None:
     """DeepSpeed JIT-builds a shared-memory comm op on CPU (a minute on 2 cores); gloo is enough."""
     from deepspeed.accelerator import get_accelerator
@@ -85,7 +103,6 @@ def _skip_cpu_shm_build() -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """loop_config: {"config": TrainConfig as a dict, "dataset_rows": rows in the training data}."""
-    import deepspeed
     import ray.train
     from ray.train import Checkpoint
 
@@ -94,21 +111,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
     torch.manual_seed(cfg.seed)
-    _skip_cpu_shm_build()
 
     tokenizer = dllm.load_tokenizer(cfg.tokenizer_dir)
     model = build_model(cfg, tokenizer)
     config = model.config
-    if cfg.fp8:
-        model = model.cuda()
-        enable_fp8(model)
-        # Eager, the float8 casts and scales are separate kernels: measured 0.52x bf16's tokens/s on an
-        # H100 (benchmarks.fp8_train_bench); compiled, 1.29x. Module.compile keeps the parameter names.
-        model.compile()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, on_gpu))
+    engine = deepspeed_engine(model, cfg, on_gpu)
     device = engine.device
-    engine.module.enable_flash_attn()  # CUDA + bf16 + flash-attn installed; SDPA otherwise
 
     state = {"step": 0, "micro_steps": 0, "samples_seen": 0, "tokens_seen": 0, "elapsed": 0.0, "history": []}
     resumed = ray.train.get_checkpoint()
