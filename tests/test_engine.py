@@ -393,3 +393,52 @@ def test_unrolled_denoise_steps_give_the_same_tokens(confident_model, early_stop
 def test_unrolling_needs_sane_settings(confident_model):
     with pytest.raises(ValueError, match="max_unroll"):
         _engine(confident_model, max_unroll=0)
+
+
+EVERY_DECODING_SETTING = [CFG.replace(decoder=d, tokens_per_step=2, early_stop=d == "credit")
+                          for d in ("threshold", "factor", "credit", "hierarchical", "fixed_k")]
+EVERY_DECODING_SETTING += [CFG.replace(temperature=1.5, seed=3), CFG.replace(smoothing=True)]
+
+
+def test_decoding_copies_nothing_from_the_host_once_the_forward_is_queued(confident_model, monkeypatch):
+    """Every request's decoder parameters reach the device before its forward is launched: on CUDA a
+    host->device copy after the launch waits for the forward, a host sync inside the step."""
+    engine = _engine(confident_model, max_unroll=4, expected_tpf=1.0)
+    made_from_host = []
+    real_tensor = torch.tensor
+
+    def recording(*args, **kwargs):
+        made_from_host.append(args[0])
+        return real_tensor(*args, **kwargs)
+
+    def host_free(fn):
+        def wrapped(*args, **kwargs):
+            monkeypatch.setattr(torch, "tensor", recording)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                monkeypatch.setattr(torch, "tensor", real_tensor)
+        return wrapped
+
+    engine._decode = host_free(engine._decode)  # runs after the forward is queued ...
+    engine._finished_blocks = host_free(engine._finished_blocks)  # ... and up to the step's one sync
+    gens = engine.generate(_prompts(7), EVERY_DECODING_SETTING)
+    assert all(g.finish_reason in ("stop", "length") for g in gens)
+    assert engine.total_forwards > 0 and made_from_host == []
+
+
+@pytest.mark.gpu
+def test_decoding_does_not_sync_with_the_host_on_cuda(confident_model):
+    engine = _engine(copy.deepcopy(confident_model).to("cuda", torch.bfloat16), max_unroll=4, expected_tpf=1.0)
+    decode = engine._decode
+
+    def strict(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")  # any op that waits for the GPU raises
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine._decode = strict
+    gens = engine.generate(_prompts(7), EVERY_DECODING_SETTING)
+    assert all(g.finish_reason in ("stop", "length") for g in gens)

@@ -22,7 +22,7 @@ def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tens
     x = argmax(logits + T * g) (Gumbel-max sampling). Confidence = softmax(logits)[x]. The MASK
     token itself is never a candidate.
     """
-    mask_col = torch.tensor([mask_token_id], device=logits.device)
+    mask_col = torch.full((1,), mask_token_id, device=logits.device)  # a fill, not a host->device copy
     logits = logits.float().index_fill(-1, mask_col, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     scores = logits if gumbel is None else logits + temperature[:, None, None] * gumbel

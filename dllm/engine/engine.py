@@ -12,7 +12,9 @@ Committed K/V is never recomputed. With `commit_pass=False` step 4 is skipped: t
 block's last denoise step wrote is kept, and the next block starts with a DENOISE forward.
 
 Every running request takes part in every step; requests whose next forward has the same shape
-share it. The host syncs once per forward group (to learn which blocks are finished).
+share it. The host syncs once per forward group (to learn which blocks are finished): the decoders'
+per-request parameters reach the device before the forward is launched (`_DecodeParams`), so the
+host queues forward and decode without waiting for the GPU in between.
 
 On CUDA the cache is read by the pool-attention kernel and DENOISE / COMMIT forwards (fixed
 shapes) replay CUDA graphs (`cuda_graphs.py`); PREFILL (any prompt length) runs eagerly.
@@ -33,6 +35,44 @@ from .cuda_graphs import GraphedForward
 from .kv_cache import KVCache
 from .request import BlockTrajectory, Generation, Phase, Request, RequestOutput
 from .scheduler import Scheduler
+
+
+class _DecodeParams:
+    """One forward group's per-request decoder parameters, copied to the device before its forward
+    is launched: a host->device copy after the launch would wait for the forward to finish (a host
+    sync inside the step). Rows of `thresholds` are the unrolled steps (smoothing decays it per step)."""
+
+    def __init__(self, engine: "Engine", reqs: list[Request], steps: int) -> None:
+        dev = engine.device
+
+        def on_device(values) -> torch.Tensor:
+            return torch.tensor(values, device=dev)
+
+        self.thresholds = on_device([[engine._threshold(r, ahead=u) for r in reqs] for u in range(steps)])
+        temps = [r.config.temperature for r in reqs]
+        self.temperatures = on_device(temps) if any(t > 0 for t in temps) else None
+        by_kind: dict[str, list[int]] = {}
+        for i, r in enumerate(reqs):
+            by_kind.setdefault(r.config.decoder, []).append(i)
+        self.kinds = []  # (decoder, rows, its parameter or None, hierarchical's low threshold or None)
+        for kind, rows in by_kind.items():
+            cfgs = [reqs[i].config for i in rows]
+            param = (on_device([c.factor for c in cfgs]) if kind == "factor"
+                     else on_device([c.tokens_per_step for c in cfgs]) if kind == "fixed_k" else None)
+            low = on_device([c.low_threshold for c in cfgs]) if kind == "hierarchical" else None
+            self.kinds.append((kind, on_device(rows), param, low))
+        self.credit_rows = [i for i, r in enumerate(reqs) if r.config.decoder == "credit"]
+        if self.credit_rows:
+            cfgs = [reqs[i].config for i in self.credit_rows]
+            self.credit_index = on_device(self.credit_rows)
+            self.credit_abg = [on_device([getattr(c, f"credit_{x}") for c in cfgs]) for x in ("alpha", "beta", "gamma")]
+            # No credit decay on a block's first step: only the first unrolled step can be one.
+            self.credit_first = on_device([reqs[i].block_steps == 0 for i in self.credit_rows])
+        early = [i for i, r in enumerate(reqs) if r.config.early_stop]
+        self.early_index = on_device(early) if early else None
+        if early:
+            width = max(len(reqs[i].stop_ids) for i in early)
+            self.stop_ids = on_device([sorted(reqs[i].stop_ids) + [-1] * (width - len(reqs[i].stop_ids)) for i in early])
 
 
 class Engine:
@@ -235,18 +275,19 @@ class Engine:
         if phase is Phase.DENOISE and self.max_unroll > 1:
             fewest = min(r.masks_left for r in reqs)
             k = max(1, min(self.max_unroll, int(fewest // self.expected_tpf)))
+        params = _DecodeParams(self, reqs, k)
         slots = [r.slot for r in reqs]
         smoothing = [i for i, r in enumerate(reqs) if r.config.smoothing]
         graphable = self.graphs is not None and uniform and phase is not Phase.PREFILL and not smoothing
         view = None
-        for _ in range(k):
+        for u in range(k):
             logits = self.graphs.run(ids, slots, offsets, logits_start=lead, n_logits=b) if graphable else None
             if logits is None:  # eager (or no graph bucket fits): one view serves every unrolled step
                 if view is None:
                     view = self.cache.view(slots, offsets, q_lens, ids.shape[1])
                 logits = self._eager_logits(reqs, ids, smoothing, block_pos, view)
             self.total_forwards += 1
-            new_blocks = self._decode(logits, blocks, reqs)
+            new_blocks = self._decode(logits, blocks, reqs, params, u)
             self._record_reveals(reqs, blocks, new_blocks)
             for i, r in enumerate(reqs):
                 r.block = new_blocks[i]
@@ -256,7 +297,7 @@ class Engine:
             blocks = new_blocks
             if k > 1:
                 ids = ids.scatter(1, block_pos, new_blocks)  # the next unrolled step sees the new block
-        done, masks_left = self._block_status(blocks, reqs)  # the one host sync per forward group
+        done, masks_left = self._block_status(blocks, params)  # the one host sync per forward group
         for i, r in enumerate(reqs):
             r.masks_left = masks_left[i]
             if phase is Phase.PREFILL:
@@ -288,24 +329,20 @@ class Engine:
                 if new:
                     r.reveal_step[j] = r.block_steps
 
-    def _block_status(self, blocks: torch.Tensor, reqs: list[Request]) -> tuple[list[bool], list[int]]:
+    def _block_status(self, blocks: torch.Tensor, params: _DecodeParams) -> tuple[list[bool], list[int]]:
         """Per request: is the block finished, and how many masks it has left (one device->host copy)."""
-        done = self._finished_blocks(blocks, reqs)
+        done = self._finished_blocks(blocks, params)
         left = (blocks == self.mask_id).sum(1)
         status = torch.stack([done.long(), left]).tolist()
         self.host_syncs += 1
         return [bool(d) for d in status[0]], status[1]
 
-    def _finished_blocks(self, blocks: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def _finished_blocks(self, blocks: torch.Tensor, params: _DecodeParams) -> torch.Tensor:
         """[n] bool: the block has no mask left, or (early_stop) a committed stop token with no mask before it."""
         masked = blocks == self.mask_id
         done = ~masked.any(1)
-        early = [i for i, r in enumerate(reqs) if r.config.early_stop]
-        if early:
-            width = max(len(reqs[i].stop_ids) for i in early)
-            ids = torch.tensor([sorted(reqs[i].stop_ids) + [-1] * (width - len(reqs[i].stop_ids)) for i in early],
-                               device=self.device)
-            idx = torch.tensor(early, device=self.device)
+        if params.early_index is not None:
+            idx, ids = params.early_index, params.stop_ids
             rows, m = blocks[idx], masked[idx]
             pos = torch.arange(rows.shape[1], device=self.device)
             is_stop = (rows[:, :, None] == ids[:, None, :]).any(-1)
@@ -329,56 +366,45 @@ class Engine:
             embeds[i, pos] = embeds[i, pos] + alpha * r.smooth_delta * masked
         return embeds
 
-    def _decode(self, logits: torch.Tensor, blocks: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """Apply each request's decoder to its block; returns the new blocks [n, B]."""
+    def _decode(self, logits: torch.Tensor, blocks: torch.Tensor, reqs: list[Request], params: _DecodeParams,
+                unrolled_step: int) -> torch.Tensor:
+        """Apply each request's decoder to its block; returns the new blocks [n, B]. Launches device
+        work only: every per-request parameter is already on the device (`params`)."""
         n, b = blocks.shape
         dev = self.device
         masked = blocks == self.mask_id
         logits = logits.float()
 
-        credit_rows = [i for i, r in enumerate(reqs) if r.config.decoder == "credit"]
-        if credit_rows:
-            idx = torch.tensor(credit_rows, device=dev)
-            cfgs = [reqs[i].config for i in credit_rows]
+        if params.credit_rows:
+            idx, rows = params.credit_index, params.credit_rows
             state = torch.stack([reqs[i].credit if reqs[i].credit is not None and reqs[i].block_steps > 0
-                                 else torch.zeros_like(logits[i]) for i in credit_rows])
-            fused, state = decoders.credit_fuse(
-                logits[idx], state, masked[idx],
-                alpha=torch.tensor([c.credit_alpha for c in cfgs], device=dev),
-                beta=torch.tensor([c.credit_beta for c in cfgs], device=dev),
-                gamma=torch.tensor([c.credit_gamma for c in cfgs], device=dev),
-                first_step=torch.tensor([reqs[i].block_steps == 0 for i in credit_rows], device=dev))
+                                 else torch.zeros_like(logits[i]) for i in rows])
+            first = params.credit_first if unrolled_step == 0 else torch.zeros_like(params.credit_first)
+            fused, state = decoders.credit_fuse(logits[idx], state, masked[idx], *params.credit_abg, first_step=first)
             logits = logits.index_copy(0, idx, fused)
-            for j, i in enumerate(credit_rows):
+            for j, i in enumerate(rows):
                 reqs[i].credit = state[j]
 
-        temps = [r.config.temperature for r in reqs]
-        if any(t > 0 for t in temps):
+        if params.temperatures is not None:
             gumbel = torch.stack([
                 -torch.empty(b, logits.shape[-1], device=dev).exponential_(generator=r.generator).log()
                 if r.generator is not None else torch.zeros(b, logits.shape[-1], device=dev) for r in reqs])
-            x, conf = decoders.candidates(logits, self.mask_id, torch.tensor(temps, device=dev), gumbel)
+            x, conf = decoders.candidates(logits, self.mask_id, params.temperatures, gumbel)
         else:
             x, conf = decoders.candidates(logits, self.mask_id)
 
-        thresholds = torch.tensor([self._threshold(r) for r in reqs], device=dev)
+        thresholds = params.thresholds[unrolled_step]
         commit = torch.zeros_like(masked)
-        kinds: dict[str, list[int]] = {}
-        for i, r in enumerate(reqs):
-            kinds.setdefault(r.config.decoder, []).append(i)
-        for kind, rows in kinds.items():
-            idx = torch.tensor(rows, device=dev)
+        for kind, idx, param, low in params.kinds:
             c, m, tau = conf[idx], masked[idx], thresholds[idx]
             if kind in ("threshold", "credit"):
                 part = decoders.threshold_commit(c, m, tau)
             elif kind == "factor":
-                part = decoders.factor_commit(c, m, torch.tensor([reqs[i].config.factor for i in rows], device=dev))
+                part = decoders.factor_commit(c, m, param)
             elif kind == "hierarchical":
-                low = torch.tensor([reqs[i].config.low_threshold for i in rows], device=dev)
                 part = decoders.hierarchical_commit(c, m, tau, low)
             else:  # fixed_k
-                k = torch.tensor([reqs[i].config.tokens_per_step for i in rows], device=dev)
-                part = decoders.top_k_commit(c, m, k)
+                part = decoders.top_k_commit(c, m, param)
             commit[idx] = part
 
         new_blocks = torch.where(commit, x, blocks)
@@ -387,9 +413,10 @@ class Engine:
                 r.smooth_delta = decoders.soft_embedding(logits[i:i + 1], self.model.embedding_weight)[0]
         return new_blocks
 
-    def _threshold(self, r: Request) -> float:
+    def _threshold(self, r: Request, ahead: int = 0) -> float:
+        """Commit threshold of `r`'s step `ahead` steps from now."""
         if r.config.smoothing:  # dInfer couples smoothing with a threshold decaying from 1.0 to tau
-            return max(1.0 - r.config.smoothing_threshold_decay * r.steps, r.config.threshold)
+            return max(1.0 - r.config.smoothing_threshold_decay * (r.steps + ahead), r.config.threshold)
         return r.config.threshold
 
     # ----- block and request lifecycle -------------------------------------------------------
