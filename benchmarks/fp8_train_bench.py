@@ -56,6 +56,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def objective_loss(model, hidden: torch.Tensor, nb, device: str) -> torch.Tensor:
+    return dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets.to(device),
+                                           nb.loss_mask.to(device))
+
+
 class PlainStep:
     """bf16 weights, torch AdamW, optionally torch.compile: the kernels alone."""
 
@@ -69,9 +74,7 @@ class PlainStep:
         self.zero_stage = None
 
     def __call__(self, nb, device: str) -> torch.Tensor:
-        hidden = self.forward(nb.input_ids.to(device), return_hidden=True)
-        loss = dllm.diffusion_loss_from_hidden(hidden, self.model.model.transformer["ff_out"], nb.targets.to(device),
-                                               nb.loss_mask.to(device))
+        loss = objective_loss(self.model, self.forward(nb.input_ids.to(device), return_hidden=True), nb, device)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -95,9 +98,7 @@ class DeepSpeedStep:
         self.zero_stage = self.engine.zero_optimization_stage()
 
     def __call__(self, nb, device: str) -> torch.Tensor:
-        hidden = self.engine(nb.input_ids.to(device), return_hidden=True)
-        loss = dllm.diffusion_loss_from_hidden(hidden, self.model.model.transformer["ff_out"], nb.targets.to(device),
-                                               nb.loss_mask.to(device))
+        loss = objective_loss(self.model, self.engine(nb.input_ids.to(device), return_hidden=True), nb, device)
         self.engine.backward(loss)
         self.engine.step()
         return loss

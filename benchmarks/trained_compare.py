@@ -138,10 +138,14 @@ def train(kind: str, cfg, rows, args, steps: int | None = None, objective: Objec
     gen = torch.Generator().manual_seed(0)  # same rows, same order for both kinds
     budget_steps = steps or 10**9
     t0, step, tokens, losses, curve, eval_secs = time.time(), 0, 0, [], [], 0.0
+
+    def training_seconds() -> float:  # wall time less the scoring
+        return time.time() - t0 - eval_secs
+
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    while step < budget_steps and (steps or time.time() - t0 - eval_secs < args.minutes * 60):
+    while step < budget_steps and (steps or training_seconds() < args.minutes * 60):
         idx = torch.randint(0, len(ids), (args.batch,), generator=gen)
-        progress = run_progress(step, time.time() - t0 - eval_secs, steps, None if steps else args.minutes * 60)
+        progress = run_progress(step, training_seconds(), steps, None if steps else args.minutes * 60)
         lr = learning_rate(lr=args.lr, schedule="cosine", warmup_steps=args.warmup, min_lr_ratio=0.1, step=step + 1,
                            progress=progress)
         for group in opt.param_groups:
@@ -169,7 +173,7 @@ def train(kind: str, cfg, rows, args, steps: int | None = None, objective: Objec
         tokens += idx.numel() * ids.shape[1]
         if step % 100 == 0:
             losses.append((step, round(loss.item(), 4)))
-            print(f"  [{kind}] step {step} loss {loss.item():.3f} ({time.time() - t0 - eval_secs:.0f}s)", flush=True)
+            print(f"  [{kind}] step {step} loss {loss.item():.3f} ({training_seconds():.0f}s)", flush=True)
         if evaluate_every and step % evaluate_every == 0:
             t_eval = time.time()
             model.eval()
@@ -178,7 +182,7 @@ def train(kind: str, cfg, rows, args, steps: int | None = None, objective: Objec
             model.train()
             eval_secs += time.time() - t_eval
     sync()
-    secs = time.time() - t0 - eval_secs
+    secs = training_seconds()
     info = {"kind": kind, "steps": step, "seconds": secs, "tokens_per_s": tokens / secs, "loss_history": losses,
             **({"objective": vars(objective)} if kind == "dllm-var" else {}), **({"curve": curve} if curve else {})}
     return model.eval().to(eval_dtype(dev)), info

@@ -54,14 +54,13 @@ class _DecodeParams:
         by_kind: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):
             by_kind.setdefault(r.config.decoder, []).append(i)
-        self.kinds = []  # (decoder, rows, its parameter or None, hierarchical's low threshold or None)
+        own_parameter = {"factor": "factor", "hierarchical": "low_threshold", "fixed_k": "tokens_per_step"}
+        self.kinds = []  # (decoder, its rows, its own per-row parameter or None)
         for kind, rows in by_kind.items():
-            cfgs = [reqs[i].config for i in rows]
-            param = (on_device([c.factor for c in cfgs]) if kind == "factor"
-                     else on_device([c.tokens_per_step for c in cfgs]) if kind == "fixed_k" else None)
-            low = on_device([c.low_threshold for c in cfgs]) if kind == "hierarchical" else None
-            self.kinds.append((kind, on_device(rows), param, low))
-        self.credit_rows = [i for i, r in enumerate(reqs) if r.config.decoder == "credit"]
+            name = own_parameter.get(kind)
+            param = on_device([getattr(reqs[i].config, name) for i in rows]) if name else None
+            self.kinds.append((kind, on_device(rows), param))
+        self.credit_rows = by_kind.get("credit", [])
         if self.credit_rows:
             cfgs = [reqs[i].config for i in self.credit_rows]
             self.credit_index = on_device(self.credit_rows)
@@ -395,14 +394,14 @@ class Engine:
 
         thresholds = params.thresholds[unrolled_step]
         commit = torch.zeros_like(masked)
-        for kind, idx, param, low in params.kinds:
+        for kind, idx, param in params.kinds:
             c, m, tau = conf[idx], masked[idx], thresholds[idx]
             if kind in ("threshold", "credit"):
                 part = decoders.threshold_commit(c, m, tau)
             elif kind == "factor":
                 part = decoders.factor_commit(c, m, param)
             elif kind == "hierarchical":
-                part = decoders.hierarchical_commit(c, m, tau, low)
+                part = decoders.hierarchical_commit(c, m, tau, param)
             else:  # fixed_k
                 part = decoders.top_k_commit(c, m, param)
             commit[idx] = part
