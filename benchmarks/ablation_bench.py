@@ -1,4 +1,4 @@
-"""dInfer's inference techniques, one table: decoder x cache policy x loop unrolling.
+"""dInfer's inference techniques, one table: decoder x cache policy x loop unrolling x stop order.
 
     python -m benchmarks.ablation_bench --model DIR --prompts-jsonl heldout.jsonl [--device cuda] [--json out.json]
 
@@ -9,7 +9,9 @@ the table has exact match, self-stopping, TPF and TPS, and each row's TPS relati
 
 Cache policies: dllm-var (committed K/V reused as is), vicinity (each step also recomputes the last
 `--vicinity` committed tokens; a full refresh when a block starts), none (everything recomputed at
-every step). Unrolling (k denoise steps per host sync) only pays off on a GPU, where a host sync
+every step). Stop order: "last" (the engine's default, GenerationConfig.stops_last) commits a
+stop token only once every position left of it is decided; "confidence" (the paper's) commits it
+like any other token. Unrolling (k denoise steps per host sync) only pays off on a GPU, where a host sync
 stalls the device; on a CPU its rows show that it changes no answer.
 """
 
@@ -23,6 +25,9 @@ import time
 import torch
 
 import dllm
+
+
+STOP_ORDERS = ("last", "confidence")  # GenerationConfig.stops_last on / off
 
 
 def sync():
@@ -40,10 +45,10 @@ def run(args) -> list[dict]:
         engine = dllm.Engine(model, tok, max_batch_size=args.batch, max_model_len=args.max_model_len,
                              max_unroll=unroll, expected_tpf=args.expected_tpf)
         engine.warmup([args.block_size])
-        for decoder, policy in itertools.product(args.decoders, args.policies):
+        for decoder, policy, order in itertools.product(args.decoders, args.policies, args.stop_orders):
             cfg = dllm.GenerationConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens,
                                         threshold=args.threshold, decoder=decoder, cache_policy=policy,
-                                        vicinity=args.vicinity, early_stop=True)
+                                        vicinity=args.vicinity, early_stop=True, stops_last=order == "last")
             engine.generate(prompts[: args.batch], cfg)  # warm-up
             sync()
             t0 = time.perf_counter()
@@ -54,13 +59,14 @@ def run(args) -> list[dict]:
             secs = time.perf_counter() - t0
             tokens = sum(len(g.token_ids) for g in gens)
             results.append({
-                "decoder": decoder, "cache_policy": policy, "unroll": unroll, "prompts": len(gens),
+                "decoder": decoder, "cache_policy": policy, "stop_order": order, "unroll": unroll, "prompts": len(gens),
                 "exact_match": sum(g.text == r["output"] for g, r in zip(gens, rows)) / len(gens),
                 "self_stopped": sum(g.finish_reason == "stop" for g in gens) / len(gens),
                 "tpf": tokens / max(1, sum(g.num_forwards for g in gens)), "tps": tokens / secs, "seconds": secs})
             print(results[-1], flush=True)
     base = next((r["tps"] for r in results
-                 if (r["decoder"], r["cache_policy"], r["unroll"]) == ("threshold", "dllm-var", 1)), None)
+                 if (r["decoder"], r["cache_policy"], r["stop_order"], r["unroll"]) == ("threshold", "dllm-var", "last", 1)),
+                None)
     for r in results:
         r["tps_vs_default"] = r["tps"] / base if base else None
     return results
@@ -83,16 +89,18 @@ def main(argv=None) -> None:
     p.add_argument("--policies", nargs="+", default=list(dllm.engine.CACHE_POLICIES),
                    choices=list(dllm.engine.CACHE_POLICIES))
     p.add_argument("--vicinity", type=int, default=16)
+    p.add_argument("--stop-orders", nargs="+", default=list(STOP_ORDERS), choices=list(STOP_ORDERS))
     p.add_argument("--unroll", type=int, nargs="+", default=[1, 4] if torch.cuda.is_available() else [1])
     p.add_argument("--expected-tpf", type=float, default=4.0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     results = run(args)
-    print(f"\n{'decoder':13} {'cache':9} {'unroll':>6} {'EM':>6} {'stop':>5} {'TPF':>6} {'tok/s':>8} {'vs default':>10}")
+    print(f"\n{'decoder':13} {'cache':9} {'stops':10} {'unroll':>6} {'EM':>6} {'stop':>5} {'TPF':>6} {'tok/s':>8} "
+          f"{'vs default':>10}")
     for r in results:
         ratio = f"{r['tps_vs_default']:.2f}x" if r["tps_vs_default"] else "-"
-        print(f"{r['decoder']:13} {r['cache_policy']:9} {r['unroll']:6d} {r['exact_match']:6.1%} {r['self_stopped']:5.0%} "
-              f"{r['tpf']:6.2f} {r['tps']:8.1f} {ratio:>10}")
+        print(f"{r['decoder']:13} {r['cache_policy']:9} {r['stop_order']:10} {r['unroll']:6d} {r['exact_match']:6.1%} "
+              f"{r['self_stopped']:5.0%} {r['tpf']:6.2f} {r['tps']:8.1f} {ratio:>10}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "results": results}, f, indent=2)

@@ -199,9 +199,10 @@ def score(name, batch, texts, stopped, forwards, seconds, held, tok) -> dict:
             "exact_match": exact / len(texts), "self_stopped": sum(stopped) / len(stopped)}
 
 
-def eval_engine(engine, tok, held, decoder, batch, args, return_texts: bool = False) -> dict:
+def eval_engine(engine, tok, held, decoder, batch, args, return_texts: bool = False, stops_last: bool = True) -> dict:
+    """stops_last=False: the paper's decoding, stop tokens committed by confidence like any other."""
     cfg = dllm.GenerationConfig(block_size=args.block, max_new_tokens=args.max_new_tokens, decoder=decoder,
-                                threshold=0.9, early_stop=True)
+                                threshold=0.9, early_stop=True, stops_last=stops_last)
     prompts = [s["instruction"] for s in held]
     engine.generate(prompts[:batch], cfg)  # warm-up: captures the graphs of these shapes
     sync()
@@ -212,7 +213,8 @@ def eval_engine(engine, tok, held, decoder, batch, args, return_texts: bool = Fa
     sync()
     secs = time.perf_counter() - t0
     texts = [g.text for g in gens]
-    r = score(f"engine ({decoder})", batch, texts, [g.finish_reason == "stop" for g in gens],
+    name = f"engine ({decoder})" if stops_last else f"engine ({decoder}, stop tokens by confidence)"
+    r = score(name, batch, texts, [g.finish_reason == "stop" for g in gens],
               sum(g.num_forwards for g in gens), secs, held, tok)
     return {**r, "texts": texts} if return_texts else r
 
@@ -433,6 +435,8 @@ def main(argv=None) -> None:
         for decoder in args.decoders:
             systems.append(eval_engine(engine, tok, held, decoder, batch, args))
             print(systems[-1], flush=True)
+        systems.append(eval_engine(engine, tok, held, "threshold", batch, args, stops_last=False))  # the paper's
+        print(systems[-1], flush=True)
         if args.skip_baselines:
             continue
         for gen_len, n in zip(args.vanilla_lengths, args.vanilla_prompts):

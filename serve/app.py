@@ -29,9 +29,10 @@ import dllm
 from .engine_loop import EngineLoop
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, new_id, now, reject_unsupported, usage)
 
-# The server stops a block at a settled EOS (same answers, fewer forwards); see GenerationConfig.
+# The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
+# the content left of it (answers are not cut short); see GenerationConfig.
 DEFAULT_DECODING = {"block_size": 64, "threshold": 0.9, "decoder": "threshold", "max_tokens": 256, "early_stop": True,
-                    "cache_policy": "dllm-var"}
+                    "stops_last": True, "cache_policy": "dllm-var"}
 
 
 def _decoding_defaults(user_config: dict | None) -> dict:
@@ -40,7 +41,7 @@ def _decoding_defaults(user_config: dict | None) -> dict:
     if unknown:
         raise ValueError(f"user_config: unknown key(s) {sorted(unknown)}; allowed: {sorted(DEFAULT_DECODING)} + commit_pass")
     dllm.GenerationConfig(block_size=cfg["block_size"], threshold=cfg["threshold"], decoder=cfg["decoder"],
-                          max_new_tokens=cfg["max_tokens"], early_stop=cfg["early_stop"],
+                          max_new_tokens=cfg["max_tokens"], early_stop=cfg["early_stop"], stops_last=cfg["stops_last"],
                           cache_policy=cfg["cache_policy"])  # validates the values
     return cfg
 
@@ -82,7 +83,7 @@ class EngineServer:
             block_size=merged["block_size"], threshold=merged["threshold"], decoder=merged["decoder"],
             max_new_tokens=payload.get("max_tokens") or merged["max_tokens"], temperature=payload.get("temperature", 0.0),
             seed=payload.get("seed"), stop=payload.get("stop") or None, commit_pass=merged.get("commit_pass", True),
-            early_stop=merged["early_stop"], cache_policy=merged["cache_policy"])
+            early_stop=merged["early_stop"], stops_last=merged["stops_last"], cache_policy=merged["cache_policy"])
         start = time.monotonic()
         first = True
         async for out in self.loop.generate(payload["prompt_ids"], config):
@@ -279,7 +280,7 @@ class OpenAIIngress:
                    "seed": req.seed, "stop": [req.stop] if isinstance(req.stop, str) else req.stop,
                    "options": {"block_size": req.block_size, "threshold": req.threshold, "decoder": req.decoder,
                                "commit_pass": req.commit_pass, "early_stop": req.early_stop,
-                               "cache_policy": req.cache_policy}}
+                               "stops_last": req.stops_last, "cache_policy": req.cache_policy}}
         rid = new_id("chatcmpl" if chat else "cmpl")
         stream = self.engine.options(stream=True).generate.remote(payload)
         if req.stream:

@@ -32,6 +32,7 @@ class DiffusionOptions(BaseModel):
     cache_policy: Literal[dllm.engine.CACHE_POLICIES] | None = None  # type: ignore[valid-type]
     commit_pass: bool | None = None
     early_stop: bool | None = None
+    stops_last: bool | None = None
 
 
 class _Common(DiffusionOptions):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import objective_bench, trained_compare
+from benchmarks import ablation_bench, objective_bench, trained_compare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,7 @@ def test_trained_compare_trains_each_model_and_evaluates_in_separate_runs(tmp_pa
     assert {k: (work / k / "model.safetensors").stat().st_mtime_ns for k in weights} == weights
     systems = {s["system"] for s in result["systems"]}
     assert "engine (threshold)" in systems and any(s.startswith("autoregressive") for s in systems)
+    assert "engine (threshold, stop tokens by confidence)" in systems  # the paper's decoding, for comparison
 
 
 def test_objective_bench_scores_each_model_during_training(tmp_path):
@@ -49,6 +50,18 @@ def test_objective_bench_scores_each_model_during_training(tmp_path):
     assert set(dllm_curve[0]) == {"step", "threshold", "fixed_k"}
     assert 0.0 <= dllm_curve[-1]["fixed_k"]["exact_match"] <= 1.0 and "exact_match" in ar_curve[-1]
     assert runs[0]["training"]["steps"] == 4  # scoring does not eat into the training
+
+
+def test_ablation_bench_has_a_row_per_decoder_policy_and_stop_order(tmp_path, tiny_checkpoint):
+    prompts, out = tmp_path / "heldout.jsonl", tmp_path / "ablation.json"
+    prompts.write_text("".join(json.dumps({"instruction": f"copy {w} = ", "output": w}) + "\n" for w in ("ab", "cd", "e")))
+    ablation_bench.main(["--model", str(tiny_checkpoint), "--prompts-jsonl", str(prompts), "--device", "cpu",
+                         "--dtype", "float32", "--block-size", "8", "--max-new-tokens", "16", "--decoders", "threshold",
+                         "fixed_k", "--policies", "dllm-var", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["decoder"], r["stop_order"]) for r in rows] == [("threshold", "last"), ("threshold", "confidence"),
+                                                               ("fixed_k", "last"), ("fixed_k", "confidence")]
+    assert rows[0]["tps_vs_default"] == 1.0 and all(r["prompts"] == 3 for r in rows)
 
 
 def test_fp8_train_bench_drives_the_training_workers_deepspeed_engine(tmp_path):

@@ -81,3 +81,23 @@ def test_soft_embedding_is_the_expected_embedding():
     emb = T([[1.0, 0.0], [0.0, 1.0]])
     logits = torch.log(T([[[0.25, 0.75]]]))
     assert torch.allclose(decoders.soft_embedding(logits, emb), T([[[0.25, 0.75]]]))
+
+
+def test_stops_last_allows_a_stop_token_only_once_everything_left_of_it_is_decided():
+    E, a, b = 2, 10, 11  # E: the stop id
+    stop_ids = T([[E, -1]])
+    x = T([[a, E, E, b]])
+    masked = torch.ones(1, 4, dtype=torch.bool)
+    conf = T([[0.5, 0.99, 0.99, 0.99]])
+    # position 0 stays masked at sure=0.9, so the EOS run after it must wait; content never waits
+    assert decoders.stops_last(x, conf, masked, stop_ids, T([0.9])).tolist() == [[True, False, False, True]]
+    # everything left of the EOS run is committed in this step: the run may go with it
+    assert decoders.stops_last(x, conf, masked, stop_ids, T([0.4])).tolist() == [[True, True, True, True]]
+
+
+def test_stops_last_counts_committed_positions_as_decided_and_never_blocks_the_leftmost_mask():
+    E = 2
+    x, conf = T([[5, E, E, E]]), T([[0.1, 0.1, 0.1, 0.1]])
+    masked = T([[False, True, True, True]])
+    never = T([2.0])  # decoders without a threshold: nothing counts as committed in this step
+    assert decoders.stops_last(x, conf, masked, T([[E]]), never).tolist() == [[False, True, False, False]]

@@ -10,12 +10,14 @@ from dllm import GenerationConfig
 from reference_llada import ReferenceLLaDA
 
 B = 8
-CFG = GenerationConfig(block_size=B, threshold=0.9, max_new_tokens=48)
+# The paper's decoding (stop tokens committed by confidence like any other), which the plain
+# implementations below write out; stops_last has its own tests.
+CFG = GenerationConfig(block_size=B, threshold=0.9, max_new_tokens=48, stops_last=False)
 
 
 def _prompts(n=6):
     g = torch.Generator().manual_seed(11)
-    return [torch.randint(7, 40, (length,), generator=g).tolist() for length in (3, 5, 8, 11, 13, 4, 9, 17)[:n]]
+    return [torch.randint(7, 40, (length,), generator=g).tolist() for length in (3, 5, 8, 11, 13, 4, 9, 17, 6, 10)[:n]]
 
 
 def threshold_decode(block: list[int], logits: torch.Tensor, mask: int, threshold: float) -> None:
@@ -375,11 +377,12 @@ def test_fused_projections_give_the_same_tokens(tiny_config):
     assert [g.num_forwards for g in fused] == [g.num_forwards for g in separate]
 
 
-@pytest.mark.parametrize("early_stop", [False, True])
-def test_unrolled_denoise_steps_give_the_same_tokens(confident_model, early_stop):
+# (With both, this model's answers settle at their first forward: nothing left to unroll.)
+@pytest.mark.parametrize("early_stop,stops_last", [(False, False), (True, False), (False, True)])
+def test_unrolled_denoise_steps_give_the_same_tokens(confident_model, early_stop, stops_last):
     """Loop unrolling runs several denoise steps per host sync: the answers are identical, forwards
     spent on blocks that finished inside an unrolled run are counted."""
-    cfg = GenerationConfig(block_size=16, threshold=0.99, max_new_tokens=48, early_stop=early_stop)
+    cfg = GenerationConfig(block_size=16, threshold=0.99, max_new_tokens=48, early_stop=early_stop, stops_last=stops_last)
     prompts = _prompts(6)
     plain = _engine(confident_model).generate(prompts, cfg)
     engine = _engine(confident_model, max_unroll=4, expected_tpf=1.0)
@@ -397,7 +400,27 @@ def test_unrolling_needs_sane_settings(confident_model):
 
 EVERY_DECODING_SETTING = [CFG.replace(decoder=d, tokens_per_step=2, early_stop=d == "credit")
                           for d in ("threshold", "factor", "credit", "hierarchical", "fixed_k")]
-EVERY_DECODING_SETTING += [CFG.replace(temperature=1.5, seed=3), CFG.replace(smoothing=True)]
+EVERY_DECODING_SETTING += [CFG.replace(temperature=1.5, seed=3), CFG.replace(smoothing=True),
+                           CFG.replace(stops_last=True), CFG.replace(decoder="factor", stops_last=True, early_stop=True)]
+
+
+def _stops_before_their_content(gens, stop_ids) -> int:
+    """Stop tokens committed at an earlier step than some position to their left (record_trajectory)."""
+    return sum(1 for g in gens for block in g.trajectory for j, t in enumerate(block.tokens)
+               if t in stop_ids and any(block.reveal_step[i] > block.reveal_step[j] for i in range(j)))
+
+
+@pytest.mark.parametrize("decoder", ["threshold", "factor", "credit", "hierarchical", "fixed_k"])
+def test_stops_last_commits_no_stop_token_before_the_positions_left_of_it(confident_model, decoder):
+    """stops_last settles the answer's length after its content; plain confidence order commits
+    this model's confident EOS runs first (the failure that cuts trained models' answers short)."""
+    engine = _engine(confident_model)
+    cfg = CFG.replace(decoder=decoder, tokens_per_step=2, record_trajectory=True)
+    stops = engine.base_stop_ids
+    assert _stops_before_their_content(engine.generate(_prompts(8), cfg), stops) > 0
+    gens = engine.generate(_prompts(8), cfg.replace(stops_last=True))
+    assert _stops_before_their_content(gens, stops) == 0
+    assert any(t in stops for g in gens for block in g.trajectory for t in block.tokens)
 
 
 def test_decoding_copies_nothing_from_the_host_once_the_forward_is_queued(confident_model, monkeypatch):
@@ -422,7 +445,7 @@ def test_decoding_copies_nothing_from_the_host_once_the_forward_is_queued(confid
 
     engine._decode = host_free(engine._decode)  # runs after the forward is queued ...
     engine._finished_blocks = host_free(engine._finished_blocks)  # ... and up to the step's one sync
-    gens = engine.generate(_prompts(7), EVERY_DECODING_SETTING)
+    gens = engine.generate(_prompts(len(EVERY_DECODING_SETTING)), EVERY_DECODING_SETTING)
     assert all(g.finish_reason in ("stop", "length") for g in gens)
     assert engine.total_forwards > 0 and made_from_host == []
 
@@ -440,5 +463,5 @@ def test_decoding_does_not_sync_with_the_host_on_cuda(confident_model):
             torch.cuda.set_sync_debug_mode("default")
 
     engine._decode = strict
-    gens = engine.generate(_prompts(7), EVERY_DECODING_SETTING)
+    gens = engine.generate(_prompts(len(EVERY_DECODING_SETTING)), EVERY_DECODING_SETTING)
     assert all(g.finish_reason in ("stop", "length") for g in gens)

@@ -65,7 +65,8 @@ def test_models_and_health(server, client):
 def test_completion_with_the_openai_client_matches_the_engine(client, model_dir):
     out = client.completions.create(model="tiny", prompt="reverse: abc =>", max_tokens=40)
     engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
-    direct = engine.generate(["reverse: abc =>"], dllm.GenerationConfig(block_size=8, max_new_tokens=40))[0]
+    server_defaults = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
+    direct = engine.generate(["reverse: abc =>"], server_defaults)[0]
     assert out.choices[0].text == direct.text
     assert out.choices[0].finish_reason == direct.finish_reason
     assert out.usage.completion_tokens == len(direct.token_ids)
@@ -122,6 +123,7 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
     ({"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ({"model": "tiny", "prompt": "x", "decoder": "beam"}, 400, "decoder"),
     ({"model": "tiny", "prompt": "x", "cache_policy": "paged"}, 400, "cache_policy"),
+    ({"model": "tiny", "prompt": "x", "stops_last": "sometimes"}, 400, "stops_last"),
     ({"model": "tiny", "prompt": "x", "unknown_field": 1}, 400, "unknown_field"),
     ({"model": "tiny", "prompt": [10**7]}, 400, "prompt"),
 ])
@@ -263,6 +265,16 @@ def test_engine_metrics_reach_the_prometheus_endpoint(server, client):
         found = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_dllm")}
         time.sleep(1)
     assert wanted <= found
+
+
+def test_stops_last_is_on_by_default_and_a_request_option(server, model_dir):
+    engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
+    prompt = "sort: dcba =>"
+    for option in (None, False):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 24, **({} if option is None else {"stops_last": option})}
+        r = httpx.post(f"{server}/v1/completions", json=body)
+        cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=24, early_stop=True, stops_last=option is None)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == engine.generate([prompt], cfg)[0].text
 
 
 def test_cache_policy_is_a_request_option(server):

@@ -24,6 +24,12 @@ class GenerationConfig:
     early_stop:      end a block as soon as a stop token is committed with no mask before it (the
                      answer is then settled; the positions after it would only cost forwards).
                      Same tokens, fewer forwards; off by default (the paper decodes the whole block).
+    stops_last:      settle the answer's length last (default): a stop token (EOS/EOT/stop_token_ids) is
+                     committed only where every position left of it is decided, already or in this
+                     step (decoders.stops_last). Plain confidence order commits a short answer's EOS
+                     run first and cuts answers short: on two CPU-trained checkpoints +8 points exact
+                     match at the same TPF, or 3.3x the TPF at the same exact match (README).
+                     False: the paper's decoding.
     commit_pass:     True (default, the paper's): after a finished block, one forward over
                      [finished block + B masks] writes the block's K/V. False: keep the K/V of the
                      block's last denoise step and save that forward (an approximation).
@@ -51,6 +57,7 @@ class GenerationConfig:
     stop_token_ids: list[int] | None = None
     stop: list[str] | None = None
     early_stop: bool = False
+    stops_last: bool = True
     commit_pass: bool = True
     factor: float = 1.0
     low_threshold: float = 0.6

@@ -31,6 +31,23 @@ def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tens
     return x, conf
 
 
+def stops_last(x: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, stop_ids: torch.Tensor,
+               sure: torch.Tensor) -> torch.Tensor:
+    """The masked positions a decoder may commit when the answer's length is settled last.
+
+    A stop candidate (x in the row's `stop_ids` [n, w], padded with -1) is allowed only where every
+    position left of it is decided: committed already, or committed in this step (confidence >= the
+    row's `sure`; > 1 = never). So a stop token is never committed before the content it ends. Plain
+    confidence order commits a short answer's EOS run first (the most confident part of its block)
+    and each committed EOS pulls the next position towards EOS: answers lose their last tokens.
+    Content candidates and the leftmost masked position are always allowed.
+    """
+    stop = (x[..., None] == stop_ids[:, None, :]).any(-1)
+    pending = (masked & (conf < sure[:, None])).long()  # stays masked after this step
+    pending_before = torch.cumsum(pending, -1) - pending > 0
+    return masked & ~(stop & pending_before)
+
+
 def _top1(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """One-hot of the most confident masked position of each row (none if nothing is masked)."""
     c = conf.masked_fill(~masked, NEG)

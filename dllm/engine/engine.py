@@ -69,9 +69,14 @@ class _DecodeParams:
             self.credit_first = on_device([reqs[i].block_steps == 0 for i in self.credit_rows])
         early = [i for i, r in enumerate(reqs) if r.config.early_stop]
         self.early_index = on_device(early) if early else None
-        if early:
-            width = max(len(reqs[i].stop_ids) for i in early)
-            self.stop_ids = on_device([sorted(reqs[i].stop_ids) + [-1] * (width - len(reqs[i].stop_ids)) for i in early])
+        last = [i for i, r in enumerate(reqs) if r.config.stops_last]
+        self.stops_last_index = on_device(last) if last else None
+        self.stop_ids = None  # [n, w]: each row's stop ids, padded with -1 (for early_stop and stops_last)
+        self.commits_above_threshold = on_device([r.config.decoder in ("threshold", "credit", "hierarchical")
+                                                  for r in reqs]) if last else None
+        if early or last:
+            width = max(len(r.stop_ids) for r in reqs)
+            self.stop_ids = on_device([sorted(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs])
 
 
 class Engine:
@@ -341,7 +346,8 @@ class Engine:
         masked = blocks == self.mask_id
         done = ~masked.any(1)
         if params.early_index is not None:
-            idx, ids = params.early_index, params.stop_ids
+            idx = params.early_index
+            ids = params.stop_ids[idx]
             rows, m = blocks[idx], masked[idx]
             pos = torch.arange(rows.shape[1], device=self.device)
             is_stop = (rows[:, :, None] == ids[:, None, :]).any(-1)
@@ -393,9 +399,16 @@ class Engine:
             x, conf = decoders.candidates(logits, self.mask_id)
 
         thresholds = params.thresholds[unrolled_step]
+        allowed = masked  # the positions the decoders may commit
+        if params.stops_last_index is not None:
+            idx = params.stops_last_index
+            # Content at or above the threshold is committed in this step by the threshold-rule decoders.
+            sure = torch.where(params.commits_above_threshold[idx], thresholds[idx], 2.0)
+            allowed = masked.index_copy(0, idx, decoders.stops_last(x[idx], conf[idx], masked[idx],
+                                                                    params.stop_ids[idx], sure))
         commit = torch.zeros_like(masked)
         for kind, idx, param in params.kinds:
-            c, m, tau = conf[idx], masked[idx], thresholds[idx]
+            c, m, tau = conf[idx], allowed[idx], thresholds[idx]
             if kind in ("threshold", "credit"):
                 part = decoders.threshold_commit(c, m, tau)
             elif kind == "factor":
