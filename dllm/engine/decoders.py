@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 NEG = -1.0  # confidence given to positions that are not masked (below any probability)
+# Decoders that commit every masked position at or above the request's threshold.
+COMMIT_ABOVE_THRESHOLD = ("threshold", "credit", "hierarchical")
 
 
 def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tensor | None = None,
