@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import dllm
 
 from .engine_loop import EngineLoop
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, new_id, now, reject_unsupported, usage)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DiffusionOptions, new_id, now,
+                       reject_unsupported, usage)
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
 # the content left of it (answers are not cut short); see GenerationConfig.
@@ -40,10 +41,18 @@ def _decoding_defaults(user_config: dict | None) -> dict:
     unknown = set(cfg) - set(DEFAULT_DECODING) - {"commit_pass"}
     if unknown:
         raise ValueError(f"user_config: unknown key(s) {sorted(unknown)}; allowed: {sorted(DEFAULT_DECODING)} + commit_pass")
-    dllm.GenerationConfig(block_size=cfg["block_size"], threshold=cfg["threshold"], decoder=cfg["decoder"],
-                          max_new_tokens=cfg["max_tokens"], early_stop=cfg["early_stop"], stops_last=cfg["stops_last"],
-                          cache_policy=cfg["cache_policy"])  # validates the values
+    _generation_config(cfg)  # validates the values
     return cfg
+
+
+def _generation_config(decoding: dict, max_new_tokens: int | None = None, **request) -> dllm.GenerationConfig:
+    """The engine's config from decoding options (DEFAULT_DECODING's keys, optionally commit_pass) and
+    a request's own fields (temperature, seed, stop); `max_new_tokens` falls back to max_tokens."""
+    return dllm.GenerationConfig(
+        block_size=decoding["block_size"], threshold=decoding["threshold"], decoder=decoding["decoder"],
+        max_new_tokens=max_new_tokens or decoding["max_tokens"], early_stop=decoding["early_stop"],
+        stops_last=decoding["stops_last"], cache_policy=decoding["cache_policy"],
+        commit_pass=decoding.get("commit_pass", True), **request)
 
 
 class EngineServer:
@@ -79,11 +88,8 @@ class EngineServer:
         """Stream one request: a dict per committed block, the last with finish_reason and stats."""
         opts = {k: v for k, v in payload.get("options", {}).items() if v is not None}
         merged = {**self.defaults, **opts}
-        config = dllm.GenerationConfig(
-            block_size=merged["block_size"], threshold=merged["threshold"], decoder=merged["decoder"],
-            max_new_tokens=payload.get("max_tokens") or merged["max_tokens"], temperature=payload.get("temperature", 0.0),
-            seed=payload.get("seed"), stop=payload.get("stop") or None, commit_pass=merged.get("commit_pass", True),
-            early_stop=merged["early_stop"], stops_last=merged["stops_last"], cache_policy=merged["cache_policy"])
+        config = _generation_config(merged, payload.get("max_tokens"), temperature=payload.get("temperature", 0.0),
+                                    seed=payload.get("seed"), stop=payload.get("stop") or None)
         start = time.monotonic()
         first = True
         async for out in self.loop.generate(payload["prompt_ids"], config):
@@ -278,9 +284,7 @@ class OpenAIIngress:
                            code="context_length_exceeded")
         payload = {"prompt_ids": prompt_ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
                    "seed": req.seed, "stop": [req.stop] if isinstance(req.stop, str) else req.stop,
-                   "options": {"block_size": req.block_size, "threshold": req.threshold, "decoder": req.decoder,
-                               "commit_pass": req.commit_pass, "early_stop": req.early_stop,
-                               "stops_last": req.stops_last, "cache_policy": req.cache_policy}}
+                   "options": {name: getattr(req, name) for name in DiffusionOptions.model_fields}}
         rid = new_id("chatcmpl" if chat else "cmpl")
         stream = self.engine.options(stream=True).generate.remote(payload)
         if req.stream:
