@@ -33,6 +33,7 @@ VARIANTS = {
     "tail-eos-inverse-t": Objective(tail_eos=True, loss_weighting="inverse_t"),
     "tail-eos-complementary": Objective(tail_eos=True, complementary=True),
     "tail-eos-t01-complementary": Objective(tail_eos=True, t_min=0.0, t_max=1.0, complementary=True),
+    "tail-eos-clean-prefix": Objective(tail_eos=True, clean_prefix_prob=0.5),  # half the rows: answers' prefixes clean
 }
 
 

@@ -80,11 +80,13 @@ class Objective:
     tail_eos: bool = True  # 15 % vs 6.5 % exact match without (benchmarks.objective_bench, README)
     complementary: bool = False
     loss_weighting: str = "mean"
+    clean_prefix_prob: float = 0.0
 
     @classmethod
     def from_args(cls, args) -> "Objective":
         return cls(t_min=args.t_range[0], t_max=args.t_range[1], tail_mask_prob=args.tail_mask, tail_eos=args.tail_eos,
-                   complementary=args.complementary, loss_weighting=args.loss_weighting)
+                   complementary=args.complementary, loss_weighting=args.loss_weighting,
+                   clean_prefix_prob=args.clean_prefix)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,6 +115,8 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--complementary", action="store_true",
                    help="each row twice per step, with a mask and its complement (half as many distinct rows)")
     p.add_argument("--loss-weighting", choices=dllm.objective.LOSS_WEIGHTINGS, default="mean")
+    p.add_argument("--clean-prefix", type=float, default=0.0,
+                   help="fraction of rows whose answers keep a clean prefix before a random cut (noise_batch)")
 
 
 def eval_dtype(device: str | torch.device) -> torch.dtype:
@@ -158,7 +162,8 @@ def train(kind: str, cfg, rows, args, steps: int | None = None, objective: Objec
                                       terminal_token_ids=cfg.stop_token_ids, t_min=objective.t_min,
                                       t_max=objective.t_max, tail_mask_prob=objective.tail_mask_prob,
                                       tail_target_id=cfg.eos_token_id if objective.tail_eos else None,
-                                      complementary=objective.complementary, generator=gen)
+                                      complementary=objective.complementary,
+                                      clean_prefix_prob=objective.clean_prefix_prob, generator=gen)
                 hidden = model(nb.input_ids.to(dev), return_hidden=True)
                 loss = dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets.to(dev),
                                                        nb.loss_mask.to(dev), nb.t.to(dev), objective.loss_weighting)

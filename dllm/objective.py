@@ -32,7 +32,7 @@ class NoisedBatch:
 def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids: torch.Tensor | None, *,
                 mask_token_id: int, terminal_token_ids: tuple[int, ...], t_min: float = 0.1, t_max: float = 0.9,
                 tail_mask_prob: float = 0.0, tail_target_id: int | None = None, complementary: bool = False,
-                generator: torch.Generator | None = None) -> NoisedBatch:
+                clean_prefix_prob: float = 0.0, generator: torch.Generator | None = None) -> NoisedBatch:
     """Noise packed rows [b, L] for one training step (deterministic for a seeded generator).
 
     tail_mask_prob: fraction of rows whose positions after a random sample end are all masked (the
@@ -41,11 +41,16 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
     complementary: return 2b rows, each row once with its mask and once with the complement (noise
     level 1 - t; terminals and tails masked in both): every response token is in the loss once per
     pair, where one independent mask covers a t fraction of them.
+    clean_prefix_prob: fraction of rows in which every response keeps a clean prefix (a uniform
+    random cut; only tokens from the cut on are noised), the state that decoding a block mostly
+    left to right produces.
     """
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
     if not 0.0 <= tail_mask_prob <= 1.0:
         raise ValueError(f"tail_mask_prob must be in [0, 1], got {tail_mask_prob}")
+    if not 0.0 <= clean_prefix_prob <= 1.0:
+        raise ValueError(f"clean_prefix_prob must be in [0, 1], got {clean_prefix_prob}")
     b, length = input_ids.shape
     device = input_ids.device
     real = segment_ids > 0 if segment_ids is not None else torch.ones_like(prompt_mask, dtype=torch.bool)
@@ -57,10 +62,14 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
     for tok in terminal_token_ids:
         terminal |= input_ids == tok
     drawn = u < t[:, None]
+    noised = response  # response tokens that may be masked
+    if clean_prefix_prob > 0:
+        noised = response & ~_clean_prefixes(response, segment_ids, clean_prefix_prob, generator)
     if complementary:
-        input_ids, response, terminal = input_ids.repeat(2, 1), response.repeat(2, 1), terminal.repeat(2, 1)
+        input_ids, noised, terminal = input_ids.repeat(2, 1), noised.repeat(2, 1), terminal.repeat(2, 1)
+        response = response.repeat(2, 1)
         drawn, t = torch.cat([drawn, ~drawn]), torch.cat([t, 1.0 - t])
-    masked = response & (drawn | terminal)
+    masked = (noised & drawn) | (response & terminal)
     loss_mask = masked.clone()
 
     targets = input_ids
@@ -75,6 +84,28 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
             loss_mask |= tail
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
     return NoisedBatch(noisy, targets, loss_mask, t)
+
+
+def _clean_prefixes(response: torch.Tensor, segment_ids: torch.Tensor | None, prob: float,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """For a `prob` fraction of rows: each sample's response tokens before a cut drawn uniformly
+    from 0 .. its response length - 1 (so at least its last token stays noisable)."""
+    b, length = response.shape
+    resp = response.cpu()
+    seg = segment_ids.cpu().long() if segment_ids is not None else torch.ones(b, length, dtype=torch.long)
+    pick = torch.rand(b, generator=generator) < prob
+    # Index of each response token within its sample's response: a running count that restarts
+    # at every segment change (segments are contiguous runs of one id).
+    count = resp.long().cumsum(1)
+    starts = torch.ones_like(resp)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    before = torch.where(starts, count - resp.long(), torch.zeros_like(count))
+    rank = count - torch.cummax(before, dim=1).values - 1
+    n_segments = int(seg.max()) + 1
+    lengths = torch.zeros(b, n_segments, dtype=torch.long).scatter_add_(1, seg, resp.long())
+    cuts = (torch.rand(b, n_segments, generator=generator) * lengths).long()
+    clean = resp & (rank < cuts.gather(1, seg)) & pick[:, None]
+    return clean.to(response.device)
 
 
 def _tail_positions(segment_ids: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:

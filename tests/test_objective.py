@@ -116,6 +116,43 @@ def test_complementary_pairs_share_their_tails():
     assert (out.targets[tail] == EOS).all() and out.loss_mask[tail].all()
 
 
+def test_clean_prefix_rows_keep_each_answer_clean_before_a_random_cut():
+    ids, prompt, seg = _row_batch()
+    out = _noise(ids, prompt, seg, clean_prefix_prob=1.0)
+    masked = out.input_ids == MASK
+    terminal = (ids == EOS) | (ids == EOT)
+    assert masked[terminal].all() and not masked[prompt].any()
+    cuts = []
+    for s in range(256 // 32):
+        answer = masked[:, s * 32 + 10: s * 32 + 31]  # 21 ordinary answer tokens per sample
+        first = torch.where(answer.any(1), answer.int().argmax(1), torch.full((64,), 21))
+        # Nothing is masked before the first masked token, so the clean run is a prefix of the answer...
+        assert not (answer.int().cumsum(1) == 0)[answer].any()
+        cuts.append(first)
+    cuts = torch.cat(cuts)
+    # ... whose length varies from sample to sample over the whole answer.
+    assert cuts.min() <= 2 and cuts.max() >= 18 and cuts.unique().numel() > 10
+    assert torch.equal(out.loss_mask, masked)
+    # Complementary pairs share the clean prefixes: only the rest of each answer is split between them.
+    pair = _noise(ids[:8], prompt[:8], seg[:8], clean_prefix_prob=1.0, complementary=True).input_ids == MASK
+    clean = ~prompt[:8] & ~pair[:8] & ~pair[8:]
+    assert clean.any() and not (clean & ((ids[:8] == EOS) | (ids[:8] == EOT))).any()
+
+
+def test_clean_prefix_rows_are_the_asked_fraction_and_off_by_default():
+    ids, prompt, seg = _row_batch()
+    plain = _noise(ids, prompt, seg)
+    assert torch.equal(plain.input_ids, _noise(ids, prompt, seg, clean_prefix_prob=0.0).input_ids)
+    half = _noise(ids, prompt, seg, clean_prefix_prob=0.5, t_min=0.9, t_max=0.9)
+    ordinary = ~prompt & (ids != EOS) & (ids != EOT)
+    rate = ((half.input_ids == MASK) & ordinary).sum(1).float() / ordinary.sum(1)
+    # A row without clean prefixes masks ~90 % of its answer tokens; with them ~half of that.
+    with_prefix = rate < 0.8
+    assert 16 <= with_prefix.sum() <= 48 and rate[with_prefix].mean() < 0.6 and rate[~with_prefix].mean() > 0.85
+    with pytest.raises(ValueError, match="clean_prefix_prob"):
+        _noise(ids, prompt, seg, clean_prefix_prob=1.5)
+
+
 def test_tail_masking_off_by_default_matches_paper_objective():
     ids, prompt, seg = _row_batch()
     assert torch.equal(_noise(ids, prompt, seg).input_ids, _noise(ids, prompt, seg, tail_mask_prob=0.0).input_ids)
