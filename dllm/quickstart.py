@@ -238,7 +238,7 @@ def print_report(r: dict) -> None:
     print(f"batch 1, first {v['prompts']} prompts: dLLM-Var engine {v['engine_batch1_tokens_per_s']:.1f} tok/s "
           f"(TPF {v['engine_batch1_tpf']:.2f}, EM {v['engine_batch1_exact_match']:.0%}) vs LLaDA vanilla "
           f"(gen {v['gen_length']}, {v['steps']} steps) {v['tokens_per_s']:.1f} tok/s (TPF {v['tpf']:.2f}, "
-          f"EM {v['exact_match']:.0%}): " + (f"{v['speedup_batch1']:.1f}x" if v["speedup_batch1"] else
+          f"EM {v['exact_match']:.0%}): " + (f"{v['speedup_batch1']:.1f}x" if v["speedup_batch1"] is not None else
                                               "no ratio (the baseline produced no tokens)"))
     for e in r["examples"]:
         print(f"  {e['prompt']!r:32} target {e['target']!r:24} got {e['answer']!r}")
