@@ -58,18 +58,18 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
 
     t = t_min + (t_max - t_min) * torch.rand(b, generator=generator, device="cpu").to(device)
     u = torch.rand(b, length, generator=generator, device="cpu").to(device)
-    terminal = torch.zeros_like(response)
+    terminal = torch.zeros_like(response)  # the responses' terminal tokens, always masked
     for tok in terminal_token_ids:
         terminal |= input_ids == tok
+    terminal &= response
     drawn = u < t[:, None]
     noised = response  # response tokens that may be masked
     if clean_prefix_prob > 0:
         noised = response & ~_clean_prefixes(response, segment_ids, clean_prefix_prob, generator)
     if complementary:
         input_ids, noised, terminal = input_ids.repeat(2, 1), noised.repeat(2, 1), terminal.repeat(2, 1)
-        response = response.repeat(2, 1)
         drawn, t = torch.cat([drawn, ~drawn]), torch.cat([t, 1.0 - t])
-    masked = (noised & drawn) | (response & terminal)
+    masked = (noised & drawn) | terminal
     loss_mask = masked.clone()
 
     targets = input_ids

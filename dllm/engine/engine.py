@@ -72,8 +72,9 @@ class _DecodeParams:
         last = [i for i, r in enumerate(reqs) if r.config.stops_last]
         self.stops_last_index = on_device(last) if last else None
         self.stop_ids = None  # [n, w]: each row's stop ids, padded with -1 (for early_stop and stops_last)
-        self.commits_above_threshold = on_device([r.config.decoder in decoders.COMMIT_ABOVE_THRESHOLD
-                                                  for r in reqs]) if last else None
+        # Per stops_last row: its decoder commits every position at or above its threshold.
+        self.commits_above_threshold = on_device([reqs[i].config.decoder in decoders.COMMIT_ABOVE_THRESHOLD
+                                                  for i in last]) if last else None
         if early or last:
             width = max(len(r.stop_ids) for r in reqs)
             self.stop_ids = on_device([sorted(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs])
@@ -403,7 +404,7 @@ class Engine:
         if params.stops_last_index is not None:
             idx = params.stops_last_index
             # Positions at or above the threshold are committed in this step (COMMIT_ABOVE_THRESHOLD decoders).
-            sure = torch.where(params.commits_above_threshold[idx], thresholds[idx], 2.0)
+            sure = torch.where(params.commits_above_threshold, thresholds[idx], 2.0)
             allowed = masked.index_copy(0, idx, decoders.stops_last(x[idx], conf[idx], masked[idx],
                                                                     params.stop_ids[idx], sure))
         commit = torch.zeros_like(masked)
