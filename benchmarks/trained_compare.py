@@ -81,12 +81,13 @@ class Objective:
     complementary: bool = False
     loss_weighting: str = "mean"
     clean_prefix_prob: float = 0.0
+    document_mask: bool = False  # block-diagonal attention over the packed samples (the paper: full)
 
     @classmethod
     def from_args(cls, args) -> "Objective":
         return cls(t_min=args.t_range[0], t_max=args.t_range[1], tail_mask_prob=args.tail_mask, tail_eos=args.tail_eos,
                    complementary=args.complementary, loss_weighting=args.loss_weighting,
-                   clean_prefix_prob=args.clean_prefix)
+                   clean_prefix_prob=args.clean_prefix, document_mask=args.document_mask)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,6 +118,9 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-weighting", choices=dllm.objective.LOSS_WEIGHTINGS, default="mean")
     p.add_argument("--clean-prefix", type=float, default=0.0,
                    help="fraction of rows whose answers keep a clean prefix before a random cut (noise_batch)")
+    p.add_argument("--document-mask", action="store_true",
+                   help="train with a block-diagonal attention mask (each packed sample, its tail joined to it, "
+                        "sees only itself) instead of the paper's full attention over the row")
 
 
 def eval_dtype(device: str | torch.device) -> torch.dtype:
@@ -164,7 +168,8 @@ def train(kind: str, cfg, rows, args, steps: int | None = None, objective: Objec
                                       tail_target_id=cfg.eos_token_id if objective.tail_eos else None,
                                       complementary=objective.complementary,
                                       clean_prefix_prob=objective.clean_prefix_prob, generator=gen)
-                hidden = model(nb.input_ids.to(dev), return_hidden=True)
+                docs = dllm.document_attention_mask(nb.segment_ids).to(dev) if objective.document_mask else None
+                hidden = model(nb.input_ids.to(dev), attention_mask=docs, return_hidden=True)
                 loss = dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets.to(dev),
                                                        nb.loss_mask.to(dev), nb.t.to(dev), objective.loss_weighting)
             else:

@@ -27,6 +27,10 @@ class NoisedBatch:
     targets: torch.Tensor  # [b, L] clean ids
     loss_mask: torch.Tensor  # [b, L] bool: positions that count in the loss
     t: torch.Tensor  # [b] noise level per row
+    # [b, L] the documents for a block-diagonal attention mask (document_attention_mask): the packed
+    # samples, where a tail-masked row's tail joins the sample it follows (that sample's answer and
+    # the masks past it see each other, as at inference); None where the rows carry no segments.
+    segment_ids: torch.Tensor | None = None
 
 
 def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids: torch.Tensor | None, *,
@@ -72,9 +76,9 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
     masked = (noised & drawn) | terminal
     loss_mask = masked.clone()
 
-    targets = input_ids
+    targets, documents = input_ids, segment_ids
     if tail_mask_prob > 0 and segment_ids is not None:
-        tail = _tail_positions(segment_ids, tail_mask_prob, generator)
+        tail, documents = _tail_positions(segment_ids, tail_mask_prob, generator)
         tail = tail.repeat(2, 1) if complementary else tail
         masked |= tail
         if tail_target_id is None:
@@ -82,8 +86,10 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
         else:  # "past the end of the answer": every tail position is trained to say EOS
             targets = torch.where(tail, torch.full_like(input_ids, tail_target_id), input_ids)
             loss_mask |= tail
+    if complementary and documents is not None:
+        documents = documents.repeat(2, 1)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    return NoisedBatch(noisy, targets, loss_mask, t)
+    return NoisedBatch(noisy, targets, loss_mask, t, documents)
 
 
 def _clean_prefixes(response: torch.Tensor, segment_ids: torch.Tensor | None, prob: float,
@@ -108,10 +114,13 @@ def _clean_prefixes(response: torch.Tensor, segment_ids: torch.Tensor | None, pr
     return clean.to(response.device)
 
 
-def _tail_positions(segment_ids: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
-    """For a `prob` fraction of rows: every position after a randomly chosen sample end."""
+def _tail_positions(segment_ids: torch.Tensor, prob: float,
+                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a `prob` fraction of rows: every position after a randomly chosen sample end; and the
+    segment ids with each such tail joined to the sample that ends there."""
     b, length = segment_ids.shape
     out = torch.zeros(b, length, dtype=torch.bool, device=segment_ids.device)
+    joined = segment_ids.clone()
     seg = segment_ids.cpu()
     pick = torch.rand(b, generator=generator) < prob
     cut_u = torch.rand(b, generator=generator)
@@ -124,7 +133,8 @@ def _tail_positions(segment_ids: torch.Tensor, prob: float, generator: torch.Gen
             continue
         end = int(ends[int(cut_u[row] * len(ends))])
         out[row] = (positions > end).to(out.device)
-    return out
+        joined[row, end + 1:] = s[end]
+    return out, joined
 
 
 def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,

@@ -41,7 +41,7 @@ def test_objective_bench_scores_each_model_during_training(tmp_path):
     out = tmp_path / "curve.json"
     objective_bench.main(["--device", "cpu", "--size", "tiny", "--steps", "4", "--evaluate-every", "2", "--batch", "4",
                           "--seq-len", "64", "--train-samples", "500", "--heldout", "4", "--variants", "tail-eos",
-                          "--decoders", "threshold", "fixed_k", "--json", str(out)])
+                          "tail-eos-document-mask", "--decoders", "threshold", "fixed_k", "--json", str(out)])
     runs = json.loads(out.read_text())["runs"]
     assert [(r["variant"], r["system"]) for r in runs][:2] == [("tail-eos", "engine (threshold)"),
                                                                ("tail-eos", "engine (fixed_k)")]
@@ -50,6 +50,7 @@ def test_objective_bench_scores_each_model_during_training(tmp_path):
     assert set(dllm_curve[0]) == {"step", "threshold", "fixed_k"}
     assert 0.0 <= dllm_curve[-1]["fixed_k"]["exact_match"] <= 1.0 and "exact_match" in ar_curve[-1]
     assert runs[0]["training"]["steps"] == 4  # scoring does not eat into the training
+    assert [r["training"]["objective"]["document_mask"] for r in runs[:4]] == [False, False, True, True]
 
 
 def test_ablation_bench_has_a_row_per_decoder_policy_and_stop_order(tmp_path, tiny_checkpoint):

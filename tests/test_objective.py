@@ -189,6 +189,27 @@ def test_document_mask_is_block_diagonal():
     assert m[0, 1] and not m[0, 2] and m[2, 3] and not m[3, 4]
 
 
+def test_a_tail_joins_the_document_of_the_sample_it_follows():
+    """Under a block-diagonal mask the masks past an answer must see that answer (and it them), as
+    at inference: the noised batch's documents give the tail the ended sample's segment id."""
+    ids, prompt, seg = _row_batch(rows=16)
+    out = _noise(ids, prompt, seg, tail_mask_prob=0.5, tail_target_id=EOS)
+    tailed = ((out.input_ids == MASK) & prompt).any(1)
+    assert 0 < int(tailed.sum()) < 16
+    for row in range(16):
+        if not tailed[row]:
+            assert torch.equal(out.segment_ids[row], seg[row])
+            continue
+        start = int(torch.nonzero((out.input_ids[row] == MASK) & prompt[row]).flatten()[0])
+        assert torch.equal(out.segment_ids[row, :start], seg[row, :start])
+        assert (out.segment_ids[row, start:] == seg[row, start - 1]).all()
+        visible = dllm.document_attention_mask(out.segment_ids[row:row + 1])[0]
+        assert visible[start:, start - 32:start].all() and visible[start - 32:start, start:].all()
+    paired = _noise(ids, prompt, seg, tail_mask_prob=0.5, tail_target_id=EOS, complementary=True)
+    assert torch.equal(paired.segment_ids, out.segment_ids.repeat(2, 1))
+    assert _noise(ids, prompt, None).segment_ids is None
+
+
 def test_loss_from_hidden_equals_loss_from_full_logits():
     ids, prompt, seg = _row_batch(rows=2, length=64)
     out = _noise(ids, prompt, seg)
@@ -197,3 +218,28 @@ def test_loss_from_hidden_equals_loss_from_full_logits():
     full = dllm.diffusion_loss(head(hidden), out.targets, out.loss_mask, out.t, weighting="inverse_t")
     part = dllm.diffusion_loss_from_hidden(hidden, head, out.targets, out.loss_mask, out.t, weighting="inverse_t")
     assert torch.allclose(full, part, atol=1e-6)
+
+
+def test_under_the_document_mask_a_tail_document_sees_nothing_of_the_other_samples(tiny_config):
+    """The training forward with document_attention_mask(noised.segment_ids): the hidden states of
+    the last document (a sample and the tail past it) do not change when an earlier sample does."""
+    ids, prompt, seg = _row_batch(rows=4, length=96)
+    ids = ids % 20 + 10  # inside the tiny vocabulary, clear of its special ids
+    ids[:, 31::32] = tiny_config.eos_token_id
+    noise = lambda x: dllm.noise_batch(x, prompt, seg, mask_token_id=tiny_config.mask_token_id,  # noqa: E731
+                                       terminal_token_ids=tiny_config.stop_token_ids, tail_mask_prob=1.0,
+                                       tail_target_id=tiny_config.eos_token_id,
+                                       generator=torch.Generator().manual_seed(3))
+    model = dllm.build_model(tiny_config, seed=0).eval()
+    other = ids.clone()
+    other[:, :20] = 11  # rewrite the first sample's tokens
+    a, b = noise(ids), noise(other)
+    assert torch.equal(a.segment_ids, b.segment_ids)
+    with torch.no_grad():
+        ha = model(a.input_ids, attention_mask=dllm.document_attention_mask(a.segment_ids), return_hidden=True)
+        hb = model(b.input_ids, attention_mask=dllm.document_attention_mask(b.segment_ids), return_hidden=True)
+        full = model(b.input_ids, return_hidden=True)
+    last = a.segment_ids != 1  # every document but the first sample's (its rows' tails join sample 1 or 2)
+    assert not last[:, :32].any() and last.any()
+    assert torch.allclose(ha[last], hb[last], atol=1e-5)
+    assert not torch.allclose(ha[last], full[last], atol=1e-3)  # full attention does see the first sample

@@ -192,7 +192,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                           terminal_token_ids=stop_tokens, t_min=cfg.t_min, t_max=cfg.t_max,
                                           tail_mask_prob=cfg.tail_mask_prob, generator=gen,
                                           tail_target_id=config.eos_token_id if cfg.tail_eos else None)
-                mask = dllm.document_attention_mask(seg) if cfg.document_mask else None
+                mask = dllm.document_attention_mask(noised.segment_ids) if cfg.document_mask else None
                 samples = int(sum(int(s.max()) for s in seg))
             hidden = engine(noised.input_ids, attention_mask=mask, return_hidden=True)
             loss = dllm.diffusion_loss_from_hidden(hidden, engine.module.model.transformer["ff_out"], noised.targets,
