@@ -2,7 +2,8 @@
 
 1. synthetic variable-length task -> jsonl (train + held-out)
 2. char tokenizer + small LLaDA-shaped config; Ray Data packing; Ray Train + DeepSpeed training
-   with the dLLM-Var objective (tail masking on, see DESIGN.md "Training objective")
+   with the dLLM-Var objective (tail masking on, packed samples under a document mask; see
+   DESIGN.md "Training objective" and the README's objective study)
 3. Ray Serve deployment; the held-out prompts go through the OpenAI-compatible HTTP API
 4. a report: exact match, answer lengths, self-stopping rate, tokens/s, TPF, and LLaDA vanilla
    decoding of the same prompts on the same model, so the speedup is measured in the same run
@@ -39,9 +40,12 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--heldout", type=int, default=200, help="held-out prompts sent through the HTTP API")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (GPUs when present, else CPU processes)")
     p.add_argument("--tail-mask", type=float, default=0.5,
-                   help="fraction of rows with tail masking (0 = the paper's objective exactly)")
+                   help="fraction of rows with tail masking (0 with --no-document-mask = the paper's objective exactly)")
     p.add_argument("--tail-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="train the tail-masked positions to predict EOS: a denser length signal (default on; see README)")
+    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="packed samples attend only within themselves (a tail joins the sample it follows); "
+                        "--no-document-mask: the paper's full attention over the row (see README)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="synthetic tasks to train and evaluate on")
     p.add_argument("--max-word-len", type=int, default=QUICK_MAX_WORD_LEN,
@@ -105,7 +109,7 @@ def run_quickstart(args) -> int:
                       num_workers=args.workers, use_gpu=gpu, precision="bf16" if gpu else "fp32", lr=3e-3,
                       warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
                       time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
-                      tail_mask_prob=args.tail_mask, tail_eos=tail_eos)
+                      tail_mask_prob=args.tail_mask, tail_eos=tail_eos, document_mask=args.document_mask)
     result = run_training(cfg)
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
@@ -124,7 +128,8 @@ def run_quickstart(args) -> int:
     report["speedup_tps_vs_vanilla"] = report["served"]["tokens_per_s"] / van if van > 0 else None
     report["elapsed_s"] = time.time() - t0
     report["train"] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-                       "tail_mask_prob": args.tail_mask, "tail_eos": tail_eos, "minutes": args.minutes}
+                       "tail_mask_prob": args.tail_mask, "tail_eos": tail_eos, "document_mask": args.document_mask,
+                       "minutes": args.minutes}
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     if args.keep_serving:

@@ -76,6 +76,7 @@ def test_quickstart_runs_every_stage_end_to_end(tmp_path):
         assert f"=== [{n}/6]" in out.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["prompts"] == 12
+    assert report["train"]["tail_eos"] and report["train"]["document_mask"]  # the quickstart's objective
     served = report["served"]
     # 18 s of training: the model may answer every prompt with a bare EOS (0 tokens, TPF 0); what must
     # hold is that every prompt went through the HTTP API and was measured.
