@@ -35,6 +35,7 @@ VARIANTS = {
     "tail-eos-t01-complementary": Objective(tail_eos=True, t_min=0.0, t_max=1.0, complementary=True),
     "tail-eos-clean-prefix": Objective(tail_eos=True, clean_prefix_prob=0.5),  # half the rows: answers' prefixes clean
     "tail-eos-document-mask": Objective(tail_eos=True, document_mask=True),  # packed samples do not see each other
+    "document-mask": Objective(tail_mask_prob=0.0, tail_eos=False, document_mask=True),  # the mask, no tails: 0 %
 }
 
 
