@@ -133,7 +133,7 @@ def _tail_positions(segment_ids: torch.Tensor, prob: float,
             continue
         end = int(ends[int(cut_u[row] * len(ends))])
         out[row] = (positions > end).to(out.device)
-        joined[row, end + 1:] = s[end]
+        joined[row, end + 1:] = int(s[end])
     return out, joined
 
 
