@@ -171,7 +171,8 @@ def train(kind: str, cfg, rows, args, steps: int | None = None, objective: Objec
                                       tail_target_id=cfg.eos_token_id if objective.tail_eos else None,
                                       complementary=objective.complementary,
                                       clean_prefix_prob=objective.clean_prefix_prob, generator=gen)
-                docs = dllm.document_attention_mask(nb.segment_ids).to(dev) if objective.document_mask else None
+                # Built on the device: the ids cross, not the [b, L, L] mask.
+                docs = dllm.document_attention_mask(nb.segment_ids.to(dev)) if objective.document_mask else None
                 hidden = model(nb.input_ids.to(dev), attention_mask=docs, return_hidden=True)
                 loss = dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets.to(dev),
                                                        nb.loss_mask.to(dev), nb.t.to(dev), objective.loss_weighting)
