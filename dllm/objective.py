@@ -3,7 +3,7 @@
 Per row one t ~ U[t_min, t_max]; each response token is replaced by MASK with probability t;
 every terminal token (EOS/EOT) in a response is always masked; prompt tokens and padding are
 never masked. The loss is the mean cross-entropy over masked positions (optionally LLaDA's 1/t
-weighting).
+weighting, or each packed sample weighing the same).
 
 Tail masking (our remedy, off by default): with the paper's packing the token after each
 always-masked EOS is the next sample's clean prompt, a shortcut a small model learns instead of
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_WEIGHTINGS = ("mean", "inverse_t")
+LOSS_WEIGHTINGS = ("mean", "inverse_t", "per_sample")
 
 
 @dataclass
@@ -138,30 +138,50 @@ def _tail_positions(segment_ids: torch.Tensor, prob: float,
 
 
 def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
-                   t: torch.Tensor | None = None, weighting: str = "mean") -> torch.Tensor:
+                   t: torch.Tensor | None = None, weighting: str = "mean",
+                   segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over masked positions.
 
     weighting="mean": plain mean over masked tokens (dLLM-Var).
     weighting="inverse_t": each token weighted by 1/t of its row, summed and divided by the
     number of real positions, LLaDA's unbiased ELBO estimate.
+    weighting="per_sample": the mean over each sample's masked tokens, averaged over the samples
+    (`segment_ids`: the NoisedBatch's documents, a tail counted with the sample it follows, as
+    LLaDA's SFT counts an answer's EOS padding), so a 2-token answer weighs what a 30-token one does.
     """
-    if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    _check_weighting(weighting, t, segment_ids)
     n = loss_mask.sum()
     if n == 0:
         return logits.sum() * 0.0  # keeps the graph (and DeepSpeed's hooks) intact
     ce = F.cross_entropy(logits[loss_mask].float(), targets[loss_mask], reduction="none")
-    return _weighted(ce, loss_mask, t, weighting)
+    return _weighted(ce, loss_mask, t, weighting, segment_ids)
 
 
-def _weighted(ce: torch.Tensor, loss_mask: torch.Tensor, t: torch.Tensor | None, weighting: str) -> torch.Tensor:
+def _check_weighting(weighting: str, t: torch.Tensor | None, segment_ids: torch.Tensor | None) -> None:
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    if weighting == "inverse_t" and t is None:
+        raise ValueError("weighting='inverse_t' needs the per-row noise levels t")
+    if weighting == "per_sample" and segment_ids is None:
+        raise ValueError("weighting='per_sample' needs the samples' segment ids (NoisedBatch.segment_ids)")
+
+
+def _weighted(ce: torch.Tensor, loss_mask: torch.Tensor, t: torch.Tensor | None, weighting: str,
+              segment_ids: torch.Tensor | None) -> torch.Tensor:
     """Reduce per-token cross-entropies (at the masked positions, in order) to the loss."""
     if weighting == "mean":
         return ce.mean()
-    if t is None:
-        raise ValueError("weighting='inverse_t' needs the per-row noise levels t")
-    w = (1.0 / t)[:, None].expand_as(loss_mask)[loss_mask]
-    return (ce * w).sum() / loss_mask.numel()
+    if weighting == "inverse_t":
+        w = (1.0 / t)[:, None].expand_as(loss_mask)[loss_mask]
+        return (ce * w).sum() / loss_mask.numel()
+    # per_sample: a (row, segment) key per masked token; sums and counts by key, no host sync.
+    b, length = loss_mask.shape
+    rows = torch.arange(b, device=loss_mask.device)[:, None].expand(b, length)
+    key = (rows * (int(length) + 1) + segment_ids.long())[loss_mask]
+    sums = torch.zeros(b * (length + 1), dtype=ce.dtype, device=ce.device).scatter_add_(0, key, ce)
+    counts = torch.zeros_like(sums).scatter_add_(0, key, torch.ones_like(ce))
+    present = counts > 0
+    return (sums / counts.clamp(min=1)).sum() / present.sum()
 
 
 def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -176,12 +196,11 @@ def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss_from_hidden(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                                loss_mask: torch.Tensor, t: torch.Tensor | None = None,
-                               weighting: str = "mean") -> torch.Tensor:
+                               weighting: str = "mean", segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """`diffusion_loss` computed from final hidden states [b, L, d]: the LM head runs only on the
     masked positions (a 126k-vocabulary head over a whole 8192-token row would not fit)."""
-    if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    _check_weighting(weighting, t, segment_ids)
     if loss_mask.sum() == 0:
         return hidden.sum() * 0.0 + sum(p.sum() for p in head.parameters()) * 0.0
     logits = head(hidden[loss_mask]).float()
-    return _weighted(F.cross_entropy(logits, targets[loss_mask], reduction="none"), loss_mask, t, weighting)
+    return _weighted(F.cross_entropy(logits, targets[loss_mask], reduction="none"), loss_mask, t, weighting, segment_ids)

@@ -96,4 +96,5 @@ def transition_batch(trajectories: Sequence[Trajectory], *, mask_token_id: int, 
         return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
 
     return NoisedBatch(input_ids=pad(rows, pad_token_id), targets=pad(targets, pad_token_id),
-                       loss_mask=pad(losses, False).bool(), t=torch.tensor(fractions))
+                       loss_mask=pad(losses, False).bool(), t=torch.tensor(fractions),
+                       segment_ids=pad([[1] * len(r) for r in rows], 0))  # one sample per row

@@ -183,6 +183,31 @@ def test_inverse_t_weighting():
         dllm.diffusion_loss(logits, out.targets, out.loss_mask, weighting="sqrt")
 
 
+def test_per_sample_weighting_weighs_every_packed_sample_the_same():
+    """A sample with one masked token counts as much as one with many: the mean over each
+    sample's masked tokens, averaged over the samples (rows and segments apart)."""
+    ids, prompt, seg = _row_batch(rows=2, length=64)
+    out = _noise(ids, prompt, seg, tail_mask_prob=0.5, tail_target_id=EOS)
+    logits = torch.randn(2, 64, 50)
+    loss = dllm.diffusion_loss(logits, out.targets, out.loss_mask, weighting="per_sample",
+                               segment_ids=out.segment_ids)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), out.targets.reshape(-1), reduction="none").view(2, 64)
+    means = [ce[r][out.loss_mask[r] & (out.segment_ids[r] == s)].mean()
+             for r in range(2) for s in out.segment_ids[r].unique().tolist()
+             if (out.loss_mask[r] & (out.segment_ids[r] == s)).any()]
+    assert torch.allclose(loss, torch.stack(means).mean())
+    assert not torch.allclose(loss, dllm.diffusion_loss(logits, out.targets, out.loss_mask))
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 64, 16)
+    assert torch.allclose(dllm.diffusion_loss(head(hidden), out.targets, out.loss_mask, weighting="per_sample",
+                                              segment_ids=out.segment_ids),
+                          dllm.diffusion_loss_from_hidden(hidden, head, out.targets, out.loss_mask,
+                                                          weighting="per_sample", segment_ids=out.segment_ids),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match="segment ids"):
+        dllm.diffusion_loss(logits, out.targets, out.loss_mask, weighting="per_sample")
+
+
 def test_document_mask_is_block_diagonal():
     seg = torch.tensor([[1, 1, 2, 2, 0]])
     m = dllm.document_attention_mask(seg)[0]

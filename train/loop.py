@@ -180,7 +180,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 noised = transition_batch(trajs, mask_token_id=config.mask_token_id,
                                           pad_token_id=config.pad_token_id or 0, generator=gen)
                 noised = dataclasses.replace(noised, input_ids=noised.input_ids.to(device),
-                                             targets=noised.targets.to(device), loss_mask=noised.loss_mask.to(device))
+                                             targets=noised.targets.to(device), loss_mask=noised.loss_mask.to(device),
+                                             segment_ids=noised.segment_ids.to(device))
                 ids, samples = noised.input_ids, len(trajs)
             else:
                 ids = batch["input_ids"][lo:lo + cfg.micro_batch_size].to(device)
@@ -196,7 +197,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 samples = int(sum(int(s.max()) for s in seg))
             hidden = engine(noised.input_ids, attention_mask=mask, return_hidden=True)
             loss = dllm.diffusion_loss_from_hidden(hidden, engine.module.model.transformer["ff_out"], noised.targets,
-                                                   noised.loss_mask, noised.t, cfg.loss_weighting)
+                                                   noised.loss_mask, noised.t, cfg.loss_weighting, noised.segment_ids)
             engine.backward(loss)
             engine.step()
             state["micro_steps"] += 1
