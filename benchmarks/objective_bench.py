@@ -35,6 +35,9 @@ VARIANTS = {
     "tail-eos-t01-complementary": Objective(tail_eos=True, t_min=0.0, t_max=1.0, complementary=True),
     "tail-eos-clean-prefix": Objective(tail_eos=True, clean_prefix_prob=0.5),  # half the rows: answers' prefixes clean
     "tail-eos-document-mask": Objective(tail_eos=True, document_mask=True),  # packed samples do not see each other
+    "tail-eos-document-mask-per-sample": Objective(tail_eos=True, document_mask=True, loss_weighting="per_sample"),
+    # every answer followed by 0-8 extra always-masked EOS: masks past each answer, its length hidden
+    "tail-eos-document-mask-eos-pad": Objective(tail_eos=True, document_mask=True, eos_pad=8),
     "document-mask": Objective(tail_mask_prob=0.0, tail_eos=False, document_mask=True),  # the mask, no tails: 0 %
 }
 
@@ -78,17 +81,21 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
 
-    tok, held, rows, _ = build_data(args)
+    tok, held, data, _ = build_data(args)
     cfg = model_config(tok, args.size)
-    print(f"data: {len(rows.input_ids)} rows of {args.seq_len}; model {args.size}: "
+    print(f"data: {len(data.packed().input_ids)} rows of {args.seq_len}; model {args.size}: "
           f"{cfg.num_parameters() / 1e6:.2f}M params; {args.steps} steps each", flush=True)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args), "runs": []}
 
     def record(name: str, info: dict, scored: dict, texts: list[str]) -> None:
         wrong = [{"prompt": s["instruction"], "want": s["output"], "got": t} for t, s in zip(texts, held) if t != s["output"]]
-        run = {"variant": name, "training": info, **scored, "per_task": per_task(texts, held), "wrong": wrong[:24]}
+        # Right length, whatever the characters: how well the model knows where its answer ends.
+        length_match = sum(len(t) == len(s["output"]) for t, s in zip(texts, held)) / len(held)
+        run = {"variant": name, "training": info, **scored, "length_match": length_match,
+               "per_task": per_task(texts, held), "wrong": wrong[:24]}
         result["runs"].append(run)
-        print(f"{name} [{scored['system']}]: EM {run['exact_match']:.1%} stop {run['self_stopped']:.0%} TPF {run['tpf']:.2f} "
+        print(f"{name} [{scored['system']}]: EM {run['exact_match']:.1%} length {length_match:.1%} "
+              f"stop {run['self_stopped']:.0%} TPF {run['tpf']:.2f} "
               f"last loss {info['loss_history'][-1][1] if info['loss_history'] else '-'} {run['per_task']}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
@@ -106,7 +113,7 @@ def main(argv=None) -> None:
 
     for name in args.variants:
         t0 = time.time()
-        model, info = train("dllm-var", cfg, rows, args, steps=args.steps, objective=VARIANTS[name],
+        model, info = train("dllm-var", cfg, data, args, steps=args.steps, objective=VARIANTS[name],
                             evaluate_every=args.evaluate_every,
                             evaluate=lambda m: {d: summary(score_engine(m, d)) for d in args.decoders})
         for decoder in args.decoders:
@@ -114,15 +121,16 @@ def main(argv=None) -> None:
             record(name, info, scored, scored.pop("texts"))
         print(f"  ({time.time() - t0:.0f}s)", flush=True)
     if not args.skip_ar:
-        twin, info = train("autoregressive", cfg, rows, args, steps=args.steps, evaluate_every=args.evaluate_every,
+        twin, info = train("autoregressive", cfg, data, args, steps=args.steps, evaluate_every=args.evaluate_every,
                            evaluate=lambda m: summary(score_twin(m)))
         scored = score_twin(twin)
         record("autoregressive twin", info, scored, scored.pop("texts"))
 
-    print(f"\n{'objective':26} {'decoder':20} {'EM':>6} {'stop':>5} {'TPF':>5}  per task")
+    print(f"\n{'objective':26} {'decoder':20} {'EM':>6} {'length':>6} {'stop':>5} {'TPF':>5}  per task")
     for r in result["runs"]:
         tasks = " ".join(f"{k} {v:.0%}" for k, v in r["per_task"].items())
-        print(f"{r['variant']:26} {r['system'][:20]:20} {r['exact_match']:6.1%} {r['self_stopped']:5.0%} {r['tpf']:5.2f}  {tasks}")
+        print(f"{r['variant']:26} {r['system'][:20]:20} {r['exact_match']:6.1%} {r['length_match']:6.1%} "
+              f"{r['self_stopped']:5.0%} {r['tpf']:5.2f}  {tasks}")
     if args.evaluate_every:
         print_curves(result["runs"])
 

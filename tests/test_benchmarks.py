@@ -1,5 +1,6 @@
 """Benchmark plumbing that later GPU runs depend on (the measurements themselves run on the GPU box)."""
 
+import argparse
 import json
 import math
 import subprocess
@@ -51,6 +52,37 @@ def test_objective_bench_scores_each_model_during_training(tmp_path):
     assert 0.0 <= dllm_curve[-1]["fixed_k"]["exact_match"] <= 1.0 and "exact_match" in ar_curve[-1]
     assert runs[0]["training"]["steps"] == 4  # scoring does not eat into the training
     assert [r["training"]["objective"]["document_mask"] for r in runs[:4]] == [False, False, True, True]
+
+
+def test_eos_padding_ends_each_dllm_answer_in_extra_eos_and_leaves_the_twins_rows_plain():
+    """Objective.eos_pad: every answer's EOS is followed by 0..N more (terminal tokens, so always
+    masked and trained to say EOS); the AR twin reads the rows without them; no sample is lost."""
+    args = run_args(["--train-samples", "300", "--seq-len", "64"])
+    tok, _, data, _ = trained_compare.build_data(args)
+    eos = tok.eos_token_id
+
+    def eos_runs(rows):  # lengths of the EOS runs that end each sample
+        runs, n = [], 0
+        for tok_id in [t for row, seg in zip(rows.input_ids, rows.segment_ids) for t, s in zip(row, seg) if s > 0]:
+            if tok_id == eos:
+                n += 1
+            elif n:
+                runs.append(n)
+                n = 0
+        return runs + ([n] if n else [])
+
+    plain, padded = data.packed(), data.packed(8)
+    assert set(eos_runs(plain)) == {1}
+    runs = eos_runs(padded)
+    assert len(runs) == len(eos_runs(plain)) == len(data.samples)
+    assert min(runs) == 1 and max(runs) == 9 and len(set(runs)) == 9
+    assert data.packed(8) is padded  # packed once per padding
+
+
+def run_args(extra):
+    p = argparse.ArgumentParser()
+    trained_compare.add_run_arguments(p)
+    return p.parse_args(["--device", "cpu"] + extra)
 
 
 def test_ablation_bench_has_a_row_per_decoder_policy_and_stop_order(tmp_path, tiny_checkpoint):
