@@ -107,6 +107,10 @@ class Objective:
     # every sample sees masks past its answer, and its document's extent no longer gives the answer's length.
     eos_pad: int = 0
 
+    def __post_init__(self) -> None:
+        if self.eos_pad < 0:
+            raise ValueError(f"eos_pad is the most extra EOS tokens per answer: >= 0 (0 = none), got {self.eos_pad}")
+
     @classmethod
     def from_args(cls, args) -> "Objective":
         return cls(t_min=args.t_range[0], t_max=args.t_range[1], tail_mask_prob=args.tail_mask, tail_eos=args.tail_eos,

@@ -77,6 +77,8 @@ def test_eos_padding_ends_each_dllm_answer_in_extra_eos_and_leaves_the_twins_row
     assert len(runs) == len(eos_runs(plain)) == len(data.samples)
     assert min(runs) == 1 and max(runs) == 9 and len(set(runs)) == 9
     assert data.packed(8) is padded  # packed once per padding
+    with pytest.raises(ValueError, match="eos_pad"):
+        trained_compare.Objective(eos_pad=-1)
 
 
 def run_args(extra):
