@@ -61,15 +61,14 @@ class TrainRows:
     a dLLM-Var objective with eos_pad > 0 rows whose answers end in extra EOS tokens."""
     samples: list[tuple[list[int], list[int]]]  # (prompt ids, answer ids + EOS)
     seq_len: int
-    packing: str
     eos_id: int
-    _packed: dict = field(default_factory=dict)
+    _packed: dict = field(default_factory=dict, init=False, repr=False)
 
     def packed(self, eos_pad: int = 0) -> dllm.PackedRows:
         if eos_pad not in self._packed:
             extra = random.Random(7)
             samples = [(p, r + [self.eos_id] * extra.randint(0, eos_pad)) for p, r in self.samples]
-            self._packed[eos_pad] = dllm.pack_samples(samples, self.seq_len, mode=self.packing, pad_token_id=self.eos_id)
+            self._packed[eos_pad] = dllm.pack_samples(samples, self.seq_len, mode="concat", pad_token_id=self.eos_id)
         return self._packed[eos_pad]
 
 
@@ -81,7 +80,7 @@ def build_data(args):
              if s["instruction"] not in seen]
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     samples = [(enc(s["instruction"]), enc(s["output"]) + [tok.eos_token_id]) for s in train]
-    return tok, held, TrainRows(samples, args.seq_len, args.packing, tok.eos_token_id), train
+    return tok, held, TrainRows(samples, args.seq_len, tok.eos_token_id), train
 
 
 def model_config(tok, size: str) -> dllm.LLaDAConfig:
@@ -124,9 +123,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="100m")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--packing", choices=dllm.packing.PACK_MODES, default="concat",
-                   help="concat: dLLM-Var's packing (a sample may be split over two rows); no_split: each "
-                        "sample whole in one row, rows padded")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--train-samples", type=int, default=100000)

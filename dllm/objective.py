@@ -176,9 +176,10 @@ def _weighted(ce: torch.Tensor, loss_mask: torch.Tensor, t: torch.Tensor | None,
         return (ce * w).sum() / loss_mask.numel()
     # per_sample: a (row, segment) key per masked token; sums and counts by key, no host sync.
     b, length = loss_mask.shape
+    per_row = length + 1  # segment ids run 0 .. at most length
     rows = torch.arange(b, device=loss_mask.device)[:, None].expand(b, length)
-    key = (rows * (int(length) + 1) + segment_ids.long())[loss_mask]
-    sums = torch.zeros(b * (length + 1), dtype=ce.dtype, device=ce.device).scatter_add_(0, key, ce)
+    key = (rows * per_row + segment_ids.long())[loss_mask]
+    sums = torch.zeros(b * per_row, dtype=ce.dtype, device=ce.device).scatter_add_(0, key, ce)
     counts = torch.zeros_like(sums).scatter_add_(0, key, torch.ones_like(ce))
     present = counts > 0
     return (sums / counts.clamp(min=1)).sum() / present.sum()

@@ -54,6 +54,12 @@ def test_objective_bench_scores_each_model_during_training(tmp_path):
     assert [r["training"]["objective"]["document_mask"] for r in runs[:4]] == [False, False, True, True]
 
 
+def run_args(extra):  # trained_compare's data arguments, parsed
+    p = argparse.ArgumentParser()
+    trained_compare.add_run_arguments(p)
+    return p.parse_args(["--device", "cpu"] + extra)
+
+
 def test_eos_padding_ends_each_dllm_answer_in_extra_eos_and_leaves_the_twins_rows_plain():
     """Objective.eos_pad: every answer's EOS is followed by 0..N more (terminal tokens, so always
     masked and trained to say EOS); the AR twin reads the rows without them; no sample is lost."""
@@ -79,12 +85,6 @@ def test_eos_padding_ends_each_dllm_answer_in_extra_eos_and_leaves_the_twins_row
     assert data.packed(8) is padded  # packed once per padding
     with pytest.raises(ValueError, match="eos_pad"):
         trained_compare.Objective(eos_pad=-1)
-
-
-def run_args(extra):
-    p = argparse.ArgumentParser()
-    trained_compare.add_run_arguments(p)
-    return p.parse_args(["--device", "cpu"] + extra)
 
 
 def test_ablation_bench_has_a_row_per_decoder_policy_and_stop_order(tmp_path, tiny_checkpoint):
