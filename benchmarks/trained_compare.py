@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -66,8 +65,7 @@ class TrainRows:
 
     def packed(self, eos_pad: int = 0) -> dllm.PackedRows:
         if eos_pad not in self._packed:
-            extra = random.Random(7)
-            samples = [(p, r + [self.eos_id] * extra.randint(0, eos_pad)) for p, r in self.samples]
+            samples = [(p, dllm.eos_padded(r, self.eos_id, eos_pad, key=f"train:{i}")) for i, (p, r) in enumerate(self.samples)]
             self._packed[eos_pad] = dllm.pack_samples(samples, self.seq_len, mode="concat", pad_token_id=self.eos_id)
         return self._packed[eos_pad]
 
@@ -102,8 +100,7 @@ class Objective:
     clean_prefix_prob: float = 0.0
     document_mask: bool = False  # block-diagonal attention over the packed samples (the paper: full; on by
     # default in trained_compare: 50 vs 19.5 % exact match at 700 steps, objective_bench, README)
-    # Each answer's EOS followed by U[0, eos_pad] more (terminal tokens: always masked, trained to say EOS):
-    # every sample sees masks past its answer, and its document's extent no longer gives the answer's length.
+    # Each answer's EOS followed by U[0, eos_pad] more (dllm.eos_padded; the AR twin reads plain rows).
     eos_pad: int = 0
 
     def __post_init__(self) -> None:

@@ -8,11 +8,11 @@ from .config import LLaDAConfig, tiny_config
 from .engine import Engine, Generation, GenerationConfig, RequestOutput
 from .model import CacheView, LLaDAModelLM, build_model
 from .objective import diffusion_loss, diffusion_loss_from_hidden, document_attention_mask, noise_batch
-from .packing import PackedRows, pack_samples
+from .packing import PackedRows, eos_padded, pack_samples
 from .tokenizer import load_tokenizer, special_ids, train_tokenizer
 
 __all__ = [
     "CacheView", "CheckpointError", "Engine", "Generation", "GenerationConfig", "RequestOutput", "LLaDAConfig", "LLaDAModelLM", "PackedRows", "build_model",
-    "diffusion_loss", "diffusion_loss_from_hidden", "document_attention_mask", "load_model", "load_tokenizer", "noise_batch",
+    "diffusion_loss", "diffusion_loss_from_hidden", "document_attention_mask", "eos_padded", "load_model", "load_tokenizer", "noise_batch",
     "pack_samples", "save_pretrained", "special_ids", "tiny_config", "train_tokenizer",
 ]

@@ -9,11 +9,16 @@ Two modes:
 Each row carries `input_ids`, `prompt_mask` (True on prompt tokens: never noised, never in the
 loss) and `segment_ids` (1, 2, ... per sample piece within the row; 0 on padding), which the
 objective uses for padding, tail masking and the optional block-diagonal attention.
+
+EOS padding (`eos_padded`) is applied to a sample before packing: its answer's EOS followed by a
+random number of extra EOS tokens, drawn from the sample's name so that every run packs the same rows.
 """
 
 from __future__ import annotations
 
 import bisect
+import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +53,25 @@ class PackedRows:
     def rows(self) -> list[dict[str, np.ndarray]]:
         return [{"input_ids": self.input_ids[i], "prompt_mask": self.prompt_mask[i], "segment_ids": self.segment_ids[i]}
                 for i in range(self.num_rows)]
+
+
+def eos_padded(response: Sequence[int], eos_token_id: int, max_extra: int, key: str,
+               room: int | None = None) -> list[int]:
+    """`response` followed by U[0, max_extra] extra EOS tokens (LLaDA's SFT EOS padding, with a random count).
+
+    The objective always masks terminal tokens, so the extra EOS are masked positions past the answer
+    that learn to say EOS; under a document mask they also stop a sample's extent from giving away
+    its answer's length (README, objective study). The count is drawn from `key`, a stable name of
+    the sample ("file:line"), with crc32 rather than Python's per-process salted hash: the same
+    sample gets the same padding on every run, worker and machine. `room` caps the extra tokens, so
+    padding never pushes a sample past a length limit.
+    """
+    if max_extra < 0:
+        raise ValueError(f"max_extra is the most extra EOS tokens per answer: >= 0 (0 = no padding), got {max_extra}")
+    extra = random.Random(zlib.crc32(key.encode())).randint(0, max_extra) if max_extra else 0
+    if room is not None:
+        extra = min(extra, max(0, room))
+    return list(response) + [eos_token_id] * extra
 
 
 def pack_samples(samples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, *, mode: str = "concat",

@@ -1,9 +1,9 @@
 """`dllm quickstart`: every part of the system, end to end, on an embedded local Ray.
 
 1. synthetic variable-length task -> jsonl (train + held-out)
-2. char tokenizer + small LLaDA-shaped config; Ray Data packing; Ray Train + DeepSpeed training
-   with the dLLM-Var objective (tail masking on, packed samples under a document mask; see
-   DESIGN.md "Training objective" and the README's objective study)
+2. char tokenizer + small LLaDA-shaped config; Ray Data packing (each answer's EOS followed by 0-8
+   more); Ray Train + DeepSpeed training with the dLLM-Var objective (tail masking on, packed
+   samples under a document mask; see DESIGN.md "Training objective" and the README's objective study)
 3. Ray Serve deployment; the held-out prompts go through the OpenAI-compatible HTTP API
 4. a report: exact match, answer lengths, self-stopping rate, tokens/s, TPF, and LLaDA vanilla
    decoding of the same prompts on the same model, so the speedup is measured in the same run
@@ -46,6 +46,8 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="packed samples attend only within themselves (a tail joins the sample it follows); "
                         "--no-document-mask: the paper's full attention over the row (see README)")
+    p.add_argument("--eos-pad", type=int, default=8,
+                   help="follow each training answer's EOS with 0-N more, always masked (0 = none; see README)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="synthetic tasks to train and evaluate on")
     p.add_argument("--max-word-len", type=int, default=QUICK_MAX_WORD_LEN,
@@ -93,7 +95,7 @@ def run_quickstart(args) -> int:
     ensure_ray(dashboard=True, quiet=False)  # worker output (training progress) reaches this terminal
     print(f"Ray dashboard: {dashboard_url() or 'not available'}")
     stats = run_pack(PackOptions(inputs=[str(train_path)], output=str(work / "packed"), tokenizer=str(work / "tokenizer"),
-                                 seq_len=QUICK_SEQ_LEN, mode="concat"))
+                                 seq_len=QUICK_SEQ_LEN, mode="concat", eos_pad=args.eos_pad))
     print(summary(stats))
 
     stage(f"Ray Train + DeepSpeed ZeRO-2: dLLM-Var SFT for up to {args.minutes:g} min")
@@ -129,7 +131,7 @@ def run_quickstart(args) -> int:
     report["elapsed_s"] = time.time() - t0
     report["train"] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
                        "tail_mask_prob": args.tail_mask, "tail_eos": tail_eos, "document_mask": args.document_mask,
-                       "minutes": args.minutes}
+                       "eos_pad": args.eos_pad, "minutes": args.minutes}
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     if args.keep_serving:

@@ -6,7 +6,9 @@ Input: jsonl or parquet files (local paths or any pyarrow/fsspec URI such as s3:
 Alpaca style (`instruction`, `input`, `output`) or chat style (`messages`: [{role, content}, ...],
 the last one the assistant's answer). Without --chat-template a sample is the dLLM-Var
 concatenation (prompt = instruction + input, response = output + EOS); with it, the tokenizer's
-chat template wraps the prompt and the response ends with EOT.
+chat template wraps the prompt and the response ends with EOT. --eos-pad N follows each response
+with 0-N extra EOS tokens (dllm.eos_padded; the count drawn from the record's file name and line,
+so every run writes the same rows).
 
 Output: parquet rows of `seq_len` tokens with `input_ids`, `prompt_mask`, `segment_ids` (what
 `train` reads), and `stats.json`: samples read / packed / dropped by reason (with the first few bad
@@ -54,12 +56,15 @@ class PackOptions:
     pack_batch_size: int = 4096
     address: str | None = None
     examples_shown: int = 5
+    eos_pad: int = 0  # the most extra EOS tokens after each response (0 = none)
 
     def __post_init__(self) -> None:
         if self.mode not in PACK_MODES:
             raise PipelineError(f"--mode must be one of {list(PACK_MODES)}, got {self.mode!r}")
         if self.seq_len < 8:
             raise PipelineError(f"--seq-len must be at least 8, got {self.seq_len}")
+        if self.eos_pad < 0:
+            raise PipelineError(f"--eos-pad is the most extra EOS tokens per response: >= 0 (0 = none), got {self.eos_pad}")
         if self.max_sample_len is None:
             self.max_sample_len = self.seq_len
 
@@ -91,10 +96,11 @@ def parse_file(row: dict) -> list[dict]:
 # ----- stage 2: records -> token ids (actor pool, one tokenizer per actor) ----------------------
 
 class Tokenize:
-    def __init__(self, tokenizer_dir: str, chat_template: bool, max_sample_len: int) -> None:
+    def __init__(self, tokenizer_dir: str, chat_template: bool, max_sample_len: int, eos_pad: int = 0) -> None:
         self.tok = dllm.load_tokenizer(tokenizer_dir)
         self.chat = chat_template
         self.max_len = max_sample_len
+        self.eos_pad = eos_pad
         self.eos = self.tok.eos_token_id
         self.eot = self.tok.eot_token_id if self.tok.eot_token_id is not None else self.eos
 
@@ -144,16 +150,22 @@ class Tokenize:
         return prompt_ids, response_ids
 
     def __call__(self, batch: dict) -> pa.Table:
-        prompts, responses, kinds, errors = [], [], [], []
-        for rec, kind, err in zip(batch["record"], batch["error_kind"], batch["error"]):
+        prompts, responses, padding, kinds, errors = [], [], [], [], []
+        for rec, kind, err, source, position in zip(batch["record"], batch["error_kind"], batch["error"],
+                                                    batch["source"], batch["position"]):
             p, r, k, e = [], [], str(kind), "" if err is None else str(err)
             if not k:
                 try:
                     p, r = self.sample(json.loads(rec))
                 except ValueError as ex:
                     k, e = ex.args if len(ex.args) == 2 else ("wrong_type", str(ex))
+            n = len(r)
+            if not k and self.eos_pad:  # keyed by file name and line: the same on every run and mount point
+                r = dllm.eos_padded(r, self.eos, self.eos_pad, key=f"{os.path.basename(str(source))}:{position}",
+                                    room=self.max_len - len(p) - len(r))
             prompts.append(p)
             responses.append(r)
+            padding.append(len(r) - n)
             kinds.append(k)
             errors.append(e)
         return pa.table({
@@ -161,6 +173,7 @@ class Tokenize:
             "position": pa.array(np.asarray(batch["position"], dtype=np.int64)),
             "prompt_ids": pa.array(prompts, type=pa.list_(pa.int64())),
             "response_ids": pa.array(responses, type=pa.list_(pa.int64())),
+            "eos_padding": pa.array(padding, type=pa.int64()),
             "error_kind": pa.array(kinds),
             "error": pa.array(errors),
         })
@@ -178,7 +191,8 @@ def summarize_batch(batch: pa.Table, keep: int) -> dict:
                         batch.column("error")[i].as_py()))
     tokens = sum(len(p) + len(r) for p, r, k in zip(batch.column("prompt_ids").to_pylist(),
                                                     batch.column("response_ids").to_pylist(), kinds) if not k)
-    return {"tokens": np.array([tokens]), "dropped": np.array([json.dumps(counts)]),
+    padding = sum(batch.column("eos_padding").to_pylist())
+    return {"tokens": np.array([tokens]), "eos_padding": np.array([padding]), "dropped": np.array([json.dumps(counts)]),
             "examples": np.array([json.dumps(sorted(bad)[:keep])])}
 
 
@@ -281,7 +295,7 @@ def run_pack(opts: PackOptions) -> dict:
     records = ray.data.read_binary_files(paths, include_paths=True).flat_map(parse_file)
     tokenized = records.map_batches(
         Tokenize, fn_constructor_kwargs={"tokenizer_dir": str(opts.tokenizer), "chat_template": opts.chat_template,
-                                          "max_sample_len": opts.max_sample_len},
+                                          "max_sample_len": opts.max_sample_len, "eos_pad": opts.eos_pad},
         batch_size=256, compute=ActorPoolStrategy(min_size=1, max_size=pool), batch_format="numpy",
     ).materialize()
     samples_read = tokenized.count()
@@ -289,10 +303,11 @@ def run_pack(opts: PackOptions) -> dict:
         raise PipelineError(f"the input {paths} holds no records")
 
     dropped = {k: 0 for k in ERROR_KINDS}
-    bad_rows, tokens_in = [], 0
+    bad_rows, tokens_in, eos_padding = [], 0, 0
     for part in tokenized.map_batches(summarize_batch, batch_format="pyarrow", batch_size=4096,
                                       fn_kwargs={"keep": opts.examples_shown}).take_all():
         tokens_in += part["tokens"]
+        eos_padding += part["eos_padding"]
         for kind, n in json.loads(part["dropped"]).items():
             dropped[kind] += n
         bad_rows += json.loads(part["examples"])
@@ -320,7 +335,8 @@ def run_pack(opts: PackOptions) -> dict:
         "inputs": paths, "output": opts.output, "mode": opts.mode, "seq_len": opts.seq_len,
         "chat_template": opts.chat_template, "samples_read": samples_read,
         "samples_packed": samples_read - sum(dropped.values()), "dropped": dropped,
-        "dropped_examples": examples, "tokens_in": tokens_in, "tokens_out": tokens_out,
+        "dropped_examples": examples, "tokens_in": tokens_in, "eos_padding_tokens": int(eos_padding),
+        "tokens_out": tokens_out,
         "rows_written": rows_written,
         "packing_efficiency": tokens_out / max(1, rows_written * opts.seq_len),
         "seconds": round(time.time() - t0, 2), "options": asdict(opts),
@@ -348,6 +364,9 @@ def summary(stats: dict) -> str:
     lines = [f"read {stats['samples_read']} samples, packed {stats['samples_packed']} into {stats['rows_written']} "
              f"rows of {stats['seq_len']} ({stats['packing_efficiency']:.2%} real tokens, {stats['tokens_out']} tokens) "
              f"in {stats['seconds']}s -> {stats['output']}"]
+    if stats["eos_padding_tokens"]:
+        lines.append(f"EOS padding: {stats['eos_padding_tokens']} extra EOS tokens (0-{stats['options']['eos_pad']} "
+                     f"per response)")
     dropped = {k: v for k, v in stats["dropped"].items() if v}
     if dropped:
         lines.append(f"dropped: {dropped}")
@@ -370,6 +389,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="wrap prompts in the tokenizer's chat template and end responses with EOT "
                         "(default: dLLM-Var concatenation, responses end with EOS)")
     p.add_argument("--max-sample-len", type=int, help="drop samples longer than this many tokens (default: --seq-len)")
+    p.add_argument("--eos-pad", type=int, default=0,
+                   help="follow each response with 0-N extra EOS tokens, always masked in training: masks past every "
+                        "answer that learn to say EOS (default 0 = none; the quickstart uses 8; see README)")
     p.add_argument("--num-tokenizers", type=int, default=2, help="tokenizer actors in the pool")
     p.add_argument("--pack-batch-size", type=int, default=4096, help="samples packed together per task")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -379,7 +401,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def options_from_args(args: argparse.Namespace) -> PackOptions:
     return PackOptions(inputs=args.input, output=args.output, tokenizer=args.tokenizer, seq_len=args.seq_len,
                        mode=args.mode, chat_template=args.chat_template, max_sample_len=args.max_sample_len,
-                       num_tokenizers=args.num_tokenizers, pack_batch_size=args.pack_batch_size, address=args.address)
+                       num_tokenizers=args.num_tokenizers, pack_batch_size=args.pack_batch_size, address=args.address,
+                       eos_pad=args.eos_pad)
 
 
 def main(argv=None) -> int:

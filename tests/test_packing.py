@@ -1,6 +1,11 @@
 """Multi-sample packing: conservation of tokens, prompt masks, both modes."""
 
+import os
 import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +92,29 @@ def test_concat_keep_tail_returns_full_rows_and_the_rest_as_pieces():
     assert np.array_equal(both, stream)
     prompts = np.concatenate([part.prompt_mask[part.segment_ids > 0], rest.prompt_mask[rest.segment_ids > 0]])
     assert np.array_equal(prompts, np.concatenate([np.array([True] * len(p) + [False] * len(r)) for p, r in samples]))
+
+
+def test_eos_padding_follows_a_response_with_0_to_n_eos_drawn_from_the_samples_name():
+    response = [5, 6, EOS]
+    keys = [f"data.jsonl:{line}" for line in range(1, 501)]
+    padded = [dllm.eos_padded(response, EOS, 8, key=k) for k in keys]
+    assert all(p[:3] == response and set(p[3:]) <= {EOS} for p in padded)
+    extra = [len(p) - len(response) for p in padded]
+    assert set(extra) == set(range(9))  # every count from 0 to 8 occurs
+    assert 3.5 < statistics.mean(extra) < 4.5  # U[0, 8]
+    assert [dllm.eos_padded(response, EOS, 8, key=k) for k in keys] == padded  # same name, same padding
+    assert dllm.eos_padded(response, EOS, 0, key=keys[0]) == response
+    assert max(len(dllm.eos_padded(response, EOS, 8, key=k, room=2)) for k in keys) == 5  # never more than room
+    assert dllm.eos_padded(response, EOS, 8, key=keys[0], room=-3) == response
+    with pytest.raises(ValueError, match="max_extra"):
+        dllm.eos_padded(response, EOS, -1, key=keys[0])
+
+
+def test_eos_padding_is_the_same_in_another_process_with_another_hash_seed():
+    """Ray workers are separate processes; Python's str hash is salted per process, the draw is not."""
+    code = "import dllm; print([len(dllm.eos_padded([], 9, 8, key=f'data.jsonl:{i}')) for i in range(40)])"
+    here = [len(dllm.eos_padded([], EOS, 8, key=f"data.jsonl:{i}")) for i in range(40)]
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).parents[1])
+        assert out.stdout.strip() == str(here)

@@ -96,6 +96,37 @@ def test_concat_mode_streams_samples_with_only_the_last_row_padded(ray_local, tm
     assert stats["packing_efficiency"] > (len(rows) - 1) / len(rows)
 
 
+def test_eos_padding_follows_each_response_with_its_own_0_to_n_eos_and_never_drops_a_sample(ray_local, tmp_path,
+                                                                                           tokenizer_dir, char_tokenizer):
+    """--eos-pad N: each response gets dllm.eos_padded's count for its file name and line, the same on every
+    run; a sample already at the length limit gets no padding instead of being dropped."""
+    good = [_alpaca(i) for i in range(30)]
+    full = {"instruction": "x" * 40, "output": "abcdefg"}  # 47 characters + EOS = 48: exactly the limit
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(g) for g in good + [full]))
+    opts = PackOptions(inputs=[str(tmp_path / "data.jsonl")], output=str(tmp_path / "out"), tokenizer=str(tokenizer_dir),
+                       seq_len=48, mode="no_split", num_tokenizers=1, eos_pad=8)
+    stats = run_pack(opts)
+
+    enc = lambda t: tuple(char_tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    eos = char_tokenizer.eos_token_id
+    expected = []
+    for line, g in enumerate(good, start=1):
+        padded = dllm.eos_padded(list(enc(g["output"])) + [eos], eos, 8, key=f"data.jsonl:{line}")
+        expected.append((enc(g["instruction"] + g["input"]), tuple(padded)))
+    expected.append((enc(full["instruction"]), enc(full["output"]) + (eos,)))
+    rows = _read_rows(tmp_path / "out")
+    assert sorted(_samples_in_rows(rows)) == sorted(expected)
+    extra = [len(r) - len(g["output"]) - 1 for (_, r), g in zip(expected, good)]
+    assert len(set(extra)) > 4 and max(extra) <= 8  # drawn per sample, not one count for all
+    assert stats["samples_packed"] == 31 and stats["eos_padding_tokens"] == sum(extra)
+    assert stats["tokens_in"] == stats["tokens_out"]
+
+    run_pack(opts)  # the same rows again
+    assert sorted(_samples_in_rows(_read_rows(tmp_path / "out"))) == sorted(expected)
+    with pytest.raises(PipelineError, match="--eos-pad"):
+        PackOptions(inputs=[], output="o", tokenizer=str(tokenizer_dir), eos_pad=-1)
+
+
 def test_chat_style_parquet_input_with_the_chat_template(ray_local, tmp_path, tokenizer_dir, char_tokenizer):
     import pyarrow as pa
 
