@@ -38,6 +38,7 @@ VARIANTS = {
     "tail-eos-document-mask-per-sample": Objective(tail_eos=True, document_mask=True, loss_weighting="per_sample"),
     # every answer followed by 0-8 extra always-masked EOS: masks past each answer, its length hidden
     "tail-eos-document-mask-eos-pad": Objective(tail_eos=True, document_mask=True, eos_pad=8),
+    "tail-eos-document-mask-eos-pad2": Objective(tail_eos=True, document_mask=True, eos_pad=2),  # fewer padding losses
     "document-mask": Objective(tail_mask_prob=0.0, tail_eos=False, document_mask=True),  # the mask, no tails: 0 %
 }
 
