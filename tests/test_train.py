@@ -1,6 +1,7 @@
 """Ray Train + DeepSpeed SFT on CPU: 2 workers, gloo, ZeRO-2."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -74,6 +75,14 @@ def test_loss_goes_down_and_the_checkpoint_loads_and_generates(ray_local, packed
     assert (Path(result.checkpoint.path) / DS_STATE_DIR).is_dir()
 
 
+def test_per_sample_weighting_trains_through_the_job(ray_local, packed_data):
+    """The train config takes every weighting the objective has; per_sample gets the batch's segment ids."""
+    result = run_training(_config(packed_data, "per-sample", max_steps=10, loss_weighting="per_sample"))
+    assert result.error is None
+    losses = [h["loss"] for h in _history(result)["history"]]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
 def test_resubmitting_the_same_run_resumes_step_and_optimizer_state(ray_local, packed_data):
     first = run_training(_config(packed_data, "resume", max_steps=10, checkpoint_every=10))
     state1 = _history(first)
@@ -132,6 +141,8 @@ def test_config_errors_are_clear(tmp_path, capsys):
         TrainConfig(run_name="x", data="d", model="m")
     with pytest.raises(ConfigError, match=r"lr_schedule='step' is invalid; expected one of \['constant', 'cosine'\]"):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, lr_schedule="step")
+    with pytest.raises(ConfigError, match=r"loss_weighting='sqrt' is invalid; expected one of \['mean', 'inverse_t', 'per_sample'\]"):
+        TrainConfig(run_name="x", data="d", model="m", max_steps=1, loss_weighting="sqrt")
     with pytest.raises(ConfigError, match="tail_eos needs tail_mask_prob"):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, tail_eos=True)
     cfg = tmp_path / "c.yaml"

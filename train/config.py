@@ -9,11 +9,12 @@ from typing import Any
 
 import yaml
 
+from dllm.objective import LOSS_WEIGHTINGS
+
 from .schedule import LR_SCHEDULES
 
 PRECISIONS = ("bf16", "fp32")
 OBJECTIVES = ("dllm-var", "trajectory")
-LOSS_WEIGHTINGS = ("mean", "inverse_t")
 
 
 class ConfigError(ValueError):
