@@ -12,6 +12,7 @@ whole answer. Tensor parallelism is not supported: a replica holds the whole mod
 """
 
 
+import asyncio
 import json
 import os
 import time
@@ -27,8 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import dllm
 
 from .engine_loop import EngineLoop
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DiffusionOptions, new_id, now,
-                       reject_unsupported, usage)
+from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DiffusionOptions, new_id,
+                       now, reject_unsupported, usage)
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
 # the content left of it (answers are not cut short); see GenerationConfig.
@@ -203,6 +204,38 @@ async def _require_api_key(request: Request, call_next):
     return await call_next(request)
 
 
+async def _merged(streams: list):
+    """(index, item) from several engine streams as items arrive. Closing it early (a client that
+    hung up, an error) cancels the streams still running, which aborts their requests."""
+    inbox: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for item in stream:
+                inbox.put_nowait((index, item))
+            inbox.put_nowait((index, done))
+        except Exception as e:
+            inbox.put_nowait((index, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await inbox.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task, stream in zip(tasks, streams):
+            if not task.done():
+                task.cancel()
+                stream.cancel()
+
+
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, engine, model: str, served_model_name: str | None = None, max_model_len: int | None = None,
@@ -232,21 +265,16 @@ class OpenAIIngress:
     @api.post("/v1/completions")
     async def completions(self, req: CompletionRequest):
         self._check_common(req)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise APIError(400, "a list of several prompts is not supported; send one request per prompt",
-                               param="prompt", code="unsupported_parameter")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
-            if bad:
-                raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {len(self.tokenizer)})",
-                               param="prompt", code="invalid_value")
-        return await self._run(req, ids, chat=False)
+        prompts = req.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        elif not prompts:
+            raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
+                      else self._checked_ids(list(p)) for p in prompts]
+        echo = [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(prompts, prompt_ids)] \
+            if req.echo else None
+        return await self._run(req, prompt_ids, chat=False, echo=echo)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest):
@@ -258,7 +286,7 @@ class OpenAIIngress:
         text = self.tokenizer.apply_chat_template([m.model_dump(include={"role", "content"}) for m in req.messages],
                                                   tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return await self._run(req, ids, chat=True)
+        return await self._run(req, [ids], chat=True)
 
     # ----- shared request path ----------------------------------------------------------------
 
@@ -274,30 +302,51 @@ class OpenAIIngress:
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop must be up to 4 non-empty strings", param="stop", code="invalid_value")
 
-    async def _run(self, req, prompt_ids: list[int], chat: bool):
+    def _checked_ids(self, ids: list[int]) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
+        if bad:
+            raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {len(self.tokenizer)})",
+                           param="prompt", code="invalid_value")
+        return ids
+
+    async def _run(self, req, prompts: list[list[int]], chat: bool, echo: list[str] | None = None):
+        """Generate req.n choices per prompt (choice index = prompt index * n + sample index), all in
+        the engine's batch at once. Sample i of a seeded request uses seed + i, so the n samples differ
+        under temperature > 0 and the request stays reproducible."""
         block = req.block_size or 64
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt", code="invalid_value")
-        if len(prompt_ids) + block > self.max_model_len:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; with one block of {block} it exceeds the "
-                                f"model's context of {self.max_model_len} tokens", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")
-        payload = {"prompt_ids": prompt_ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
-                   "seed": req.seed, "stop": [req.stop] if isinstance(req.stop, str) else req.stop,
-                   "options": {name: getattr(req, name) for name in DiffusionOptions.model_fields}}
+        param = "messages" if chat else "prompt"
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} asks for {len(prompts) * req.n} choices; "
+                                f"at most {MAX_CHOICES} per request", param="n" if len(prompts) == 1 else "prompt",
+                           code="invalid_value")
+        for k, ids in enumerate(prompts):
+            which = "the prompt" if len(prompts) == 1 else f"prompt {k}"
+            if not ids:
+                raise APIError(400, f"{which} is empty", param=param, code="invalid_value")
+            if len(ids) + block > self.max_model_len:
+                raise APIError(400, f"{which} has {len(ids)} tokens; with one block of {block} it exceeds the "
+                                    f"model's context of {self.max_model_len} tokens", param=param,
+                               code="context_length_exceeded")
+        options = {name: getattr(req, name) for name in DiffusionOptions.model_fields}
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        streams = [self.engine.options(stream=True).generate.remote({
+            "prompt_ids": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
+            "seed": None if req.seed is None else req.seed + i, "stop": stop, "options": options})
+            for ids in prompts for i in range(req.n)]
+        prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
-        stream = self.engine.options(stream=True).generate.remote(payload)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(stream, rid, chat, include_usage), media_type="text/event-stream")
-        text, last = "", None
+            return StreamingResponse(self._sse(streams, rid, chat, include_usage, prefixes, sum(map(len, prompts))),
+                                     media_type="text/event-stream")
+        texts, lasts = list(prefixes or [""] * len(streams)), [None] * len(streams)
         try:
-            async for item in stream:
-                text += item["text"]
-                last = item
+            async for index, item in _merged(streams):
+                texts[index] += item["text"]
+                lasts[index] = item
         except Exception as e:
             raise self._engine_error(e) from e
-        return self._final_body(rid, chat, text, last)
+        return self._final_body(rid, chat, texts, lasts, prompt_tokens=sum(map(len, prompts)))
 
     def _engine_error(self, e: Exception) -> APIError:
         from ray.serve.exceptions import BackPressureError
@@ -309,51 +358,64 @@ class OpenAIIngress:
             return APIError(400, str(cause), code="invalid_value")
         return APIError(500, f"generation failed: {cause}", type="server_error", code="internal_error")
 
-    def _stats(self, last: dict) -> dict:
-        return {"forwards": last["num_forwards"], "blocks": last["num_blocks"],
-                "tokens_per_forward": last["completion_tokens"] / max(1, last["num_forwards"])}
+    @staticmethod
+    def _stats(lasts: list[dict]) -> dict:
+        """Forwards and blocks summed over the choices; tokens per forward over all of them."""
+        forwards = sum(last["num_forwards"] for last in lasts)
+        return {"forwards": forwards, "blocks": sum(last["num_blocks"] for last in lasts),
+                "tokens_per_forward": sum(last["completion_tokens"] for last in lasts) / max(1, forwards)}
 
-    def _final_body(self, rid: str, chat: bool, text: str, last: dict) -> dict:
-        base = {"id": rid, "created": now(), "model": self.model_name,
-                "usage": usage(last["prompt_tokens"], last["completion_tokens"]), "dllm": self._stats(last)}
+    @staticmethod
+    def _usage(lasts: list[dict], prompt_tokens: int) -> dict:
+        return usage(prompt_tokens, sum(last["completion_tokens"] for last in lasts))
+
+    def _final_body(self, rid: str, chat: bool, texts: list[str], lasts: list[dict], prompt_tokens: int) -> dict:
+        base = {"id": rid, "created": now(), "model": self.model_name, "usage": self._usage(lasts, prompt_tokens),
+                "dllm": self._stats(lasts)}
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": last["finish_reason"], "logprobs": None}
-            return {**base, "object": "chat.completion", "choices": [choice]}
-        choice = {"index": 0, "text": text, "finish_reason": last["finish_reason"], "logprobs": None}
-        return {**base, "object": "text_completion", "choices": [choice]}
+            choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                        "finish_reason": last["finish_reason"], "logprobs": None}
+                       for i, (text, last) in enumerate(zip(texts, lasts))]
+            return {**base, "object": "chat.completion", "choices": choices}
+        choices = [{"index": i, "text": text, "finish_reason": last["finish_reason"], "logprobs": None}
+                   for i, (text, last) in enumerate(zip(texts, lasts))]
+        return {**base, "object": "text_completion", "choices": choices}
 
-    async def _sse(self, stream, rid: str, chat: bool, include_usage: bool):
+    async def _sse(self, streams: list, rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
+                   prompt_tokens: int):
+        """One chunk per committed block of each choice (tagged with its index), a finish chunk per
+        choice, then the usage chunk (if asked) and [DONE]."""
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, first: bool = False, extra: dict | None = None) -> str:
+        def chunk(index: int, text: str | None, finish: str | None = None, extra: dict | None = None) -> str:
             if chat:
-                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                delta: dict[str, Any] = {"role": "assistant"} if index not in started else {}
                 if text:
                     delta["content"] = text
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
             else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            started.add(index)
             body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice],
                     **(extra or {})}
             return f"data: {json.dumps(body)}\n\n"
 
+        started: set[int] = set()
+        lasts: list[dict | None] = [None] * len(streams)
+        for index, prefix in enumerate(prefixes or []):
+            yield chunk(index, prefix)
         try:
-            first = True
-            async for item in stream:
+            async for index, item in _merged(streams):
+                if item["text"] or index not in started:
+                    yield chunk(index, item["text"])
                 if item["finished"]:
-                    extra = {"dllm": self._stats(item)}
-                    if item["text"] or first:
-                        yield chunk(item["text"], None, first)
-                    yield chunk(None, item["finish_reason"], extra=extra)
-                    if include_usage:
-                        body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
-                                "usage": usage(item["prompt_tokens"], item["completion_tokens"])}
-                        yield f"data: {json.dumps(body)}\n\n"
-                elif item["text"]:
-                    yield chunk(item["text"], None, first)
-                    first = False
+                    lasts[index] = item
+                    yield chunk(index, None, item["finish_reason"], extra={"dllm": self._stats([item])})
+            if include_usage:
+                body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
+                        "usage": self._usage(lasts, prompt_tokens)}
+                yield f"data: {json.dumps(body)}\n\n"
         except Exception as e:  # headers are sent: report the error in-band, as OpenAI does
             yield f"data: {json.dumps(self._engine_error(e).body())}\n\n"
         yield "data: [DONE]\n\n"

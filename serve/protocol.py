@@ -23,6 +23,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MAX_CHOICES = 64  # choices (prompts x n) in one request: each takes a batch slot
+
+
 class DiffusionOptions(BaseModel):
     """Our extras, accepted as extra body fields (OpenAI clients: `extra_body={...}`)."""
 
@@ -42,7 +45,7 @@ class _Common(DiffusionOptions):
     max_tokens: int | None = None
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
@@ -55,7 +58,7 @@ class _Common(DiffusionOptions):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -80,7 +83,6 @@ class ChatCompletionRequest(_Common):
 def reject_unsupported(req: _Common) -> None:
     """Parameters we accept for compatibility only at their neutral values."""
     checks = [
-        ("n", req.n != 1, "n > 1 is not supported; send the request n times (with different seeds)"),
         ("top_p", req.top_p != 1.0, "top_p is not supported by diffusion decoding; use temperature"),
         ("presence_penalty", req.presence_penalty != 0.0, "presence_penalty is not supported"),
         ("frequency_penalty", req.frequency_penalty != 0.0, "frequency_penalty is not supported"),
@@ -88,8 +90,8 @@ def reject_unsupported(req: _Common) -> None:
         ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
     ]
     if isinstance(req, CompletionRequest):
-        checks += [("echo", req.echo, "echo is not supported"),
-                   ("best_of", req.best_of not in (None, 1), "best_of is not supported"),
+        checks += [("best_of", req.best_of not in (None, 1, req.n),
+                    "best_of other than n is not supported (there are no sequence log-probabilities to rank by)"),
                    ("suffix", req.suffix is not None, "suffix (infilling) is not supported")]
     if isinstance(req, ChatCompletionRequest):
         checks += [("tools", bool(req.tools), "tools / function calling are not supported"),

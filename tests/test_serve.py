@@ -25,14 +25,26 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, confident_model, char_tokenizer):
+def model_dir(tmp_path_factory, tiny_config, char_tokenizer):
+    """A random model that, under the server's decoding defaults, writes answers of varied length and
+    content, and different ones for different sampling seeds (so the tests below compare real text)."""
+    from conftest import make_confident_model
+
     path = tmp_path_factory.mktemp("served") / "tiny"
+    dllm.save_pretrained(make_confident_model(tiny_config, seed=9, scale=20.0), char_tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def endless_dir(tmp_path_factory, confident_model, char_tokenizer):
+    """A model that never writes EOS at block size 1: such a request runs until aborted or max_tokens."""
+    path = tmp_path_factory.mktemp("endless") / "tiny"
     dllm.save_pretrained(confident_model, char_tokenizer, path)
     return path
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, model_dir):
+def server(ray_local, model_dir, endless_dir):
     from ray import serve
 
     from serve.app import build_app
@@ -42,6 +54,7 @@ def server(ray_local, model_dir):
     serve.run(build_app({"model": str(model_dir), **APP_ARGS}), name="main", route_prefix="/")
     serve.run(build_app({"model": str(model_dir), **APP_ARGS, "api_keys": "k1,k2"}), name="secure",
               route_prefix="/secure")
+    serve.run(build_app({"model": str(endless_dir), **APP_ARGS}), name="endless", route_prefix="/endless")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -67,7 +80,7 @@ def test_completion_with_the_openai_client_matches_the_engine(client, model_dir)
     engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
     server_defaults = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
     direct = engine.generate(["reverse: abc =>"], server_defaults)[0]
-    assert out.choices[0].text == direct.text
+    assert out.choices[0].text == direct.text and direct.text
     assert out.choices[0].finish_reason == direct.finish_reason
     assert out.usage.completion_tokens == len(direct.token_ids)
     assert out.usage.prompt_tokens == len("reverse: abc =>")
@@ -82,15 +95,66 @@ def test_streamed_text_equals_non_streamed_text_for_the_same_seed(client, chat):
         full = client.chat.completions.create(messages=msgs, **kw)
         chunks = list(client.chat.completions.create(messages=msgs, stream=True, **kw))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert streamed == full.choices[0].message.content
+        assert streamed == full.choices[0].message.content != ""
         assert chunks[0].choices[0].delta.role == "assistant"
         assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
     else:
         full = client.completions.create(prompt="sort: dcba =>", **kw)
         chunks = list(client.completions.create(prompt="sort: dcba =>", stream=True, **kw))
-        assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+        assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text != ""
         assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
     assert len(chunks) >= 2
+
+
+def test_n_samples_per_prompt_and_prompt_lists_match_the_engine_seed_by_seed(client, model_dir):
+    engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
+    prompts = ["sort: dcba =>", "reverse: abc =>"]
+    out = client.completions.create(model="tiny", prompt=prompts, n=3, temperature=1.0, seed=11, max_tokens=32)
+    assert [c.index for c in out.choices] == list(range(6))  # prompt index * n + sample index
+    direct = [engine.generate([p], dllm.GenerationConfig(block_size=8, max_new_tokens=32, early_stop=True,
+                                                         stops_last=True, temperature=1.0, seed=11 + i))[0]
+              for p in prompts for i in range(3)]
+    assert [c.text for c in out.choices] == [d.text for d in direct]
+    assert len({d.text for d in direct[:3]}) == 3  # the seeds differ, so do the samples
+    assert [c.finish_reason for c in out.choices] == [d.finish_reason for d in direct]
+    assert out.usage.prompt_tokens == sum(map(len, prompts))  # each prompt counted once, not n times
+    assert out.usage.completion_tokens == sum(len(d.token_ids) for d in direct)
+    assert out.model_extra["dllm"]["forwards"] == sum(d.num_forwards for d in direct)
+
+
+def test_token_id_prompt_lists_and_echo(client, model_dir):
+    tok = dllm.load_tokenizer(model_dir)
+    ids = [tok("add 1+2 =>", add_special_tokens=False)["input_ids"], tok("sort: ba =>", add_special_tokens=False)["input_ids"]]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=24)
+    by_text = client.completions.create(model="tiny", prompt=["add 1+2 =>", "sort: ba =>"], max_tokens=24)
+    assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
+    echoed = client.completions.create(model="tiny", prompt=["add 1+2 =>", "sort: ba =>"], max_tokens=24, echo=True)
+    assert [c.text for c in echoed.choices] == ["add 1+2 =>" + by_text.choices[0].text,
+                                                "sort: ba =>" + by_text.choices[1].text]
+    chunks = list(client.completions.create(model="tiny", prompt=ids[0], max_tokens=24, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streamed_choices_carry_their_index_and_equal_the_non_streamed_ones(server, client, chat):
+    kw = dict(model="tiny", max_tokens=40, temperature=1.0, seed=5, n=3)
+    if chat:
+        msgs = [{"role": "user", "content": "reverse: abcd =>"}]
+        full = [c.message.content for c in client.chat.completions.create(messages=msgs, **kw).choices]
+        chunks = list(client.chat.completions.create(messages=msgs, stream=True, **kw))
+        pieces = [(c.choices[0].index, c.choices[0].delta.content or "") for c in chunks]
+        first_of = {}
+        for c in chunks:
+            first_of.setdefault(c.choices[0].index, c.choices[0].delta)
+        assert all(delta.role == "assistant" for delta in first_of.values())
+    else:
+        full = [c.text for c in client.completions.create(prompt="reverse: abcd =>", **kw).choices]
+        chunks = list(client.completions.create(prompt="reverse: abcd =>", stream=True, **kw))
+        pieces = [(c.choices[0].index, c.choices[0].text) for c in chunks]
+    streamed = ["".join(text for i, text in pieces if i == index) for index in range(3)]
+    assert streamed == full and len(set(full)) > 1
+    finishes = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1, 2]
 
 
 def test_sse_wire_format_ends_with_done_and_can_report_usage(server):
@@ -111,6 +175,7 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
         together = dict(zip(prompts, pool.map(
             lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=40).choices[0].text, prompts)))
     assert together == alone
+    assert all(alone.values()) and len(set(alone.values())) > 1
 
 
 @pytest.mark.parametrize("body,status,param", [
@@ -119,7 +184,12 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "x" * 300}, 400, "prompt"),
-    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": "tiny", "prompt": "x", "n": 65}, 400, "n"),
+    ({"model": "tiny", "prompt": ["x"] * 9, "n": 8}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
+    ({"model": "tiny", "prompt": []}, 400, "prompt"),
+    ({"model": "tiny", "prompt": ["x", ""]}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ({"model": "tiny", "prompt": "x", "decoder": "beam"}, 400, "decoder"),
     ({"model": "tiny", "prompt": "x", "cache_policy": "paged"}, 400, "cache_policy"),
@@ -145,19 +215,20 @@ def test_invalid_chat_requests_and_bad_json(server):
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
-    before = _engine_info()["aborted"]
-    with httpx.stream("POST", f"{server}/v1/completions", json={
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_disconnects_mid_stream_aborts_its_requests(server, n):
+    before = _engine_info("endless")["aborted"]
+    with httpx.stream("POST", f"{server}/endless/v1/completions", json={
             "model": "tiny", "prompt": [5, 6, 7, 8, 9], "stream": True, "max_tokens": 1024, "block_size": 1,
-            "threshold": 1.0}) as r:
+            "threshold": 1.0, "n": n}) as r:
         next(r.iter_lines())  # the first block arrived; now hang up
     deadline = time.time() + 20
     while time.time() < deadline:
-        info = _engine_info()
-        if info["aborted"] > before and info["running"] == 0:
+        info = _engine_info("endless")
+        if info["aborted"] >= before + n and info["running"] == 0:
             break
         time.sleep(0.2)
-    assert info["aborted"] == before + 1
+    assert info["aborted"] == before + n
     assert info["running"] == 0 and info["cache_slots_used"] == 0
 
 
@@ -211,12 +282,12 @@ def test_a_dead_replica_is_replaced(server):
     assert _engine_info()["pid"] != pid
 
 
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, model_dir):
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, endless_dir):
     from ray import serve
 
     from serve.app import build_app
 
-    serve.run(build_app({"model": str(model_dir), **APP_ARGS, "min_replicas": 1, "max_replicas": 2,
+    serve.run(build_app({"model": str(endless_dir), **APP_ARGS, "min_replicas": 1, "max_replicas": 2,
                          "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 2,
                          "metrics_interval_s": 0.5, "look_back_period_s": 1}), name="scale", route_prefix="/scale")
 
@@ -269,12 +340,15 @@ def test_engine_metrics_reach_the_prometheus_endpoint(server, client):
 
 def test_stops_last_is_on_by_default_and_a_request_option(server, model_dir):
     engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
-    prompt = "sort: dcba =>"
+    prompt = "reverse: x =>"  # a prompt whose answer the two orders end at different places
+    texts = []
     for option in (None, False):
-        body = {"model": "tiny", "prompt": prompt, "max_tokens": 24, **({} if option is None else {"stops_last": option})}
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 48, **({} if option is None else {"stops_last": option})}
         r = httpx.post(f"{server}/v1/completions", json=body)
-        cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=24, early_stop=True, stops_last=option is None)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == engine.generate([prompt], cfg)[0].text
+        cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=48, early_stop=True, stops_last=option is None)
+        texts.append(r.json()["choices"][0]["text"])
+        assert r.status_code == 200 and texts[-1] == engine.generate([prompt], cfg)[0].text
+    assert texts[0] != texts[1]
 
 
 def test_cache_policy_is_a_request_option(server):
