@@ -77,6 +77,17 @@ def confident_model(tiny_config):
     return make_confident_model(tiny_config)
 
 
+TALKATIVE = {"seed": 9, "scale": 20.0}
+
+
+@pytest.fixture(scope="session")
+def talkative_model(tiny_config):
+    """A confident model that writes answers of varied length and content under the default decoding
+    (stops_last), and different ones for different sampling seeds. The confident model commits EOS at
+    the first position there (its leftmost candidate): '' for every prompt, which proves nothing."""
+    return make_confident_model(tiny_config, **TALKATIVE)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the whole test session (starting Ray costs seconds)."""

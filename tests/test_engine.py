@@ -366,26 +366,27 @@ def test_cache_policies_mix_in_one_batch(model64):
 
 
 def test_fused_projections_give_the_same_tokens(tiny_config):
-    from conftest import make_confident_model
+    from conftest import TALKATIVE, make_confident_model
 
     cfg = GenerationConfig(block_size=16, threshold=0.9, max_new_tokens=48)
-    separate = _engine(make_confident_model(tiny_config)).generate(_prompts(6), cfg)  # CPU default: not fused
-    engine = _engine(make_confident_model(tiny_config), fuse_projections=True)
+    separate = _engine(make_confident_model(tiny_config, **TALKATIVE)).generate(_prompts(6), cfg)  # CPU: not fused
+    assert all(g.token_ids for g in separate)
+    engine = _engine(make_confident_model(tiny_config, **TALKATIVE), fuse_projections=True)
     assert engine.model.model.transformer["blocks"][0]._fused is not None
     fused = engine.generate(_prompts(6), cfg)
     assert [g.token_ids for g in fused] == [g.token_ids for g in separate]
     assert [g.num_forwards for g in fused] == [g.num_forwards for g in separate]
 
 
-# (With both, this model's answers settle at their first forward: nothing left to unroll.)
-@pytest.mark.parametrize("early_stop,stops_last", [(False, False), (True, False), (False, True)])
-def test_unrolled_denoise_steps_give_the_same_tokens(confident_model, early_stop, stops_last):
+@pytest.mark.parametrize("early_stop,stops_last", [(False, False), (True, False), (False, True), (True, True)])
+def test_unrolled_denoise_steps_give_the_same_tokens(talkative_model, early_stop, stops_last):
     """Loop unrolling runs several denoise steps per host sync: the answers are identical, forwards
     spent on blocks that finished inside an unrolled run are counted."""
     cfg = GenerationConfig(block_size=16, threshold=0.99, max_new_tokens=48, early_stop=early_stop, stops_last=stops_last)
     prompts = _prompts(6)
-    plain = _engine(confident_model).generate(prompts, cfg)
-    engine = _engine(confident_model, max_unroll=4, expected_tpf=1.0)
+    plain = _engine(talkative_model).generate(prompts, cfg)
+    assert all(g.token_ids for g in plain)
+    engine = _engine(talkative_model, max_unroll=4, expected_tpf=1.0)
     unrolled = engine.generate(prompts, cfg)
     assert [g.token_ids for g in unrolled] == [g.token_ids for g in plain]
     assert [g.finish_reason for g in unrolled] == [g.finish_reason for g in plain]

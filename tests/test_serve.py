@@ -25,13 +25,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_config, char_tokenizer):
-    """A random model that, under the server's decoding defaults, writes answers of varied length and
-    content, and different ones for different sampling seeds (so the tests below compare real text)."""
-    from conftest import make_confident_model
-
+def model_dir(tmp_path_factory, talkative_model, char_tokenizer):
     path = tmp_path_factory.mktemp("served") / "tiny"
-    dllm.save_pretrained(make_confident_model(tiny_config, seed=9, scale=20.0), char_tokenizer, path)
+    dllm.save_pretrained(talkative_model, char_tokenizer, path)
     return path
 
 

@@ -15,9 +15,10 @@ def _prompts():
     return [list(range(7, 7 + n)) for n in (3, 5, 8, 11)]
 
 
-def test_recorded_trajectory_accounts_for_every_forward_and_token(confident_model):
-    engine = dllm.Engine(confident_model, max_batch_size=4, max_model_len=128)
+def test_recorded_trajectory_accounts_for_every_forward_and_token(talkative_model):
+    engine = dllm.Engine(talkative_model, max_batch_size=4, max_model_len=128)
     gens = engine.generate(_prompts(), CFG.replace(record_trajectory=True))
+    assert all(g.token_ids for g in gens)
     for gen in gens:
         blocks = gen.trajectory
         assert len(blocks) == gen.num_blocks
@@ -29,18 +30,19 @@ def test_recorded_trajectory_accounts_for_every_forward_and_token(confident_mode
         assert produced[: len(gen.token_ids)] == gen.token_ids
 
 
-def test_recording_does_not_change_the_answers(confident_model):
-    engine = dllm.Engine(confident_model, max_batch_size=4, max_model_len=128)
+def test_recording_does_not_change_the_answers(talkative_model):
+    engine = dllm.Engine(talkative_model, max_batch_size=4, max_model_len=128)
     plain = engine.generate(_prompts(), CFG)
     recorded = engine.generate(_prompts(), CFG.replace(record_trajectory=True))
     assert [g.token_ids for g in recorded] == [g.token_ids for g in plain]
     assert all(g.trajectory is None for g in plain)
 
 
-def test_only_verified_trajectories_are_kept(confident_model, char_tokenizer):
-    engine = dllm.Engine(confident_model, char_tokenizer, max_batch_size=4, max_model_len=128)
-    answers = [g.text for g in engine.generate(["ab", "ba", "abc"], CFG)]
-    samples = [{"instruction": "ab", "output": answers[0]}, {"instruction": "ba", "output": answers[1] + "?"},
+def test_only_verified_trajectories_are_kept(talkative_model, char_tokenizer):
+    engine = dllm.Engine(talkative_model, char_tokenizer, max_batch_size=4, max_model_len=128)
+    answers = [g.text for g in engine.generate(["ab", "cab", "abc"], CFG)]
+    assert all(answers)
+    samples = [{"instruction": "ab", "output": answers[0]}, {"instruction": "cab", "output": answers[1] + "?"},
                {"instruction": "abc", "output": answers[2]}]
     gold, stats = record_gold(engine, samples, CFG, verifier=exact_match)
     assert [t.text for t in gold] == [answers[0], answers[2]]
@@ -77,10 +79,10 @@ def test_transition_batch_shows_state_i_and_targets_the_reveals_up_to_j():
     assert len(seen) > 4  # blocks and (i, j) pairs vary
 
 
-def test_compressed_transition_objective_trains(confident_model):
+def test_compressed_transition_objective_trains(talkative_model):
     import copy
 
-    model = copy.deepcopy(confident_model)
+    model = copy.deepcopy(talkative_model)
     engine = dllm.Engine(model, max_batch_size=4, max_model_len=128)
     gens = engine.generate(_prompts(), CFG.replace(record_trajectory=True))
     trajs = [Trajectory(p, g.trajectory, "") for p, g in zip(_prompts(), gens)]

@@ -17,11 +17,11 @@ CFG = dllm.GenerationConfig(block_size=8, threshold=0.9, max_new_tokens=24, earl
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory, confident_model, char_tokenizer, ray_local):
+def recorded(tmp_path_factory, talkative_model, char_tokenizer, ray_local):
     root = tmp_path_factory.mktemp("traj")
-    ckpt = dllm.save_pretrained(confident_model, char_tokenizer, root / "ckpt")
+    ckpt = dllm.save_pretrained(talkative_model, char_tokenizer, root / "ckpt")
     prompts = ["abc", "cab", "bca", "abcd", "dcba", "ba", "add", "sort"]
-    answers = [g.text for g in dllm.Engine(confident_model, char_tokenizer).generate(prompts, CFG)]
+    answers = [g.text for g in dllm.Engine(talkative_model, char_tokenizer).generate(prompts, CFG)]
     with open(root / "samples.jsonl", "w") as f:
         for i, (p, a) in enumerate(zip(prompts, answers)):
             right = i % 2 == 0  # half the references disagree with the model: the verifier drops those
