@@ -28,8 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import dllm
 
 from .engine_loop import EngineLoop
-from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DiffusionOptions, new_id,
-                       now, reject_unsupported, usage)
+from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       DiffusionOptions, TokenizeRequest, new_id, now, reject_unsupported, usage)
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
 # the content left of it (answers are not cut short); see GenerationConfig.
@@ -90,7 +90,8 @@ class EngineServer:
         opts = {k: v for k, v in payload.get("options", {}).items() if v is not None}
         merged = {**self.defaults, **opts}
         config = _generation_config(merged, payload.get("max_tokens"), temperature=payload.get("temperature", 0.0),
-                                    seed=payload.get("seed"), stop=payload.get("stop") or None)
+                                    seed=payload.get("seed"), stop=payload.get("stop") or None,
+                                    stop_token_ids=payload.get("stop_token_ids") or None)
         start = time.monotonic()
         first = True
         async for out in self.loop.generate(payload["prompt_ids"], config):
@@ -283,17 +284,37 @@ class OpenAIIngress:
         self._check_common(req)
         if not req.messages:
             raise APIError(400, "'messages' must hold at least one message", param="messages", code="invalid_value")
-        text = self.tokenizer.apply_chat_template([m.model_dump(include={"role", "content"}) for m in req.messages],
-                                                  tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return await self._run(req, [ids], chat=True)
+        return await self._run(req, [self._chat_ids(req.messages)], chat=True)
+
+    @api.post("/tokenize")
+    async def tokenize(self, req: TokenizeRequest) -> dict:
+        """Token ids as the completion routes see them (vLLM's /tokenize)."""
+        self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either 'prompt' or 'messages'", param="prompt", code="invalid_value")
+        ids = self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"] if req.prompt is not None \
+            else self._chat_ids(req.messages, req.add_generation_prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    @api.post("/detokenize")
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
+        self._check_model(req.model)
+        return {"prompt": self.tokenizer.decode(self._checked_ids(req.tokens, param="tokens"))}
+
+    def _chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template([m.model_dump(include={"role", "content"}) for m in messages],
+                                                  tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ----- shared request path ----------------------------------------------------------------
 
-    def _check_common(self, req) -> None:
-        if req.model != self.model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
+
+    def _check_common(self, req) -> None:
+        self._check_model(req.model)
         reject_unsupported(req)
         if req.max_tokens is not None and not 1 <= req.max_tokens <= self.max_tokens_cap:
             raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_cap}, got {req.max_tokens}",
@@ -301,12 +322,13 @@ class OpenAIIngress:
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop must be up to 4 non-empty strings", param="stop", code="invalid_value")
+        self._checked_ids(req.stop_token_ids or [], param="stop_token_ids")
 
-    def _checked_ids(self, ids: list[int]) -> list[int]:
+    def _checked_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
         if bad:
-            raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {len(self.tokenizer)})",
-                           param="prompt", code="invalid_value")
+            raise APIError(400, f"{param} ids {bad[:5]} are outside the vocabulary [0, {len(self.tokenizer)})",
+                           param=param, code="invalid_value")
         return ids
 
     async def _run(self, req, prompts: list[list[int]], chat: bool, echo: list[str] | None = None):
@@ -331,7 +353,8 @@ class OpenAIIngress:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         streams = [self.engine.options(stream=True).generate.remote({
             "prompt_ids": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
-            "seed": None if req.seed is None else req.seed + i, "stop": stop, "options": options})
+            "seed": None if req.seed is None else req.seed + i, "stop": stop, "stop_token_ids": req.stop_token_ids,
+            "options": options})
             for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")

@@ -49,6 +49,7 @@ class _Common(DiffusionOptions):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's extra: these ids end the answer too (EOS and EOT always do)
     seed: int | None = None
     user: str | None = None
     presence_penalty: float = 0.0
@@ -78,6 +79,23 @@ class ChatCompletionRequest(_Common):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages (wrapped in the chat template)."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    tokens: list[int]
 
 
 def reject_unsupported(req: _Common) -> None:

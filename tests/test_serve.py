@@ -153,6 +153,40 @@ def test_streamed_choices_carry_their_index_and_equal_the_non_streamed_ones(serv
     assert sorted(finishes) == [0, 1, 2]
 
 
+def test_stop_token_ids_end_the_answer_like_the_engines(client, model_dir):
+    tok = dllm.load_tokenizer(model_dir)
+    engine = dllm.Engine(dllm.load_model(model_dir), tok, max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
+    prompt = "reverse: abcd =>"
+    full = engine.generate([prompt], cfg)[0]
+    stop_id = tok("v", add_special_tokens=False)["input_ids"][0]
+    assert stop_id in full.token_ids[1:]  # the answer holds the stop token after some content
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, extra_body={"stop_token_ids": [stop_id]})
+    direct = engine.generate([prompt], cfg.replace(stop_token_ids=[stop_id]))[0]
+    assert out.choices[0].text == direct.text and "v" not in direct.text
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_tokenize_and_detokenize(server, model_dir):
+    tok = dllm.load_tokenizer(model_dir)
+    r = httpx.post(f"{server}/tokenize", json={"model": "tiny", "prompt": "sort: ba =>"}).json()
+    assert r["tokens"] == tok("sort: ba =>", add_special_tokens=False)["input_ids"]
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 256
+    msgs = [{"role": "user", "content": "hi"}]
+    r = httpx.post(f"{server}/tokenize", json={"model": "tiny", "messages": msgs}).json()
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert r["tokens"] == tok(text, add_special_tokens=False)["input_ids"]
+    back = httpx.post(f"{server}/detokenize", json={"model": "tiny", "tokens": r["tokens"]}).json()
+    assert back == {"prompt": tok.decode(r["tokens"])}
+    for route, body, param in [("tokenize", {"model": "tiny"}, "prompt"),
+                               ("tokenize", {"model": "tiny", "prompt": "x", "messages": msgs}, "prompt"),
+                               ("detokenize", {"model": "tiny", "tokens": [10**7]}, "tokens"),
+                               ("detokenize", {"model": "tiny", "tokens": "abc"}, "tokens"),
+                               ("tokenize", {"model": "nope", "prompt": "x"}, "model")]:
+        r = httpx.post(f"{server}/{route}", json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param
+
+
 def test_sse_wire_format_ends_with_done_and_can_report_usage(server):
     with httpx.stream("POST", f"{server}/v1/completions", json={
             "model": "tiny", "prompt": "add 1+2 =>", "stream": True, "max_tokens": 24,
@@ -192,6 +226,7 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
     ({"model": "tiny", "prompt": "x", "stops_last": "sometimes"}, 400, "stops_last"),
     ({"model": "tiny", "prompt": "x", "unknown_field": 1}, 400, "unknown_field"),
     ({"model": "tiny", "prompt": [10**7]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
 ])
 def test_invalid_completion_requests_get_openai_style_errors(server, body, status, param):
     r = httpx.post(f"{server}/v1/completions", json=body)
