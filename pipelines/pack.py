@@ -3,8 +3,9 @@
     python -m pipelines.pack --input 'data/*.jsonl' --tokenizer CKPT_DIR --output packed/ --seq-len 8192
 
 Input: jsonl or parquet files (local paths or any pyarrow/fsspec URI such as s3://bucket/x.jsonl), in
-Alpaca style (`instruction`, `input`, `output`) or chat style (`messages`: [{role, content}, ...],
-the last one the assistant's answer). Without --chat-template a sample is the dLLM-Var
+Alpaca style (`instruction`, `input`, `output`), chat style (`messages`: [{role, content}, ...],
+the last one the assistant's answer) or ShareGPT style (`conversations`: [{from, value}, ...], from
+human / gpt / system; read as chat style). Without --chat-template a sample is the dLLM-Var
 concatenation (prompt = instruction + input, response = output + EOS); with it, the tokenizer's
 chat template wraps the prompt and the response ends with EOT. --eos-pad N follows each response
 with 0-N extra EOS tokens (dllm.eos_padded; the count drawn from the record's file name and line,
@@ -95,6 +96,25 @@ def parse_file(row: dict) -> list[dict]:
 
 # ----- stage 2: records -> token ids (actor pool, one tokenizer per actor) ----------------------
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def sharegpt_messages(conversations) -> list[dict]:
+    """ShareGPT turns [{from, value}, ...] as chat messages [{role, content}, ...]."""
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("wrong_type", "'conversations' must be a non-empty list of {from, value} turns")
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError("wrong_type", f"conversations[{i}] must be a {{from, value}} turn with a string value")
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            raise ValueError("wrong_type", f"conversations[{i}].from is {turn.get('from')!r}; "
+                                           f"allowed: {sorted(SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
 class Tokenize:
     def __init__(self, tokenizer_dir: str, chat_template: bool, max_sample_len: int, eos_pad: int = 0) -> None:
         self.tok = dllm.load_tokenizer(tokenizer_dir)
@@ -111,6 +131,8 @@ class Tokenize:
         """(prompt ids, response ids + EOS/EOT) or raises ValueError(kind, message)."""
         if not isinstance(rec, dict):
             raise ValueError("wrong_type", f"a record must be a JSON object, got {type(rec).__name__}")
+        if "conversations" in rec and "messages" not in rec:
+            rec = {"messages": sharegpt_messages(rec["conversations"])}
         if "messages" in rec:
             msgs = rec["messages"]
             if not isinstance(msgs, list) or not msgs or not all(

@@ -143,6 +143,25 @@ def test_chat_style_parquet_input_with_the_chat_template(ray_local, tmp_path, to
             tuple(char_tokenizer("1", add_special_tokens=False)["input_ids"]) + (eot,)) in found
 
 
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_sharegpt_records_pack_exactly_like_their_chat_messages(ray_local, tmp_path, tokenizer_dir, chat_template):
+    turns = [[{"from": "system", "value": "be brief"}, {"from": "human", "value": f"add {i}+1"},
+              {"from": "gpt", "value": str(i + 1)}] for i in range(10)]
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    (tmp_path / "share.jsonl").write_text("".join(json.dumps({"conversations": c}) + "\n" for c in turns) + json.dumps(
+        {"conversations": [{"from": "robot", "value": "x"}, {"from": "gpt", "value": "y"}]}) + "\n")
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(
+        {"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in c]}) + "\n" for c in turns))
+    packed = {}
+    for name in ("share", "chat"):
+        packed[name] = run_pack(PackOptions(inputs=[str(tmp_path / f"{name}.jsonl")], output=str(tmp_path / name),
+                                            tokenizer=str(tokenizer_dir), seq_len=96, mode="no_split",
+                                            chat_template=chat_template, num_tokenizers=1))
+    assert sorted(_samples_in_rows(_read_rows(tmp_path / "share"))) == sorted(_samples_in_rows(_read_rows(tmp_path / "chat")))
+    assert packed["share"]["samples_packed"] == 10 and packed["share"]["dropped"]["wrong_type"] == 1
+    assert "conversations[0].from is 'robot'" in packed["share"]["dropped_examples"][0]
+
+
 def test_fails_fast_on_no_input_no_tokenizer_or_unwritable_output(tmp_path, tokenizer_dir, capsys):
     with pytest.raises(PipelineError, match="no input files"):
         run_pack(PackOptions(inputs=[str(tmp_path / "none*.jsonl")], output=str(tmp_path / "o"), tokenizer=str(tokenizer_dir)))
