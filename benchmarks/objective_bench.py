@@ -39,6 +39,8 @@ VARIANTS = {
     # every answer followed by 0-8 extra always-masked EOS: masks past each answer, its length hidden
     "tail-eos-document-mask-eos-pad": Objective(tail_eos=True, document_mask=True, eos_pad=8),
     "tail-eos-document-mask-eos-pad2": Objective(tail_eos=True, document_mask=True, eos_pad=2),  # fewer padding losses
+    # 0-8 padding EOS, each weighing a quarter of another position in the loss
+    "tail-eos-document-mask-eos-pad-w025": Objective(tail_eos=True, document_mask=True, eos_pad=8, pad_eos_weight=0.25),
     "document-mask": Objective(tail_mask_prob=0.0, tail_eos=False, document_mask=True),  # the mask, no tails: 0 %
 }
 

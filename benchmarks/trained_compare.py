@@ -102,6 +102,7 @@ class Objective:
     # default in trained_compare: 50 vs 19.5 % exact match at 700 steps, objective_bench, README)
     # Each answer's EOS followed by U[0, eos_pad] more (dllm.eos_padded; the AR twin reads plain rows).
     eos_pad: int = 0
+    pad_eos_weight: float = 1.0  # the padding EOS's loss weight (dllm.noise_batch)
 
     def __post_init__(self) -> None:
         if self.eos_pad < 0:
@@ -111,7 +112,8 @@ class Objective:
     def from_args(cls, args) -> "Objective":
         return cls(t_min=args.t_range[0], t_max=args.t_range[1], tail_mask_prob=args.tail_mask, tail_eos=args.tail_eos,
                    complementary=args.complementary, loss_weighting=args.loss_weighting,
-                   clean_prefix_prob=args.clean_prefix, document_mask=args.document_mask, eos_pad=args.eos_pad)
+                   clean_prefix_prob=args.clean_prefix, document_mask=args.document_mask, eos_pad=args.eos_pad,
+                   pad_eos_weight=args.pad_eos_weight)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -146,6 +148,8 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
                    help="each training answer's EOS is followed by U[0, N] more (always masked, trained to say EOS): "
                         "masks past every answer, and a document's extent no longer tells the answer's length "
                         "(default 8: 54 -> 63-69.5 %% exact match on the quickstart's tasks at 1,000 CPU steps, README; 0: off)")
+    p.add_argument("--pad-eos-weight", type=float, default=1.0,
+                   help="loss weight of the padding EOS (those after an answer's first), 0-1 (default 1)")
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="train with a block-diagonal attention mask (each packed sample, its tail joined to it, "
                         "sees only itself; default on: 50 vs 19.5 %% exact match at 700 steps on CPU, README); "
@@ -197,14 +201,15 @@ def train(kind: str, cfg, data: TrainRows, args, steps: int | None = None, objec
                                       t_max=objective.t_max, tail_mask_prob=objective.tail_mask_prob,
                                       tail_target_id=cfg.eos_token_id if objective.tail_eos else None,
                                       complementary=objective.complementary,
-                                      clean_prefix_prob=objective.clean_prefix_prob, generator=gen)
+                                      clean_prefix_prob=objective.clean_prefix_prob,
+                                      pad_eos_weight=objective.pad_eos_weight, generator=gen)
                 # Built on the device: the ids cross, not the [b, L, L] mask.
                 documents = nb.segment_ids.to(dev)
                 mask = dllm.document_attention_mask(documents) if objective.document_mask else None
                 hidden = model(nb.input_ids.to(dev), attention_mask=mask, return_hidden=True)
                 loss = dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets.to(dev),
                                                        nb.loss_mask.to(dev), nb.t.to(dev), objective.loss_weighting,
-                                                       documents)
+                                                       documents, None if nb.weights is None else nb.weights.to(dev))
             else:
                 real = (seg[idx] > 0) & ~prompt[idx].bool()
                 loss = causal_lm_loss(model, ids[idx].to(dev), real.to(dev))

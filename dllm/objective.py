@@ -3,7 +3,8 @@
 Per row one t ~ U[t_min, t_max]; each response token is replaced by MASK with probability t;
 every terminal token (EOS/EOT) in a response is always masked; prompt tokens and padding are
 never masked. The loss is the mean cross-entropy over masked positions (optionally LLaDA's 1/t
-weighting, or each packed sample weighing the same).
+weighting, or each packed sample weighing the same); EOS padding (terminal tokens after an answer's
+first) can weigh less than the other positions.
 
 Tail masking (our remedy, off by default): with the paper's packing the token after each
 always-masked EOS is the next sample's clean prompt, a shortcut a small model learns instead of
@@ -31,12 +32,16 @@ class NoisedBatch:
     # samples, where a tail-masked row's tail joins the sample it follows (that sample's answer and
     # the masks past it see each other, as at inference); None where the rows carry no segments.
     segment_ids: torch.Tensor | None = None
+    # [b, L] float: each position's weight in the loss (pad_eos_weight on EOS padding, else 1);
+    # None where every position weighs the same.
+    weights: torch.Tensor | None = None
 
 
 def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids: torch.Tensor | None, *,
                 mask_token_id: int, terminal_token_ids: tuple[int, ...], t_min: float = 0.1, t_max: float = 0.9,
                 tail_mask_prob: float = 0.0, tail_target_id: int | None = None, complementary: bool = False,
-                clean_prefix_prob: float = 0.0, generator: torch.Generator | None = None) -> NoisedBatch:
+                clean_prefix_prob: float = 0.0, pad_eos_weight: float = 1.0,
+                generator: torch.Generator | None = None) -> NoisedBatch:
     """Noise packed rows [b, L] for one training step (deterministic for a seeded generator).
 
     tail_mask_prob: fraction of rows whose positions after a random sample end are all masked (the
@@ -48,6 +53,9 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
     clean_prefix_prob: fraction of rows in which every response keeps a clean prefix (a uniform
     random cut; only tokens from the cut on are noised), the state that decoding a block mostly
     left to right produces.
+    pad_eos_weight: the loss weight of EOS padding, a terminal token right after another one of the
+    same sample (dllm.eos_padded): with up to 8 padding EOS per answer about half of a short answers'
+    masked positions are padding, which would otherwise dominate the loss.
     """
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
@@ -55,6 +63,8 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
         raise ValueError(f"tail_mask_prob must be in [0, 1], got {tail_mask_prob}")
     if not 0.0 <= clean_prefix_prob <= 1.0:
         raise ValueError(f"clean_prefix_prob must be in [0, 1], got {clean_prefix_prob}")
+    if not 0.0 <= pad_eos_weight <= 1.0:
+        raise ValueError(f"pad_eos_weight must be in [0, 1], got {pad_eos_weight}")
     b, length = input_ids.shape
     device = input_ids.device
     real = segment_ids > 0 if segment_ids is not None else torch.ones_like(prompt_mask, dtype=torch.bool)
@@ -66,12 +76,17 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
     for tok in terminal_token_ids:
         terminal |= input_ids == tok
     terminal &= response
+    padding = torch.zeros_like(terminal)  # a terminal right after a terminal of the same sample
+    padding[:, 1:] = terminal[:, 1:] & terminal[:, :-1]
+    if segment_ids is not None:
+        padding[:, 1:] &= segment_ids[:, 1:] == segment_ids[:, :-1]
     drawn = u < t[:, None]
     noised = response  # response tokens that may be masked
     if clean_prefix_prob > 0:
         noised = response & ~_clean_prefixes(response, segment_ids, clean_prefix_prob, generator)
     if complementary:
         input_ids, noised, terminal = input_ids.repeat(2, 1), noised.repeat(2, 1), terminal.repeat(2, 1)
+        padding = padding.repeat(2, 1)
         drawn, t = torch.cat([drawn, ~drawn]), torch.cat([t, 1.0 - t])
     masked = (noised & drawn) | terminal
     loss_mask = masked.clone()
@@ -86,10 +101,14 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
         else:  # "past the end of the answer": every tail position is trained to say EOS
             targets = torch.where(tail, torch.full_like(input_ids, tail_target_id), input_ids)
             loss_mask |= tail
+        padding &= ~tail  # a tail position is "past the end", whatever it held
     if complementary and documents is not None:
         documents = documents.repeat(2, 1)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    return NoisedBatch(noisy, targets, loss_mask, t, documents)
+    weights = None
+    if pad_eos_weight != 1.0:
+        weights = torch.where(padding, pad_eos_weight, 1.0).to(torch.float32)
+    return NoisedBatch(noisy, targets, loss_mask, t, documents, weights)
 
 
 def _clean_prefixes(response: torch.Tensor, segment_ids: torch.Tensor | None, prob: float,
@@ -139,7 +158,7 @@ def _tail_positions(segment_ids: torch.Tensor, prob: float,
 
 def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
                    t: torch.Tensor | None = None, weighting: str = "mean",
-                   segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   segment_ids: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over masked positions.
 
     weighting="mean": plain mean over masked tokens (dLLM-Var).
@@ -148,13 +167,15 @@ def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch
     weighting="per_sample": the mean over each sample's masked tokens, averaged over the samples
     (`segment_ids`: the NoisedBatch's documents, a tail counted with the sample it follows, as
     LLaDA's SFT counts an answer's EOS padding), so a 2-token answer weighs what a 30-token one does.
+    weights [b, L] (NoisedBatch.weights): per-position weights; the means above become weighted
+    means (each position counts its weight instead of 1), the 1/t sum is weighted.
     """
     _check_weighting(weighting, t, segment_ids)
     n = loss_mask.sum()
     if n == 0:
         return logits.sum() * 0.0  # keeps the graph (and DeepSpeed's hooks) intact
     ce = F.cross_entropy(logits[loss_mask].float(), targets[loss_mask], reduction="none")
-    return _weighted(ce, loss_mask, t, weighting, segment_ids)
+    return _weighted(ce, loss_mask, t, weighting, segment_ids, weights)
 
 
 def _check_weighting(weighting: str, t: torch.Tensor | None, segment_ids: torch.Tensor | None) -> None:
@@ -167,22 +188,23 @@ def _check_weighting(weighting: str, t: torch.Tensor | None, segment_ids: torch.
 
 
 def _weighted(ce: torch.Tensor, loss_mask: torch.Tensor, t: torch.Tensor | None, weighting: str,
-              segment_ids: torch.Tensor | None) -> torch.Tensor:
+              segment_ids: torch.Tensor | None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce per-token cross-entropies (at the masked positions, in order) to the loss."""
+    w = torch.ones_like(ce) if weights is None else weights[loss_mask].to(ce.dtype)
     if weighting == "mean":
-        return ce.mean()
+        return ce.mean() if weights is None else (ce * w).sum() / w.sum().clamp(min=1e-12)
     if weighting == "inverse_t":
-        w = (1.0 / t)[:, None].expand_as(loss_mask)[loss_mask]
+        w = w * (1.0 / t)[:, None].expand_as(loss_mask)[loss_mask]
         return (ce * w).sum() / loss_mask.numel()
     # per_sample: a (row, segment) key per masked token; sums and counts by key, no host sync.
     b, length = loss_mask.shape
     per_row = length + 1  # segment ids run 0 .. at most length
     rows = torch.arange(b, device=loss_mask.device)[:, None].expand(b, length)
     key = (rows * per_row + segment_ids.long())[loss_mask]
-    sums = torch.zeros(b * per_row, dtype=ce.dtype, device=ce.device).scatter_add_(0, key, ce)
-    counts = torch.zeros_like(sums).scatter_add_(0, key, torch.ones_like(ce))
-    present = counts > 0
-    return (sums / counts.clamp(min=1)).sum() / present.sum()
+    sums = torch.zeros(b * per_row, dtype=ce.dtype, device=ce.device).scatter_add_(0, key, ce * w)
+    counts = torch.zeros_like(sums).scatter_add_(0, key, w)
+    present = torch.zeros_like(sums).scatter_add_(0, key, torch.ones_like(ce)) > 0
+    return (sums / counts.clamp(min=1e-12)).sum() / present.sum()
 
 
 def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -197,11 +219,13 @@ def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss_from_hidden(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                                loss_mask: torch.Tensor, t: torch.Tensor | None = None,
-                               weighting: str = "mean", segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                               weighting: str = "mean", segment_ids: torch.Tensor | None = None,
+                               weights: torch.Tensor | None = None) -> torch.Tensor:
     """`diffusion_loss` computed from final hidden states [b, L, d]: the LM head runs only on the
     masked positions (a 126k-vocabulary head over a whole 8192-token row would not fit)."""
     _check_weighting(weighting, t, segment_ids)
     if loss_mask.sum() == 0:
         return hidden.sum() * 0.0 + sum(p.sum() for p in head.parameters()) * 0.0
     logits = head(hidden[loss_mask]).float()
-    return _weighted(F.cross_entropy(logits, targets[loss_mask], reduction="none"), loss_mask, t, weighting, segment_ids)
+    return _weighted(F.cross_entropy(logits, targets[loss_mask], reduction="none"), loss_mask, t, weighting, segment_ids,
+                     weights)

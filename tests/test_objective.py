@@ -208,6 +208,63 @@ def test_per_sample_weighting_weighs_every_packed_sample_the_same():
         dllm.diffusion_loss(logits, out.targets, out.loss_mask, weighting="per_sample")
 
 
+def _padded_batch():
+    """Two rows of samples whose answers end in 1-4 terminals: the first ends, the rest pad."""
+    ids, prompt, seg = _row_batch(rows=2, length=64)
+    ids[0, 28:32] = EOS  # sample 1 of row 0: EOS + 3 padding
+    ids[1, 60:63] = torch.tensor([EOT, EOS, EOS])  # sample 2 of row 1 ends EOT EOS EOS EOT: 3 padding
+    ids[0, 63] = EOT  # a last sample with one terminal: no padding
+    return ids, prompt, seg
+
+
+def test_pad_eos_weight_marks_only_the_terminals_after_an_answers_first():
+    ids, prompt, seg = _padded_batch()
+    out = _noise(ids, prompt, seg, pad_eos_weight=0.25)
+    padding = out.weights == 0.25
+    assert torch.nonzero(padding).tolist() == [[0, 29], [0, 30], [0, 31], [1, 61], [1, 62], [1, 63]]
+    assert (out.weights[~padding] == 1.0).all()
+    assert _noise(ids, prompt, seg).weights is None  # weight 1: nothing to weigh
+    # A terminal after the previous sample's EOS (no shared segment) is not padding.
+    ids2, prompt2, seg2 = _row_batch(rows=1, length=64)
+    ids2[0, 32] = EOS
+    prompt2[0, 32] = False
+    assert (_noise(ids2, prompt2, seg2, pad_eos_weight=0.5).weights == 1.0).all()
+    paired = _noise(ids, prompt, seg, pad_eos_weight=0.25, complementary=True)
+    assert torch.equal(paired.weights, out.weights.repeat(2, 1))
+    tailed = _noise(ids, prompt, seg, pad_eos_weight=0.25, tail_mask_prob=1.0, tail_target_id=EOS)
+    tail = (tailed.input_ids == MASK) & prompt
+    assert tail.any() and (tailed.weights[tail] == 1.0).all()  # past the end: a tail, not padding
+    with pytest.raises(ValueError, match="pad_eos_weight"):
+        _noise(ids, prompt, seg, pad_eos_weight=1.5)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "inverse_t", "per_sample"])
+def test_weighted_losses_count_each_position_by_its_weight(weighting):
+    ids, prompt, seg = _padded_batch()
+    out = _noise(ids, prompt, seg, pad_eos_weight=0.25)
+    logits = torch.randn(2, 64, 50)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), out.targets.reshape(-1), reduction="none").view(2, 64)
+    w = out.weights * out.loss_mask
+    if weighting == "mean":
+        manual = (ce * w).sum() / w.sum()
+    elif weighting == "inverse_t":
+        manual = (ce * w / out.t[:, None]).sum() / ids.numel()
+    else:
+        keys = [(r, s) for r in range(2) for s in out.segment_ids[r].unique().tolist()
+                if (out.loss_mask[r] & (out.segment_ids[r] == s)).any()]
+        manual = torch.stack([(ce[r] * w[r] * (out.segment_ids[r] == s)).sum() / (w[r] * (out.segment_ids[r] == s)).sum()
+                              for r, s in keys]).mean()
+    kw = dict(t=out.t, weighting=weighting, segment_ids=out.segment_ids)
+    loss = dllm.diffusion_loss(logits, out.targets, out.loss_mask, weights=out.weights, **kw)
+    assert torch.allclose(loss, manual)
+    assert not torch.allclose(loss, dllm.diffusion_loss(logits, out.targets, out.loss_mask, **kw))
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 64, 16)
+    assert torch.allclose(dllm.diffusion_loss(head(hidden), out.targets, out.loss_mask, weights=out.weights, **kw),
+                          dllm.diffusion_loss_from_hidden(hidden, head, out.targets, out.loss_mask, weights=out.weights,
+                                                          **kw), atol=1e-6)
+
+
 def test_document_mask_is_block_diagonal():
     seg = torch.tensor([[1, 1, 2, 2, 0]])
     m = dllm.document_attention_mask(seg)[0]

@@ -21,24 +21,33 @@ pytestmark = pytest.mark.slow
 SEQ = 64
 
 
-@pytest.fixture(scope="module")
-def packed_data(tmp_path_factory, char_tokenizer):
+def _write_packed(root, tokenizer, eos_pad: int = 0):
     """A copy/reverse task packed the dLLM-Var way and written as the pipeline writes it."""
-    root = tmp_path_factory.mktemp("train")
     rng = random.Random(0)
-    enc = lambda t: char_tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tokenizer.eos_token_id
     samples = []
-    for _ in range(400):
+    for i in range(400):
         word = "".join(rng.choice("abcdef") for _ in range(rng.randint(1, 5)))
-        samples.append((enc(f"reverse: {word} =>"), enc(word[::-1]) + [char_tokenizer.eos_token_id]))
-    rows = dllm.pack_samples(samples, SEQ, mode="concat", pad_token_id=char_tokenizer.eos_token_id)
+        samples.append((enc(f"reverse: {word} =>"), dllm.eos_padded(enc(word[::-1]) + [eos], eos, eos_pad, key=str(i))))
+    rows = dllm.pack_samples(samples, SEQ, mode="concat", pad_token_id=eos)
     table = pa.table({"input_ids": [r.tolist() for r in rows.input_ids],
                       "prompt_mask": [r.tolist() for r in rows.prompt_mask],
                       "segment_ids": [r.tolist() for r in rows.segment_ids]})
     (root / "data").mkdir()
     pq.write_table(table, str(root / "data" / "part-0.parquet"))
-    char_tokenizer.save_pretrained(str(root / "tok"))
+    tokenizer.save_pretrained(str(root / "tok"))
     return root
+
+
+@pytest.fixture(scope="module")
+def packed_data(tmp_path_factory, char_tokenizer):
+    return _write_packed(tmp_path_factory.mktemp("train"), char_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def padded_data(tmp_path_factory, char_tokenizer):
+    return _write_packed(tmp_path_factory.mktemp("padded"), char_tokenizer, eos_pad=8)
 
 
 def _config(root, name, **kw):
@@ -81,6 +90,16 @@ def test_per_sample_weighting_trains_through_the_job(ray_local, packed_data):
     assert result.error is None
     losses = [h["loss"] for h in _history(result)["history"]]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_pad_eos_weight_reaches_the_loss_through_the_job(ray_local, padded_data):
+    """Same rows, same noise: weighing the EOS padding less changes the very first logged loss."""
+    first = {}
+    for weight in (1.0, 0.25):
+        result = run_training(_config(padded_data, f"pad-{weight}", max_steps=5, pad_eos_weight=weight))
+        assert result.error is None
+        first[weight] = _history(result)["history"][0]["loss"]
+    assert all(math.isfinite(x) for x in first.values()) and first[0.25] != pytest.approx(first[1.0], rel=1e-3)
 
 
 def test_resubmitting_the_same_run_resumes_step_and_optimizer_state(ray_local, packed_data):
@@ -143,6 +162,8 @@ def test_config_errors_are_clear(tmp_path, capsys):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, lr_schedule="step")
     with pytest.raises(ConfigError, match=r"loss_weighting='sqrt' is invalid; expected one of \['mean', 'inverse_t', 'per_sample'\]"):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, loss_weighting="sqrt")
+    with pytest.raises(ConfigError, match=r"pad_eos_weight=2 is invalid; expected a weight in \[0, 1\]"):
+        TrainConfig(run_name="x", data="d", model="m", max_steps=1, pad_eos_weight=2)
     with pytest.raises(ConfigError, match="tail_eos needs tail_mask_prob"):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, tail_eos=True)
     cfg = tmp_path / "c.yaml"

@@ -70,6 +70,7 @@ class TrainConfig:
     tail_mask_prob: float = 0.0
     tail_eos: bool = False  # tail positions are trained to predict EOS instead of carrying no loss
     document_mask: bool = False
+    pad_eos_weight: float = 1.0  # loss weight of EOS padding (terminals after an answer's first; pack --eos-pad)
     seed: int = 0
     materialize_data: bool = True  # read the packed rows once into the object store (False: stream each epoch)
     time_limit_s: float | None = None  # stop (with a final checkpoint) once training has run this long
@@ -112,6 +113,8 @@ class TrainConfig:
             raise ConfigError(f"train config: need 0 <= t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
         if not 0 <= self.tail_mask_prob <= 1:
             bad("tail_mask_prob", "a fraction in [0, 1]")
+        if not 0 <= self.pad_eos_weight <= 1:
+            bad("pad_eos_weight", "a weight in [0, 1]")
         if self.tail_eos and self.tail_mask_prob == 0:
             raise ConfigError("train config: tail_eos needs tail_mask_prob > 0 (it changes what tail positions learn)")
         if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:

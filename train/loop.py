@@ -192,12 +192,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 noised = dllm.noise_batch(ids, prompt, seg, mask_token_id=config.mask_token_id,
                                           terminal_token_ids=stop_tokens, t_min=cfg.t_min, t_max=cfg.t_max,
                                           tail_mask_prob=cfg.tail_mask_prob, generator=gen,
-                                          tail_target_id=config.eos_token_id if cfg.tail_eos else None)
+                                          tail_target_id=config.eos_token_id if cfg.tail_eos else None,
+                                          pad_eos_weight=cfg.pad_eos_weight)
                 mask = dllm.document_attention_mask(noised.segment_ids) if cfg.document_mask else None
                 samples = int(sum(int(s.max()) for s in seg))
             hidden = engine(noised.input_ids, attention_mask=mask, return_hidden=True)
             loss = dllm.diffusion_loss_from_hidden(hidden, engine.module.model.transformer["ff_out"], noised.targets,
-                                                   noised.loss_mask, noised.t, cfg.loss_weighting, noised.segment_ids)
+                                                   noised.loss_mask, noised.t, cfg.loss_weighting, noised.segment_ids,
+                                                   noised.weights)
             engine.backward(loss)
             engine.step()
             state["micro_steps"] += 1
