@@ -46,8 +46,10 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="packed samples attend only within themselves (a tail joins the sample it follows); "
                         "--no-document-mask: the paper's full attention over the row (see README)")
-    p.add_argument("--eos-pad", type=int, default=8,
+    p.add_argument("--eos-pad", type=_at_least_0, default=8,
                    help="follow each training answer's EOS with 0-N more, always masked (0 = none; see README)")
+    p.add_argument("--pad-eos-weight", type=_weight, default=1.0,
+                   help="loss weight of those padding EOS relative to the other positions, 0-1 (see README)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="synthetic tasks to train and evaluate on")
     p.add_argument("--max-word-len", type=int, default=QUICK_MAX_WORD_LEN,
@@ -55,6 +57,22 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keep-serving", action="store_true", help="leave the server up after the report")
     p.set_defaults(func=lambda args, rest: run_quickstart(args))
+
+
+def _at_least_0(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a weight in [0, 1], got {text!r}")
+    return value
 
 
 class Stage:
@@ -111,7 +129,8 @@ def run_quickstart(args) -> int:
                       num_workers=args.workers, use_gpu=gpu, precision="bf16" if gpu else "fp32", lr=3e-3,
                       warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
                       time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
-                      tail_mask_prob=args.tail_mask, tail_eos=tail_eos, document_mask=args.document_mask)
+                      tail_mask_prob=args.tail_mask, tail_eos=tail_eos, document_mask=args.document_mask,
+                      pad_eos_weight=args.pad_eos_weight)
     result = run_training(cfg)
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
@@ -131,7 +150,7 @@ def run_quickstart(args) -> int:
     report["elapsed_s"] = time.time() - t0
     report["train"] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
                        "tail_mask_prob": args.tail_mask, "tail_eos": tail_eos, "document_mask": args.document_mask,
-                       "eos_pad": args.eos_pad, "minutes": args.minutes}
+                       "eos_pad": args.eos_pad, "pad_eos_weight": args.pad_eos_weight, "minutes": args.minutes}
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     if args.keep_serving:

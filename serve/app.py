@@ -13,6 +13,7 @@ whole answer. Tensor parallelism is not supported: a replica holds the whole mod
 
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -351,25 +352,30 @@ class OpenAIIngress:
                                code="context_length_exceeded")
         options = {name: getattr(req, name) for name in DiffusionOptions.model_fields}
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        streams = [self.engine.options(stream=True).generate.remote({
-            "prompt_ids": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
-            "seed": None if req.seed is None else req.seed + i, "stop": stop, "stop_token_ids": req.stop_token_ids,
-            "options": options})
-            for ids in prompts for i in range(req.n)]
+        payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
+                     "seed": None if req.seed is None else req.seed + i, "stop": stop,
+                     "stop_token_ids": req.stop_token_ids, "options": options}
+                    for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(streams, rid, chat, include_usage, prefixes, sum(map(len, prompts))),
+            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, sum(map(len, prompts))),
                                      media_type="text/event-stream")
+        streams = self._submit(payloads)
         texts, lasts = list(prefixes or [""] * len(streams)), [None] * len(streams)
         try:
-            async for index, item in _merged(streams):
-                texts[index] += item["text"]
-                lasts[index] = item
+            async with contextlib.aclosing(_merged(streams)) as merged:
+                async for index, item in merged:
+                    texts[index] += item["text"]
+                    lasts[index] = item
         except Exception as e:
             raise self._engine_error(e) from e
         return self._final_body(rid, chat, texts, lasts, prompt_tokens=sum(map(len, prompts)))
+
+    def _submit(self, payloads: list[dict]) -> list:
+        """One engine stream per choice; they join the replicas' batches as they arrive."""
+        return [self.engine.options(stream=True).generate.remote(payload) for payload in payloads]
 
     def _engine_error(self, e: Exception) -> APIError:
         from ray.serve.exceptions import BackPressureError
@@ -404,7 +410,7 @@ class OpenAIIngress:
                    for i, (text, last) in enumerate(zip(texts, lasts))]
         return {**base, "object": "text_completion", "choices": choices}
 
-    async def _sse(self, streams: list, rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
+    async def _sse(self, payloads: list[dict], rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
                    prompt_tokens: int):
         """One chunk per committed block of each choice (tagged with its index), a finish chunk per
         choice, then the usage chunk (if asked) and [DONE]."""
@@ -425,22 +431,28 @@ class OpenAIIngress:
             return f"data: {json.dumps(body)}\n\n"
 
         started: set[int] = set()
-        lasts: list[dict | None] = [None] * len(streams)
-        for index, prefix in enumerate(prefixes or []):
-            yield chunk(index, prefix)
+        lasts: list[dict | None] = [None] * len(payloads)
+        streams = self._submit(payloads)  # here, not before: a response never started submits nothing
         try:
-            async for index, item in _merged(streams):
-                if item["text"] or index not in started:
-                    yield chunk(index, item["text"])
-                if item["finished"]:
-                    lasts[index] = item
-                    yield chunk(index, None, item["finish_reason"], extra={"dllm": self._stats([item])})
+            for index, prefix in enumerate(prefixes or []):
+                yield chunk(index, prefix)
+            async with contextlib.aclosing(_merged(streams)) as merged:  # a client that hangs up closes it
+                async for index, item in merged:
+                    if item["text"] or index not in started:
+                        yield chunk(index, item["text"])
+                    if item["finished"]:
+                        lasts[index] = item
+                        yield chunk(index, None, item["finish_reason"], extra={"dllm": self._stats([item])})
             if include_usage:
                 body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
                         "usage": self._usage(lasts, prompt_tokens)}
                 yield f"data: {json.dumps(body)}\n\n"
         except Exception as e:  # headers are sent: report the error in-band, as OpenAI does
             yield f"data: {json.dumps(self._engine_error(e).body())}\n\n"
+        finally:  # also when the client left during the echo, before any engine item: abort what still runs
+            for stream, last in zip(streams, lasts):
+                if last is None:
+                    stream.cancel()
         yield "data: [DONE]\n\n"
 
 

@@ -35,6 +35,14 @@ def test_documented_entry_points_answer_help(command):
     assert "usage" in out.stdout.lower()
 
 
+@pytest.mark.parametrize("flag,value,message", [("--pad-eos-weight", "2", "expected a weight in [0, 1], got '2'"),
+                                                ("--eos-pad", "-1", "expected a whole number >= 0, got '-1'")])
+def test_quickstart_refuses_bad_objective_settings_before_doing_any_work(tmp_path, flag, value, message):
+    out = subprocess.run([sys.executable, "-m", "dllm.cli", "quickstart", "--workdir", str(tmp_path / "w"), flag, value],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and not (tmp_path / "w").exists()
+
+
 def test_dllm_data_synthetic_writes_variable_length_answers(tmp_path):
     subprocess.run([sys.executable, "-m", "dllm.cli", "data", "synthetic", "--out", str(tmp_path), "--train", "500",
                     "--heldout", "50"], check=True, cwd=ROOT, timeout=120)
