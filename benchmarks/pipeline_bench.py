@@ -40,7 +40,7 @@ def single_process(path: Path, tok_dir: str, seq_len: int, mode: str) -> tuple[i
     samples = []
     for line in open(path):
         try:
-            samples.append(tok.sample(json.loads(line)))
+            samples += [tok.sample(prompt, answer) for prompt, answer in tok.texts(json.loads(line))]
         except ValueError:
             pass
     packed = pack_samples(samples, seq_len, mode=mode, pad_token_id=tok.eos)

@@ -5,7 +5,8 @@
 Input: jsonl or parquet files (local paths or any pyarrow/fsspec URI such as s3://bucket/x.jsonl), in
 Alpaca style (`instruction`, `input`, `output`), chat style (`messages`: [{role, content}, ...],
 the last one the assistant's answer) or ShareGPT style (`conversations`: [{from, value}, ...], from
-human / gpt / system; read as chat style). Without --chat-template a sample is the dLLM-Var
+human / gpt / system; read as chat style); a chat record gives its last assistant turn as the
+sample, or with --all-turns one sample per assistant turn (the conversation before it as the prompt). Without --chat-template a sample is the dLLM-Var
 concatenation (prompt = instruction + input, response = output + EOS); with it, the tokenizer's
 chat template wraps the prompt and the response ends with EOT. --eos-pad N follows each response
 with 0-N extra EOS tokens (dllm.eos_padded; the count drawn from the record's file name and line,
@@ -58,6 +59,7 @@ class PackOptions:
     address: str | None = None
     examples_shown: int = 5
     eos_pad: int = 0  # the most extra EOS tokens after each response (0 = none)
+    all_turns: bool = False  # chat records: a sample per assistant turn (default: the last turn only)
 
     def __post_init__(self) -> None:
         if self.mode not in PACK_MODES:
@@ -116,19 +118,25 @@ def sharegpt_messages(conversations) -> list[dict]:
 
 
 class Tokenize:
-    def __init__(self, tokenizer_dir: str, chat_template: bool, max_sample_len: int, eos_pad: int = 0) -> None:
+    """Records -> one row per sample (prompt ids, response ids), or one row per bad record / sample
+    with its error kind. A chat record gives a sample per assistant turn with `all_turns`."""
+
+    def __init__(self, tokenizer_dir: str, chat_template: bool, max_sample_len: int, eos_pad: int = 0,
+                 all_turns: bool = False) -> None:
         self.tok = dllm.load_tokenizer(tokenizer_dir)
         self.chat = chat_template
         self.max_len = max_sample_len
         self.eos_pad = eos_pad
+        self.all_turns = all_turns
         self.eos = self.tok.eos_token_id
         self.eot = self.tok.eot_token_id if self.tok.eot_token_id is not None else self.eos
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def sample(self, rec) -> tuple[list[int], list[int]]:
-        """(prompt ids, response ids + EOS/EOT) or raises ValueError(kind, message)."""
+    def texts(self, rec) -> list[tuple[str, str]]:
+        """The record's samples as (prompt text, answer text); raises ValueError(kind, message) for a
+        bad record."""
         if not isinstance(rec, dict):
             raise ValueError("wrong_type", f"a record must be a JSON object, got {type(rec).__name__}")
         if "conversations" in rec and "messages" not in rec:
@@ -141,11 +149,9 @@ class Tokenize:
                 raise ValueError("wrong_type", "'messages' must be a non-empty list of {role, content} strings")
             if msgs[-1]["role"] != "assistant":
                 raise ValueError("missing_field", "the last message must be the assistant's answer")
-            context, answer = msgs[:-1], msgs[-1]["content"]
-            if self.chat:
-                prompt = self.tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-            else:
-                prompt = "".join(m["content"] for m in context)
+            turns = [k for k, m in enumerate(msgs) if m["role"] == "assistant" and k > 0] if self.all_turns \
+                else [len(msgs) - 1]
+            return [(self._chat_prompt(msgs[:k]), msgs[k]["content"]) for k in turns]
         else:
             for key in ("instruction", "output"):
                 if key not in rec:
@@ -155,13 +161,20 @@ class Tokenize:
             bad = [k for k, v in fields.items() if not isinstance(v, str)]
             if bad:
                 raise ValueError("wrong_type", f"field '{bad[0]}' must be a string")
-            answer = fields["output"]
             if self.chat:
                 user = fields["instruction"] + (("\n\n" + fields["input"]) if fields["input"] else "")
-                prompt = self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                      add_generation_prompt=True)
+                prompt = self._chat_prompt([{"role": "user", "content": user}])
             else:
                 prompt = fields["instruction"] + fields["input"]
+            return [(prompt, fields["output"])]
+
+    def _chat_prompt(self, context: list[dict]) -> str:
+        if self.chat:
+            return self.tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+        return "".join(m["content"] for m in context)
+
+    def sample(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids + EOS/EOT) or raises ValueError(kind, message)."""
         if not answer.strip():
             raise ValueError("empty_response", "the response is empty")
         prompt_ids = self.encode(prompt)
@@ -172,27 +185,39 @@ class Tokenize:
         return prompt_ids, response_ids
 
     def __call__(self, batch: dict) -> pa.Table:
-        prompts, responses, padding, kinds, errors = [], [], [], [], []
+        sources, positions, turns, prompts, responses, padding, kinds, errors = [], [], [], [], [], [], [], []
         for rec, kind, err, source, position in zip(batch["record"], batch["error_kind"], batch["error"],
                                                     batch["source"], batch["position"]):
-            p, r, k, e = [], [], str(kind), "" if err is None else str(err)
-            if not k:
+            try:  # a bad record is one row with its error; a bad sample of a good record, one row too
+                if kind:
+                    raise ValueError(str(kind), "" if err is None else str(err))
+                texts: list = self.texts(json.loads(rec))
+            except ValueError as ex:
+                texts = [ex]
+            for turn, text in enumerate(texts):
+                p, r, k, e = [], [], "", ""
                 try:
-                    p, r = self.sample(json.loads(rec))
+                    if isinstance(text, ValueError):
+                        raise text
+                    p, r = self.sample(*text)
                 except ValueError as ex:
                     k, e = ex.args if len(ex.args) == 2 else ("wrong_type", str(ex))
-            n = len(r)
-            if not k and self.eos_pad:  # keyed by file name and line: the same on every run and mount point
-                r = dllm.eos_padded(r, self.eos, self.eos_pad, key=f"{os.path.basename(str(source))}:{position}",
-                                    room=self.max_len - len(p) - len(r))
-            prompts.append(p)
-            responses.append(r)
-            padding.append(len(r) - n)
-            kinds.append(k)
-            errors.append(e)
+                n = len(r)
+                if not k and self.eos_pad:  # keyed by file name, line (and turn): the same on every run and mount
+                    key = f"{os.path.basename(str(source))}:{position}" + (f":{turn}" if turn else "")
+                    r = dllm.eos_padded(r, self.eos, self.eos_pad, key=key, room=self.max_len - len(p) - len(r))
+                sources.append(str(source))
+                positions.append(int(position))
+                turns.append(turn)
+                prompts.append(p)
+                responses.append(r)
+                padding.append(len(r) - n)
+                kinds.append(k)
+                errors.append(e)
         return pa.table({
-            "source": pa.array([str(s) for s in batch["source"]]),
-            "position": pa.array(np.asarray(batch["position"], dtype=np.int64)),
+            "source": pa.array(sources, type=pa.string()),
+            "position": pa.array(positions, type=pa.int64()),
+            "turn": pa.array(turns, type=pa.int64()),
             "prompt_ids": pa.array(prompts, type=pa.list_(pa.int64())),
             "response_ids": pa.array(responses, type=pa.list_(pa.int64())),
             "eos_padding": pa.array(padding, type=pa.int64()),
@@ -214,7 +239,9 @@ def summarize_batch(batch: pa.Table, keep: int) -> dict:
     tokens = sum(len(p) + len(r) for p, r, k in zip(batch.column("prompt_ids").to_pylist(),
                                                     batch.column("response_ids").to_pylist(), kinds) if not k)
     padding = sum(batch.column("eos_padding").to_pylist())
-    return {"tokens": np.array([tokens]), "eos_padding": np.array([padding]), "dropped": np.array([json.dumps(counts)]),
+    records = batch.column("turn").to_pylist().count(0)  # a record's first sample (or its error row)
+    return {"tokens": np.array([tokens]), "eos_padding": np.array([padding]), "records": np.array([records]),
+            "dropped": np.array([json.dumps(counts)]),
             "examples": np.array([json.dumps(sorted(bad)[:keep])])}
 
 
@@ -317,19 +344,21 @@ def run_pack(opts: PackOptions) -> dict:
     records = ray.data.read_binary_files(paths, include_paths=True).flat_map(parse_file)
     tokenized = records.map_batches(
         Tokenize, fn_constructor_kwargs={"tokenizer_dir": str(opts.tokenizer), "chat_template": opts.chat_template,
-                                          "max_sample_len": opts.max_sample_len, "eos_pad": opts.eos_pad},
+                                          "max_sample_len": opts.max_sample_len, "eos_pad": opts.eos_pad,
+                                          "all_turns": opts.all_turns},
         batch_size=256, compute=ActorPoolStrategy(min_size=1, max_size=pool), batch_format="numpy",
     ).materialize()
-    samples_read = tokenized.count()
+    samples_read = tokenized.count()  # samples, and bad records (a row each)
     if samples_read == 0:
         raise PipelineError(f"the input {paths} holds no records")
 
     dropped = {k: 0 for k in ERROR_KINDS}
-    bad_rows, tokens_in, eos_padding = [], 0, 0
+    bad_rows, tokens_in, eos_padding, records_read = [], 0, 0, 0
     for part in tokenized.map_batches(summarize_batch, batch_format="pyarrow", batch_size=4096,
                                       fn_kwargs={"keep": opts.examples_shown}).take_all():
         tokens_in += part["tokens"]
         eos_padding += part["eos_padding"]
+        records_read += int(part["records"])
         for kind, n in json.loads(part["dropped"]).items():
             dropped[kind] += n
         bad_rows += json.loads(part["examples"])
@@ -355,7 +384,7 @@ def run_pack(opts: PackOptions) -> dict:
     tokens_out = total(lambda b: np.count_nonzero(np.concatenate(b.column("segment_ids").to_numpy(zero_copy_only=False))))
     stats = {
         "inputs": paths, "output": opts.output, "mode": opts.mode, "seq_len": opts.seq_len,
-        "chat_template": opts.chat_template, "samples_read": samples_read,
+        "chat_template": opts.chat_template, "records_read": records_read, "samples_read": samples_read,
         "samples_packed": samples_read - sum(dropped.values()), "dropped": dropped,
         "dropped_examples": examples, "tokens_in": tokens_in, "eos_padding_tokens": int(eos_padding),
         "tokens_out": tokens_out,
@@ -383,7 +412,9 @@ def _write_stats(output: str, stats: dict) -> None:
 
 
 def summary(stats: dict) -> str:
-    lines = [f"read {stats['samples_read']} samples, packed {stats['samples_packed']} into {stats['rows_written']} "
+    read = f"{stats['records_read']} records ({stats['samples_read']} samples)" \
+        if stats["records_read"] != stats["samples_read"] else f"{stats['samples_read']} samples"
+    lines = [f"read {read}, packed {stats['samples_packed']} into {stats['rows_written']} "
              f"rows of {stats['seq_len']} ({stats['packing_efficiency']:.2%} real tokens, {stats['tokens_out']} tokens) "
              f"in {stats['seconds']}s -> {stats['output']}"]
     if stats["eos_padding_tokens"]:
@@ -414,6 +445,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--eos-pad", type=int, default=0,
                    help="follow each response with 0-N extra EOS tokens, always masked in training: masks past every "
                         "answer that learn to say EOS (default 0 = none; the quickstart uses 8; see README)")
+    p.add_argument("--all-turns", action="store_true",
+                   help="chat records: train every assistant turn, each with the conversation before it as its prompt "
+                        "(default: the last turn only)")
     p.add_argument("--num-tokenizers", type=int, default=2, help="tokenizer actors in the pool")
     p.add_argument("--pack-batch-size", type=int, default=4096, help="samples packed together per task")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -424,7 +458,7 @@ def options_from_args(args: argparse.Namespace) -> PackOptions:
     return PackOptions(inputs=args.input, output=args.output, tokenizer=args.tokenizer, seq_len=args.seq_len,
                        mode=args.mode, chat_template=args.chat_template, max_sample_len=args.max_sample_len,
                        num_tokenizers=args.num_tokenizers, pack_batch_size=args.pack_batch_size, address=args.address,
-                       eos_pad=args.eos_pad)
+                       eos_pad=args.eos_pad, all_turns=args.all_turns)
 
 
 def main(argv=None) -> int:

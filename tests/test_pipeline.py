@@ -162,6 +162,30 @@ def test_sharegpt_records_pack_exactly_like_their_chat_messages(ray_local, tmp_p
     assert "conversations[0].from is 'robot'" in packed["share"]["dropped_examples"][0]
 
 
+@pytest.mark.parametrize("all_turns", [False, True])
+def test_multi_turn_chats_give_the_last_turn_or_every_turn(ray_local, tmp_path, tokenizer_dir, char_tokenizer,
+                                                            all_turns):
+    chats = [[{"role": "user", "content": f"add {i}+1"}, {"role": "assistant", "content": str(i + 1)},
+              {"role": "user", "content": "and +2"}, {"role": "assistant", "content": str(i + 3)}] for i in range(6)]
+    chats.append(chats[0][:3] + [{"role": "assistant", "content": "9" * 200}])  # its second answer is too long
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    stats = run_pack(PackOptions(inputs=[str(tmp_path / "chat.jsonl")], output=str(tmp_path / "out"),
+                                 tokenizer=str(tokenizer_dir), seq_len=128, mode="no_split", chat_template=True,
+                                 num_tokenizers=1, all_turns=all_turns))
+    ids = lambda t: tuple(char_tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    eot = char_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    def sample(chat, k):  # the k-th message answered, everything before it as the prompt
+        prompt = char_tokenizer.apply_chat_template(chat[:k], tokenize=False, add_generation_prompt=True)
+        return ids(prompt), ids(chat[k]["content"]) + (eot,)
+
+    turns = (1, 3) if all_turns else (3,)
+    expected = [sample(c, k) for c in chats for k in turns if not (c is chats[-1] and k == 3)]
+    assert sorted(_samples_in_rows(_read_rows(tmp_path / "out"))) == sorted(expected)
+    assert stats["records_read"] == 7 and stats["samples_read"] == 7 * len(turns)
+    assert stats["samples_packed"] == len(expected) and stats["dropped"]["too_long"] == 1
+
+
 def test_fails_fast_on_no_input_no_tokenizer_or_unwritable_output(tmp_path, tokenizer_dir, capsys):
     with pytest.raises(PipelineError, match="no input files"):
         run_pack(PackOptions(inputs=[str(tmp_path / "none*.jsonl")], output=str(tmp_path / "o"), tokenizer=str(tokenizer_dir)))
