@@ -54,8 +54,8 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
     random cut; only tokens from the cut on are noised), the state that decoding a block mostly
     left to right produces.
     pad_eos_weight: the loss weight of EOS padding, a terminal token right after another one of the
-    same sample (dllm.eos_padded): with up to 8 padding EOS per answer about half of a short answers'
-    masked positions are padding, which would otherwise dominate the loss.
+    same sample (dllm.eos_padded). With up to 8 per answer about half of a short answer's masked
+    positions are padding; measured, weighing them less loses what the padding teaches (README).
     """
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
