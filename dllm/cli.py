@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .engine.config import DECODERS
+
 
 def _generate(args) -> int:
     import torch
@@ -28,7 +30,9 @@ def _generate(args) -> int:
     tok = dllm.load_tokenizer(args.model)
     engine = dllm.Engine(model, tok, max_batch_size=max(1, len(args.prompt)))
     config = dllm.GenerationConfig(block_size=args.block_size, threshold=args.threshold,
-                                   max_new_tokens=args.max_new_tokens, decoder=args.decoder)
+                                   max_new_tokens=args.max_new_tokens, decoder=args.decoder,
+                                   temperature=args.temperature, seed=args.seed, stop=args.stop,
+                                   early_stop=args.early_stop)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                if args.chat else p for p in args.prompt]
     for prompt, gen in zip(args.prompt, engine.generate(prompts, config)):
@@ -97,12 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="decode prompts with the engine (no Ray)")
     g.add_argument("--model", required=True)
-    g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (decoded together)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     g.add_argument("--block-size", type=int, default=64)
     g.add_argument("--threshold", type=float, default=0.9)
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--decoder", default="threshold")
+    g.add_argument("--decoder", default="threshold", choices=DECODERS)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (Gumbel-max)")
+    g.add_argument("--seed", type=int, help="the same seed gives the same samples")
+    g.add_argument("--stop", action="append", help="a stop string (repeat for several)")
+    g.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=True,
+                   help="end a block at a settled stop token: same text, fewer forwards (as the server)")
     g.add_argument("--device")
     g.set_defaults(func=lambda a, rest: _generate(a))
     return p

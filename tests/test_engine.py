@@ -164,6 +164,21 @@ def test_stop_string_cuts_the_text(confident_model, char_tokenizer):
     assert char_tokenizer.decode(again.token_ids) == again.text
 
 
+def test_stop_string_in_the_block_that_holds_the_eos_cuts_the_text_too(talkative_model, char_tokenizer):
+    """One block holds the whole answer and its EOS: the stop string still applies."""
+    engine = _engine(talkative_model, char_tokenizer)
+    cfg = CFG.replace(block_size=64, max_new_tokens=64)
+    prompts = _prompts(8)
+    gens = engine.generate(prompts, cfg)
+    cases = [(p, g) for p, g in zip(prompts, gens) if g.finish_reason == "stop" and len(g.text) >= 4]
+    assert cases
+    for prompt, g in cases:
+        stop = g.text[1:3]
+        again = engine.generate([prompt], cfg.replace(stop=[stop]))[0]
+        assert again.finish_reason == "stop" and again.text == g.text[: g.text.find(stop)]
+        assert char_tokenizer.decode(again.token_ids) == again.text
+
+
 def test_string_prompts_are_tokenised(confident_model, char_tokenizer):
     engine = _engine(confident_model, char_tokenizer)
     a = engine.generate(["reverse: abc =>"], CFG)[0]

@@ -443,6 +443,8 @@ class Engine:
         stop_at = next((j for j, t in enumerate(tokens) if t in r.stop_ids), None)
         if stop_at is not None and stop_at <= room:
             r.generated.extend(tokens[:stop_at])
+            if r.config.stop:  # a stop string may come before the stop token, in this same block
+                self._apply_stop_strings(r)
             return self._finish(r, "stop")
         r.generated.extend(tokens[:room])
         if r.config.stop and self._apply_stop_strings(r):
