@@ -5,15 +5,15 @@
 Input: jsonl or parquet files (local paths or any pyarrow/fsspec URI such as s3://bucket/x.jsonl), in
 Alpaca style (`instruction`, `input`, `output`), chat style (`messages`: [{role, content}, ...],
 the last one the assistant's answer) or ShareGPT style (`conversations`: [{from, value}, ...], from
-human / gpt / system; read as chat style); a chat record gives its last assistant turn as the
-sample, or with --all-turns one sample per assistant turn (the conversation before it as the prompt). Without --chat-template a sample is the dLLM-Var
-concatenation (prompt = instruction + input, response = output + EOS); with it, the tokenizer's
-chat template wraps the prompt and the response ends with EOT. --eos-pad N follows each response
-with 0-N extra EOS tokens (dllm.eos_padded; the count drawn from the record's file name and line,
-so every run writes the same rows).
+human / gpt / system; read as chat style). A chat record's sample is its last assistant turn, or
+with --all-turns every assistant turn, the conversation before it as the prompt. Without
+--chat-template a sample is the dLLM-Var concatenation (prompt = instruction + input, response =
+output + EOS); with it, the tokenizer's chat template wraps the prompt and the response ends with
+EOT. --eos-pad N follows each response with 0-N extra EOS tokens (dllm.eos_padded; the count drawn
+from the record's file name, line and turn, so every run writes the same rows).
 
 Output: parquet rows of `seq_len` tokens with `input_ids`, `prompt_mask`, `segment_ids` (what
-`train` reads), and `stats.json`: samples read / packed / dropped by reason (with the first few bad
+`train` reads), and `stats.json`: records and samples read, samples packed / dropped by reason (with the first few bad
 lines by file and line), tokens in and out, packing efficiency, rows written. Re-running overwrites
 the output. A bad line never stops the job and never costs another sample.
 """
