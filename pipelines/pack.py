@@ -333,6 +333,7 @@ def run_pack(opts: PackOptions) -> dict:
 
     ray = ensure_ray(opts.address)
     from ray.data import ActorPoolStrategy, DataContext, SaveMode
+    from ray.data.expressions import col
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress_bars_wanted()
@@ -364,12 +365,12 @@ def run_pack(opts: PackOptions) -> dict:
         bad_rows += json.loads(part["examples"])
     examples = [f"{src}:{pos}: {err}" for src, pos, err in sorted(bad_rows)[: opts.examples_shown]]
 
-    good = tokenized.filter(lambda r: r["error_kind"] == "")
+    good = tokenized.filter(expr=col("error_kind") == "")  # expressions run vectorised, not per row in Python
     packed = good.map_batches(pack_batch, batch_size=opts.pack_batch_size, batch_format="pyarrow",
                               fn_kwargs={"seq_len": opts.seq_len, "mode": opts.mode, "pad_token_id": pad_id}).materialize()
-    rows = packed.filter(lambda r: not r["is_tail"]).select_columns(["input_ids", "prompt_mask", "segment_ids"])
+    rows = packed.filter(expr=~col("is_tail")).select_columns(["input_ids", "prompt_mask", "segment_ids"])
     tails = [(r["tail_prompt"], r["tail_response"]) for r in
-             packed.filter(lambda r: r["is_tail"]).select_columns(["tail_prompt", "tail_response"]).take_all()]
+             packed.filter(expr=col("is_tail")).select_columns(["tail_prompt", "tail_response"]).take_all()]
     if tails:  # the leftovers of every batch, packed once: only the very last row is padded
         last = pack_samples([(list(p), list(r)) for p, r in tails], opts.seq_len, mode=opts.mode, pad_token_id=pad_id)
         last_ds = ray.data.from_arrow(rows_table(last, []).select(["input_ids", "prompt_mask", "segment_ids"]))
