@@ -441,13 +441,10 @@ class Engine:
         r.num_blocks += 1
         room = r.max_new_tokens - len(r.generated)
         stop_at = next((j for j, t in enumerate(tokens) if t in r.stop_ids), None)
-        if stop_at is not None and stop_at <= room:
-            r.generated.extend(tokens[:stop_at])
-            if r.config.stop:  # a stop string may come before the stop token, in this same block
-                self._apply_stop_strings(r)
-            return self._finish(r, "stop")
-        r.generated.extend(tokens[:room])
-        if r.config.stop and self._apply_stop_strings(r):
+        stopped = stop_at is not None and stop_at <= room
+        r.generated.extend(tokens[:stop_at] if stopped else tokens[:room])
+        # Stop strings apply either way: one may come before the stop token, in this same block.
+        if (r.config.stop and self._apply_stop_strings(r)) or stopped:
             return self._finish(r, "stop")
         if len(r.generated) >= r.max_new_tokens:
             return self._finish(r, "length")
