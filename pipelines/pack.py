@@ -117,6 +117,11 @@ def sharegpt_messages(conversations) -> list[dict]:
     return messages
 
 
+def _error(ex: ValueError) -> tuple[str, str]:
+    """(kind, message) of a ValueError raised as ValueError(kind, message), else a wrong_type."""
+    return ex.args if len(ex.args) == 2 else ("wrong_type", str(ex))
+
+
 class Tokenize:
     """Records -> one row per sample (prompt ids, response ids), or one row per bad record / sample
     with its error kind. A chat record gives a sample per assistant turn with `all_turns`."""
@@ -184,24 +189,28 @@ class Tokenize:
             raise ValueError("too_long", f"{n} tokens, longer than the limit of {self.max_len}")
         return prompt_ids, response_ids
 
+    def _rows(self, rec: str, kind: str, err: str | None) -> list[tuple[list[int], list[int], str, str]]:
+        """(prompt ids, response ids, error kind, error) per sample of a record: a bad record is one
+        row with its error, and so is a bad sample of a good one."""
+        if kind:
+            return [([], [], str(kind), "" if err is None else str(err))]
+        try:
+            texts = self.texts(json.loads(rec))
+        except ValueError as ex:
+            return [([], [], *_error(ex))]
+        rows = []
+        for prompt, answer in texts:
+            try:
+                rows.append((*self.sample(prompt, answer), "", ""))
+            except ValueError as ex:
+                rows.append(([], [], *_error(ex)))
+        return rows
+
     def __call__(self, batch: dict) -> pa.Table:
         sources, positions, turns, prompts, responses, padding, kinds, errors = [], [], [], [], [], [], [], []
         for rec, kind, err, source, position in zip(batch["record"], batch["error_kind"], batch["error"],
                                                     batch["source"], batch["position"]):
-            try:  # a bad record is one row with its error; a bad sample of a good record, one row too
-                if kind:
-                    raise ValueError(str(kind), "" if err is None else str(err))
-                texts: list = self.texts(json.loads(rec))
-            except ValueError as ex:
-                texts = [ex]
-            for turn, text in enumerate(texts):
-                p, r, k, e = [], [], "", ""
-                try:
-                    if isinstance(text, ValueError):
-                        raise text
-                    p, r = self.sample(*text)
-                except ValueError as ex:
-                    k, e = ex.args if len(ex.args) == 2 else ("wrong_type", str(ex))
+            for turn, (p, r, k, e) in enumerate(self._rows(rec, kind, err)):
                 n = len(r)
                 if not k and self.eos_pad:  # keyed by file name, line (and turn): the same on every run and mount
                     key = f"{os.path.basename(str(source))}:{position}" + (f":{turn}" if turn else "")

@@ -358,9 +358,10 @@ class OpenAIIngress:
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
+        prompt_tokens = sum(map(len, prompts))  # each prompt once, however many samples it has
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, sum(map(len, prompts))),
+            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, prompt_tokens),
                                      media_type="text/event-stream")
         streams = self._submit(payloads)
         texts, lasts = list(prefixes or [""] * len(streams)), [None] * len(streams)
@@ -371,7 +372,7 @@ class OpenAIIngress:
                     lasts[index] = item
         except Exception as e:
             raise self._engine_error(e) from e
-        return self._final_body(rid, chat, texts, lasts, prompt_tokens=sum(map(len, prompts)))
+        return self._final_body(rid, chat, texts, lasts, prompt_tokens)
 
     def _submit(self, payloads: list[dict]) -> list:
         """One engine stream per choice; they join the replicas' batches as they arrive."""
