@@ -332,6 +332,9 @@ def test_bad_requests_are_rejected(confident_model):
         GenerationConfig(threshold=0.0)
     with pytest.raises(ValueError, match="cache_policy"):
         GenerationConfig(cache_policy="paged")
+    for logprobs in (-1, 21, True, 2.0):
+        with pytest.raises(ValueError, match="logprobs"):
+            GenerationConfig(logprobs=logprobs)
 
 
 def reference_refreshing_generate(ref: ReferenceLLaDA, prompt, cfg):
@@ -397,16 +400,79 @@ def test_fused_projections_give_the_same_tokens(tiny_config):
 def test_unrolled_denoise_steps_give_the_same_tokens(talkative_model, early_stop, stops_last):
     """Loop unrolling runs several denoise steps per host sync: the answers are identical, forwards
     spent on blocks that finished inside an unrolled run are counted."""
-    cfg = GenerationConfig(block_size=16, threshold=0.99, max_new_tokens=48, early_stop=early_stop, stops_last=stops_last)
+    cfg = GenerationConfig(block_size=16, threshold=0.99, max_new_tokens=48, early_stop=early_stop, stops_last=stops_last,
+                           logprobs=2)
     prompts = _prompts(6)
     plain = _engine(talkative_model).generate(prompts, cfg)
     assert all(g.token_ids for g in plain)
     engine = _engine(talkative_model, max_unroll=4, expected_tpf=1.0)
     unrolled = engine.generate(prompts, cfg)
     assert [g.token_ids for g in unrolled] == [g.token_ids for g in plain]
+    assert [g.logprobs for g in unrolled] == [g.logprobs for g in plain]
     assert [g.finish_reason for g in unrolled] == [g.finish_reason for g in plain]
     assert sum(g.num_forwards for g in unrolled) >= sum(g.num_forwards for g in plain)
     assert engine.stats()["host_syncs"] < engine.stats()["total_forwards"]  # several steps per sync
+
+
+def test_logprobs_are_the_models_log_probabilities_in_the_forward_that_committed_each_token(model64):
+    """cache_policy "none" recomputes the whole context in every forward, so the forward that committed
+    a token is model(prompt + earlier blocks + the block as it was then): its log-softmax (MASK
+    excluded) at the token's position gives the token's logprob and its top-k. Sampled tokens and
+    credit decoding report the model's own distribution too; rows without logprobs share the batch."""
+    prompts = _prompts(5)
+    settings = [dict(logprobs=3), dict(logprobs=0, temperature=1.0, seed=5), dict(logprobs=None),
+                dict(logprobs=5, temperature=1.0, seed=6), dict(logprobs=2, decoder="credit")]
+    cfgs = [CFG.replace(cache_policy="none", record_trajectory=True, **kw) for kw in settings]
+    gens = _engine(model64).generate(prompts, cfgs)
+    mask = model64.config.mask_token_id
+    checked = 0
+    for prompt, cfg, g in zip(prompts, cfgs, gens):
+        if cfg.logprobs is None:
+            assert g.logprobs is None
+            continue
+        assert [e.token_id for e in g.logprobs] == g.token_ids and g.token_ids
+        for k, block in enumerate(g.trajectory):
+            before = g.token_ids[:k * B]
+            for j, (token, step) in enumerate(zip(block.tokens, block.reveal_step)):
+                if k * B + j >= len(g.token_ids):
+                    break
+                state = [t if block.reveal_step[i] < step else mask for i, t in enumerate(block.tokens)]
+                with torch.no_grad():
+                    logits = model64(torch.tensor([prompt + before + state]))[0, len(prompt) + len(before) + j]
+                logits[mask] = float("-inf")
+                expected = torch.log_softmax(logits, -1)
+                entry = g.logprobs[k * B + j]
+                assert entry.logprob == pytest.approx(expected[token].item(), abs=1e-5)
+                top = expected.topk(cfg.logprobs)
+                assert [t for t, _ in entry.top] == top.indices.tolist()
+                assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+                if cfg.temperature == 0 and cfg.decoder == "threshold":
+                    assert entry.top[0] == (token, entry.logprob)  # greedy: the most likely token
+                checked += 1
+    assert checked > 40
+
+
+def test_streamed_logprobs_follow_the_tokens_and_stop_strings_cut_them(talkative_model, char_tokenizer):
+    engine = _engine(talkative_model, char_tokenizer)
+    cfg = CFG.replace(logprobs=1, early_stop=True, stops_last=True)
+    plain = engine.generate(_prompts(6), cfg)
+    long = max(plain, key=lambda g: len(g.text))
+    assert len(long.logprobs) == len(long.token_ids) > B  # more than one block
+    stop = long.text[B + 2:B + 4]  # in the second block
+    rid = engine.add_request(_prompts(6)[plain.index(long)], cfg.replace(stop=[stop]))
+    tokens, logprobs, final = [], [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == rid and len(out.new_logprobs) == len(out.new_token_ids)
+            tokens += out.new_token_ids
+            logprobs += out.new_logprobs
+            final = out.generation if out.finished else final
+    assert final.text == long.text[: long.text.find(stop)]
+    alone = final.logprobs  # decoded alone, `long` in a batch of six: the same values up to rounding
+    assert [(e.token_id, [t for t, _ in e.top]) for e in alone] == \
+        [(e.token_id, [t for t, _ in e.top]) for e in long.logprobs[:len(final.token_ids)]]
+    assert [e.logprob for e in alone] == pytest.approx([e.logprob for e in long.logprobs[:len(alone)]], abs=1e-5)
+    assert logprobs[:len(final.token_ids)] == final.logprobs and tokens[:len(final.token_ids)] == final.token_ids
 
 
 def test_unrolling_needs_sane_settings(confident_model):
@@ -417,7 +483,8 @@ def test_unrolling_needs_sane_settings(confident_model):
 EVERY_DECODING_SETTING = [CFG.replace(decoder=d, tokens_per_step=2, early_stop=d == "credit")
                           for d in ("threshold", "factor", "credit", "hierarchical", "fixed_k")]
 EVERY_DECODING_SETTING += [CFG.replace(temperature=1.5, seed=3), CFG.replace(smoothing=True),
-                           CFG.replace(stops_last=True), CFG.replace(decoder="factor", stops_last=True, early_stop=True)]
+                           CFG.replace(stops_last=True), CFG.replace(decoder="factor", stops_last=True, early_stop=True),
+                           CFG.replace(logprobs=4)]
 
 
 def _stops_before_their_content(gens, stop_ids) -> int:

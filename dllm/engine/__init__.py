@@ -1,8 +1,9 @@
 """The block-diffusion inference engine: request state, scheduler, K/V pool, decoders, the loop."""
 
-from .config import CACHE_POLICIES, DECODERS, GenerationConfig
+from .config import CACHE_POLICIES, DECODERS, MAX_LOGPROBS, GenerationConfig
 from .engine import Engine
 from .kv_cache import KVCache
-from .request import Generation, Phase, RequestOutput
+from .request import Generation, Phase, RequestOutput, TokenLogprob
 
-__all__ = ["CACHE_POLICIES", "DECODERS", "Engine", "Generation", "GenerationConfig", "KVCache", "Phase", "RequestOutput"]
+__all__ = ["CACHE_POLICIES", "DECODERS", "MAX_LOGPROBS", "Engine", "Generation", "GenerationConfig", "KVCache", "Phase",
+           "RequestOutput", "TokenLogprob"]

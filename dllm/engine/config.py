@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 DECODERS = ("threshold", "factor", "credit", "hierarchical", "fixed_k")
 CACHE_POLICIES = ("dllm-var", "vicinity", "none")
+MAX_LOGPROBS = 20  # alternatives per generated token (as vLLM's default max_logprobs)
 
 
 @dataclass
@@ -43,6 +44,12 @@ class GenerationConfig:
     vicinity:        committed tokens left of the block that the vicinity policy recomputes per step
     record_trajectory: keep, per block, the step at which each position was committed (the data of
                      trajectory compression, `dllm.trajectory`); costs one host read per step
+    logprobs:        None = off; k in [0, MAX_LOGPROBS]: return each generated token's log-probability and
+                     the k most likely tokens at its position, as the model gave them in the forward
+                     that committed the token (its distribution at temperature 1, MASK excluded; the
+                     positions still masked then are unknown to it). A diffusion model has no
+                     left-to-right factorisation: these are commit-time probabilities, not a
+                     sequence likelihood.
     smoothing:       iteration smoothing (dInfer): masked inputs get mask-embedding + alpha_t * E[emb]
     smoothing_alpha: (initial, growth per step, max) of alpha_t; the threshold decays 1.0 -> tau by
                      smoothing_threshold_decay per step
@@ -66,6 +73,7 @@ class GenerationConfig:
     credit_beta: float = 0.8
     credit_gamma: float = 0.2
     record_trajectory: bool = False
+    logprobs: int | None = None
     cache_policy: str = "dllm-var"
     vicinity: int = 16
     smoothing: bool = False
@@ -96,6 +104,8 @@ class GenerationConfig:
             bad("low_threshold", "in [0, threshold]")
         if not isinstance(self.tokens_per_step, int) or self.tokens_per_step < 1:
             bad("tokens_per_step", "an integer >= 1")
+        if self.logprobs is not None and (type(self.logprobs) is not int or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
         if self.stop is not None and (not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)):
             bad("stop", "a list of non-empty strings")
         if self.stop_token_ids is not None and not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):

@@ -33,7 +33,7 @@ from . import decoders
 from .config import GenerationConfig
 from .cuda_graphs import GraphedForward
 from .kv_cache import KVCache
-from .request import BlockTrajectory, Generation, Phase, Request, RequestOutput
+from .request import BlockTrajectory, Generation, Phase, Request, RequestOutput, TokenLogprob
 from .scheduler import Scheduler
 
 
@@ -75,6 +75,10 @@ class _DecodeParams:
         # Per stops_last row: its decoder commits every position at or above its threshold.
         self.commits_above_threshold = on_device([reqs[i].config.decoder in decoders.COMMIT_ABOVE_THRESHOLD
                                                   for i in last]) if last else None
+        # Rows that return logprobs, and the most alternatives any of them asked for.
+        self.logprob_rows = [i for i, r in enumerate(reqs) if r.config.logprobs is not None]
+        self.logprob_index = on_device(self.logprob_rows) if self.logprob_rows else None
+        self.top_logprobs = max((reqs[i].config.logprobs for i in self.logprob_rows), default=0)
         if early or last:
             width = max(len(r.stop_ids) for r in reqs)
             self.stop_ids = on_device([sorted(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs])
@@ -164,6 +168,7 @@ class Engine:
             request_id=request_id, prompt_ids=prompt_ids, config=config,
             max_new_tokens=min(config.max_new_tokens, max_blocks * b),
             stop_ids=self.base_stop_ids | frozenset(config.stop_token_ids or ()),
+            logprobs=[] if config.logprobs is not None else None,
         )
         if config.temperature > 0:
             seed = config.seed if config.seed is not None else random.getrandbits(63)
@@ -379,7 +384,7 @@ class Engine:
         n, b = blocks.shape
         dev = self.device
         masked = blocks == self.mask_id
-        logits = logits.float()
+        logits = raw_logits = logits.float()  # raw: the model's distribution, before credit fusion
 
         if params.credit_rows:
             idx, rows = params.credit_index, params.credit_rows
@@ -421,10 +426,31 @@ class Engine:
             commit[idx] = part
 
         new_blocks = torch.where(commit, x, blocks)
+        if params.logprob_rows:
+            self._record_logprobs(raw_logits, x, commit, reqs, params)
         for i, r in enumerate(reqs):
             if r.config.smoothing:
                 r.smooth_delta = decoders.soft_embedding(logits[i:i + 1], self.model.embedding_weight)[0]
         return new_blocks
+
+    def _record_logprobs(self, logits: torch.Tensor, x: torch.Tensor, commit: torch.Tensor, reqs: list[Request],
+                         params: _DecodeParams) -> None:
+        """GenerationConfig.logprobs: keep, at each position committed in this step, the model's
+        log-probabilities there (on the device; the block's end reads them with its tokens)."""
+        idx = params.logprob_index
+        mask_col = torch.full((1,), self.mask_id, device=self.device)
+        lp = torch.log_softmax(logits[idx].index_fill(-1, mask_col, float("-inf")), dim=-1)
+        chosen = lp.gather(-1, x[idx, :, None]).squeeze(-1)
+        top_lp, top_ids = lp.topk(params.top_logprobs, dim=-1)
+        committed = commit[idx]
+        for j, i in enumerate(params.logprob_rows):
+            r = reqs[i]
+            k = r.config.logprobs  # the group's top-k may hold more alternatives than this request asked for
+            now = (chosen[j], top_lp[j, :, :k], top_ids[j, :, :k])
+            before = r.block_logprobs or tuple(torch.zeros_like(t) for t in now)
+            c = committed[j]
+            r.block_logprobs = tuple(torch.where(c if t.dim() == 1 else c[:, None], t, old)
+                                     for t, old in zip(now, before))
 
     def _threshold(self, r: Request, ahead: int = 0) -> float:
         """Commit threshold of `r`'s step `ahead` steps from now."""
@@ -442,14 +468,18 @@ class Engine:
         room = r.max_new_tokens - len(r.generated)
         stop_at = next((j for j, t in enumerate(tokens) if t in r.stop_ids), None)
         stopped = stop_at is not None and stop_at <= room
-        r.generated.extend(tokens[:stop_at] if stopped else tokens[:room])
+        kept = tokens[:stop_at] if stopped else tokens[:room]
+        r.generated.extend(kept)
+        if r.logprobs is not None:
+            chosen, top_lp, top_ids = (t.tolist() for t in r.block_logprobs)
+            r.logprobs.extend(TokenLogprob(t, chosen[j], list(zip(top_ids[j], top_lp[j]))) for j, t in enumerate(kept))
         # Stop strings apply either way: one may come before the stop token, in this same block.
         if (r.config.stop and self._apply_stop_strings(r)) or stopped:
             return self._finish(r, "stop")
         if len(r.generated) >= r.max_new_tokens:
             return self._finish(r, "length")
         # Next block.
-        r.block_steps, r.credit, r.smooth_delta = 0, None, None
+        r.block_steps, r.credit, r.smooth_delta, r.block_logprobs = 0, None, None, None
         if r.config.commit_pass:
             r.phase = Phase.COMMIT  # r.block still holds the finished block for the commit forward
         else:
@@ -488,14 +518,16 @@ class Engine:
             text = text[: len(text) - hold] if hold else text
         new_text = text[r.emitted_text:] if len(text) > r.emitted_text else ""
         new_ids = ids[r.emitted_tokens:] if len(ids) > r.emitted_tokens else []
+        new_logprobs = r.logprobs[r.emitted_tokens:len(ids)] if r.logprobs is not None else None
         r.emitted_text = max(r.emitted_text, len(text))
         r.emitted_tokens = max(r.emitted_tokens, len(ids))
         generation = None
         if final:
             generation = Generation(r.request_id, list(ids), text, r.finish_reason, r.num_forwards, r.num_blocks,
-                                    len(r.prompt_ids), r.trajectory)
+                                    len(r.prompt_ids), r.trajectory,
+                                    r.logprobs[:len(ids)] if r.logprobs is not None else None)
         if new_ids or new_text or final:
-            self._outputs.append(RequestOutput(r.request_id, new_ids, new_text, final, generation))
+            self._outputs.append(RequestOutput(r.request_id, new_ids, new_text, final, generation, new_logprobs))
 
     def _finish(self, r: Request, reason: str) -> None:
         r.finish_reason = reason
@@ -503,6 +535,6 @@ class Engine:
             r.final_ids = list(r.generated)
             r.final_text = self._text(r.final_ids)
         self.scheduler.finish(r)
-        r.block = r.credit = r.smooth_delta = None
+        r.block = r.credit = r.smooth_delta = r.block_logprobs = None
         self._emit(r, final=True)
         del self._requests[r.request_id]

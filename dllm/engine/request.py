@@ -32,6 +32,16 @@ class BlockTrajectory:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens at its position, from the
+    forward that committed it (GenerationConfig.logprobs)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+@dataclass
 class Generation:
     """The result of one request.
 
@@ -40,6 +50,7 @@ class Generation:
     finish_reason: "stop" (EOS/EOT/stop token/stop string), "length" (cap) or "abort"
     num_forwards:  model forwards this request took part in (NFE)
     trajectory:    with GenerationConfig(record_trajectory=True), one BlockTrajectory per decoded block
+    logprobs:      with GenerationConfig(logprobs=k), one TokenLogprob per token id
     """
 
     request_id: str
@@ -50,6 +61,7 @@ class Generation:
     num_blocks: int
     prompt_tokens: int
     trajectory: list[BlockTrajectory] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def tokens_per_forward(self) -> float:
@@ -65,6 +77,7 @@ class RequestOutput:
     new_text: str
     finished: bool
     generation: Generation | None = None
+    new_logprobs: list[TokenLogprob] | None = None  # one per new token id (GenerationConfig.logprobs)
 
 
 @dataclass
@@ -89,6 +102,10 @@ class Request:
     generator: torch.Generator | None = None
     credit: torch.Tensor | None = None  # [B, V] credit decoding state of the current block
     smooth_delta: torch.Tensor | None = None  # [B, d] expected embedding from the previous step
+    # GenerationConfig.logprobs: per position of the current block, on the device until the block ends:
+    # (log-probability of the committed token [B], top-k log-probabilities [B, k], their ids [B, k]).
+    block_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per entry of `generated`
     emitted_text: int = 0  # characters of text already streamed
     emitted_tokens: int = 0
     finish_reason: str | None = None
