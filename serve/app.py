@@ -30,7 +30,8 @@ import dllm
 
 from .engine_loop import EngineLoop
 from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       DiffusionOptions, TokenizeRequest, new_id, now, reject_unsupported, usage)
+                       DiffusionOptions, TokenizeRequest, chat_logprobs, completion_logprobs, logprobs_wanted, new_id,
+                       now, reject_unsupported, usage)
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
 # the content left of it (answers are not cut short); see GenerationConfig.
@@ -92,14 +93,16 @@ class EngineServer:
         merged = {**self.defaults, **opts}
         config = _generation_config(merged, payload.get("max_tokens"), temperature=payload.get("temperature", 0.0),
                                     seed=payload.get("seed"), stop=payload.get("stop") or None,
-                                    stop_token_ids=payload.get("stop_token_ids") or None)
+                                    stop_token_ids=payload.get("stop_token_ids") or None,
+                                    logprobs=payload.get("logprobs"))
         start = time.monotonic()
         first = True
         async for out in self.loop.generate(payload["prompt_ids"], config):
             if first:
                 self._metrics.first_block.observe(time.monotonic() - start)
                 first = False
-            item = {"token_ids": out.new_token_ids, "text": out.new_text, "finished": out.finished}
+            item = {"token_ids": out.new_token_ids, "text": out.new_text, "finished": out.finished,
+                    "logprobs": out.new_logprobs}  # TokenLogprobs of token_ids, or None
             if out.finished:
                 g = out.generation
                 item.update(finish_reason=g.finish_reason, num_forwards=g.num_forwards, num_blocks=g.num_blocks,
@@ -354,7 +357,7 @@ class OpenAIIngress:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
                      "seed": None if req.seed is None else req.seed + i, "stop": stop,
-                     "stop_token_ids": req.stop_token_ids, "options": options}
+                     "stop_token_ids": req.stop_token_ids, "logprobs": logprobs_wanted(req), "options": options}
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
@@ -365,14 +368,17 @@ class OpenAIIngress:
                                      media_type="text/event-stream")
         streams = self._submit(payloads)
         texts, lasts = list(prefixes or [""] * len(streams)), [None] * len(streams)
+        logprobs: list[list] = [[] for _ in streams]
         try:
             async with contextlib.aclosing(_merged(streams)) as merged:
                 async for index, item in merged:
                     texts[index] += item["text"]
+                    logprobs[index] += item["logprobs"] or []
                     lasts[index] = item
         except Exception as e:
             raise self._engine_error(e) from e
-        return self._final_body(rid, chat, texts, lasts, prompt_tokens)
+        wanted = logprobs_wanted(req) is not None
+        return self._final_body(rid, chat, texts, lasts, prompt_tokens, logprobs if wanted else None)
 
     def _submit(self, payloads: list[dict]) -> list:
         """One engine stream per choice; they join the replicas' batches as they arrive."""
@@ -399,16 +405,27 @@ class OpenAIIngress:
     def _usage(lasts: list[dict], prompt_tokens: int) -> dict:
         return usage(prompt_tokens, sum(last["completion_tokens"] for last in lasts))
 
-    def _final_body(self, rid: str, chat: bool, texts: list[str], lasts: list[dict], prompt_tokens: int) -> dict:
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _logprobs_body(self, chat: bool, entries: list | None, text_offset: int = 0) -> dict | None:
+        if entries is None:
+            return None
+        return chat_logprobs(entries, self._token_text) if chat else \
+            completion_logprobs(entries, self._token_text, text_offset)
+
+    def _final_body(self, rid: str, chat: bool, texts: list[str], lasts: list[dict], prompt_tokens: int,
+                    logprobs: list[list] | None) -> dict:
         base = {"id": rid, "created": now(), "model": self.model_name, "usage": self._usage(lasts, prompt_tokens),
                 "dllm": self._stats(lasts)}
+        per_choice = [self._logprobs_body(chat, entries) for entries in logprobs] if logprobs else [None] * len(texts)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                        "finish_reason": last["finish_reason"], "logprobs": None}
-                       for i, (text, last) in enumerate(zip(texts, lasts))]
+                        "finish_reason": last["finish_reason"], "logprobs": lp}
+                       for i, (text, last, lp) in enumerate(zip(texts, lasts, per_choice))]
             return {**base, "object": "chat.completion", "choices": choices}
-        choices = [{"index": i, "text": text, "finish_reason": last["finish_reason"], "logprobs": None}
-                   for i, (text, last) in enumerate(zip(texts, lasts))]
+        choices = [{"index": i, "text": text, "finish_reason": last["finish_reason"], "logprobs": lp}
+                   for i, (text, last, lp) in enumerate(zip(texts, lasts, per_choice))]
         return {**base, "object": "text_completion", "choices": choices}
 
     async def _sse(self, payloads: list[dict], rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
@@ -418,20 +435,25 @@ class OpenAIIngress:
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(index: int, text: str | None, finish: str | None = None, extra: dict | None = None) -> str:
+        def chunk(index: int, text: str | None, finish: str | None = None, extra: dict | None = None,
+                  logprobs: list | None = None) -> str:
+            lp = self._logprobs_body(chat, logprobs, offsets[index])
+            if lp is not None and not chat:
+                offsets[index] += sum(map(len, lp["tokens"]))
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if index not in started else {}
                 if text:
                     delta["content"] = text
-                choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
             else:
-                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
             started.add(index)
             body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice],
                     **(extra or {})}
             return f"data: {json.dumps(body)}\n\n"
 
         started: set[int] = set()
+        offsets = [0] * len(payloads)  # text_offset of each choice's next token (completions logprobs)
         lasts: list[dict | None] = [None] * len(payloads)
         streams = self._submit(payloads)  # here, not before: a response never started submits nothing
         try:
@@ -439,8 +461,8 @@ class OpenAIIngress:
                 yield chunk(index, prefix)
             async with contextlib.aclosing(_merged(streams)) as merged:  # a client that hangs up closes it
                 async for index, item in merged:
-                    if item["text"] or index not in started:
-                        yield chunk(index, item["text"])
+                    if item["text"] or item["logprobs"] or index not in started:
+                        yield chunk(index, item["text"], logprobs=item["logprobs"])
                     if item["finished"]:
                         lasts[index] = item
                         yield chunk(index, None, item["finish_reason"], extra={"dllm": self._stats([item])})

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,13 +57,13 @@ class _Common(DiffusionOptions):
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: Any = None
     logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=dllm.engine.MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -74,7 +77,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=dllm.engine.MAX_LOGPROBS)
     max_completion_tokens: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
@@ -104,13 +108,15 @@ def reject_unsupported(req: _Common) -> None:
         ("top_p", req.top_p != 1.0, "top_p is not supported by diffusion decoding; use temperature"),
         ("presence_penalty", req.presence_penalty != 0.0, "presence_penalty is not supported"),
         ("frequency_penalty", req.frequency_penalty != 0.0, "frequency_penalty is not supported"),
-        ("logprobs", req.logprobs not in (None, False), "logprobs are not supported"),
         ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
     ]
     if isinstance(req, CompletionRequest):
         checks += [("best_of", req.best_of not in (None, 1, req.n),
                     "best_of other than n is not supported (there are no sequence log-probabilities to rank by)"),
-                   ("suffix", req.suffix is not None, "suffix (infilling) is not supported")]
+                   ("suffix", req.suffix is not None, "suffix (infilling) is not supported"),
+                   ("logprobs", req.echo and req.logprobs is not None,
+                    "logprobs with echo (prompt logprobs) are not supported: a masked diffusion model has no "
+                    "left-to-right probabilities of the prompt's tokens")]
     if isinstance(req, ChatCompletionRequest):
         checks += [("tools", bool(req.tools), "tools / function calling are not supported"),
                    ("response_format", req.response_format not in (None, {"type": "text"}),
@@ -118,6 +124,43 @@ def reject_unsupported(req: _Common) -> None:
     for param, bad, message in checks:
         if bad:
             raise APIError(400, message, param=param, code="unsupported_parameter")
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+
+
+def logprobs_wanted(req: _Common) -> int | None:
+    """Alternatives per token the request asked for (GenerationConfig.logprobs), None for no logprobs."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
+# Token logprobs in responses. Each comes from the forward that committed the token (see
+# GenerationConfig.logprobs); `token_text(id)` is the token's text.
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else -9999.0  # JSON has no -inf; OpenAI's floor
+
+
+def completion_logprobs(entries: list[dllm.engine.TokenLogprob], token_text: Callable[[int], str],
+                        text_offset: int = 0) -> dict:
+    """/v1/completions' logprobs object; `top_logprobs` holds the k alternatives and the chosen token."""
+    tokens = [token_text(e.token_id) for e in entries]
+    offsets = list(itertools.accumulate(map(len, tokens), initial=text_offset))[:-1]
+    return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [{token_text(t): _finite(lp) for t, lp in [*e.top, (e.token_id, e.logprob)]}
+                             for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[dllm.engine.TokenLogprob], token_text: Callable[[int], str]) -> dict:
+    """/v1/chat/completions' logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def item(token_id: int, logprob: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
 
 
 def new_id(prefix: str) -> str:

@@ -167,6 +167,51 @@ def test_stop_token_ids_end_the_answer_like_the_engines(client, model_dir):
     assert out.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_are_the_engines_in_openais_completion_and_chat_shapes(client, model_dir):
+    tok = dllm.load_tokenizer(model_dir)
+    engine = dllm.Engine(dllm.load_model(model_dir), tok, max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True, logprobs=2)
+    direct = engine.generate(["reverse: abc =>"], cfg)[0]
+    lp = client.completions.create(model="tiny", prompt="reverse: abc =>", max_tokens=40, logprobs=2).choices[0].logprobs
+    assert lp.tokens == [tok.decode([e.token_id]) for e in direct.logprobs] and "".join(lp.tokens) == direct.text
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in direct.logprobs], abs=1e-5)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for top, e in zip(lp.top_logprobs, direct.logprobs):  # the 2 alternatives and the chosen token
+        expected = {tok.decode([t]): v for t, v in [*e.top, (e.token_id, e.logprob)]}
+        assert top.keys() == expected.keys() and list(top.values()) == pytest.approx(list(expected.values()), abs=1e-5)
+
+    msgs = [{"role": "user", "content": "sort: dcba =>"}]
+    out = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == out.choices[0].message.content != ""
+    assert all(len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode()) and c.logprob <= 0 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.logprob for c in content)  # greedy: the chosen token is the most likely
+    plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=40)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == out.choices[0].message.content
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streamed_logprobs_add_up_to_the_non_streamed_ones(client, chat):
+    kw = dict(model="tiny", max_tokens=40, temperature=1.0, seed=3, n=2)
+    if chat:
+        kw.update(messages=[{"role": "user", "content": "reverse: abcd =>"}], logprobs=True, top_logprobs=1)
+        full = [[(c.token, c.logprob) for c in ch.logprobs.content] for ch in client.chat.completions.create(**kw).choices]
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        pieces = [(c.choices[0].index, [(x.token, x.logprob) for x in c.choices[0].logprobs.content])
+                  for c in chunks if c.choices[0].logprobs]
+    else:
+        kw.update(prompt="reverse: abcd =>", logprobs=1)
+        full = [list(zip(ch.logprobs.tokens, ch.logprobs.token_logprobs, ch.logprobs.text_offset))
+                for ch in client.completions.create(**kw).choices]
+        chunks = list(client.completions.create(stream=True, **kw))
+        pieces = [(c.choices[0].index, list(zip(c.choices[0].logprobs.tokens, c.choices[0].logprobs.token_logprobs,
+                                                c.choices[0].logprobs.text_offset)))
+                  for c in chunks if c.choices[0].logprobs]
+    streamed = [[x for i, part in pieces if i == index for x in part] for index in range(2)]
+    assert streamed == full and all(full)
+    assert len([part for _, part in pieces if part]) > 2  # several blocks per answer, each with its tokens
+
+
 def test_tokenize_and_detokenize(server, model_dir):
     tok = dllm.load_tokenizer(model_dir)
     r = httpx.post(f"{server}/tokenize", json={"model": "tiny", "prompt": "sort: ba =>"}).json()
@@ -227,6 +272,8 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
     ({"model": "tiny", "prompt": "x", "unknown_field": 1}, 400, "unknown_field"),
     ({"model": "tiny", "prompt": [10**7]}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 1, "echo": True}, 400, "logprobs"),
 ])
 def test_invalid_completion_requests_get_openai_style_errors(server, body, status, param):
     r = httpx.post(f"{server}/v1/completions", json=body)
@@ -240,6 +287,10 @@ def test_invalid_chat_requests_and_bad_json(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+    msgs = [{"role": "user", "content": "x"}]
+    for body, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")]:
+        r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": msgs, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
     r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.get(f"{server}/v1/nothing")
