@@ -6,13 +6,14 @@ Imports no Ray: `pipelines`, `train` and `serve` are the Ray shells around this 
 from .checkpoint import CheckpointError, load_model, save_pretrained
 from .config import LLaDAConfig, tiny_config
 from .engine import Engine, Generation, GenerationConfig, RequestOutput
+from .likelihood import LogLikelihood, log_likelihood
 from .model import CacheView, LLaDAModelLM, build_model
 from .objective import diffusion_loss, diffusion_loss_from_hidden, document_attention_mask, noise_batch
 from .packing import PackedRows, eos_padded, pack_samples
 from .tokenizer import load_tokenizer, special_ids, train_tokenizer
 
 __all__ = [
-    "CacheView", "CheckpointError", "Engine", "Generation", "GenerationConfig", "RequestOutput", "LLaDAConfig", "LLaDAModelLM", "PackedRows", "build_model",
-    "diffusion_loss", "diffusion_loss_from_hidden", "document_attention_mask", "eos_padded", "load_model", "load_tokenizer", "noise_batch",
+    "CacheView", "CheckpointError", "Engine", "Generation", "GenerationConfig", "RequestOutput", "LLaDAConfig", "LLaDAModelLM", "LogLikelihood", "PackedRows", "build_model",
+    "diffusion_loss", "diffusion_loss_from_hidden", "document_attention_mask", "eos_padded", "load_model", "load_tokenizer", "log_likelihood", "noise_batch",
     "pack_samples", "save_pretrained", "special_ids", "tiny_config", "train_tokenizer",
 ]

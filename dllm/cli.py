@@ -6,6 +6,7 @@
     dllm train ...             Ray Train + DeepSpeed SFT (same as python -m train.sft)
     dllm serve --model DIR     Ray Serve OpenAI-compatible server
     dllm generate --model DIR  decode prompts with the engine, no Ray
+    dllm score --model DIR     rank continuations of a prompt by log-likelihood (ELBO), no Ray
 
 The Ray-based stages are imported only when their subcommand runs: the `dllm` core itself never
 imports Ray.
@@ -20,14 +21,9 @@ from .engine.config import DECODERS
 
 
 def _generate(args) -> int:
-    import torch
-
     import dllm
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = dllm.load_model(args.model, device=device, dtype=dtype)
-    tok = dllm.load_tokenizer(args.model)
+    model, tok = _load(args)
     engine = dllm.Engine(model, tok, max_batch_size=max(1, len(args.prompt)))
     config = dllm.GenerationConfig(block_size=args.block_size, threshold=args.threshold,
                                    max_new_tokens=args.max_new_tokens, decoder=args.decoder,
@@ -38,6 +34,31 @@ def _generate(args) -> int:
     for prompt, gen in zip(args.prompt, engine.generate(prompts, config)):
         print(f"> {prompt}\n{gen.text}\n[{gen.finish_reason}, {len(gen.token_ids)} tokens, "
               f"{gen.num_forwards} forwards, TPF {gen.tokens_per_forward:.2f}]")
+    return 0
+
+
+def _load(args):
+    import torch
+
+    import dllm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return dllm.load_model(args.model, device=device, dtype=dtype), dllm.load_tokenizer(args.model)
+
+
+def _score(args) -> int:
+    import dllm
+
+    model, tok = _load(args)
+    prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                     add_generation_prompt=True) if args.chat else args.prompt
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    results = [dllm.log_likelihood(model, prompt_ids, tok(c, add_special_tokens=False)["input_ids"],
+                                   mc_samples=args.mc_samples, seed=args.seed) for c in args.continuation]
+    best = max(range(len(results)), key=lambda i: results[i].value)
+    for i, (cont, r) in enumerate(zip(args.continuation, results)):
+        print(f"{'*' if i == best else ' '} {r.value:10.3f} +- {r.std_error:.3f}  ({r.tokens} tokens)  {cont!r}")
     return 0
 
 
@@ -114,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end a block at a settled stop token: same text, fewer forwards (as the server)")
     g.add_argument("--device")
     g.set_defaults(func=lambda a, rest: _generate(a))
+
+    sc = sub.add_parser("score", help="rank continuations of a prompt by their log-likelihood (ELBO; no Ray)")
+    sc.add_argument("--model", required=True)
+    sc.add_argument("--prompt", required=True)
+    sc.add_argument("--continuation", action="append", required=True, help="repeat for each answer to score")
+    sc.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    sc.add_argument("--mc-samples", type=int, default=64, help="masked draws per continuation (more: less noise)")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--device")
+    sc.set_defaults(func=lambda a, rest: _score(a))
     return p
 
 

@@ -91,6 +91,14 @@ class LLaDAConfig:
         """Tokens that end a response: EOS, and EOT when the vocabulary has one."""
         return tuple(t for t in (self.eos_token_id, self.eot_token_id) if t is not None)
 
+    def check_token_ids(self, ids, what: str) -> list[int]:
+        """`ids` as a list of ints, or a ValueError naming those outside the embedding table."""
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < self.embedding_size]
+        if bad:
+            raise ValueError(f"{what} token ids {bad[:5]} are outside the vocabulary [0, {self.embedding_size})")
+        return ids
+
     def num_parameters(self) -> int:
         d, f, v = self.d_model, self.mlp_hidden_size, self.embedding_size
         kv = self.n_kv_heads * self.head_dim

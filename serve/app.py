@@ -30,7 +30,7 @@ import dllm
 
 from .engine_loop import EngineLoop
 from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       DiffusionOptions, TokenizeRequest, chat_logprobs, completion_logprobs, logprobs_wanted, new_id,
+                       DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_logprobs, completion_logprobs, logprobs_wanted, new_id,
                        now, reject_unsupported, usage)
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
@@ -109,6 +109,17 @@ class EngineServer:
                             completion_tokens=len(g.token_ids), prompt_tokens=g.prompt_tokens)
                 self._metrics.on_finish(g)
             yield item
+
+    async def loglikelihood(self, payload: dict) -> dict:
+        """ELBO estimate of log p(continuation | prompt), run on the engine thread between steps."""
+        net = self.engine.model
+
+        def score():
+            return dllm.log_likelihood(net, payload["prompt_ids"], payload["continuation_ids"],
+                                       mc_samples=payload["mc_samples"], seed=payload["seed"])
+
+        result = await self.loop.call(score)
+        return {"loglikelihood": result.value, "std_error": result.std_error, "tokens": result.tokens}
 
     def __del__(self) -> None:  # graceful drain: Serve stops routing first, then in-flight requests finish
         loop = getattr(self, "loop", None)
@@ -275,8 +286,7 @@ class OpenAIIngress:
             prompts = [prompts]
         elif not prompts:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
-                      else self._checked_ids(list(p)) for p in prompts]
+        prompt_ids = [self._ids(p, "prompt") for p in prompts]
         echo = [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(prompts, prompt_ids)] \
             if req.echo else None
         return await self._run(req, prompt_ids, chat=False, echo=echo)
@@ -289,6 +299,31 @@ class OpenAIIngress:
         if not req.messages:
             raise APIError(400, "'messages' must hold at least one message", param="messages", code="invalid_value")
         return await self._run(req, [self._chat_ids(req.messages)], chat=True)
+
+    @api.post("/v1/loglikelihood")
+    async def loglikelihood(self, req: LoglikelihoodRequest) -> dict:
+        """Each continuation's ELBO estimate of log p(continuation | prompt), for ranking answers."""
+        self._check_model(req.model)
+        prompt = self._ids(req.prompt, "prompt")
+        conts = [self._ids(c, "continuations") for c in req.continuations]
+        for k, ids in enumerate(conts):
+            if not ids:
+                raise APIError(400, f"continuation {k} is empty", param="continuations", code="invalid_value")
+            if len(prompt) + len(ids) > self.max_model_len:
+                raise APIError(400, f"prompt + continuation {k} is {len(prompt) + len(ids)} tokens; the model's "
+                                    f"context is {self.max_model_len}", param="continuations",
+                               code="context_length_exceeded")
+        calls = [self.engine.loglikelihood.remote({"prompt_ids": prompt, "continuation_ids": ids,
+                                                   "mc_samples": req.mc_samples, "seed": req.seed})
+                 for ids in conts]
+        try:
+            results = await asyncio.gather(*calls)
+        except Exception as e:
+            raise self._engine_error(e) from e
+        return {"object": "list", "model": self.model_name,
+                "data": [{"index": i, **r} for i, r in enumerate(results)],
+                "usage": {"prompt_tokens": len(prompt), "continuation_tokens": sum(map(len, conts))},
+                "dllm": {"mc_samples": req.mc_samples}}
 
     @api.post("/tokenize")
     async def tokenize(self, req: TokenizeRequest) -> dict:
@@ -327,6 +362,12 @@ class OpenAIIngress:
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop must be up to 4 non-empty strings", param="stop", code="invalid_value")
         self._checked_ids(req.stop_token_ids or [], param="stop_token_ids")
+
+    def _ids(self, text_or_ids: str | list[int], param: str) -> list[int]:
+        """Token ids of a string (tokenised) or of a list of ids (checked against the vocabulary)."""
+        if isinstance(text_or_ids, str):
+            return self.tokenizer(text_or_ids, add_special_tokens=False)["input_ids"]
+        return self._checked_ids(list(text_or_ids), param)
 
     def _checked_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]

@@ -3,6 +3,8 @@
 The engine steps continuously while any request is in flight; callers on the event loop submit a
 request and iterate its outputs (one item per committed block, the last one finished). New
 requests join between steps; an abandoned iterator aborts its request, freeing its cache slot.
+Other work on the model (`call`, e.g. likelihood scoring) runs on the same thread between steps,
+so nothing uses the model concurrently with a step.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dllm
 
@@ -26,6 +29,15 @@ class _Submission:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
     submitted_at: float
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():  # the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class EngineLoop:
@@ -73,6 +85,15 @@ class EngineLoop:
                 self._inbox.put(("abort", sub.request_id))
                 self._wake.set()
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` on the engine thread between two steps; return its result (or raise its error)."""
+        if not self.alive:
+            raise RuntimeError(f"the engine loop is not running: {self.error!r}")
+        future = asyncio.get_running_loop().create_future()
+        self._inbox.put(("call", (fn, future)))
+        self._wake.set()
+        return await future
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Let in-flight requests finish (up to `timeout`), then stop the thread."""
         deadline = time.monotonic() + timeout
@@ -99,6 +120,13 @@ class EngineLoop:
                     self._live[payload.request_id] = payload
                 except Exception as e:  # a request the engine refuses fails alone
                     self._deliver(payload, e)
+            elif kind == "call":
+                fn, future = payload
+                try:
+                    result, error = fn(), None
+                except Exception as e:  # the caller gets it; the loop goes on
+                    result, error = None, e
+                future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
             elif kind == "abort" and payload in self._live:
                 self.engine.abort(payload)
                 self._live.pop(payload, None)
@@ -123,6 +151,13 @@ class EngineLoop:
                     self.on_step(self.engine.stats())
         except BaseException as e:  # the loop is dead: fail everyone waiting, let health checks see it
             self.error = e
+            failure = RuntimeError(f"engine loop failed: {e!r}")
             for sub in self._live.values():
-                self._deliver(sub, RuntimeError(f"engine loop failed: {e!r}"))
+                self._deliver(sub, failure)
             self._live.clear()
+            while not self._inbox.empty():  # queued work would wait forever
+                kind, payload = self._inbox.get_nowait()
+                if kind == "add":
+                    self._deliver(payload, failure)
+                elif kind == "call":
+                    payload[1].get_loop().call_soon_threadsafe(_resolve, payload[1], None, failure)

@@ -95,6 +95,19 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
+class LoglikelihoodRequest(BaseModel):
+    """Our /v1/loglikelihood: the ELBO estimate of log p(continuation | prompt) per continuation
+    (dllm.log_likelihood), e.g. to rank a multiple-choice question's answers. Strings are tokenised
+    separately (prompt, then each continuation); give token ids to control the split."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str | list[int]
+    continuations: list[str] | list[list[int]] = Field(min_length=1, max_length=MAX_CHOICES)
+    mc_samples: int = Field(default=64, ge=1, le=1024)
+    seed: int = 0
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""`dllm generate`: the engine from the command line, no Ray."""
+"""`dllm generate` and `dllm score`: the engine and the likelihood from the command line, no Ray."""
 
 import subprocess
 import sys
@@ -16,9 +16,13 @@ def checkpoint(tmp_path_factory, talkative_model, char_tokenizer):
     return dllm.save_pretrained(talkative_model, char_tokenizer, tmp_path_factory.mktemp("cli") / "tiny")
 
 
+def _dllm(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dllm.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
 def _generate(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dllm.cli", "generate", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return _dllm("generate", *args)
 
 
 def test_generate_prints_what_the_engine_decodes(checkpoint):
@@ -39,3 +43,23 @@ def test_generate_refuses_bad_settings_with_a_message(checkpoint):
     assert out.returncode == 2 and "invalid choice: 'beam'" in out.stderr
     out = _generate("--model", str(checkpoint), "--prompt", "x", "--threshold", "0")
     assert out.returncode == 2 and "threshold" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint):
+    conts = [" abcd", " dcba", " xyz"]
+    args = ["score", "--model", str(checkpoint), "--prompt", "sort: dcba =>", "--mc-samples", "8", "--seed", "1"]
+    out = _dllm(*args, *[x for c in conts for x in ("--continuation", c)])
+    assert out.returncode == 0, out.stderr
+    tok = dllm.load_tokenizer(checkpoint)
+    model = dllm.load_model(checkpoint)
+    prompt = tok("sort: dcba =>", add_special_tokens=False)["input_ids"]
+    values = [dllm.log_likelihood(model, prompt, tok(c, add_special_tokens=False)["input_ids"], mc_samples=8, seed=1)
+              for c in conts]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3
+    for line, cont, v in zip(lines, conts, values):
+        assert f"{v.value:10.3f} +- {v.std_error:.3f}  ({len(cont)} tokens)  {cont!r}" in line
+    best = max(range(3), key=lambda i: values[i].value)
+    assert [line.startswith("*") for line in lines] == [i == best for i in range(3)]
+    out = _dllm(*args, "--continuation", "")
+    assert out.returncode == 2 and "continuation is empty" in out.stderr and "Traceback" not in out.stderr

@@ -212,6 +212,30 @@ def test_streamed_logprobs_add_up_to_the_non_streamed_ones(client, chat):
     assert len([part for _, part in pieces if part]) > 2  # several blocks per answer, each with its tokens
 
 
+def test_loglikelihood_ranks_continuations_with_the_engines_estimate(server, model_dir):
+    tok = dllm.load_tokenizer(model_dir)
+    model = dllm.load_model(model_dir)
+    prompt, conts = "sort: dcba =>", [" abcd", " dcba", " x"]
+    body = {"model": "tiny", "prompt": prompt, "continuations": conts, "mc_samples": 16, "seed": 2}
+    r = httpx.post(f"{server}/v1/loglikelihood", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    for item, cont in zip(data, conts):
+        direct = dllm.log_likelihood(model, ids, tok(cont, add_special_tokens=False)["input_ids"], mc_samples=16, seed=2)
+        assert item["loglikelihood"] == pytest.approx(direct.value, abs=1e-4)
+        assert item["std_error"] == pytest.approx(direct.std_error, abs=1e-4) and item["tokens"] == len(cont)
+    assert [item["index"] for item in data] == [0, 1, 2]
+    by_ids = httpx.post(f"{server}/v1/loglikelihood", timeout=60, json={
+        **body, "prompt": ids, "continuations": [tok(c, add_special_tokens=False)["input_ids"] for c in conts]}).json()
+    assert [d["loglikelihood"] for d in by_ids["data"]] == [d["loglikelihood"] for d in data]
+    for bad, param in [({"continuations": []}, "continuations"), ({"continuations": [""]}, "continuations"),
+                       ({"mc_samples": 0}, "mc_samples"), ({"continuations": [[10**7]]}, "continuations"),
+                       ({"prompt": "x" * 255}, "continuations")]:
+        r = httpx.post(f"{server}/v1/loglikelihood", json={**body, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
 def test_tokenize_and_detokenize(server, model_dir):
     tok = dllm.load_tokenizer(model_dir)
     r = httpx.post(f"{server}/tokenize", json={"model": "tiny", "prompt": "sort: ba =>"}).json()
@@ -438,3 +462,34 @@ def test_cache_policy_is_a_request_option(server):
                                                       "cache_policy": "vicinity"})
     assert r.status_code == 200
     assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_engine_loop_runs_calls_between_steps_and_hands_back_their_errors(talkative_model):
+    """Work on the model (likelihood scoring) runs on the engine thread, interleaved with generation."""
+    import asyncio
+
+    from serve.engine_loop import EngineLoop
+
+    loop = EngineLoop(dllm.Engine(talkative_model, max_model_len=256))
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=32)
+    threads = []
+
+    def on_engine_thread():
+        threads.append(threading.current_thread().name)
+        return dllm.log_likelihood(talkative_model, [9, 12], [14, 22], mc_samples=4).value
+
+    async def main():
+        async def generate():
+            return [out async for out in loop.generate([9, 12, 15], cfg)][-1].generation
+
+        gen, value = await asyncio.gather(generate(), loop.call(on_engine_thread))
+        with pytest.raises(ValueError, match="continuation is empty"):
+            await loop.call(lambda: dllm.log_likelihood(talkative_model, [9], []))
+        return gen, value, await loop.call(lambda: 7)
+
+    try:
+        gen, value, after = asyncio.run(main())
+    finally:
+        loop.shutdown(timeout=5)
+    assert gen.finish_reason in ("stop", "length") and value < 0 and after == 7  # the loop survived the error
+    assert threads == ["dllm-engine-loop"]

@@ -184,12 +184,8 @@ class Engine:
                 raise ValueError("string prompts need an Engine with a tokenizer; pass token ids instead")
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         else:
-            ids = [int(t) for t in prompt]
-        vocab = self.config.embedding_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return ids
+            ids = prompt
+        return self.config.check_token_ids(ids, "prompt")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its cache slot; its last output has finish_reason 'abort'."""
