@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ablation_bench, objective_bench, trained_compare
+from benchmarks import ablation_bench, likelihood_bench, objective_bench, trained_compare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,27 @@ def test_ablation_bench_has_a_row_per_decoder_policy_and_stop_order(tmp_path, ti
     assert [(r["decoder"], r["stop_order"]) for r in rows] == [("threshold", "last"), ("threshold", "confidence"),
                                                                ("fixed_k", "last"), ("fixed_k", "confidence")]
     assert rows[0]["tps_vs_default"] == 1.0 and all(r["prompts"] == 3 for r in rows)
+
+
+def test_likelihood_bench_scores_every_choice_and_splits_wrong_generations(tmp_path, tiny_checkpoint):
+    prompts, out = tmp_path / "heldout.jsonl", tmp_path / "likelihood.json"
+    rows = [{"instruction": f"copy {w} = ", "output": w, "task": "copy"} for w in ("ab", "cd", "e", "fgh")]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = likelihood_bench.main(["--model", str(tiny_checkpoint), "--prompts-jsonl", str(prompts), "--device", "cpu",
+                                    "--dtype", "float32", "--distractors", "2", "--mc-samples", "2", "4",
+                                    "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert [(r["distractors"], r["mc_samples"]) for r in report["results"]] == [("other", 2), ("other", 4),
+                                                                                 ("edit", 2), ("edit", 4)]
+    assert all(r["prompts"] == 4 and r["choices"] == 3 and 0 <= r["accuracy"] <= 1 for r in report["results"])
+    g = report["generation"]  # an untrained model: every generation is wrong
+    assert g["exact_match"] == 0 and g["wrong"] == 4 and 0 <= g["truth_scores_higher"] <= 4
+    rng = likelihood_bench.random.Random(0)
+    edits = likelihood_bench.distractors(rows[3], rows, "edit", 3, rng)
+    assert len(set(edits)) == 3 and all(len(e) == 3 and sum(a != b for a, b in zip(e, "fgh")) == 1 for e in edits)
+    assert set(likelihood_bench.distractors(rows[0], rows, "other", 3, rng)) == {"cd", "e", "fgh"}
+    with pytest.raises(ValueError, match="lower --distractors"):
+        likelihood_bench.distractors(rows[0], rows, "other", 4, rng)
 
 
 def test_fp8_train_bench_drives_the_training_workers_deepspeed_engine(tmp_path):
