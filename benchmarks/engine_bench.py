@@ -8,7 +8,9 @@ the inference algorithm alone (cache, blocks, parallel commits). With a trained 
 (e.g. the quickstart's) and its held-out prompts (--prompts-jsonl) the answers are real.
 
 Reports per system: output tokens (before the first EOS), forwards (NFE), TPF, wall seconds, TPS,
-and the TPS speedup over LLaDA vanilla measured in this run.
+and the TPS speedup over LLaDA vanilla measured in this run. `--logprobs K` adds, per decoder, the
+same decoding returning each token's log-probability and K alternatives (GenerationConfig.logprobs):
+its TPS against the row above is the cost of logprobs.
 """
 
 from __future__ import annotations
@@ -69,15 +71,20 @@ def run(args) -> list[dict]:
         results.append({"system": name, "requests": requests, "tokens": n_tok, "forwards": forwards,
                         "tpf": n_tok / max(1, forwards), "seconds": seconds, "tps": n_tok / seconds})
 
+    def decode(cfg):
+        if args.batch == 1:  # batch 1: one request at a time, as the papers measure
+            return timed(lambda: [engine.generate([p], cfg)[0] for p in prompts])
+        return timed(lambda: engine.generate(prompts, cfg))
+
     engine.generate(prompts[:1], dllm.GenerationConfig(block_size=b, max_new_tokens=b))  # warm-up
     for decoder in args.decoders:
         cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=cap, threshold=args.threshold, decoder=decoder)
-        if args.batch == 1:  # batch 1: one request at a time, as the papers measure
-            gens, secs = timed(lambda: [engine.generate([p], cfg)[0] for p in prompts])
-        else:
-            gens, secs = timed(lambda: engine.generate(prompts, cfg))
-        record(f"dllm-var engine ({decoder})", [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs,
-               len(prompts))
+        variants = [(f"dllm-var engine ({decoder})", cfg)]
+        if args.logprobs is not None:
+            variants.append((f"dllm-var engine ({decoder}, logprobs {args.logprobs})", cfg.replace(logprobs=args.logprobs)))
+        for name, config in variants:
+            gens, secs = decode(config)
+            record(name, [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(prompts))
     for gen_len in args.vanilla_gen_lengths:
         out, secs = timed(lambda: [llada_generate(model, [p], gen_length=gen_len, steps=gen_len, block_length=gen_len)
                                    for p in prompts])
@@ -107,6 +114,7 @@ def main(argv=None) -> None:
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=1, help="engine concurrency (1 = one request at a time)")
     p.add_argument("--decoders", nargs="+", default=["threshold"], choices=list(dllm.engine.DECODERS))
+    p.add_argument("--logprobs", type=int, help="also decode returning logprobs with this many alternatives")
     p.add_argument("--vanilla-gen-lengths", type=int, nargs="+", default=[128])
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)

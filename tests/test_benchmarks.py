@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ablation_bench, likelihood_bench, objective_bench, trained_compare
+from benchmarks import ablation_bench, engine_bench, likelihood_bench, objective_bench, trained_compare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,6 +118,19 @@ def test_likelihood_bench_scores_every_choice_and_splits_wrong_generations(tmp_p
     assert set(likelihood_bench.distractors(rows[0], rows, "other", 3, rng)) == {"cd", "e", "fgh"}
     with pytest.raises(ValueError, match="lower --distractors"):
         likelihood_bench.distractors(rows[0], rows, "other", 4, rng)
+
+
+def test_engine_bench_compares_the_engine_with_and_without_logprobs_and_the_baselines(tmp_path):
+    out = tmp_path / "engine.json"
+    engine_bench.main(["--device", "cpu", "--dtype", "float32", "--num-prompts", "2", "--prompt-len", "8",
+                       "--block-size", "8", "--fast-block", "8", "--max-new-tokens", "16", "--d-model", "64",
+                       "--layers", "1", "--heads", "2", "--vocab", "128", "--vanilla-gen-lengths", "16",
+                       "--logprobs", "3", "--json", str(out)])
+    rows = {r["system"]: r for r in json.loads(out.read_text())["results"]}
+    plain, with_lp = rows["dllm-var engine (threshold)"], rows["dllm-var engine (threshold, logprobs 3)"]
+    assert (with_lp["tokens"], with_lp["forwards"]) == (plain["tokens"], plain["forwards"])  # same decoding
+    assert rows["LLaDA vanilla (gen 16, steps 16)"]["speedup_vs_vanilla"] == 1.0
+    assert any(name.startswith("Fast-dLLM") for name in rows)
 
 
 def test_fp8_train_bench_drives_the_training_workers_deepspeed_engine(tmp_path):
