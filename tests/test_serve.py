@@ -208,7 +208,11 @@ def test_streamed_logprobs_add_up_to_the_non_streamed_ones(client, chat):
                                                 c.choices[0].logprobs.text_offset)))
                   for c in chunks if c.choices[0].logprobs]
     streamed = [[x for i, part in pieces if i == index for x in part] for index in range(2)]
-    assert streamed == full and all(full)
+    # The same tokens; logprobs up to rounding (the two requests' choices may share forwards differently).
+    assert [[x[::2] for x in choice] for choice in streamed] == [[x[::2] for x in choice] for choice in full]
+    assert [x[1] for choice in streamed for x in choice] == pytest.approx([x[1] for choice in full for x in choice],
+                                                                          abs=1e-5)
+    assert all(full)
     assert len([part for _, part in pieces if part]) > 2  # several blocks per answer, each with its tokens
 
 
