@@ -13,6 +13,11 @@ and Monte Carlo draws, chance, and seconds per scored answer; the engine's exact
 prompts (threshold decoder, greedy) is measured in the same run for reference. For each wrong
 generation the report says whether the model scores the truth above what it generated (a search
 error of the decoder) or not (a model error).
+
+`--rerank-samples N` asks whether the likelihood can fix search errors at generation time (best-of
+by ELBO): per prompt the candidates are the greedy threshold answer, the one-token-per-step answer
+(fixed_k 1, the slowest and most careful decoder) and N samples at temperature 1; the report has
+each decoder alone, the oracle (any candidate right), a majority vote and the ELBO's pick.
 """
 
 from __future__ import annotations
@@ -60,16 +65,26 @@ def run(args) -> dict:
 
     engine = dllm.Engine(model, tok, max_batch_size=args.batch, max_model_len=args.max_model_len)
     cfg = dllm.GenerationConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens, early_stop=True)
-    gens = []
-    for i in range(0, len(prompts), args.batch):
-        gens += engine.generate(prompts[i:i + args.batch], cfg)
-    generation = {"exact_match": sum(g.text == r["output"] for g, r in zip(gens, scored)) / len(scored)}
+
+    def generate(config_of) -> list[str]:
+        """Answers of every prompt, config_of(prompt index) decoding each."""
+        texts = []
+        for i in range(0, len(prompts), args.batch):
+            batch = range(i, min(i + args.batch, len(prompts)))
+            texts += [g.text for g in engine.generate([prompts[j] for j in batch], [config_of(j) for j in batch])]
+        return texts
+
+    def exact_match(texts: list[str]) -> float:
+        return sum(t == r["output"] for t, r in zip(texts, scored)) / len(scored)
+
+    greedy = generate(lambda j: cfg)
+    generation = {"exact_match": exact_match(greedy)}
 
     def elbo(prompt: list[int], answer: str, mc: int) -> float:
         ids = tok(answer, add_special_tokens=False)["input_ids"] + [eos]
         return dllm.log_likelihood(model, prompt, ids, mc_samples=mc, batch_size=args.score_batch, seed=args.seed).value
 
-    wrong = [(p, g.text, r["output"]) for p, g, r in zip(prompts, gens, scored) if g.text != r["output"]]
+    wrong = [(p, text, r["output"]) for p, text, r in zip(prompts, greedy, scored) if text != r["output"]]
     search_errors = sum(elbo(p, truth, max(args.mc_samples)) > elbo(p, text, max(args.mc_samples))
                         for p, text, truth in wrong)
     generation.update(wrong=len(wrong), truth_scores_higher=search_errors)
@@ -89,7 +104,25 @@ def run(args) -> dict:
                             "chance": 1 / (args.distractors + 1),
                             "seconds_per_answer": secs / (len(scored) * (args.distractors + 1))})
             print(results[-1], flush=True)
-    return {"device": args.device, "model": args.model, "generation": generation, "results": results}
+    report = {"device": args.device, "model": args.model, "generation": generation, "results": results}
+    if args.rerank_samples:
+        careful = generate(lambda j: cfg.replace(decoder="fixed_k", tokens_per_step=1))
+        samples = [generate(lambda j, s=s: cfg.replace(temperature=1.0, seed=args.seed + s * len(prompts) + j))
+                   for s in range(args.rerank_samples)]
+        mc = max(args.mc_samples)
+        picks, votes, oracle = [], [], 0
+        for j, prompt in enumerate(prompts):
+            candidates = list(dict.fromkeys([greedy[j], careful[j]] + [s[j] for s in samples]))
+            values = [elbo(prompt, c, mc) for c in candidates]
+            picks.append(candidates[max(range(len(candidates)), key=values.__getitem__)])
+            every = [greedy[j], careful[j]] + [s[j] for s in samples]
+            votes.append(max(candidates, key=every.count))
+            oracle += scored[j]["output"] in candidates
+        report["rerank"] = {"samples": args.rerank_samples, "mc_samples": mc, "greedy_threshold": exact_match(greedy),
+                            "fixed_k_1": exact_match(careful), "oracle": oracle / len(scored),
+                            "majority_vote": exact_match(votes), "elbo_pick": exact_match(picks)}
+        print(report["rerank"], flush=True)
+    return report
 
 
 def main(argv=None) -> dict:
@@ -108,6 +141,8 @@ def main(argv=None) -> dict:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--rerank-samples", type=int, default=0,
+                   help="also pick the best of this many samples (+ the greedy and fixed_k answers) by ELBO")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.distractors < 1:
@@ -120,6 +155,11 @@ def main(argv=None) -> dict:
     for r in report["results"]:
         print(f"{r['distractors']:12} {r['mc_samples']:6d} {r['accuracy']:9.1%} {r['chance']:7.1%} "
               f"{r['seconds_per_answer']:9.4f}")
+    if "rerank" in report:
+        r = report["rerank"]
+        print(f"exact match: greedy threshold {r['greedy_threshold']:.1%}, fixed_k 1 {r['fixed_k_1']:.1%}; of "
+              f"{r['samples'] + 2} candidates: oracle {r['oracle']:.1%}, majority vote {r['majority_vote']:.1%}, "
+              f"ELBO's pick {r['elbo_pick']:.1%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -105,13 +105,16 @@ def test_likelihood_bench_scores_every_choice_and_splits_wrong_generations(tmp_p
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = likelihood_bench.main(["--model", str(tiny_checkpoint), "--prompts-jsonl", str(prompts), "--device", "cpu",
                                     "--dtype", "float32", "--distractors", "2", "--mc-samples", "2", "4",
-                                    "--json", str(out)])
+                                    "--rerank-samples", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == report
     assert [(r["distractors"], r["mc_samples"]) for r in report["results"]] == [("other", 2), ("other", 4),
                                                                                  ("edit", 2), ("edit", 4)]
     assert all(r["prompts"] == 4 and r["choices"] == 3 and 0 <= r["accuracy"] <= 1 for r in report["results"])
     g = report["generation"]  # an untrained model: every generation is wrong
     assert g["exact_match"] == 0 and g["wrong"] == 4 and 0 <= g["truth_scores_higher"] <= 4
+    rerank = report["rerank"]
+    assert rerank["samples"] == 2 and rerank["mc_samples"] == 4 and rerank["greedy_threshold"] == g["exact_match"]
+    assert max(rerank["elbo_pick"], rerank["majority_vote"], rerank["fixed_k_1"]) <= rerank["oracle"]
     rng = likelihood_bench.random.Random(0)
     edits = likelihood_bench.distractors(rows[3], rows, "edit", 3, rng)
     assert len(set(edits)) == 3 and all(len(e) == 3 and sum(a != b for a, b in zip(e, "fgh")) == 1 for e in edits)
