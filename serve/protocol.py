@@ -125,7 +125,8 @@ def reject_unsupported(req: _Common) -> None:
     ]
     if isinstance(req, CompletionRequest):
         checks += [("best_of", req.best_of not in (None, 1, req.n),
-                    "best_of other than n is not supported (there are no sequence log-probabilities to rank by)"),
+                    "best_of other than n is not supported: a diffusion model has no sequence log-probability to rank "
+                    "by, and ranking by its likelihood bound measured worse than a slower decoder (decoder=fixed_k)"),
                    ("suffix", req.suffix is not None, "suffix (infilling) is not supported"),
                    ("logprobs", req.echo and req.logprobs is not None,
                     "logprobs with echo (prompt logprobs) are not supported: a masked diffusion model has no "
