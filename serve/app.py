@@ -94,7 +94,8 @@ class EngineServer:
         config = _generation_config(merged, payload.get("max_tokens"), temperature=payload.get("temperature", 0.0),
                                     seed=payload.get("seed"), stop=payload.get("stop") or None,
                                     stop_token_ids=payload.get("stop_token_ids") or None,
-                                    logprobs=payload.get("logprobs"))
+                                    logprobs=payload.get("logprobs"), ignore_eos=payload.get("ignore_eos", False),
+                                    min_tokens=payload.get("min_tokens", 0))
         start = time.monotonic()
         first = True
         async for out in self.loop.generate(payload["prompt_ids"], config):
@@ -358,6 +359,9 @@ class OpenAIIngress:
         if req.max_tokens is not None and not 1 <= req.max_tokens <= self.max_tokens_cap:
             raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_cap}, got {req.max_tokens}",
                            param="max_tokens", code="invalid_value")
+        if req.max_tokens is not None and req.min_tokens > req.max_tokens:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({req.max_tokens})",
+                           param="min_tokens", code="invalid_value")
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop must be up to 4 non-empty strings", param="stop", code="invalid_value")
@@ -398,7 +402,8 @@ class OpenAIIngress:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
                      "seed": None if req.seed is None else req.seed + i, "stop": stop,
-                     "stop_token_ids": req.stop_token_ids, "logprobs": logprobs_wanted(req), "options": options}
+                     "stop_token_ids": req.stop_token_ids, "logprobs": logprobs_wanted(req),
+                     "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "options": options}
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")

@@ -17,7 +17,7 @@ CFG = GenerationConfig(block_size=B, threshold=0.9, max_new_tokens=48, stops_las
 
 def _prompts(n=6):
     g = torch.Generator().manual_seed(11)
-    return [torch.randint(7, 40, (length,), generator=g).tolist() for length in (3, 5, 8, 11, 13, 4, 9, 17, 6, 10)[:n]]
+    return [torch.randint(7, 40, (length,), generator=g).tolist() for length in (3, 5, 8, 11, 13, 4, 9, 17, 6, 10, 7, 12)[:n]]
 
 
 def threshold_decode(block: list[int], logits: torch.Tensor, mask: int, threshold: float) -> None:
@@ -179,6 +179,39 @@ def test_stop_string_in_the_block_that_holds_the_eos_cuts_the_text_too(talkative
         assert char_tokenizer.decode(again.token_ids) == again.text
 
 
+def test_ignore_eos_decodes_to_the_cap_past_the_answers_end(talkative_model):
+    """The same decoding (stop tokens by confidence, whole blocks), with EOS no longer ending the answer:
+    the normal answer is a prefix, then the stop token it ended at, then more, up to the cap."""
+    cfg = CFG.replace(max_new_tokens=40)
+    engine = _engine(talkative_model)
+    stops = engine.base_stop_ids
+    normal = engine.generate(_prompts(6), cfg)
+    endless = engine.generate(_prompts(6), cfg.replace(ignore_eos=True))
+    stopped = [(n, e) for n, e in zip(normal, endless) if n.finish_reason == "stop"]
+    assert stopped
+    for n, e in stopped:
+        assert e.finish_reason == "length" and len(e.token_ids) == 40
+        assert e.token_ids[:len(n.token_ids)] == n.token_ids and e.token_ids[len(n.token_ids)] in stops
+    extra = engine.generate(_prompts(1), cfg.replace(ignore_eos=True, stop_token_ids=[endless[0].token_ids[5]]))[0]
+    assert extra.finish_reason == "stop" and len(extra.token_ids) <= 5  # stop_token_ids still end it
+
+
+@pytest.mark.parametrize("stops_last", [False, True])
+def test_min_tokens_keeps_stop_tokens_out_of_the_first_positions(talkative_model, stops_last):
+    engine = _engine(talkative_model)
+    cfg = CFG.replace(stops_last=stops_last, early_stop=True, max_new_tokens=40)
+    normal = engine.generate(_prompts(8), cfg)
+    short = [i for i, g in enumerate(normal) if g.finish_reason == "stop" and len(g.token_ids) < 12]
+    assert short
+    longer = engine.generate(_prompts(8), cfg.replace(min_tokens=12, record_trajectory=True))
+    stops = engine.base_stop_ids
+    for g in longer:
+        assert len(g.token_ids) >= 12 and g.finish_reason in ("stop", "length")
+        block_tokens = [t for block in g.trajectory for t in block.tokens]
+        assert not stops & set(block_tokens[:12])  # not even committed past a cut: never proposed there
+    assert engine.generate(_prompts(8), cfg.replace(min_tokens=0))[0].token_ids == normal[0].token_ids
+
+
 def test_string_prompts_are_tokenised(confident_model, char_tokenizer):
     engine = _engine(confident_model, char_tokenizer)
     a = engine.generate(["reverse: abc =>"], CFG)[0]
@@ -332,6 +365,9 @@ def test_bad_requests_are_rejected(confident_model):
         GenerationConfig(threshold=0.0)
     with pytest.raises(ValueError, match="cache_policy"):
         GenerationConfig(cache_policy="paged")
+    for min_tokens in (-1, 49, 1.5):
+        with pytest.raises(ValueError, match="min_tokens"):
+            CFG.replace(min_tokens=min_tokens)
     for logprobs in (-1, 21, True, 2.0):
         with pytest.raises(ValueError, match="logprobs"):
             GenerationConfig(logprobs=logprobs)
@@ -484,7 +520,7 @@ EVERY_DECODING_SETTING = [CFG.replace(decoder=d, tokens_per_step=2, early_stop=d
                           for d in ("threshold", "factor", "credit", "hierarchical", "fixed_k")]
 EVERY_DECODING_SETTING += [CFG.replace(temperature=1.5, seed=3), CFG.replace(smoothing=True),
                            CFG.replace(stops_last=True), CFG.replace(decoder="factor", stops_last=True, early_stop=True),
-                           CFG.replace(logprobs=4)]
+                           CFG.replace(logprobs=4), CFG.replace(min_tokens=10, stops_last=True)]
 
 
 def _stops_before_their_content(gens, stop_ids) -> int:

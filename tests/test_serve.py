@@ -240,6 +240,19 @@ def test_loglikelihood_ranks_continuations_with_the_engines_estimate(server, mod
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
 
 
+def test_ignore_eos_and_min_tokens_are_the_engines(client, model_dir):
+    engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
+    prompt = "spell 7 =>"  # 17 tokens, then EOS
+    for extra, changes in [({"ignore_eos": True}, {"ignore_eos": True}), ({"min_tokens": 20}, {"min_tokens": 20})]:
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, extra_body=extra)
+        direct = engine.generate([prompt], cfg.replace(**changes))[0]
+        assert out.choices[0].text == direct.text and out.usage.completion_tokens == len(direct.token_ids)
+        assert out.choices[0].finish_reason == direct.finish_reason
+        assert len(direct.token_ids) == 40 if "ignore_eos" in extra else len(direct.token_ids) >= 20
+    assert len(engine.generate([prompt], cfg)[0].token_ids) < 20  # without them the answer is shorter
+
+
 def test_tokenize_and_detokenize(server, model_dir):
     tok = dllm.load_tokenizer(model_dir)
     r = httpx.post(f"{server}/tokenize", json={"model": "tiny", "prompt": "sort: ba =>"}).json()
@@ -301,6 +314,8 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
     ({"model": "tiny", "prompt": [10**7]}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     ({"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+    ({"model": "tiny", "prompt": "x", "min_tokens": 9, "max_tokens": 8}, 400, "min_tokens"),
     ({"model": "tiny", "prompt": "x", "logprobs": 1, "echo": True}, 400, "logprobs"),
 ])
 def test_invalid_completion_requests_get_openai_style_errors(server, body, status, param):

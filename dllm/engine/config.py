@@ -22,6 +22,11 @@ class GenerationConfig:
     seed:            per-request seed: the same seed gives the same output
     stop_token_ids:  extra token ids that end the answer (EOS and EOT always do)
     stop:            stop strings (need a tokenizer); the text is cut before the first one
+    ignore_eos:      EOS and EOT do not end the answer (stop_token_ids still do): decode up to
+                     max_new_tokens, the EOS tokens kept in token_ids (not in the text). For load tests
+                     with fixed output lengths, as vLLM's ignore_eos.
+    min_tokens:      no stop token (EOS, EOT, stop_token_ids) among the first min_tokens generated
+                     positions: the decoders never propose one there (vLLM's min_tokens)
     early_stop:      end a block as soon as a stop token is committed with no mask before it (the
                      answer is then settled; the positions after it would only cost forwards).
                      Same tokens, fewer forwards; off by default (the paper decodes the whole block).
@@ -63,6 +68,8 @@ class GenerationConfig:
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     stop: list[str] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
     early_stop: bool = False
     stops_last: bool = True
     commit_pass: bool = True
@@ -90,6 +97,8 @@ class GenerationConfig:
             bad("threshold", "a confidence in (0, 1]")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", "an integer >= 1")
+        if type(self.min_tokens) is not int or not 0 <= self.min_tokens <= self.max_new_tokens:
+            bad("min_tokens", "an integer in [0, max_new_tokens]")
         if self.decoder not in DECODERS:
             bad("decoder", f"one of {list(DECODERS)}")
         if self.cache_policy not in CACHE_POLICIES:

@@ -33,6 +33,15 @@ def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tens
     return x, conf
 
 
+def forbid_early(logits: torch.Tensor, limit: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """`logits` [n, B, V] with the tokens `token_ids` [n, w] impossible at block positions < `limit` [n]
+    (min_tokens: no stop token among an answer's first positions)."""
+    n, b, v = logits.shape
+    early = torch.arange(b, device=logits.device)[None, :] < limit[:, None]
+    banned = torch.zeros(n, v, dtype=torch.bool, device=logits.device).scatter_(1, token_ids, True)
+    return logits.masked_fill(early[:, :, None] & banned[:, None, :], float("-inf"))
+
+
 def stops_last(x: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, stop_ids: torch.Tensor,
                sure: torch.Tensor) -> torch.Tensor:
     """The masked positions a decoder may commit when the answer's length is settled last.

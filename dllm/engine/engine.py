@@ -82,6 +82,15 @@ class _DecodeParams:
         if early or last:
             width = max(len(r.stop_ids) for r in reqs)
             self.stop_ids = on_device([sorted(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs])
+        # min_tokens: rows whose block still holds positions where no stop token may go; per row how many,
+        # and its stop ids (padded by repeating one: every entry is a real id to ban).
+        young = [i for i, r in enumerate(reqs) if r.config.min_tokens > len(r.generated) and r.stop_ids]
+        self.min_tokens_index = on_device(young) if young else None
+        if young:
+            self.min_tokens_limit = on_device([reqs[i].config.min_tokens - len(reqs[i].generated) for i in young])
+            width = max(len(reqs[i].stop_ids) for i in young)
+            ids = [sorted(reqs[i].stop_ids) for i in young]
+            self.min_tokens_stops = on_device([row + row[:1] * (width - len(row)) for row in ids])
 
 
 class Engine:
@@ -167,7 +176,7 @@ class Engine:
         req = Request(
             request_id=request_id, prompt_ids=prompt_ids, config=config,
             max_new_tokens=min(config.max_new_tokens, max_blocks * b),
-            stop_ids=self.base_stop_ids | frozenset(config.stop_token_ids or ()),
+            stop_ids=(frozenset() if config.ignore_eos else self.base_stop_ids) | frozenset(config.stop_token_ids or ()),
             logprobs=[] if config.logprobs is not None else None,
         )
         if config.temperature > 0:
@@ -391,6 +400,11 @@ class Engine:
             logits = logits.index_copy(0, idx, fused)
             for j, i in enumerate(rows):
                 reqs[i].credit = state[j]
+
+        if params.min_tokens_index is not None:
+            idx = params.min_tokens_index
+            logits = logits.index_copy(0, idx, decoders.forbid_early(logits[idx], params.min_tokens_limit,
+                                                                     params.min_tokens_stops))
 
         if params.temperatures is not None:
             gumbel = torch.stack([
