@@ -81,7 +81,8 @@ def run(args) -> list[dict]:
         cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=cap, threshold=args.threshold, decoder=decoder)
         variants = [(f"dllm-var engine ({decoder})", cfg)]
         if args.logprobs is not None:
-            variants.append((f"dllm-var engine ({decoder}, logprobs {args.logprobs})", cfg.replace(logprobs=args.logprobs)))
+            variants.append((f"dllm-var engine ({decoder}, logprobs {args.logprobs})",
+                             cfg.replace(logprobs=args.logprobs)))
         for name, config in variants:
             gens, secs = decode(config)
             record(name, [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(prompts))

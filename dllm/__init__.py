@@ -13,7 +13,9 @@ from .packing import PackedRows, eos_padded, pack_samples
 from .tokenizer import load_tokenizer, special_ids, train_tokenizer
 
 __all__ = [
-    "CacheView", "CheckpointError", "Engine", "Generation", "GenerationConfig", "RequestOutput", "LLaDAConfig", "LLaDAModelLM", "LogLikelihood", "PackedRows", "build_model",
-    "diffusion_loss", "diffusion_loss_from_hidden", "document_attention_mask", "eos_padded", "load_model", "load_tokenizer", "log_likelihood", "noise_batch",
-    "pack_samples", "save_pretrained", "special_ids", "tiny_config", "train_tokenizer",
+    "build_model", "CacheView", "CheckpointError", "diffusion_loss", "diffusion_loss_from_hidden",
+    "document_attention_mask", "Engine", "eos_padded", "Generation", "GenerationConfig", "LLaDAConfig",
+    "LLaDAModelLM", "load_model", "load_tokenizer", "log_likelihood", "LogLikelihood", "noise_batch",
+    "pack_samples", "PackedRows", "RequestOutput", "save_pretrained", "special_ids", "tiny_config",
+    "train_tokenizer",
 ]

@@ -30,8 +30,8 @@ import dllm
 
 from .engine_loop import EngineLoop
 from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_logprobs, completion_logprobs, logprobs_wanted, new_id,
-                       now, reject_unsupported, usage)
+                       DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_logprobs, completion_logprobs,
+                       logprobs_wanted, new_id, now, reject_unsupported, usage)
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
 # the content left of it (answers are not cut short); see GenerationConfig.

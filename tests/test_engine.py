@@ -17,7 +17,8 @@ CFG = GenerationConfig(block_size=B, threshold=0.9, max_new_tokens=48, stops_las
 
 def _prompts(n=6):
     g = torch.Generator().manual_seed(11)
-    return [torch.randint(7, 40, (length,), generator=g).tolist() for length in (3, 5, 8, 11, 13, 4, 9, 17, 6, 10, 7, 12)[:n]]
+    lengths = (3, 5, 8, 11, 13, 4, 9, 17, 6, 10, 7, 12)
+    return [torch.randint(7, 40, (length,), generator=g).tolist() for length in lengths[:n]]
 
 
 def threshold_decode(block: list[int], logits: torch.Tensor, mask: int, threshold: float) -> None:
