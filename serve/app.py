@@ -332,7 +332,7 @@ class OpenAIIngress:
         self._check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give either 'prompt' or 'messages'", param="prompt", code="invalid_value")
-        ids = self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"] if req.prompt is not None \
+        ids = self._ids(req.prompt, "prompt") if req.prompt is not None \
             else self._chat_ids(req.messages, req.add_generation_prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 

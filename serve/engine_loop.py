@@ -31,6 +31,11 @@ class _Submission:
     submitted_at: float
 
 
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """From the engine thread: hand a `call`'s result or error to its caller's event loop."""
+    future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
+
+
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.cancelled():  # the caller went away
         return
@@ -126,7 +131,7 @@ class EngineLoop:
                     result, error = fn(), None
                 except Exception as e:  # the caller gets it; the loop goes on
                     result, error = None, e
-                future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
+                _settle(future, result, error)
             elif kind == "abort" and payload in self._live:
                 self.engine.abort(payload)
                 self._live.pop(payload, None)
@@ -160,4 +165,4 @@ class EngineLoop:
                 if kind == "add":
                     self._deliver(payload, failure)
                 elif kind == "call":
-                    payload[1].get_loop().call_soon_threadsafe(_resolve, payload[1], None, failure)
+                    _settle(payload[1], None, failure)

@@ -101,3 +101,12 @@ def test_stops_last_counts_committed_positions_as_decided_and_never_blocks_the_l
     masked = T([[False, True, True, True]])
     never = T([2.0])  # decoders without a threshold: nothing counts as committed in this step
     assert decoders.stops_last(x, conf, masked, T([[E]]), never).tolist() == [[False, True, False, False]]
+
+
+def test_forbid_early_bans_each_rows_stop_ids_before_its_limit_and_ignores_padding():
+    logits = torch.zeros(2, 3, 5)
+    stop_ids = T([[4, 1], [2, -1]])  # row 1 has one stop id, padded with -1
+    out = decoders.forbid_early(logits, T([2, 1]), stop_ids)
+    banned = out == float("-inf")
+    assert banned[0].nonzero().tolist() == [[0, 1], [0, 4], [1, 1], [1, 4]]  # positions 0-1, ids 1 and 4
+    assert banned[1].nonzero().tolist() == [[0, 2]]  # position 0, id 2; the padding bans nothing

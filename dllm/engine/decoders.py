@@ -16,6 +16,12 @@ NEG = -1.0  # confidence given to positions that are not masked (below any proba
 COMMIT_ABOVE_THRESHOLD = ("threshold", "credit", "hierarchical")
 
 
+def without_mask(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """fp32 logits with the MASK token impossible (the model never proposes MASK)."""
+    mask_col = torch.full((1,), mask_token_id, device=logits.device)  # a fill, not a host->device copy
+    return logits.float().index_fill(-1, mask_col, float("-inf"))
+
+
 def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tensor | None = None,
                gumbel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate token and its confidence at each position.
@@ -24,8 +30,7 @@ def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tens
     x = argmax(logits + T * g) (Gumbel-max sampling). Confidence = softmax(logits)[x]. The MASK
     token itself is never a candidate.
     """
-    mask_col = torch.full((1,), mask_token_id, device=logits.device)  # a fill, not a host->device copy
-    logits = logits.float().index_fill(-1, mask_col, float("-inf"))
+    logits = without_mask(logits, mask_token_id)
     probs = torch.softmax(logits, dim=-1)
     scores = logits if gumbel is None else logits + temperature[:, None, None] * gumbel
     x = scores.argmax(-1)
@@ -34,11 +39,12 @@ def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tens
 
 
 def forbid_early(logits: torch.Tensor, limit: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """`logits` [n, B, V] with the tokens `token_ids` [n, w] impossible at block positions < `limit` [n]
-    (min_tokens: no stop token among an answer's first positions)."""
+    """`logits` [n, B, V] with the tokens `token_ids` [n, w] (padded with -1) impossible at block
+    positions < `limit` [n] (min_tokens: no stop token among an answer's first positions)."""
     n, b, v = logits.shape
     early = torch.arange(b, device=logits.device)[None, :] < limit[:, None]
-    banned = torch.zeros(n, v, dtype=torch.bool, device=logits.device).scatter_(1, token_ids, True)
+    columns = torch.where(token_ids >= 0, token_ids, v)  # padding lands in a spare column, dropped below
+    banned = torch.zeros(n, v + 1, dtype=torch.bool, device=logits.device).scatter_(1, columns, True)[:, :v]
     return logits.masked_fill(early[:, :, None] & banned[:, None, :], float("-inf"))
 
 

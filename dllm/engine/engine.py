@@ -71,7 +71,7 @@ class _DecodeParams:
         self.early_index = on_device(early) if early else None
         last = [i for i, r in enumerate(reqs) if r.config.stops_last]
         self.stops_last_index = on_device(last) if last else None
-        self.stop_ids = None  # [n, w]: each row's stop ids, padded with -1 (for early_stop and stops_last)
+        self.stop_ids = None  # [n, w]: each row's stop ids, padded with -1 (early_stop, stops_last, min_tokens)
         # Per stops_last row: its decoder commits every position at or above its threshold.
         self.commits_above_threshold = on_device([reqs[i].config.decoder in decoders.COMMIT_ABOVE_THRESHOLD
                                                   for i in last]) if last else None
@@ -79,18 +79,14 @@ class _DecodeParams:
         self.logprob_rows = [i for i, r in enumerate(reqs) if r.config.logprobs is not None]
         self.logprob_index = on_device(self.logprob_rows) if self.logprob_rows else None
         self.top_logprobs = max((reqs[i].config.logprobs for i in self.logprob_rows), default=0)
-        if early or last:
-            width = max(len(r.stop_ids) for r in reqs)
-            self.stop_ids = on_device([sorted(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs])
-        # min_tokens: rows whose block still holds positions where no stop token may go; per row how many,
-        # and its stop ids (padded by repeating one: every entry is a real id to ban).
+        # min_tokens: rows whose block still holds positions where no stop token may go, and how many.
         young = [i for i, r in enumerate(reqs) if r.config.min_tokens > len(r.generated) and r.stop_ids]
         self.min_tokens_index = on_device(young) if young else None
-        if young:
-            self.min_tokens_limit = on_device([reqs[i].config.min_tokens - len(reqs[i].generated) for i in young])
-            width = max(len(reqs[i].stop_ids) for i in young)
-            ids = [sorted(reqs[i].stop_ids) for i in young]
-            self.min_tokens_stops = on_device([row + row[:1] * (width - len(row)) for row in ids])
+        self.min_tokens_limit = on_device([reqs[i].config.min_tokens - len(reqs[i].generated)
+                                           for i in young]) if young else None
+        if early or last or young:
+            width = max(len(r.stop_ids) for r in reqs)
+            self.stop_ids = on_device([sorted(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs])
 
 
 class Engine:
@@ -404,7 +400,7 @@ class Engine:
         if params.min_tokens_index is not None:
             idx = params.min_tokens_index
             logits = logits.index_copy(0, idx, decoders.forbid_early(logits[idx], params.min_tokens_limit,
-                                                                     params.min_tokens_stops))
+                                                                     params.stop_ids[idx]))
 
         if params.temperatures is not None:
             gumbel = torch.stack([
@@ -448,8 +444,7 @@ class Engine:
         """GenerationConfig.logprobs: keep, at each position committed in this step, the model's
         log-probabilities there (on the device; the block's end reads them with its tokens)."""
         idx = params.logprob_index
-        mask_col = torch.full((1,), self.mask_id, device=self.device)
-        lp = torch.log_softmax(logits[idx].index_fill(-1, mask_col, float("-inf")), dim=-1)
+        lp = torch.log_softmax(decoders.without_mask(logits[idx], self.mask_id), dim=-1)
         chosen = lp.gather(-1, x[idx, :, None]).squeeze(-1)
         top_lp, top_ids = lp.topk(params.top_logprobs, dim=-1)
         committed = commit[idx]
