@@ -10,7 +10,9 @@ the inference algorithm alone (cache, blocks, parallel commits). With a trained 
 Reports per system: output tokens (before the first EOS), forwards (NFE), TPF, wall seconds, TPS,
 and the TPS speedup over LLaDA vanilla measured in this run. `--logprobs K` adds, per decoder, the
 same decoding returning each token's log-probability and K alternatives (GenerationConfig.logprobs):
-its TPS against the row above is the cost of logprobs.
+its TPS against the row above is the cost of logprobs. `--top-p P` adds, per decoder, sampled decoding
+(temperature 1) without and then with top_p P and top_k 50: the ratio of the two is the cost of narrowing
+the candidates (top_p ranks the whole vocabulary at every block position).
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ def run(args) -> list[dict]:
         if args.logprobs is not None:
             variants.append((f"dllm-var engine ({decoder}, logprobs {args.logprobs})",
                              cfg.replace(logprobs=args.logprobs)))
+        if args.top_p is not None:
+            sampled = cfg.replace(temperature=1.0, seed=0)
+            variants += [(f"dllm-var engine ({decoder}, sampled)", sampled),
+                         (f"dllm-var engine ({decoder}, sampled, top_p {args.top_p}, top_k 50)",
+                          sampled.replace(top_p=args.top_p, top_k=50))]
         for name, config in variants:
             gens, secs = decode(config)
             record(name, [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(prompts))
@@ -116,6 +123,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1, help="engine concurrency (1 = one request at a time)")
     p.add_argument("--decoders", nargs="+", default=["threshold"], choices=list(dllm.engine.DECODERS))
     p.add_argument("--logprobs", type=int, help="also decode returning logprobs with this many alternatives")
+    p.add_argument("--top-p", type=float, help="also decode sampled, without and with this top_p (and top_k 50)")
     p.add_argument("--vanilla-gen-lengths", type=int, nargs="+", default=[128])
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)

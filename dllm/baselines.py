@@ -85,10 +85,9 @@ def llada_generate(model: LLaDAModelLM, prompts: list[list[int]], *, gen_length:
             masked = canvas == cfg.mask_token_id
             in_block = torch.zeros_like(masked)
             in_block[:, lo:hi] = True
-            gumbel = None
-            if temperature > 0:
-                gumbel = -torch.empty(logits.shape, device=device).exponential_(generator=gen).log()
-            cand, conf = decoders.candidates(logits, cfg.mask_token_id, torch.full((n,), temperature, device=device), gumbel)
+            uniform = torch.rand(logits.shape[:2], generator=gen, device=device) if temperature > 0 else None
+            cand, conf = decoders.candidates(logits, cfg.mask_token_id, torch.full((n,), temperature, device=device),
+                                             uniform)
             commit = decoders.top_k_commit(conf, masked & in_block, torch.full((n,), k, device=device))
             x[:, p:] = torch.where(commit, cand, canvas)
     tokens, stopped = _cut(model, x[:, p:])

@@ -27,8 +27,8 @@ def _generate(args) -> int:
     engine = dllm.Engine(model, tok, max_batch_size=max(1, len(args.prompt)))
     config = dllm.GenerationConfig(block_size=args.block_size, threshold=args.threshold,
                                    max_new_tokens=args.max_new_tokens, decoder=args.decoder,
-                                   temperature=args.temperature, seed=args.seed, stop=args.stop,
-                                   early_stop=args.early_stop)
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   min_p=args.min_p, seed=args.seed, stop=args.stop, early_stop=args.early_stop)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                if args.chat else p for p in args.prompt]
     for prompt, gen in zip(args.prompt, engine.generate(prompts, config)):
@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=0.9)
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--decoder", default="threshold", choices=DECODERS)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (Gumbel-max)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples from softmax(logits / T)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample within the nucleus holding this probability")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="sample tokens at least this fraction as likely as the most likely one")
     g.add_argument("--seed", type=int, help="the same seed gives the same samples")
     g.add_argument("--stop", action="append", help="a stop string (repeat for several)")
     g.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=True,

@@ -31,7 +31,7 @@ import dllm
 from .engine_loop import EngineLoop
 from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_logprobs, completion_logprobs,
-                       logprobs_wanted, new_id, now, reject_unsupported, usage)
+                       logit_bias_ids, logprobs_wanted, new_id, now, reject_unsupported, usage)
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
 # the content left of it (answers are not cut short); see GenerationConfig.
@@ -95,7 +95,9 @@ class EngineServer:
                                     seed=payload.get("seed"), stop=payload.get("stop") or None,
                                     stop_token_ids=payload.get("stop_token_ids") or None,
                                     logprobs=payload.get("logprobs"), ignore_eos=payload.get("ignore_eos", False),
-                                    min_tokens=payload.get("min_tokens", 0))
+                                    min_tokens=payload.get("min_tokens", 0), top_k=payload.get("top_k", 0),
+                                    top_p=payload.get("top_p", 1.0), min_p=payload.get("min_p", 0.0),
+                                    logit_bias=payload.get("logit_bias"))
         start = time.monotonic()
         first = True
         async for out in self.loop.generate(payload["prompt_ids"], config):
@@ -400,10 +402,12 @@ class OpenAIIngress:
                                code="context_length_exceeded")
         options = {name: getattr(req, name) for name in DiffusionOptions.model_fields}
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        bias = logit_bias_ids(req, len(self.tokenizer))
         payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
                      "seed": None if req.seed is None else req.seed + i, "stop": stop,
                      "stop_token_ids": req.stop_token_ids, "logprobs": logprobs_wanted(req),
-                     "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "options": options}
+                     "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "top_k": max(req.top_k, 0),
+                     "top_p": req.top_p, "min_p": req.min_p, "logit_bias": bias, "options": options}
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")

@@ -48,6 +48,8 @@ class _Common(DiffusionOptions):
     max_tokens: int | None = None
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)  # vLLM's extra: sample among the k most likely tokens (-1 or 0: all)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # vLLM's extra: tokens at least min_p x the top one's p
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -59,7 +61,7 @@ class _Common(DiffusionOptions):
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}
 
 
 class CompletionRequest(_Common):
@@ -120,10 +122,8 @@ class DetokenizeRequest(BaseModel):
 def reject_unsupported(req: _Common) -> None:
     """Parameters we accept for compatibility only at their neutral values."""
     checks = [
-        ("top_p", req.top_p != 1.0, "top_p is not supported by diffusion decoding; use temperature"),
         ("presence_penalty", req.presence_penalty != 0.0, "presence_penalty is not supported"),
         ("frequency_penalty", req.frequency_penalty != 0.0, "frequency_penalty is not supported"),
-        ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
     ]
     if isinstance(req, CompletionRequest):
         checks += [("best_of", req.best_of not in (None, 1, req.n),
@@ -142,6 +142,22 @@ def reject_unsupported(req: _Common) -> None:
             raise APIError(400, message, param=param, code="unsupported_parameter")
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+
+
+def logit_bias_ids(req: _Common, vocab_size: int) -> dict[int, float] | None:
+    """The request's logit_bias keyed by token id (GenerationConfig.logit_bias), or an APIError."""
+    if not req.logit_bias:
+        return None
+    out = {}
+    for key, bias in req.logit_bias.items():
+        if not key.strip().isdigit() or not 0 <= int(key) < vocab_size:
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}",
+                           param="logit_bias", code="invalid_value")
+        if not -100 <= bias <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {bias} for token {key}",
+                           param="logit_bias", code="invalid_value")
+        out[int(key)] = bias
+    return out
 
 
 def logprobs_wanted(req: _Common) -> int | None:

@@ -55,12 +55,16 @@ def test_candidates_exclude_the_mask_token_and_report_softmax_confidence():
     assert torch.allclose(conf[0, 0], torch.softmax(T([5.0, 0.0]), -1)[0])
 
 
-def test_gumbel_sampling_follows_the_noise_at_temperature():
-    logits = torch.zeros(1, 1, 4)
-    gumbel = T([[[0.0, 0.0, 3.0, 0.0]]])
-    x, _ = decoders.candidates(logits.clone(), 3, T([1.0]), gumbel)
-    assert x.item() == 2
-    x, _ = decoders.candidates(logits.clone(), 3, T([0.0]), gumbel)  # T=0 ignores the noise
+def test_sampling_draws_each_token_with_its_tempered_probability():
+    """Inverse CDF: uniform draws on an even grid land on each token in proportion to softmax(logits / T)."""
+    logits = T([[[2.0, 0.0, 9.0, 1.0, -1.0]]])  # token 2 is the MASK: never drawn
+    grid = (torch.arange(1000) + 0.5) / 1000
+    for t in (0.5, 1.0, 2.0):
+        drawn = [decoders.candidates(logits, 2, T([t]), u.reshape(1, 1))[0].item() for u in grid]
+        expected = torch.softmax(T([2.0, 0.0, 1.0, -1.0]) / t, -1)
+        share = torch.tensor([drawn.count(i) for i in (0, 1, 3, 4)]) / len(grid)
+        assert torch.allclose(share, expected, atol=2e-3), t
+    x, _ = decoders.candidates(logits, 2, T([0.0]), T([[0.99]]))  # T=0 ignores the draw: greedy
     assert x.item() == 0
 
 
@@ -110,3 +114,59 @@ def test_forbid_early_bans_each_rows_stop_ids_before_its_limit_and_ignores_paddi
     banned = out == float("-inf")
     assert banned[0].nonzero().tolist() == [[0, 1], [0, 4], [1, 1], [1, 4]]  # positions 0-1, ids 1 and 4
     assert banned[1].nonzero().tolist() == [[0, 2]]  # position 0, id 2; the padding bans nothing
+
+
+def _kept_by_definition(logits: torch.Tensor, t: float, k: int, p: float, min_p: float) -> set[int]:
+    """vLLM's candidate set at one position, written out: the tokens at least min_p times as likely as
+    the most likely one, the top k of them (0 = all), and the smallest most-likely-first prefix of
+    those whose tempered probabilities, renormalised over them, reach p."""
+    tempered = torch.softmax(logits / t, -1)
+    kept = [i for i in range(len(logits)) if tempered[i] >= min_p * tempered.max()]
+    order = sorted(kept, key=lambda i: -float(logits[i]))
+    top = order[:k] if k else order
+    probs = torch.softmax(logits[top] / t, -1).tolist()
+    nucleus, total = [], 0.0
+    for i, q in zip(top, probs):
+        if total >= p:
+            break
+        nucleus.append(i)
+        total += q
+    return set(nucleus)
+
+
+def test_sampling_floor_keeps_min_p_then_the_top_k_then_the_nucleus():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 3, 12, generator=g) * 2
+    # (temperature, top_k, top_p, min_p); in the last row min_p changes which tokens the nucleus holds
+    rows = [(1.0, 0, 0.8, 0.0), (0.5, 4, 1.0, 0.0), (1.5, 6, 0.7, 0.0), (1.0, 0, 1.0, 0.2), (2.0, 0, 0.7, 0.2)]
+    temperature, top_k, top_p, min_p = (T(list(col)) for col in zip(*rows))
+    top_k = top_k.long()
+    floor = decoders.sampling_floor(logits, temperature, top_k, top_p, min_p, ranked=12, nucleus=True)
+    for i, (t, k, p, mp) in enumerate(rows):
+        for j in range(3):
+            kept = {v for v in range(12) if logits[i, j, v] >= floor[i, j]}
+            assert kept == _kept_by_definition(logits[i, j], t, k, p, mp), (i, j)
+    # Rows with a top_k rank only that many tokens, the nucleus included; the whole vocabulary is
+    # sorted only for a top_p without a top_k.
+    for i, ranked, nucleus in [(1, 4, False), (2, 6, True), (3, 0, False)]:
+        one = slice(i, i + 1)
+        alone = decoders.sampling_floor(logits[one], temperature[one], top_k[one], top_p[one], min_p[one],
+                                        ranked=ranked, nucleus=nucleus)
+        assert torch.equal(alone, floor[one]), i
+
+
+def test_candidates_sample_only_above_the_floor_and_keep_the_unfiltered_confidence():
+    logits = T([[[3.0, 2.0, 0.0, 0.0]]])
+    x, _ = decoders.candidates(logits, 3, T([1.0]), T([[0.999]]))  # the draw's end of the CDF: token 2
+    assert x.item() == 2
+    x, conf = decoders.candidates(logits, 3, T([1.0]), T([[0.999]]), floor=T([[2.0]]))  # token 2 is below the floor
+    assert x.item() == 1
+    assert torch.allclose(conf, torch.softmax(T([3.0, 2.0, 0.0]), -1)[1])
+
+
+def test_logit_bias_adds_each_rows_biases_at_every_position_and_ignores_padding():
+    logits = torch.zeros(2, 3, 5)
+    out = decoders.add_logit_bias(logits, T([[4, 1], [2, -1]]), T([[-100.0, 2.5], [7.0, 0.0]]))
+    assert out[0, :, 4].tolist() == [-100.0] * 3 and out[0, :, 1].tolist() == [2.5] * 3
+    assert out[1, :, 2].tolist() == [7.0] * 3
+    assert (out[0, :, [0, 2, 3]] == 0).all() and (out[1, :, [0, 1, 3, 4]] == 0).all()

@@ -1,5 +1,6 @@
 """The block-diffusion engine: the dLLM-Var algorithm, stopping, batching, sampling, lifecycle."""
 
+import collections
 import copy
 
 import pytest
@@ -17,7 +18,7 @@ CFG = GenerationConfig(block_size=B, threshold=0.9, max_new_tokens=48, stops_las
 
 def _prompts(n=6):
     g = torch.Generator().manual_seed(11)
-    lengths = (3, 5, 8, 11, 13, 4, 9, 17, 6, 10, 7, 12)
+    lengths = (3, 5, 8, 11, 13, 4, 9, 17, 6, 10, 7, 12, 15, 5)
     return [torch.randint(7, 40, (length,), generator=g).tolist() for length in lengths[:n]]
 
 
@@ -255,6 +256,43 @@ def test_seeded_sampling_is_reproducible(confident_model):
     assert [g.token_ids for g in a] != [g.token_ids for g in greedy]
 
 
+@pytest.mark.parametrize("narrowing", [dict(top_k=1), dict(top_p=1e-9), dict(min_p=1.0)])
+def test_sampling_narrowed_to_the_most_likely_token_is_greedy_decoding(confident_model, narrowing):
+    """top_k / top_p / min_p choose the token; the commit order keeps the unfiltered confidence, so
+    leaving one candidate gives greedy decoding's tokens in its forwards."""
+    engine = _engine(confident_model)
+    greedy = engine.generate(_prompts(8), CFG)
+    narrow = engine.generate(_prompts(8), CFG.replace(temperature=2.0, seed=5, **narrowing))
+    assert [(g.token_ids, g.num_forwards) for g in narrow] == [(g.token_ids, g.num_forwards) for g in greedy]
+
+
+def test_top_k_samples_each_token_among_the_k_most_likely_at_its_commit(confident_model):
+    """Checked against the model's own top-3 at the forward that committed each token (logprobs)."""
+    engine = _engine(confident_model)
+    hot = CFG.replace(temperature=3.0, seed=5, logprobs=3)
+
+    def outside_top3(gens):
+        return sum(e.token_id not in [t for t, _ in e.top] for g in gens for e in g.logprobs)
+
+    assert outside_top3(engine.generate(_prompts(8), hot)) > 0
+    narrowed = engine.generate(_prompts(8), hot.replace(top_k=3))
+    assert outside_top3(narrowed) == 0 and sum(len(g.token_ids) for g in narrowed) > 50
+
+
+def test_logit_bias_bans_or_forces_tokens(confident_model):
+    engine = _engine(confident_model)
+    greedy = engine.generate(_prompts(8), CFG)
+    common = collections.Counter(t for g in greedy for t in g.token_ids).most_common(1)[0][0]
+    banned = engine.generate(_prompts(8), CFG.replace(logit_bias={common: -100.0}))
+    assert not any(common in g.token_ids for g in banned)
+    forced = engine.generate(_prompts(8), CFG.replace(logit_bias={30: 100.0}, logprobs=0))
+    for g in forced:  # every position, stop tokens outbid: the answer runs to the cap
+        assert g.finish_reason == "length" and set(g.token_ids) == {30}
+        assert max(e.logprob for e in g.logprobs) < -1  # logprobs stay the model's, before the bias
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.add_request([7, 8], CFG.replace(logit_bias={10**6: 1.0}))
+
+
 @pytest.mark.parametrize("decoder", ["factor", "credit", "hierarchical", "fixed_k"])
 def test_every_decoder_generates_valid_output(confident_model, decoder):
     gens = _engine(confident_model).generate(_prompts(4), CFG.replace(decoder=decoder, tokens_per_step=2))
@@ -372,6 +410,11 @@ def test_bad_requests_are_rejected(confident_model):
     for logprobs in (-1, 21, True, 2.0):
         with pytest.raises(ValueError, match="logprobs"):
             GenerationConfig(logprobs=logprobs)
+    for name, value in [("top_k", -1), ("top_k", 2.0), ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1),
+                        ("min_p", 1.5), ("logit_bias", {-1: 1.0}), ("logit_bias", {3: 101.0}),
+                        ("logit_bias", {"3": 1.0}), ("logit_bias", [3])]:
+        with pytest.raises(ValueError, match=name):
+            CFG.replace(**{name: value})
 
 
 def reference_refreshing_generate(ref: ReferenceLLaDA, prompt, cfg):
@@ -521,7 +564,9 @@ EVERY_DECODING_SETTING = [CFG.replace(decoder=d, tokens_per_step=2, early_stop=d
                           for d in ("threshold", "factor", "credit", "hierarchical", "fixed_k")]
 EVERY_DECODING_SETTING += [CFG.replace(temperature=1.5, seed=3), CFG.replace(smoothing=True),
                            CFG.replace(stops_last=True), CFG.replace(decoder="factor", stops_last=True, early_stop=True),
-                           CFG.replace(logprobs=4), CFG.replace(min_tokens=10, stops_last=True)]
+                           CFG.replace(logprobs=4), CFG.replace(min_tokens=10, stops_last=True),
+                           CFG.replace(temperature=1.0, seed=4, top_k=5, top_p=0.8, min_p=0.05, logit_bias={9: -100.0}),
+                           CFG.replace(temperature=0.7, seed=5, top_k=3, logit_bias={12: 2.5, 14: -3.0})]
 
 
 def _stops_before_their_content(gens, stop_ids) -> int:

@@ -253,6 +253,27 @@ def test_ignore_eos_and_min_tokens_are_the_engines(client, model_dir):
     assert len(engine.generate([prompt], cfg)[0].token_ids) < 20  # without them the answer is shorter
 
 
+def test_top_k_top_p_min_p_and_logit_bias_are_the_engines(client, model_dir):
+    tok = dllm.load_tokenizer(model_dir)
+    engine = dllm.Engine(dllm.load_model(model_dir), tok, max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
+    prompt = "reverse: abcd =>"
+    v_id = tok("v", add_special_tokens=False)["input_ids"][0]
+    assert "v" in engine.generate([prompt], cfg)[0].text
+    sampled = dict(temperature=1.5, seed=3, top_p=0.9)
+    for extra, changes in [({}, {}), ({"top_k": 4, "min_p": 0.05}, {"top_k": 4, "min_p": 0.05}),
+                           ({"top_k": -1}, {})]:  # vLLM's "every token"
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, **sampled, extra_body=extra)
+        direct = engine.generate([prompt], cfg.replace(**sampled, **changes))[0]
+        assert out.choices[0].text == direct.text
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, logit_bias={str(v_id): -100})
+    direct = engine.generate([prompt], cfg.replace(logit_bias={v_id: -100.0}))[0]
+    assert out.choices[0].text == direct.text and "v" not in direct.text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=40,
+                                          logit_bias={str(v_id): -100})
+    assert "v" not in chat.choices[0].message.content
+
+
 def test_tokenize_and_detokenize(server, model_dir):
     tok = dllm.load_tokenizer(model_dir)
     r = httpx.post(f"{server}/tokenize", json={"model": "tiny", "prompt": "sort: ba =>"}).json()
@@ -317,6 +338,12 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
     ({"model": "tiny", "prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
     ({"model": "tiny", "prompt": "x", "min_tokens": 9, "max_tokens": 8}, 400, "min_tokens"),
     ({"model": "tiny", "prompt": "x", "logprobs": 1, "echo": True}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "x", "top_k": -2}, 400, "top_k"),
+    ({"model": "tiny", "prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"10000000": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
 ])
 def test_invalid_completion_requests_get_openai_style_errors(server, body, status, param):
     r = httpx.post(f"{server}/v1/completions", json=body)

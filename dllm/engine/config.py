@@ -18,7 +18,17 @@ class GenerationConfig:
     threshold:       tau: commit every masked position with confidence >= tau (always >= 1 token)
     max_new_tokens:  cap on generated tokens (the answer is cut there, finish_reason "length")
     decoder:         one of DECODERS (see dllm.engine.decoders)
-    temperature:     0 = greedy; > 0 samples candidates with Gumbel-max, seeded by `seed`
+    temperature:     0 = greedy; > 0 samples candidates from softmax(logits / T), seeded by `seed`
+    top_k, top_p, min_p: with temperature > 0, each position samples its candidate only among the
+                     tokens at least min_p times as likely as the most likely one, of them its top_k
+                     most likely (0 = all), and of those the smallest set holding top_p of the
+                     tempered probability (the nucleus): vLLM's order. They choose which token a
+                     position proposes; which positions commit still follows the model's probability
+                     of that token (the unfiltered softmax: renormalising over a narrow set would
+                     inflate the confidence). No effect on greedy decoding.
+    logit_bias:      {token id: bias in [-100, 100]} added to the logits at every generated position
+                     (OpenAI's logit_bias: -100 bans a token, +100 all but forces it); it changes the
+                     distribution the decoders see, greedy included
     seed:            per-request seed: the same seed gives the same output
     stop_token_ids:  extra token ids that end the answer (EOS and EOT always do)
     stop:            stop strings (need a tokenizer); the text is cut before the first one
@@ -51,10 +61,10 @@ class GenerationConfig:
                      trajectory compression, `dllm.trajectory`); costs one host read per step
     logprobs:        None = off; k in [0, MAX_LOGPROBS]: return each generated token's log-probability and
                      the k most likely tokens at its position, as the model gave them in the forward
-                     that committed the token (its distribution at temperature 1, MASK excluded; the
-                     positions still masked then are unknown to it). A diffusion model has no
-                     left-to-right factorisation: these are commit-time probabilities, not a
-                     sequence likelihood.
+                     that committed the token (its distribution at temperature 1, MASK excluded, before
+                     logit_bias, min_tokens and credit; the positions still masked then are unknown
+                     to it). A diffusion model has no left-to-right factorisation: these are
+                     commit-time probabilities, not a sequence likelihood.
     smoothing:       iteration smoothing (dInfer): masked inputs get mask-embedding + alpha_t * E[emb]
     smoothing_alpha: (initial, growth per step, max) of alpha_t; the threshold decays 1.0 -> tau by
                      smoothing_threshold_decay per step
@@ -65,6 +75,10 @@ class GenerationConfig:
     max_new_tokens: int = 1024
     decoder: str = "threshold"
     temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     stop: list[str] | None = None
@@ -107,6 +121,17 @@ class GenerationConfig:
             bad("vicinity", "an integer >= 0")
         if self.temperature < 0:
             bad("temperature", "a number >= 0")
+        if type(self.top_k) is not int or self.top_k < 0:
+            bad("top_k", "an integer >= 0 (0 = every token)")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "a probability in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", "a number in [0, 1]")
+        if self.logit_bias is not None and not (
+                isinstance(self.logit_bias, dict)
+                and all(type(t) is int and t >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
+                        for t, v in self.logit_bias.items())):
+            bad("logit_bias", "a dict of token id -> bias in [-100, 100]")
         if self.factor <= 0:
             bad("factor", "a number > 0")
         if not 0.0 <= self.low_threshold <= self.threshold:

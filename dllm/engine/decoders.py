@@ -23,19 +23,81 @@ def without_mask(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
 
 
 def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tensor | None = None,
-               gumbel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               uniform: torch.Tensor | None = None,
+               floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate token and its confidence at each position.
 
-    Greedy: x = argmax softmax(logits). With temperature T > 0 and Gumbel noise g:
-    x = argmax(logits + T * g) (Gumbel-max sampling). Confidence = softmax(logits)[x]. The MASK
-    token itself is never a candidate.
+    Greedy: x = argmax softmax(logits). Rows with temperature T > 0, given `uniform` draws [n, B]:
+    x sampled from softmax(logits / T) (see `sample`), among the tokens whose logit is >= `floor`
+    [n, B] (top_k / top_p / min_p, see sampling_floor) where given. Confidence = softmax(logits)[x]:
+    the model's probability, neither tempered nor filtered. The MASK token is never a candidate.
     """
     logits = without_mask(logits, mask_token_id)
     probs = torch.softmax(logits, dim=-1)
-    scores = logits if gumbel is None else logits + temperature[:, None, None] * gumbel
-    x = scores.argmax(-1)
+    x = logits.argmax(-1)
+    if uniform is not None:
+        x = torch.where(temperature[:, None] > 0, sample(logits, temperature, uniform, floor), x)
     conf = torch.gather(probs, -1, x[..., None]).squeeze(-1)
     return x, conf
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor,
+           floor: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per position from softmax(logits / T) [n, B, V] (rows with T <= 0 use T = 1),
+    restricted to logits >= `floor` [n, B] where given, by inverse CDF: the first token whose
+    cumulative probability exceeds `uniform` [n, B] in [0, 1). One random number per position
+    (Gumbel-max would draw one per vocabulary entry: ~4x the sampling cost on a CPU)."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    scaled = logits / t[:, None, None]
+    if floor is not None:
+        scaled = scaled.masked_fill(logits < floor[..., None], float("-inf"))
+    cdf = torch.softmax(scaled, dim=-1).cumsum(-1)
+    # right=True: tokens of probability 0 (a flat stretch of the CDF) are never drawn
+    x = torch.searchsorted(cdf, (uniform * cdf[..., -1])[..., None], right=True).squeeze(-1)
+    return x.clamp(max=logits.shape[-1] - 1)
+
+
+def sampling_floor(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   min_p: torch.Tensor, ranked: int, nucleus: bool) -> torch.Tensor:
+    """The lowest logit a sampled candidate may have, per position: [n, B] (-inf = no limit).
+
+    logits [n, B, V] (MASK already excluded); per row [n]: temperature > 0, top_k (0 = every token),
+    top_p (1 = off), min_p (0 = off). In vLLM's order: the tokens with p >= min_p * p_max, of them the
+    top_k most likely, and of those the smallest most-likely-first set whose tempered probabilities
+    (renormalised over what is left) reach top_p. Host-known, so no sync: `nucleus`, whether a row has
+    top_p < 1; `ranked`, how many tokens to rank: the largest top_k, or V where a row has top_p < 1
+    and no top_k (only that case sorts the whole vocabulary).
+    """
+    n, b, v = logits.shape
+    none = torch.full((n, b), float("-inf"), device=logits.device)
+    # p >= min_p * p_max  <=>  logit >= max logit + T log(min_p)  (log 0 = -inf: no limit)
+    floor = logits.amax(-1) + temperature[:, None] * torch.log(min_p)[:, None]
+    if not ranked:
+        return floor
+    top = logits.topk(ranked, dim=-1).values  # sorted, most likely first
+    k = torch.where(top_k > 0, top_k.clamp(max=ranked), ranked)
+    kth = top.gather(-1, (k - 1)[:, None, None].expand(n, b, 1)).squeeze(-1)
+    floor = torch.maximum(floor, torch.where((top_k > 0)[:, None], kth, none))
+    if nucleus:  # over the tokens kept so far: all of them are among the `ranked`
+        kept = (torch.arange(ranked, device=logits.device)[None, None, :] < k[:, None, None]) & (top >= floor[..., None])
+        p = torch.softmax((top / temperature[:, None, None]).masked_fill(~kept, float("-inf")), dim=-1)
+        size = (kept & (torch.cumsum(p, -1) - p < top_p[:, None, None])).sum(-1)  # >= 1: the top token
+        nucleus_floor = top.gather(-1, (size - 1)[..., None]).squeeze(-1)
+        floor = torch.maximum(floor, torch.where((top_p < 1)[:, None], nucleus_floor, none))
+    return floor
+
+
+def _dense(token_ids: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
+    """[n, width] zeros with each row's `values` [n, w] at its `token_ids` [n, w] (padded with -1)."""
+    columns = torch.where(token_ids >= 0, token_ids, width)  # padding lands in a spare column, dropped
+    out = torch.zeros(token_ids.shape[0], width + 1, dtype=values.dtype, device=values.device)
+    return out.scatter_(1, columns, values)[:, :width]
+
+
+def add_logit_bias(logits: torch.Tensor, token_ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`logits` [n, B, V] plus each row's `bias` [n, w] on its `token_ids` [n, w] (padded with -1), at
+    every position (logit_bias)."""
+    return logits + _dense(token_ids, bias.to(logits.dtype), logits.shape[-1])[:, None, :]
 
 
 def forbid_early(logits: torch.Tensor, limit: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -43,8 +105,7 @@ def forbid_early(logits: torch.Tensor, limit: torch.Tensor, token_ids: torch.Ten
     positions < `limit` [n] (min_tokens: no stop token among an answer's first positions)."""
     n, b, v = logits.shape
     early = torch.arange(b, device=logits.device)[None, :] < limit[:, None]
-    columns = torch.where(token_ids >= 0, token_ids, v)  # padding lands in a spare column, dropped below
-    banned = torch.zeros(n, v + 1, dtype=torch.bool, device=logits.device).scatter_(1, columns, True)[:, :v]
+    banned = _dense(token_ids, torch.ones_like(token_ids, dtype=torch.bool), v)
     return logits.masked_fill(early[:, :, None] & banned[:, None, :], float("-inf"))
 
 

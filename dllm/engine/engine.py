@@ -51,6 +51,24 @@ class _DecodeParams:
         self.thresholds = on_device([[engine._threshold(r, ahead=u) for r in reqs] for u in range(steps)])
         temps = [r.config.temperature for r in reqs]
         self.temperatures = on_device(temps) if any(t > 0 for t in temps) else None
+        # Sampled rows that restrict their candidates (top_k / top_p / min_p; greedy rows need nothing).
+        narrowed = [i for i, r in enumerate(reqs) if r.config.temperature > 0 and (
+            r.config.top_k > 0 or r.config.top_p < 1 or r.config.min_p > 0)]
+        self.narrowed_index = on_device(narrowed) if narrowed else None
+        if narrowed:
+            cfgs = [reqs[i].config for i in narrowed]
+            self.narrowing = [on_device([getattr(c, x) for c in cfgs])
+                              for x in ("temperature", "top_k", "top_p", "min_p")]
+            self.nucleus = any(c.top_p < 1 for c in cfgs)
+            self.ranked = engine.config.embedding_size if any(c.top_p < 1 and not c.top_k for c in cfgs) \
+                else max(c.top_k for c in cfgs)
+        biased = [i for i, r in enumerate(reqs) if r.config.logit_bias]
+        self.bias_index = on_device(biased) if biased else None
+        if biased:
+            width = max(len(reqs[i].config.logit_bias) for i in biased)
+            items = [sorted(reqs[i].config.logit_bias.items()) for i in biased]
+            self.bias_ids = on_device([[t for t, _ in it] + [-1] * (width - len(it)) for it in items])
+            self.bias_values = on_device([[float(b) for _, b in it] + [0.0] * (width - len(it)) for it in items])
         by_kind: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):
             by_kind.setdefault(r.config.decoder, []).append(i)
@@ -166,6 +184,8 @@ class Engine:
             raise ValueError(
                 f"prompt of {len(prompt_ids)} tokens plus one block of {b} needs {len(prompt_ids) + b} cache "
                 f"positions, but a slot holds max_model_len={self.max_model_len}; shorten the prompt")
+        if config.logit_bias:
+            self.config.check_token_ids(config.logit_bias, "logit_bias")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -385,7 +405,11 @@ class Engine:
         n, b = blocks.shape
         dev = self.device
         masked = blocks == self.mask_id
-        logits = raw_logits = logits.float()  # raw: the model's distribution, before credit fusion
+        logits = raw_logits = logits.float()  # raw: the model's distribution, before bias and credit fusion
+        if params.bias_index is not None:
+            idx = params.bias_index
+            biased = decoders.add_logit_bias(logits[idx], params.bias_ids, params.bias_values)
+            logits = logits.index_copy(0, idx, biased)
 
         if params.credit_rows:
             idx, rows = params.credit_index, params.credit_rows
@@ -403,10 +427,15 @@ class Engine:
                                                                      params.stop_ids[idx]))
 
         if params.temperatures is not None:
-            gumbel = torch.stack([
-                -torch.empty(b, logits.shape[-1], device=dev).exponential_(generator=r.generator).log()
-                if r.generator is not None else torch.zeros(b, logits.shape[-1], device=dev) for r in reqs])
-            x, conf = decoders.candidates(logits, self.mask_id, params.temperatures, gumbel)
+            uniform = torch.stack([torch.rand(b, generator=r.generator, device=dev) if r.generator is not None
+                                   else torch.zeros(b, device=dev) for r in reqs])
+            floor = None
+            if params.narrowed_index is not None:
+                idx = params.narrowed_index
+                narrowed = decoders.sampling_floor(decoders.without_mask(logits[idx], self.mask_id), *params.narrowing,
+                                                   ranked=params.ranked, nucleus=params.nucleus)
+                floor = torch.full((n, b), float("-inf"), device=dev).index_copy(0, idx, narrowed)
+            x, conf = decoders.candidates(logits, self.mask_id, params.temperatures, uniform, floor)
         else:
             x, conf = decoders.candidates(logits, self.mask_id)
 
