@@ -11,8 +11,8 @@ Reports per system: output tokens (before the first EOS), forwards (NFE), TPF, w
 and the TPS speedup over LLaDA vanilla measured in this run. `--logprobs K` adds, per decoder, the
 same decoding returning each token's log-probability and K alternatives (GenerationConfig.logprobs):
 its TPS against the row above is the cost of logprobs. `--top-p P` adds, per decoder, sampled decoding
-(temperature 1) without and then with top_p P and top_k 50: the ratio of the two is the cost of narrowing
-the candidates (top_p ranks the whole vocabulary at every block position).
+(temperature 1), then with top_p P (which sorts the whole vocabulary at every block position), then with
+top_p P and top_k 50 (which ranks 50): their TPS against the plain sampled row is the cost of narrowing.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def run(args) -> list[dict]:
         if args.top_p is not None:
             sampled = cfg.replace(temperature=1.0, seed=0)
             variants += [(f"dllm-var engine ({decoder}, sampled)", sampled),
+                         (f"dllm-var engine ({decoder}, sampled, top_p {args.top_p})", sampled.replace(top_p=args.top_p)),
                          (f"dllm-var engine ({decoder}, sampled, top_p {args.top_p}, top_k 50)",
                           sampled.replace(top_p=args.top_p, top_k=50))]
         for name, config in variants:
