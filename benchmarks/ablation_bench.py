@@ -1,4 +1,4 @@
-"""dInfer's inference techniques, one table: decoder x cache policy x loop unrolling x stop order.
+"""dInfer's inference techniques, one table: decoder x threshold x cache policy x loop unrolling x stop order.
 
     python -m benchmarks.ablation_bench --model DIR --prompts-jsonl heldout.jsonl [--device cuda] [--json out.json]
 
@@ -6,6 +6,10 @@ On a trained checkpoint (the quickstart's, for example: `--model quickstart/chec
 --prompts-jsonl quickstart/data/heldout.jsonl`) every combination decodes the same held-out prompts;
 the table has exact match, self-stopping, TPF and TPS, and each row's TPS relative to the default
 (threshold decoder, dLLM-Var cache, no unrolling) measured in the same run.
+
+Thresholds (`--thresholds 0.7 0.9 0.99`) trade parallelism for accuracy: the threshold, credit and
+hierarchical decoders run at each (hierarchical keeps its low threshold at or below it); factor and
+fixed_k have no threshold and run once.
 
 Cache policies: dllm-var (committed K/V reused as is), vicinity (each step also recomputes the last
 `--vicinity` committed tokens; a full refresh when a block starts), none (everything recomputed at
@@ -45,10 +49,14 @@ def run(args) -> list[dict]:
         engine = dllm.Engine(model, tok, max_batch_size=args.batch, max_model_len=args.max_model_len,
                              max_unroll=unroll, expected_tpf=args.expected_tpf)
         engine.warmup([args.block_size])
-        for decoder, policy, order in itertools.product(args.decoders, args.policies, args.stop_orders):
+        settings = [(d, tau) for d in args.decoders
+                    for tau in (args.thresholds if d in dllm.engine.decoders.COMMIT_ABOVE_THRESHOLD else [None])]
+        for (decoder, tau), policy, order in itertools.product(settings, args.policies, args.stop_orders):
             cfg = dllm.GenerationConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens,
-                                        threshold=args.threshold, decoder=decoder, cache_policy=policy,
-                                        vicinity=args.vicinity, early_stop=True, stops_last=order == "last")
+                                        decoder=decoder, cache_policy=policy, vicinity=args.vicinity, early_stop=True,
+                                        stops_last=order == "last")
+            if tau is not None:
+                cfg = cfg.replace(threshold=tau, low_threshold=min(cfg.low_threshold, tau))
             engine.generate(prompts[: args.batch], cfg)  # warm-up
             sync()
             t0 = time.perf_counter()
@@ -59,14 +67,14 @@ def run(args) -> list[dict]:
             secs = time.perf_counter() - t0
             tokens = sum(len(g.token_ids) for g in gens)
             results.append({
-                "decoder": decoder, "cache_policy": policy, "stop_order": order, "unroll": unroll, "prompts": len(gens),
+                "decoder": decoder, "threshold": tau, "cache_policy": policy, "stop_order": order, "unroll": unroll, "prompts": len(gens),
                 "exact_match": sum(g.text == r["output"] for g, r in zip(gens, rows)) / len(gens),
                 "self_stopped": sum(g.finish_reason == "stop" for g in gens) / len(gens),
                 "tpf": tokens / max(1, sum(g.num_forwards for g in gens)), "tps": tokens / secs, "seconds": secs})
             print(results[-1], flush=True)
+    default = ("threshold", args.thresholds[0], "dllm-var", "last", 1)
     base = next((r["tps"] for r in results
-                 if (r["decoder"], r["cache_policy"], r["stop_order"], r["unroll"]) == ("threshold", "dllm-var", "last", 1)),
-                None)
+                 if (r["decoder"], r["threshold"], r["cache_policy"], r["stop_order"], r["unroll"]) == default), None)
     for r in results:
         r["tps_vs_default"] = r["tps"] / base if base else None
     return results
@@ -83,7 +91,8 @@ def main(argv=None) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9],
+                   help="commit thresholds to run; the first is the default row's")
     p.add_argument("--decoders", nargs="+", default=["threshold", "credit", "hierarchical"],
                    choices=list(dllm.engine.DECODERS))
     p.add_argument("--policies", nargs="+", default=list(dllm.engine.CACHE_POLICIES),
@@ -95,12 +104,13 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     results = run(args)
-    print(f"\n{'decoder':13} {'cache':9} {'stops':10} {'unroll':>6} {'EM':>6} {'stop':>5} {'TPF':>6} {'tok/s':>8} "
-          f"{'vs default':>10}")
+    print(f"\n{'decoder':13} {'tau':>5} {'cache':9} {'stops':10} {'unroll':>6} {'EM':>6} {'stop':>5} {'TPF':>6} "
+          f"{'tok/s':>8} {'vs default':>10}")
     for r in results:
         ratio = f"{r['tps_vs_default']:.2f}x" if r["tps_vs_default"] else "-"
-        print(f"{r['decoder']:13} {r['cache_policy']:9} {r['stop_order']:10} {r['unroll']:6d} {r['exact_match']:6.1%} "
-              f"{r['self_stopped']:5.0%} {r['tpf']:6.2f} {r['tps']:8.1f} {ratio:>10}")
+        tau = "-" if r["threshold"] is None else f"{r['threshold']:.2f}"
+        print(f"{r['decoder']:13} {tau:>5} {r['cache_policy']:9} {r['stop_order']:10} {r['unroll']:6d} "
+              f"{r['exact_match']:6.1%} {r['self_stopped']:5.0%} {r['tpf']:6.2f} {r['tps']:8.1f} {ratio:>10}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "results": results}, f, indent=2)

@@ -87,15 +87,18 @@ def test_eos_padding_ends_each_dllm_answer_in_extra_eos_and_leaves_the_twins_row
         trained_compare.Objective(eos_pad=-1)
 
 
-def test_ablation_bench_has_a_row_per_decoder_policy_and_stop_order(tmp_path, tiny_checkpoint):
+def test_ablation_bench_has_a_row_per_decoder_threshold_policy_and_stop_order(tmp_path, tiny_checkpoint):
     prompts, out = tmp_path / "heldout.jsonl", tmp_path / "ablation.json"
     prompts.write_text("".join(json.dumps({"instruction": f"copy {w} = ", "output": w}) + "\n" for w in ("ab", "cd", "e")))
     ablation_bench.main(["--model", str(tiny_checkpoint), "--prompts-jsonl", str(prompts), "--device", "cpu",
                          "--dtype", "float32", "--block-size", "8", "--max-new-tokens", "16", "--decoders", "threshold",
-                         "fixed_k", "--policies", "dllm-var", "--json", str(out)])
+                         "fixed_k", "hierarchical", "--thresholds", "0.9", "0.5", "--policies", "dllm-var",
+                         "--json", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert [(r["decoder"], r["stop_order"]) for r in rows] == [("threshold", "last"), ("threshold", "confidence"),
-                                                               ("fixed_k", "last"), ("fixed_k", "confidence")]
+    assert [(r["decoder"], r["threshold"], r["stop_order"]) for r in rows] == [
+        (decoder, tau, order) for decoder, tau in [("threshold", 0.9), ("threshold", 0.5), ("fixed_k", None),
+                                                   ("hierarchical", 0.9), ("hierarchical", 0.5)]
+        for order in ("last", "confidence")]  # fixed_k has no threshold; hierarchical's low one follows it down
     assert rows[0]["tps_vs_default"] == 1.0 and all(r["prompts"] == 3 for r in rows)
 
 
