@@ -8,8 +8,7 @@ the table has exact match, self-stopping, TPF and TPS, and each row's TPS relati
 (threshold decoder, dLLM-Var cache, no unrolling) measured in the same run.
 
 Thresholds (`--thresholds 0.7 0.9 0.99`) trade parallelism for accuracy: the threshold, credit and
-hierarchical decoders run at each (hierarchical keeps its low threshold at or below it); factor and
-fixed_k have no threshold and run once.
+hierarchical decoders run at each; factor and fixed_k have no threshold and run once.
 
 Cache policies: dllm-var (committed K/V reused as is), vicinity (each step also recomputes the last
 `--vicinity` committed tokens; a full refresh when a block starts), none (everything recomputed at
@@ -56,7 +55,7 @@ def run(args) -> list[dict]:
                                         decoder=decoder, cache_policy=policy, vicinity=args.vicinity, early_stop=True,
                                         stops_last=order == "last")
             if tau is not None:
-                cfg = cfg.replace(threshold=tau, low_threshold=min(cfg.low_threshold, tau))
+                cfg = cfg.replace(threshold=tau)
             engine.generate(prompts[: args.batch], cfg)  # warm-up
             sync()
             t0 = time.perf_counter()

@@ -46,6 +46,9 @@ def test_hierarchical_picks_best_of_each_mask_run_above_low_plus_all_above_high(
     # nothing passes: still the global top-1
     out = decoders.hierarchical_commit(conf, masked, high=T([0.99]), low=T([0.99]))
     assert out.tolist() == [[True, False, False, False, False, False, False]]
+    # a low threshold above the high one adds nothing: the threshold rule
+    out = decoders.hierarchical_commit(conf, masked, high=T([0.6]), low=T([0.9]))
+    assert out.tolist() == decoders.threshold_commit(conf, masked, T([0.6])).tolist()
 
 
 def test_candidates_exclude_the_mask_token_and_report_softmax_confidence():

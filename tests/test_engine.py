@@ -410,7 +410,9 @@ def test_bad_requests_are_rejected(confident_model):
     for logprobs in (-1, 21, True, 2.0):
         with pytest.raises(ValueError, match="logprobs"):
             GenerationConfig(logprobs=logprobs)
-    for name, value in [("top_k", -1), ("top_k", 2.0), ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1),
+    for decoder in dllm.engine.DECODERS:  # a threshold below hierarchical's low threshold (0.6) is fine
+        GenerationConfig(decoder=decoder, threshold=0.3)
+    for name, value in [("low_threshold", 1.5), ("top_k", -1), ("top_k", 2.0), ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1),
                         ("min_p", 1.5), ("logit_bias", {-1: 1.0}), ("logit_bias", {3: 101.0}),
                         ("logit_bias", {"3": 1.0}), ("logit_bias", [3])]:
         with pytest.raises(ValueError, match=name):

@@ -50,7 +50,8 @@ class GenerationConfig:
                      [finished block + B masks] writes the block's K/V. False: keep the K/V of the
                      block's last denoise step and save that forward (an approximation).
     factor:          f of the factor rule (commit the largest n with (n+1)(1-c_n) < f)
-    low_threshold:   hierarchical decoding's per-run threshold
+    low_threshold:   hierarchical decoding's per-run threshold (at or above `threshold` it adds nothing:
+                     every position above `threshold` is committed anyway)
     tokens_per_step: k of the fixed_k (low-confidence remasking) decoder
     credit_alpha/beta/gamma: credit decoding (dInfer defaults 0.7 / 0.8 / 0.2)
     cache_policy:    "dllm-var" (default): committed K/V is reused as it is; "vicinity" (dInfer): each
@@ -134,8 +135,8 @@ class GenerationConfig:
             bad("logit_bias", "a dict of token id -> bias in [-100, 100]")
         if self.factor <= 0:
             bad("factor", "a number > 0")
-        if not 0.0 <= self.low_threshold <= self.threshold:
-            bad("low_threshold", "in [0, threshold]")
+        if not 0.0 <= self.low_threshold <= 1.0:
+            bad("low_threshold", "a confidence in [0, 1]")
         if not isinstance(self.tokens_per_step, int) or self.tokens_per_step < 1:
             bad("tokens_per_step", "an integer >= 1")
         if self.logprobs is not None and (type(self.logprobs) is not int or not 0 <= self.logprobs <= MAX_LOGPROBS):
