@@ -13,6 +13,9 @@ same decoding returning each token's log-probability and K alternatives (Generat
 its TPS against the row above is the cost of logprobs. `--top-p P` adds, per decoder, sampled decoding
 (temperature 1), then with top_p P (which sorts the whole vocabulary at every block position), then with
 top_p P and top_k 50 (which ranks 50): their TPS against the plain sampled row is the cost of narrowing.
+`--samples N` adds N sampled answers per prompt decoded together (an OpenAI `n`), once with the engine's
+shared prefill (one prefill row per prompt, its K/V copied to the other N-1 slots) and once with every row
+prefilled: their ratio is what sharing saves, most with long prompts (--prompt-len).
 """
 
 from __future__ import annotations
@@ -94,6 +97,16 @@ def run(args) -> list[dict]:
         for name, config in variants:
             gens, secs = decode(config)
             record(name, [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(prompts))
+    for share in (True, False) if args.samples else ():
+        group = dllm.Engine(model, max_batch_size=args.samples, max_model_len=engine.max_model_len,
+                            share_prefills=share)
+        cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=cap, threshold=args.threshold, temperature=1.0)
+        configs = [cfg.replace(seed=s) for s in range(args.samples)]
+        group.generate(prompts[:1] * args.samples, configs)  # warm-up
+        gens, secs = timed(lambda: [g for p in prompts for g in group.generate([p] * args.samples, configs)])
+        how = "shared prefill" if share else "every row prefilled"
+        record(f"dllm-var engine ({args.samples} samples per prompt, {how})", [g.token_ids for g in gens],
+               sum(g.num_forwards for g in gens), secs, len(gens))
     for gen_len in args.vanilla_gen_lengths:
         out, secs = timed(lambda: [llada_generate(model, [p], gen_length=gen_len, steps=gen_len, block_length=gen_len)
                                    for p in prompts])
@@ -125,6 +138,8 @@ def main(argv=None) -> None:
     p.add_argument("--decoders", nargs="+", default=["threshold"], choices=list(dllm.engine.DECODERS))
     p.add_argument("--logprobs", type=int, help="also decode returning logprobs with this many alternatives")
     p.add_argument("--top-p", type=float, help="also decode sampled, without and with this top_p (and top_k 50)")
+    p.add_argument("--samples", type=int, help="also decode this many samples per prompt together, with and "
+                   "without shared prefills")
     p.add_argument("--vanilla-gen-lengths", type=int, nargs="+", default=[128])
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)

@@ -244,6 +244,30 @@ def test_greedy_output_does_not_depend_on_the_batch(model64):
     assert [results[i] for i in range(len(prompts))] == alone
 
 
+def test_requests_with_the_same_prompt_share_one_prefill_row(model64):
+    """The n samples of one prompt prefill as one row whose prompt K/V are copied into the others'
+    slots: the same tokens and forwards as when every row is prefilled, from fewer prefill rows."""
+    a, b, c = _prompts(3)
+    batch = [a, a, a, b, a, c, b]
+    configs = [CFG] + [CFG.replace(temperature=1.0, seed=s) for s in range(1, len(batch))]
+    model = copy.deepcopy(model64)
+    rows_per_forward = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        rows_per_forward.append(ids.shape[0])
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    engine = _engine(model)
+    shared = engine.generate(batch, configs)
+    apart = _engine(model64, share_prefills=False).generate(batch, configs)
+    assert [(g.token_ids, g.num_forwards) for g in shared] == [(g.token_ids, g.num_forwards) for g in apart]
+    assert len({tuple(g.token_ids) for g in shared[:3]}) > 1  # the samples part after the shared prefill
+    assert rows_per_forward[0] == 3 and engine.stats()["shared_prefills"] == 4  # a, b, c: 4 rows saved
+
+
 def test_seeded_sampling_is_reproducible(confident_model):
     engine = _engine(confident_model)
     sample = CFG.replace(temperature=2.0, seed=5)

@@ -22,6 +22,7 @@ shapes) replay CUDA graphs (`cuda_graphs.py`); PREFILL (any prompt length) runs 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from collections.abc import Sequence
@@ -107,6 +108,32 @@ class _DecodeParams:
             self.stop_ids = on_device([sorted(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs])
 
 
+class _SharedPrefill:
+    """Rows of a PREFILL group whose prompt repeats an earlier row's (n samples of one prompt, retries):
+    their forward, prompt + B masks, is the same, so it runs once per distinct prompt. Every index is
+    put on the device before the forward is launched (no host->device copy after it)."""
+
+    def __init__(self, engine: "Engine", reqs: list[Request]) -> None:
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(r.prompt_ids), i) for i, r in enumerate(reqs)]
+        self.rows = list(first.values())  # the rows that run: one per distinct prompt
+        copies = [(i, s) for i, s in enumerate(source) if i != s]
+        on_device = functools.partial(torch.tensor, device=engine.device)
+        self.rows_index = on_device(self.rows)
+        rank = {row: j for j, row in enumerate(self.rows)}
+        self.expand = on_device([rank[s] for s in source])  # each row's logits: its prompt's row
+        self.to_slots = on_device([reqs[i].slot for i, _ in copies])
+        self.from_slots = on_device([reqs[s].slot for _, s in copies])
+        self.length = max(len(reqs[i].prompt_ids) for i, _ in copies)  # the prompt K/V to copy
+        self.saved = len(copies)
+
+    @staticmethod
+    def find(engine: "Engine", reqs: list[Request]) -> "_SharedPrefill | None":
+        if len({tuple(r.prompt_ids) for r in reqs}) == len(reqs):
+            return None
+        return _SharedPrefill(engine, reqs)
+
+
 class Engine:
     """Continuous-batching dLLM-Var engine over one model replica.
 
@@ -125,12 +152,16 @@ class Engine:
     max_unroll:         DENOISE steps run back to back before the host looks (dInfer's loop
                         unrolling): k = clamp(masks left // expected_tpf, 1, max_unroll). Same tokens;
                         extra forwards on blocks that finish early are counted.
+    share_prefills:     requests prefilled together with the same prompt (the n samples of one prompt)
+                        share one prefill row: its prompt K/V are copied to the others' slots. Same
+                        tokens; False runs every row (the baseline of that saving).
     """
 
     def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
                  max_model_len: int | None = None, max_prefill_tokens: int = 8192,
                  cuda_graphs: bool | None = None, compile_blocks: bool | None = None,
-                 fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0) -> None:
+                 fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
+                 share_prefills: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -154,6 +185,8 @@ class Engine:
         self.graphs = (GraphedForward(model, self.cache.k, self.cache.v, self.cache.scratch_slot, self.config.mask_token_id)
                        if cuda_graphs else None)
         self.scheduler = Scheduler(self.cache, max_prefill_tokens)
+        self.share_prefills = share_prefills
+        self.shared_prefills = 0  # prefill rows not run: their prompt's K/V were copied from another row
         self.mask_id = self.config.mask_token_id
         stop = set(self.config.stop_token_ids)
         eot = getattr(tokenizer, "eot_token_id", None)
@@ -265,6 +298,7 @@ class Engine:
             "cache_tokens_total": self.cache.num_slots * self.cache.capacity,
             "total_forwards": self.total_forwards,
             "host_syncs": self.host_syncs,
+            "shared_prefills": self.shared_prefills,
             "cuda_graphs": len(self.graphs.graphs) if self.graphs is not None else 0,
         }
 
@@ -310,10 +344,13 @@ class Engine:
         slots = [r.slot for r in reqs]
         smoothing = [i for i, r in enumerate(reqs) if r.config.smoothing]
         graphable = self.graphs is not None and uniform and phase is not Phase.PREFILL and not smoothing
+        shared = _SharedPrefill.find(self, reqs) if phase is Phase.PREFILL and self.share_prefills else None
         view = None
         for u in range(k):
             logits = self.graphs.run(ids, slots, offsets, logits_start=lead, n_logits=b) if graphable else None
-            if logits is None:  # eager (or no graph bucket fits): one view serves every unrolled step
+            if shared is not None:  # PREFILL: one step, nothing unrolled
+                logits = self._shared_prefill_logits(reqs, ids, block_pos, offsets, q_lens, shared)
+            elif logits is None:  # eager (or no graph bucket fits): one view serves every unrolled step
                 if view is None:
                     view = self.cache.view(slots, offsets, q_lens, ids.shape[1])
                 logits = self._eager_logits(reqs, ids, smoothing, block_pos, view)
@@ -338,6 +375,21 @@ class Engine:
             r.phase = Phase.DENOISE
             if done[i]:
                 self._complete_block(r)
+
+    def _shared_prefill_logits(self, reqs: list[Request], ids: torch.Tensor, block_pos: torch.Tensor,
+                               offsets: list[int], q_lens: list[int], shared: _SharedPrefill) -> torch.Tensor:
+        """Block logits [n, B, vocab] of a PREFILL group from one forward per distinct prompt; the rows
+        that repeat a prompt get its K/V copied into their slots and its logits."""
+        rows = shared.rows
+        view = self.cache.view([reqs[i].slot for i in rows], [offsets[i] for i in rows], [q_lens[i] for i in rows],
+                               ids.shape[1])
+        logits = self._eager_logits([reqs[i] for i in rows], ids[shared.rows_index], [],
+                                    block_pos[shared.rows_index], view)
+        span = slice(0, shared.length)
+        for pool in (self.cache.k, self.cache.v):
+            pool[:, shared.to_slots, span] = pool[:, shared.from_slots, span]
+        self.shared_prefills += shared.saved
+        return logits.index_select(0, shared.expand)
 
     def _eager_logits(self, reqs, ids, smoothing: list[int], block_pos, view) -> torch.Tensor:
         """Block logits [n, B, vocab] of one eager forward against the cache `view`."""
