@@ -156,6 +156,9 @@ def test_sampling_floor_keeps_min_p_then_the_top_k_then_the_nucleus():
         alone = decoders.sampling_floor(logits[one], temperature[one], top_k[one], top_p[one], min_p[one],
                                         ranked=ranked, nucleus=nucleus)
         assert torch.equal(alone, floor[one]), i
+    # A top_k above the vocabulary keeps every token.
+    wide = decoders.sampling_floor(logits[:1], T([1.0]), T([50]), T([1.0]), T([0.0]), ranked=50, nucleus=False)
+    assert (logits[:1] >= wide[..., None]).all()
 
 
 def test_candidates_sample_only_above_the_floor_and_keep_the_unfiltered_confidence():

@@ -74,6 +74,7 @@ def sampling_floor(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     floor = logits.amax(-1) + temperature[:, None] * torch.log(min_p)[:, None]
     if not ranked:
         return floor
+    ranked = min(ranked, v)  # a top_k above the vocabulary keeps every token
     top = logits.topk(ranked, dim=-1).values  # sorted, most likely first
     k = torch.where(top_k > 0, top_k.clamp(max=ranked), ranked)
     kth = top.gather(-1, (k - 1)[:, None, None].expand(n, b, 1)).squeeze(-1)
