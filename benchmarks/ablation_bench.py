@@ -28,6 +28,7 @@ import time
 import torch
 
 import dllm
+from benchmarks.checkpoint_args import add_checkpoint_arguments, load_checkpoint
 
 
 STOP_ORDERS = ("last", "confidence")  # GenerationConfig.stops_last on / off
@@ -39,9 +40,8 @@ def sync():
 
 
 def run(args) -> list[dict]:
-    model = dllm.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    tok = dllm.load_tokenizer(args.model)
-    rows = [json.loads(line) for line in open(args.prompts_jsonl) if line.strip()][: args.num_prompts]
+    model, tok, rows = load_checkpoint(args)
+    rows = rows[: args.num_prompts]
     prompts = [r["instruction"] + r.get("input", "") for r in rows]
     results = []
     for unroll in args.unroll:
@@ -81,11 +81,7 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--prompts-jsonl", required=True, help="Alpaca-style jsonl with instruction/input/output")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--num-prompts", type=int, default=100)
+    add_checkpoint_arguments(p, "Alpaca-style jsonl with instruction/input/output")
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together (1 = one at a time)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)

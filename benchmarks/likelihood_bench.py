@@ -27,9 +27,8 @@ import json
 import random
 import time
 
-import torch
-
 import dllm
+from benchmarks.checkpoint_args import add_checkpoint_arguments, load_checkpoint
 
 
 def distractors(row: dict, rows: list[dict], kind: str, count: int, rng: random.Random) -> list[str]:
@@ -56,10 +55,8 @@ def distractors(row: dict, rows: list[dict], kind: str, count: int, rng: random.
 
 
 def run(args) -> dict:
-    model = dllm.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    tok = dllm.load_tokenizer(args.model)
+    model, tok, rows = load_checkpoint(args)
     eos = model.config.eos_token_id
-    rows = [json.loads(line) for line in open(args.prompts_jsonl) if line.strip()]
     scored = rows[: args.num_prompts]
     prompts = [tok(r["instruction"] + r.get("input", ""), add_special_tokens=False)["input_ids"] for r in scored]
 
@@ -127,11 +124,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--prompts-jsonl", required=True, help="Alpaca-style jsonl with instruction/input/output[/task]")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--num-prompts", type=int, default=100)
+    add_checkpoint_arguments(p, "Alpaca-style jsonl with instruction/input/output[/task]")
     p.add_argument("--distractors", type=int, default=3, help="wrong answers per prompt")
     p.add_argument("--kinds", nargs="+", default=["other", "edit"], choices=["other", "edit"])
     p.add_argument("--mc-samples", type=int, nargs="+", default=[8, 32, 128])
