@@ -402,7 +402,8 @@ class OpenAIIngress:
                                code="context_length_exceeded")
         options = {name: getattr(req, name) for name in DiffusionOptions.model_fields}
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        bias = logit_bias_ids(req, len(self.tokenizer))
+        bias = logit_bias_ids(req)
+        self._checked_ids(list(bias or ()), param="logit_bias")
         payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
                      "seed": None if req.seed is None else req.seed + i, "stop": stop,
                      "stop_token_ids": req.stop_token_ids, "logprobs": logprobs_wanted(req),
