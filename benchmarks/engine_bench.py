@@ -13,7 +13,9 @@ same decoding returning each token's log-probability and K alternatives (Generat
 its TPS against the row above is the cost of logprobs. `--top-p P` adds, per decoder, sampled decoding
 (temperature 1), then with top_p P (which sorts the whole vocabulary at every block position), then with
 top_p P and top_k 50 (which ranks 50): their TPS against the plain sampled row is the cost of narrowing.
-`--samples N` adds N sampled answers per prompt decoded together (an OpenAI `n`), once with the engine's
+`--penalties` adds, per decoder, the same greedy decoding with presence, frequency and repetition penalties
+(per-row token counts over the vocabulary, updated on the device each step): its TPS against the plain row is
+their cost. `--samples N` adds N sampled answers per prompt decoded together (an OpenAI `n`), once with the engine's
 shared prefill (one prefill row per prompt, its K/V copied to the other N-1 slots) and once with every row
 prefilled: their ratio is what sharing saves, most with long prompts (--prompt-len).
 """
@@ -94,6 +96,9 @@ def run(args) -> list[dict]:
                          (f"dllm-var engine ({decoder}, sampled, top_p {args.top_p})", sampled.replace(top_p=args.top_p)),
                          (f"dllm-var engine ({decoder}, sampled, top_p {args.top_p}, top_k 50)",
                           sampled.replace(top_p=args.top_p, top_k=50))]
+        if args.penalties:
+            variants.append((f"dllm-var engine ({decoder}, presence, frequency and repetition penalties)",
+                             cfg.replace(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)))
         for name, config in variants:
             gens, secs = decode(config)
             record(name, [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(prompts))
@@ -138,6 +143,7 @@ def main(argv=None) -> None:
     p.add_argument("--decoders", nargs="+", default=["threshold"], choices=list(dllm.engine.DECODERS))
     p.add_argument("--logprobs", type=int, help="also decode returning logprobs with this many alternatives")
     p.add_argument("--top-p", type=float, help="also decode sampled, without and with this top_p (and top_k 50)")
+    p.add_argument("--penalties", action="store_true", help="also decode with presence/frequency/repetition penalties")
     p.add_argument("--samples", type=int, help="also decode this many samples per prompt together, with and "
                    "without shared prefills")
     p.add_argument("--vanilla-gen-lengths", type=int, nargs="+", default=[128])

@@ -28,7 +28,10 @@ def _generate(args) -> int:
     config = dllm.GenerationConfig(block_size=args.block_size, threshold=args.threshold,
                                    max_new_tokens=args.max_new_tokens, decoder=args.decoder,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   min_p=args.min_p, seed=args.seed, stop=args.stop, early_stop=args.early_stop)
+                                   min_p=args.min_p, presence_penalty=args.presence_penalty,
+                                   frequency_penalty=args.frequency_penalty,
+                                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                                   early_stop=args.early_stop)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                if args.chat else p for p in args.prompt]
     for prompt, gen in zip(args.prompt, engine.generate(prompts, config)):
@@ -133,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="sample within the nucleus holding this probability")
     g.add_argument("--min-p", type=float, default=0.0,
                    help="sample tokens at least this fraction as likely as the most likely one")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: taken off the logit of every token the answer already holds")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: taken off a token's logit once per occurrence in the answer so far")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0 (1 = off): divides the logits of tokens in the prompt or the answer (vLLM's)")
     g.add_argument("--seed", type=int, help="the same seed gives the same samples")
     g.add_argument("--stop", action="append", help="a stop string (repeat for several)")
     g.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=True,

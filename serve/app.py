@@ -88,16 +88,12 @@ class EngineServer:
                 "pid": os.getpid(), **self.engine.stats()}
 
     async def generate(self, payload: dict):
-        """Stream one request: a dict per committed block, the last with finish_reason and stats."""
+        """Stream one request: a dict per committed block, the last with finish_reason and stats.
+        payload: prompt_ids, max_tokens, options (DiffusionOptions, over this replica's defaults) and
+        sampling (the request's other GenerationConfig fields)."""
         opts = {k: v for k, v in payload.get("options", {}).items() if v is not None}
         merged = {**self.defaults, **opts}
-        config = _generation_config(merged, payload.get("max_tokens"), temperature=payload.get("temperature", 0.0),
-                                    seed=payload.get("seed"), stop=payload.get("stop") or None,
-                                    stop_token_ids=payload.get("stop_token_ids") or None,
-                                    logprobs=payload.get("logprobs"), ignore_eos=payload.get("ignore_eos", False),
-                                    min_tokens=payload.get("min_tokens", 0), top_k=payload.get("top_k", 0),
-                                    top_p=payload.get("top_p", 1.0), min_p=payload.get("min_p", 0.0),
-                                    logit_bias=payload.get("logit_bias"))
+        config = _generation_config(merged, payload.get("max_tokens"), **payload.get("sampling", {}))
         start = time.monotonic()
         first = True
         async for out in self.loop.generate(payload["prompt_ids"], config):
@@ -404,11 +400,14 @@ class OpenAIIngress:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         bias = logit_bias_ids(req)
         self._checked_ids(list(bias or ()), param="logit_bias")
-        payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
-                     "seed": None if req.seed is None else req.seed + i, "stop": stop,
-                     "stop_token_ids": req.stop_token_ids, "logprobs": logprobs_wanted(req),
-                     "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "top_k": max(req.top_k, 0),
-                     "top_p": req.top_p, "min_p": req.min_p, "logit_bias": bias, "options": options}
+        # The request's own GenerationConfig fields; the diffusion options merge with the replica's defaults.
+        sampling = {"temperature": req.temperature, "stop": stop or None, "stop_token_ids": req.stop_token_ids or None,
+                    "logprobs": logprobs_wanted(req), "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
+                    "top_k": max(req.top_k, 0), "top_p": req.top_p, "min_p": req.min_p, "logit_bias": bias,
+                    "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+                    "repetition_penalty": req.repetition_penalty}
+        payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "options": options,
+                     "sampling": {**sampling, "seed": None if req.seed is None else req.seed + i}}
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")

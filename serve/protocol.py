@@ -59,8 +59,9 @@ class _Common(DiffusionOptions):
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extra: no stop token among the first min_tokens
     seed: int | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)  # vLLM's extra (1 = off)
     logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}
 
 
@@ -121,10 +122,7 @@ class DetokenizeRequest(BaseModel):
 
 def reject_unsupported(req: _Common) -> None:
     """Parameters we accept for compatibility only at their neutral values."""
-    checks = [
-        ("presence_penalty", req.presence_penalty != 0.0, "presence_penalty is not supported"),
-        ("frequency_penalty", req.frequency_penalty != 0.0, "frequency_penalty is not supported"),
-    ]
+    checks = []
     if isinstance(req, CompletionRequest):
         checks += [("best_of", req.best_of not in (None, 1, req.n),
                     "best_of other than n is not supported: a diffusion model has no sequence log-probability to rank "

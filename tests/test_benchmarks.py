@@ -126,17 +126,18 @@ def test_likelihood_bench_scores_every_choice_and_splits_wrong_generations(tmp_p
         likelihood_bench.distractors(rows[0], rows, "other", 4, rng)
 
 
-def test_engine_bench_compares_logprobs_sampling_filters_shared_prefills_and_the_baselines(tmp_path):
+def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_and_the_baselines(tmp_path):
     out = tmp_path / "engine.json"
     engine_bench.main(["--device", "cpu", "--dtype", "float32", "--num-prompts", "2", "--prompt-len", "8",
                        "--block-size", "8", "--fast-block", "8", "--max-new-tokens", "16", "--d-model", "64",
                        "--layers", "1", "--heads", "2", "--vocab", "128", "--vanilla-gen-lengths", "16",
-                       "--logprobs", "3", "--top-p", "0.9", "--samples", "3", "--json", str(out)])
+                       "--logprobs", "3", "--top-p", "0.9", "--penalties", "--samples", "3", "--json", str(out)])
     rows = {r["system"]: r for r in json.loads(out.read_text())["results"]}
     plain, with_lp = rows["dllm-var engine (threshold)"], rows["dllm-var engine (threshold, logprobs 3)"]
     assert (with_lp["tokens"], with_lp["forwards"]) == (plain["tokens"], plain["forwards"])  # same decoding
     for name in ("dllm-var engine (threshold, sampled)", "dllm-var engine (threshold, sampled, top_p 0.9)",
-                 "dllm-var engine (threshold, sampled, top_p 0.9, top_k 50)"):
+                 "dllm-var engine (threshold, sampled, top_p 0.9, top_k 50)",
+                 "dllm-var engine (threshold, presence, frequency and repetition penalties)"):
         assert rows[name]["tokens"] > 0 and rows[name]["forwards"] > 0
     shared, apart = (rows[f"dllm-var engine (3 samples per prompt, {how})"] for how in ("shared prefill",
                                                                                         "every row prefilled"))

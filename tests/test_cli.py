@@ -29,11 +29,11 @@ def test_generate_prints_what_the_engine_decodes(checkpoint):
     prompts = ["reverse: abcd =>", "sort: ba =>"]
     out = _generate("--model", str(checkpoint), "--prompt", prompts[0], "--prompt", prompts[1], "--block-size", "8",
                     "--max-new-tokens", "32", "--temperature", "1.0", "--top-k", "5", "--top-p", "0.95", "--seed", "4",
-                    "--stop", "vv")
+                    "--stop", "vv", "--frequency-penalty", "0.5", "--repetition-penalty", "1.2")
     assert out.returncode == 0, out.stderr
     engine = dllm.Engine(dllm.load_model(checkpoint), dllm.load_tokenizer(checkpoint), max_batch_size=2)
     cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=32, temperature=1.0, top_k=5, top_p=0.95, seed=4,
-                                stop=["vv"], early_stop=True)
+                                stop=["vv"], early_stop=True, frequency_penalty=0.5, repetition_penalty=1.2)
     gens = engine.generate(prompts, cfg)
     assert any(g.text for g in gens)
     for prompt, gen in zip(prompts, gens):

@@ -176,3 +176,12 @@ def test_logit_bias_adds_each_rows_biases_at_every_position_and_ignores_padding(
     assert out[0, :, 4].tolist() == [-100.0] * 3 and out[0, :, 1].tolist() == [2.5] * 3
     assert out[1, :, 2].tolist() == [7.0] * 3
     assert (out[0, :, [0, 2, 3]] == 0).all() and (out[1, :, [0, 1, 3, 4]] == 0).all()
+
+
+def test_repetition_penalty_lowers_seen_tokens_and_presence_frequency_charge_generated_ones():
+    logits = T([[[2.0, -2.0, 2.0, 1.0]]])  # one row, one position, 4 tokens
+    counts = T([[3.0, 0.0, 0.0, 0.0]])  # token 0 generated three times
+    seen = T([[True, True, False, False]])  # token 1 only in the prompt
+    out = decoders.apply_penalties(logits, counts, seen, presence=T([0.5]), frequency=T([0.25]), repetition=T([2.0]))
+    # 0: 2/2 - 0.25*3 - 0.5; 1: -2*2 (the prompt counts for repetition only); 2, 3: unseen, untouched
+    assert out[0, 0].tolist() == [1.0 - 0.75 - 0.5, -4.0, 2.0, 1.0]

@@ -317,6 +317,83 @@ def test_logit_bias_bans_or_forces_tokens(confident_model):
         engine.add_request([7, 8], CFG.replace(logit_bias={10**6: 1.0}))
 
 
+def _flat(model):
+    """The model with every logit 0: the decoders see only logit_bias and the penalties."""
+    flat = copy.deepcopy(model)
+    flat.model.transformer["ff_out"].weight.data.zero_()
+    return flat
+
+
+def penalised_greedy(bias: dict, prompt: list, steps: int, presence=0.0, frequency=0.0, repetition=1.0) -> list:
+    """vLLM's penalties written out: one greedy token per step over logits = bias (0 elsewhere)."""
+    counts = collections.Counter()
+
+    def logit(t):
+        x = bias[t]
+        if t in prompt or counts[t]:
+            x = x / repetition if x > 0 else x * repetition
+        return x - frequency * counts[t] - presence * (counts[t] > 0)
+
+    out = []
+    for _ in range(steps):
+        out.append(max(bias, key=logit))
+        counts[out[-1]] += 1
+    return out
+
+
+def _in_commit_order(gen) -> list:
+    """A generation's tokens in the order its steps committed them (record_trajectory)."""
+    return [t for block in gen.trajectory for _, t in sorted(zip(block.reveal_step, block.tokens))]
+
+
+@pytest.mark.parametrize("bias, penalties", [
+    ({30: 5.0, 31: 4.4}, {"frequency_penalty": 0.25}),  # A A A B ...: each use costs 0.25
+    ({30: 3.0, 31: 2.5, 32: 1.8}, {"presence_penalty": 1.0}),  # A B A A ...: the first use costs 1, no more
+    ({30: 3.0, 31: 2.0}, {"repetition_penalty": 2.0}),  # 30 is in the prompt: B first
+    ({30: 2.05, 31: 2.5, 32: 2.4}, {"presence_penalty": -1.0, "frequency_penalty": 0.3}),
+])
+def test_penalties_follow_vllms_formula_over_the_tokens_committed_so_far(confident_model, bias, penalties):
+    """One token per step over two blocks: the second block's steps see the first block's tokens too."""
+    engine = _engine(_flat(confident_model))
+    prompt = [30, 12, 13]
+    cfg = CFG.replace(decoder="fixed_k", max_new_tokens=2 * B, logit_bias=bias, record_trajectory=True, **penalties)
+    gen = engine.generate([prompt], cfg)[0]
+    expected = penalised_greedy(bias, prompt, 2 * B, *(penalties.get(f"{x}_penalty", d) for x, d in
+                                                       (("presence", 0.0), ("frequency", 0.0), ("repetition", 1.0))))
+    assert _in_commit_order(gen) == expected and len(set(expected)) > 1
+    assert penalised_greedy(bias, prompt, 2 * B) != expected  # the penalties changed the answer
+
+
+def test_penalised_rows_decode_as_alone_in_a_mixed_batch_and_unrolled(talkative_model):
+    prompts = _prompts(6)
+    cfgs = [CFG.replace(stops_last=True, **kw) for kw in (
+        dict(frequency_penalty=1.5), {}, dict(presence_penalty=2.0, repetition_penalty=1.5), dict(repetition_penalty=3.0),
+        dict(temperature=1.0, seed=3, frequency_penalty=-0.5), dict(presence_penalty=0.7))]
+    alone = [_engine(talkative_model).generate([p], c)[0].token_ids for p, c in zip(prompts, cfgs)]
+    assert alone != [_engine(talkative_model).generate([p], c.replace(presence_penalty=0.0, frequency_penalty=0.0,
+                                                                      repetition_penalty=1.0))[0].token_ids
+                     for p, c in zip(prompts, cfgs)]
+    assert [g.token_ids for g in _engine(talkative_model).generate(prompts, cfgs)] == alone
+    unrolled = _engine(talkative_model, max_unroll=4, expected_tpf=1.0).generate(prompts, cfgs)
+    assert [g.token_ids for g in unrolled] == alone
+
+
+def test_penalties_do_not_count_stop_tokens(confident_model):
+    """An EOS run committed early must not push the block's other masks away from EOS; with ignore_eos
+    EOS is output like any token and counted."""
+    engine = _engine(_flat(confident_model))
+    eos = confident_model.config.eos_token_id
+    cfg = CFG.replace(decoder="fixed_k", max_new_tokens=B, logit_bias={eos: 5.0, 30: 4.5}, frequency_penalty=1.0,
+                      record_trajectory=True)
+    assert engine.generate([[12, 13]], cfg)[0].trajectory[0].tokens == [eos] * B
+    counted = engine.generate([[12, 13]], cfg.replace(ignore_eos=True))[0]
+    assert _in_commit_order(counted) == penalised_greedy({eos: 5.0, 30: 4.5}, [12, 13], B, frequency=1.0)
+    for name, value in [("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("repetition_penalty", 0.0),
+                        ("repetition_penalty", float("inf")), ("presence_penalty", float("nan"))]:
+        with pytest.raises(ValueError, match=name):
+            CFG.replace(**{name: value})
+
+
 @pytest.mark.parametrize("decoder", ["factor", "credit", "hierarchical", "fixed_k"])
 def test_every_decoder_generates_valid_output(confident_model, decoder):
     gens = _engine(confident_model).generate(_prompts(4), CFG.replace(decoder=decoder, tokens_per_step=2))
@@ -592,7 +669,9 @@ EVERY_DECODING_SETTING += [CFG.replace(temperature=1.5, seed=3), CFG.replace(smo
                            CFG.replace(stops_last=True), CFG.replace(decoder="factor", stops_last=True, early_stop=True),
                            CFG.replace(logprobs=4), CFG.replace(min_tokens=10, stops_last=True),
                            CFG.replace(temperature=1.0, seed=4, top_k=5, top_p=0.8, min_p=0.05, logit_bias={9: -100.0}),
-                           CFG.replace(temperature=0.7, seed=5, top_k=3, logit_bias={12: 2.5, 14: -3.0})]
+                           CFG.replace(temperature=0.7, seed=5, top_k=3, logit_bias={12: 2.5, 14: -3.0}),
+                           CFG.replace(temperature=0.8, seed=6, presence_penalty=0.5, frequency_penalty=0.4,
+                                       repetition_penalty=1.3)]
 
 
 def _stops_before_their_content(gens, stop_ids) -> int:

@@ -253,7 +253,7 @@ def test_ignore_eos_and_min_tokens_are_the_engines(client, model_dir):
     assert len(engine.generate([prompt], cfg)[0].token_ids) < 20  # without them the answer is shorter
 
 
-def test_top_k_top_p_min_p_and_logit_bias_are_the_engines(client, model_dir):
+def test_sampling_filters_logit_bias_and_penalties_are_the_engines(client, model_dir):
     tok = dllm.load_tokenizer(model_dir)
     engine = dllm.Engine(dllm.load_model(model_dir), tok, max_model_len=256)
     cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
@@ -272,6 +272,11 @@ def test_top_k_top_p_min_p_and_logit_bias_are_the_engines(client, model_dir):
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=40,
                                           logit_bias={str(v_id): -100})
     assert "v" not in chat.choices[0].message.content
+    penalties = {"presence_penalty": 1.0, "frequency_penalty": 2.0}
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, **penalties,
+                                    extra_body={"repetition_penalty": 1.5})
+    direct = engine.generate([prompt], cfg.replace(**penalties, repetition_penalty=1.5))[0]
+    assert out.choices[0].text == direct.text != engine.generate([prompt], cfg)[0].text
 
 
 def test_tokenize_and_detokenize(server, model_dir):
@@ -344,6 +349,9 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
     ({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"10000000": 1}}, 400, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": "tiny", "prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
 ])
 def test_invalid_completion_requests_get_openai_style_errors(server, body, status, param):
     r = httpx.post(f"{server}/v1/completions", json=body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 DECODERS = ("threshold", "factor", "credit", "hierarchical", "fixed_k")
@@ -29,6 +30,15 @@ class GenerationConfig:
     logit_bias:      {token id: bias in [-100, 100]} added to the logits at every generated position
                      (OpenAI's logit_bias: -100 bans a token, +100 all but forces it); it changes the
                      distribution the decoders see, greedy included
+    presence_penalty, frequency_penalty, repetition_penalty: vLLM's penalties on the tokens generated
+                     so far (committed in earlier blocks and in earlier steps of this one), applied after
+                     logit_bias at every masked position, greedy included: a token's logit loses
+                     presence_penalty once it occurs and frequency_penalty per occurrence (OpenAI's,
+                     each in [-2, 2]); repetition_penalty (> 0, 1 = off) divides the positive logits of
+                     the tokens seen in the prompt or the output and multiplies the negative ones. Stop
+                     tokens are not counted (an autoregressive answer holds none; a block's EOS run
+                     would otherwise push its masks away from EOS). Positions committed in the same
+                     step do not see each other.
     seed:            per-request seed: the same seed gives the same output
     stop_token_ids:  extra token ids that end the answer (EOS and EOT always do)
     stop:            stop strings (need a tokenizer); the text is cut before the first one
@@ -63,7 +73,7 @@ class GenerationConfig:
     logprobs:        None = off; k in [0, MAX_LOGPROBS]: return each generated token's log-probability and
                      the k most likely tokens at its position, as the model gave them in the forward
                      that committed the token (its distribution at temperature 1, MASK excluded, before
-                     logit_bias, min_tokens and credit; the positions still masked then are unknown
+                     logit_bias, penalties, min_tokens and credit; the positions still masked then are unknown
                      to it). A diffusion model has no left-to-right factorisation: these are
                      commit-time probabilities, not a sequence likelihood.
     smoothing:       iteration smoothing (dInfer): masked inputs get mask-embedding + alpha_t * E[emb]
@@ -80,6 +90,9 @@ class GenerationConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     stop: list[str] | None = None
@@ -133,6 +146,11 @@ class GenerationConfig:
                 and all(type(t) is int and t >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
                         for t, v in self.logit_bias.items())):
             bad("logit_bias", "a dict of token id -> bias in [-100, 100]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not isinstance(getattr(self, name), (int, float)) or not -2.0 <= getattr(self, name) <= 2.0:
+                bad(name, "a number in [-2, 2]")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty < math.inf:
+            bad("repetition_penalty", "a finite number > 0 (1 = off)")
         if self.factor <= 0:
             bad("factor", "a number > 0")
         if not 0.0 <= self.low_threshold <= 1.0:
@@ -145,6 +163,11 @@ class GenerationConfig:
             bad("stop", "a list of non-empty strings")
         if self.stop_token_ids is not None and not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "a list of token ids")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any of the repetition penalties is on."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def replace(self, **changes) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)

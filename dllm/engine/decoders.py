@@ -101,6 +101,18 @@ def add_logit_bias(logits: torch.Tensor, token_ids: torch.Tensor, bias: torch.Te
     return logits + _dense(token_ids, bias.to(logits.dtype), logits.shape[-1])[:, None, :]
 
 
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """`logits` [n, B, V] with vLLM's penalties, per row [n]: every token seen (`seen` [n, V]: in the prompt
+    or the output) has its logit divided by `repetition` where positive, multiplied by it where not
+    (1 = off); then each token loses `frequency` x its output count (`counts` [n, V]) and `presence`
+    once it occurs in the output at all. The V columns may be any tokens (a token unseen and uncounted
+    is left as it is): the engine passes only those of the prompt and the answer so far."""
+    rep = repetition[:, None, None]
+    logits = torch.where(seen[:, None, :], torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - (frequency[:, None] * counts + presence[:, None] * (counts > 0))[:, None, :]
+
+
 def forbid_early(logits: torch.Tensor, limit: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """`logits` [n, B, V] with the tokens `token_ids` [n, w] (padded with -1) impossible at block
     positions < `limit` [n] (min_tokens: no stop token among an answer's first positions)."""
@@ -108,6 +120,11 @@ def forbid_early(logits: torch.Tensor, limit: torch.Tensor, token_ids: torch.Ten
     early = torch.arange(b, device=logits.device)[None, :] < limit[:, None]
     banned = _dense(token_ids, torch.ones_like(token_ids, dtype=torch.bool), v)
     return logits.masked_fill(early[:, :, None] & banned[:, None, :], float("-inf"))
+
+
+def is_stop(tokens: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """[n, B] bool: `tokens` [n, B] that are among their row's `stop_ids` [n, w] (padded with -1)."""
+    return (tokens[..., None] == stop_ids[:, None, :]).any(-1)
 
 
 def stops_last(x: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, stop_ids: torch.Tensor,
@@ -121,7 +138,7 @@ def stops_last(x: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, stop_i
     and each committed EOS pulls the next position towards EOS: answers lose their last tokens.
     Content candidates and the leftmost masked position are always allowed.
     """
-    stop = (x[..., None] == stop_ids[:, None, :]).any(-1)
+    stop = is_stop(x, stop_ids)
     pending = (masked & (conf < sure[:, None])).long()  # stays masked after this step
     pending_before = torch.cumsum(pending, -1) - pending > 0
     return masked & ~(stop & pending_before)

@@ -70,6 +70,22 @@ class _DecodeParams:
             items = [sorted(reqs[i].config.logit_bias.items()) for i in biased]
             self.bias_ids = on_device([[t for t, _ in it] + [-1] * (width - len(it)) for it in items])
             self.bias_values = on_device([[float(b) for _, b in it] + [0.0] * (width - len(it)) for it in items])
+        self.penalty_rows = [i for i, r in enumerate(reqs) if r.config.penalised]
+        if self.penalty_rows:
+            cfgs = [reqs[i].config for i in self.penalty_rows]
+            self.penalty_index = on_device(self.penalty_rows)
+            self.penalties = [on_device([float(getattr(c, f"{x}_penalty")) for c in cfgs])
+                              for x in ("presence", "frequency", "repetition")]
+            # Only the tokens seen so far are penalised: the prompt's and the finished blocks' (listed here,
+            # padded with MASK, which no penalty touches), and the current block's (on the device).
+            for i in self.penalty_rows:
+                r = reqs[i]
+                if r.history_tokens is None or r.history_tokens[0] != len(r.generated):
+                    r.history_tokens = (len(r.generated), on_device(sorted(set(r.prompt_ids) | set(r.generated))))
+            width = max(len(reqs[i].history_tokens[1]) for i in self.penalty_rows)
+            self.penalty_columns = torch.stack([
+                torch.nn.functional.pad(t, (0, width - len(t)), value=engine.mask_id)
+                for t in (reqs[i].history_tokens[1] for i in self.penalty_rows)])
         by_kind: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):
             by_kind.setdefault(r.config.decoder, []).append(i)
@@ -90,7 +106,8 @@ class _DecodeParams:
         self.early_index = on_device(early) if early else None
         last = [i for i, r in enumerate(reqs) if r.config.stops_last]
         self.stops_last_index = on_device(last) if last else None
-        self.stop_ids = None  # [n, w]: each row's stop ids, padded with -1 (early_stop, stops_last, min_tokens)
+        self.stop_ids = None  # [n, w]: each row's stop ids, padded with -1 (early_stop, stops_last, min_tokens,
+        # penalties)
         # Per stops_last row: its decoder commits every position at or above its threshold.
         self.commits_above_threshold = on_device([reqs[i].config.decoder in decoders.COMMIT_ABOVE_THRESHOLD
                                                   for i in last]) if last else None
@@ -103,7 +120,7 @@ class _DecodeParams:
         self.min_tokens_index = on_device(young) if young else None
         self.min_tokens_limit = on_device([reqs[i].config.min_tokens - len(reqs[i].generated)
                                            for i in young]) if young else None
-        if early or last or young:
+        if early or last or young or self.penalty_rows:
             width = max(len(r.stop_ids) for r in reqs)
             self.stop_ids = on_device([sorted(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs])
 
@@ -228,6 +245,11 @@ class Engine:
             stop_ids=(frozenset() if config.ignore_eos else self.base_stop_ids) | frozenset(config.stop_token_ids or ()),
             logprobs=[] if config.logprobs is not None else None,
         )
+        if config.penalised:
+            width = self.config.embedding_size
+            req.output_counts = torch.zeros(width, device=self.device)
+            req.in_prompt = torch.zeros(width, dtype=torch.bool, device=self.device).index_fill_(
+                0, torch.tensor(prompt_ids, dtype=torch.long, device=self.device), True)
         if config.temperature > 0:
             seed = config.seed if config.seed is not None else random.getrandbits(63)
             req.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -429,7 +451,7 @@ class Engine:
             ids = params.stop_ids[idx]
             rows, m = blocks[idx], masked[idx]
             pos = torch.arange(rows.shape[1], device=self.device)
-            is_stop = (rows[:, :, None] == ids[:, None, :]).any(-1)
+            is_stop = decoders.is_stop(rows, ids)
             first_stop = torch.where(is_stop, pos, rows.shape[1]).amin(1)
             settled = (first_stop < rows.shape[1]) & ~(m & (pos < first_stop[:, None])).any(1)
             done = done.index_copy(0, idx, done[idx] | settled)
@@ -462,6 +484,17 @@ class Engine:
             idx = params.bias_index
             biased = decoders.add_logit_bias(logits[idx], params.bias_ids, params.bias_values)
             logits = logits.index_copy(0, idx, biased)
+
+        counts = None
+        if params.penalty_rows:
+            rows, idx = params.penalty_rows, params.penalty_index
+            counts = torch.stack([reqs[i].output_counts for i in rows])
+            seen = torch.stack([reqs[i].in_prompt for i in rows]) | (counts > 0)
+            columns = torch.cat([params.penalty_columns, blocks[idx]], 1)  # every token seen so far, and more
+            where = (idx[:, None, None], torch.arange(b, device=dev)[None, :, None], columns[:, None, :])
+            penalised = decoders.apply_penalties(logits[where], counts.gather(1, columns), seen.gather(1, columns),
+                                                 *params.penalties)
+            logits = logits.index_put(where, penalised)  # a token listed twice gets the same value twice
 
         if params.credit_rows:
             idx, rows = params.credit_index, params.credit_rows
@@ -513,6 +546,12 @@ class Engine:
             commit[idx] = part
 
         new_blocks = torch.where(commit, x, blocks)
+        if counts is not None:  # the penalties' output counts, stop tokens aside
+            idx = params.penalty_index
+            counted = commit[idx] & ~decoders.is_stop(x[idx], params.stop_ids[idx])
+            counts = counts.scatter_add(1, x[idx], counted.to(counts.dtype))
+            for j, i in enumerate(params.penalty_rows):
+                reqs[i].output_counts = counts[j]
         if params.logprob_rows:
             self._record_logprobs(raw_logits, x, commit, reqs, params)
         for i, r in enumerate(reqs):
@@ -621,6 +660,7 @@ class Engine:
             r.final_ids = list(r.generated)
             r.final_text = self._text(r.final_ids)
         self.scheduler.finish(r)
-        r.block = r.credit = r.smooth_delta = r.block_logprobs = None
+        r.block = r.credit = r.smooth_delta = r.block_logprobs = r.output_counts = r.in_prompt = None
+        r.history_tokens = None
         self._emit(r, final=True)
         del self._requests[r.request_id]

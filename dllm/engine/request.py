@@ -102,6 +102,12 @@ class Request:
     generator: torch.Generator | None = None
     credit: torch.Tensor | None = None  # [B, V] credit decoding state of the current block
     smooth_delta: torch.Tensor | None = None  # [B, d] expected embedding from the previous step
+    # Penalties (GenerationConfig.penalised), on the device: how often each token occurs in the output so
+    # far [V] (stop tokens not counted), which tokens the prompt holds [V] (repetition_penalty), and the
+    # distinct tokens of the prompt and the finished blocks, with len(generated) when they were listed.
+    output_counts: torch.Tensor | None = None
+    in_prompt: torch.Tensor | None = None
+    history_tokens: tuple[int, torch.Tensor] | None = None
     # GenerationConfig.logprobs: per position of the current block, on the device until the block ends:
     # (log-probability of the committed token [B], top-k log-probabilities [B, k], their ids [B, k]).
     block_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
