@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -46,9 +47,9 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="packed samples attend only within themselves (a tail joins the sample it follows); "
                         "--no-document-mask: the paper's full attention over the row (see README)")
-    p.add_argument("--eos-pad", type=_at_least_0, default=8,
+    p.add_argument("--eos-pad", type=int, default=8,
                    help="follow each training answer's EOS with 0-N more, always masked (0 = none; see README)")
-    p.add_argument("--pad-eos-weight", type=_weight, default=1.0,
+    p.add_argument("--pad-eos-weight", type=float, default=1.0,
                    help="loss weight of those padding EOS relative to the other positions, 0-1 (see README)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="synthetic tasks to train and evaluate on")
@@ -57,22 +58,6 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keep-serving", action="store_true", help="leave the server up after the report")
     p.set_defaults(func=lambda args, rest: run_quickstart(args))
-
-
-def _at_least_0(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
-
-
-def _weight(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a weight in [0, 1], got {text!r}")
-    return value
 
 
 class Stage:
@@ -85,15 +70,42 @@ class Stage:
         print(f"\n=== [{self.n}/6] {title}  (elapsed {time.time() - self.t0:.0f}s) ===", flush=True)
 
 
+def _configs(args, work: Path, gpu: bool):
+    """The packing and training configs of this run; they check every setting themselves."""
+    from pipelines.pack import PackOptions
+    from train.config import TrainConfig
+
+    pack = PackOptions(inputs=[str(work / "data" / "train.jsonl")], output=str(work / "packed"),
+                       tokenizer=str(work / "tokenizer"), seq_len=QUICK_SEQ_LEN, mode="concat", eos_pad=args.eos_pad)
+    tail_eos = args.tail_eos and args.tail_mask > 0  # EOS targets live on the tail-masked positions
+    train = TrainConfig(run_name=f"quickstart-{int(time.time())}", data=pack.output, tokenizer=pack.tokenizer,
+                        storage_path=str(work / "runs"), model_config=QUICK_MODEL, seq_len=QUICK_SEQ_LEN,
+                        micro_batch_size=max(1, 64 // max(1, args.workers)),
+                        num_workers=args.workers, use_gpu=gpu, precision="bf16" if gpu else "fp32", lr=3e-3,
+                        warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
+                        time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
+                        tail_mask_prob=args.tail_mask, tail_eos=tail_eos, document_mask=args.document_mask,
+                        pad_eos_weight=args.pad_eos_weight)
+    return pack, train
+
+
 def run_quickstart(args) -> int:
     import torch
 
     import dllm
     from dllm.synthetic import all_text, make_samples, write_dataset
+    from pipelines.pack import PipelineError
+    from train.config import ConfigError
 
     t0 = time.time()
-    stage = Stage(t0)
     work = Path(args.workdir).absolute()
+    gpu = torch.cuda.is_available()
+    try:  # bad settings are refused before any work
+        pack_options, cfg = _configs(args, work, gpu)
+    except (ConfigError, PipelineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stage = Stage(t0)
     work.mkdir(parents=True, exist_ok=True)
 
     stage("synthetic variable-length task")
@@ -103,34 +115,21 @@ def run_quickstart(args) -> int:
 
     stage("tokenizer + model config")
     tok = dllm.train_tokenizer(all_text(make_samples(5000, seed=99)) + ["0123456789 ="], kind="char")
-    tok.save_pretrained(str(work / "tokenizer"))
+    tok.save_pretrained(pack_options.tokenizer)
     print(f"char tokenizer: {len(tok)} tokens; model: {QUICK_MODEL}")
 
     stage("Ray Data: tokenise + pack")
-    from pipelines.pack import PackOptions, run_pack, summary
+    from pipelines.pack import run_pack, summary
     from pipelines.runtime import dashboard_url, ensure_ray
 
     ensure_ray(dashboard=True, quiet=False)  # worker output (training progress) reaches this terminal
     print(f"Ray dashboard: {dashboard_url() or 'not available'}")
-    stats = run_pack(PackOptions(inputs=[str(train_path)], output=str(work / "packed"), tokenizer=str(work / "tokenizer"),
-                                 seq_len=QUICK_SEQ_LEN, mode="concat", eos_pad=args.eos_pad))
+    stats = run_pack(dataclasses.replace(pack_options, inputs=[str(train_path)]))
     print(summary(stats))
 
     stage(f"Ray Train + DeepSpeed ZeRO-2: dLLM-Var SFT for up to {args.minutes:g} min")
-    from train.config import TrainConfig
     from train.sft import final_model_dir, run_training
 
-    gpu = torch.cuda.is_available()
-    tail_eos = args.tail_eos and args.tail_mask > 0  # EOS targets live on the tail-masked positions
-    run_name = f"quickstart-{int(time.time())}"
-    cfg = TrainConfig(run_name=run_name, data=str(work / "packed"), tokenizer=str(work / "tokenizer"),
-                      storage_path=str(work / "runs"), model_config=QUICK_MODEL, seq_len=QUICK_SEQ_LEN,
-                      micro_batch_size=max(1, 64 // args.workers),
-                      num_workers=args.workers, use_gpu=gpu, precision="bf16" if gpu else "fp32", lr=3e-3,
-                      warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
-                      time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
-                      tail_mask_prob=args.tail_mask, tail_eos=tail_eos, document_mask=args.document_mask,
-                      pad_eos_weight=args.pad_eos_weight)
     result = run_training(cfg)
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
@@ -149,7 +148,7 @@ def run_quickstart(args) -> int:
     report["speedup_tps_vs_vanilla"] = report["served"]["tokens_per_s"] / van if van > 0 else None
     report["elapsed_s"] = time.time() - t0
     report["train"] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-                       "tail_mask_prob": args.tail_mask, "tail_eos": tail_eos, "document_mask": args.document_mask,
+                       "tail_mask_prob": args.tail_mask, "tail_eos": cfg.tail_eos, "document_mask": args.document_mask,
                        "eos_pad": args.eos_pad, "pad_eos_weight": args.pad_eos_weight, "minutes": args.minutes}
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report)
