@@ -268,6 +268,22 @@ def test_requests_with_the_same_prompt_share_one_prefill_row(model64):
     assert rows_per_forward[0] == 3 and engine.stats()["shared_prefills"] == 4  # a, b, c: 4 rows saved
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_the_prefill_token_budget_counts_the_rows_a_forward_runs(model64, share):
+    """With shared prefills the repeats of a prompt cost no row: 6 samples of one prompt and one other
+    prompt fit a budget of 2 rows in one forward."""
+    a, b = [7] * 8, [9] * 8  # 8 tokens + a block of 8: 16 per row
+    engine = _engine(model64, max_prefill_tokens=32, share_prefills=share)
+    for prompt in [a] * 6 + [b]:
+        engine.add_request(prompt, CFG)
+    groups = engine.scheduler.schedule()
+    assert [len(g) for g in groups] == ([7] if share else [2, 2, 2, 1])
+    finished = []
+    while engine.has_unfinished():  # and they decode
+        finished += [out for out in engine.step() if out.finished]
+    assert len(finished) == 7
+
+
 def test_seeded_sampling_is_reproducible(confident_model):
     engine = _engine(confident_model)
     sample = CFG.replace(temperature=2.0, seed=5)

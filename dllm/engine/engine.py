@@ -130,10 +130,8 @@ class _SharedPrefill:
     their forward, prompt + B masks, is the same, so it runs once per distinct prompt. Every index is
     put on the device before the forward is launched (no host->device copy after it)."""
 
-    def __init__(self, engine: "Engine", reqs: list[Request]) -> None:
-        first: dict[tuple[int, ...], int] = {}
-        source = [first.setdefault(tuple(r.prompt_ids), i) for i, r in enumerate(reqs)]
-        self.rows = list(first.values())  # the rows that run: one per distinct prompt
+    def __init__(self, engine: "Engine", reqs: list[Request], source: list[int]) -> None:
+        self.rows = sorted(set(source))  # the rows that run: one per distinct prompt
         copies = [(i, s) for i, s in enumerate(source) if i != s]
         on_device = functools.partial(torch.tensor, device=engine.device)
         self.rows_index = on_device(self.rows)
@@ -146,9 +144,9 @@ class _SharedPrefill:
 
     @staticmethod
     def find(engine: "Engine", reqs: list[Request]) -> "_SharedPrefill | None":
-        if len({tuple(r.prompt_ids) for r in reqs}) == len(reqs):
-            return None
-        return _SharedPrefill(engine, reqs)
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(r.prompt_ids), i) for i, r in enumerate(reqs)]  # each row's prompt's row
+        return _SharedPrefill(engine, reqs, source) if len(first) < len(reqs) else None
 
 
 class Engine:
@@ -201,7 +199,7 @@ class Engine:
                              scratch_slot=cuda_graphs)
         self.graphs = (GraphedForward(model, self.cache.k, self.cache.v, self.cache.scratch_slot, self.config.mask_token_id)
                        if cuda_graphs else None)
-        self.scheduler = Scheduler(self.cache, max_prefill_tokens)
+        self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills)
         self.share_prefills = share_prefills
         self.shared_prefills = 0  # prefill rows not run: their prompt's K/V were copied from another row
         self.mask_id = self.config.mask_token_id

@@ -14,9 +14,10 @@ from .request import Phase, Request
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_prefill_tokens: int) -> None:
+    def __init__(self, cache: KVCache, max_prefill_tokens: int, share_prefills: bool = False) -> None:
         self.cache = cache
         self.max_prefill_tokens = max_prefill_tokens
+        self.share_prefills = share_prefills  # a prefill whose prompt is already in its batch costs no row
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -50,12 +51,16 @@ class Scheduler:
                 batches.append(reqs)  # every query is B or 2B tokens: one forward
                 continue
             reqs.sort(key=Request.query_len)  # similar lengths together: less padding
+            shared = phase is Phase.PREFILL and self.share_prefills
             batch: list[Request] = []
+            rows: set = set()  # the rows the batch's forward runs
             for req in reqs:  # ascending: the newest request is the longest of its batch
-                if batch and req.query_len() * (len(batch) + 1) > self.max_prefill_tokens:
+                row = tuple(req.prompt_ids) if shared else id(req)
+                if batch and row not in rows and req.query_len() * (len(rows) + 1) > self.max_prefill_tokens:
                     batches.append(batch)
-                    batch = []
+                    batch, rows = [], set()
                 batch.append(req)
+                rows.add(row)
             batches.append(batch)
         return batches
 
