@@ -85,9 +85,12 @@ def llada_generate(model: LLaDAModelLM, prompts: list[list[int]], *, gen_length:
             masked = canvas == cfg.mask_token_id
             in_block = torch.zeros_like(masked)
             in_block[:, lo:hi] = True
-            uniform = torch.rand(logits.shape[:2], generator=gen, device=device) if temperature > 0 else None
-            cand, conf = decoders.candidates(logits, cfg.mask_token_id, torch.full((n,), temperature, device=device),
-                                             uniform)
+            if temperature > 0:
+                cand, conf = decoders.candidates(logits, cfg.mask_token_id, torch.arange(n, device=device),
+                                                 torch.full((n,), temperature, device=device),
+                                                 torch.rand(logits.shape[:2], generator=gen, device=device))
+            else:
+                cand, conf = decoders.candidates(logits, cfg.mask_token_id)
             commit = decoders.top_k_commit(conf, masked & in_block, torch.full((n,), k, device=device))
             x[:, p:] = torch.where(commit, cand, canvas)
     tokens, stopped = _cut(model, x[:, p:])

@@ -63,12 +63,13 @@ def test_sampling_draws_each_token_with_its_tempered_probability():
     logits = T([[[2.0, 0.0, 9.0, 1.0, -1.0]]])  # token 2 is the MASK: never drawn
     grid = (torch.arange(1000) + 0.5) / 1000
     for t in (0.5, 1.0, 2.0):
-        drawn = [decoders.candidates(logits, 2, T([t]), u.reshape(1, 1))[0].item() for u in grid]
+        drawn = [decoders.candidates(logits, 2, T([0]), T([t]), u.reshape(1, 1))[0].item() for u in grid]
         expected = torch.softmax(T([2.0, 0.0, 1.0, -1.0]) / t, -1)
         share = torch.tensor([drawn.count(i) for i in (0, 1, 3, 4)]) / len(grid)
         assert torch.allclose(share, expected, atol=2e-3), t
-    x, _ = decoders.candidates(logits, 2, T([0.0]), T([[0.99]]))  # T=0 ignores the draw: greedy
-    assert x.item() == 0
+    both = torch.cat([logits, logits])  # only the rows listed as sampled draw; the others take the argmax
+    x, _ = decoders.candidates(both, 2, T([1]), T([1.0]), T([[0.99]]))
+    assert x.tolist() == [[0], [4]]
 
 
 def test_credit_accumulates_on_a_stable_argmax_and_decays():
@@ -163,9 +164,9 @@ def test_sampling_floor_keeps_min_p_then_the_top_k_then_the_nucleus():
 
 def test_candidates_sample_only_above_the_floor_and_keep_the_unfiltered_confidence():
     logits = T([[[3.0, 2.0, 0.0, 0.0]]])
-    x, _ = decoders.candidates(logits, 3, T([1.0]), T([[0.999]]))  # the draw's end of the CDF: token 2
+    x, _ = decoders.candidates(logits, 3, T([0]), T([1.0]), T([[0.999]]))  # the draw's end of the CDF: token 2
     assert x.item() == 2
-    x, conf = decoders.candidates(logits, 3, T([1.0]), T([[0.999]]), floor=T([[2.0]]))  # token 2 is below the floor
+    x, conf = decoders.candidates(logits, 3, T([0]), T([1.0]), T([[0.999]]), floor=T([[2.0]]))  # token 2 is below the floor
     assert x.item() == 1
     assert torch.allclose(conf, torch.softmax(T([3.0, 2.0, 0.0]), -1)[1])
 

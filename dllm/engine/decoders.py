@@ -22,33 +22,32 @@ def without_mask(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     return logits.float().index_fill(-1, mask_col, float("-inf"))
 
 
-def candidates(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tensor | None = None,
-               uniform: torch.Tensor | None = None,
+def candidates(logits: torch.Tensor, mask_token_id: int, sampled: torch.Tensor | None = None,
+               temperature: torch.Tensor | None = None, uniform: torch.Tensor | None = None,
                floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate token and its confidence at each position.
 
-    Greedy: x = argmax softmax(logits). Rows with temperature T > 0, given `uniform` draws [n, B]:
-    x sampled from softmax(logits / T) (see `sample`), among the tokens whose logit is >= `floor`
-    [n, B] (top_k / top_p / min_p, see sampling_floor) where given. Confidence = softmax(logits)[x]:
-    the model's probability, neither tempered nor filtered. The MASK token is never a candidate.
+    Greedy: x = argmax softmax(logits). The rows `sampled` [m] (temperature [m] > 0, draws `uniform`
+    [m, B]) instead sample x from softmax(logits / T) (see `sample`), among the tokens whose logit is
+    >= `floor` [m, B] (top_k / top_p / min_p, see sampling_floor) where given; only they pay for
+    sampling. Confidence = softmax(logits)[x]: the model's probability, neither tempered nor filtered.
+    The MASK token is never a candidate.
     """
     logits = without_mask(logits, mask_token_id)
     probs = torch.softmax(logits, dim=-1)
     x = logits.argmax(-1)
-    if uniform is not None:
-        x = torch.where(temperature[:, None] > 0, sample(logits, temperature, uniform, floor), x)
+    if sampled is not None:
+        x = x.index_copy(0, sampled, sample(logits[sampled], temperature, uniform, floor))
     conf = torch.gather(probs, -1, x[..., None]).squeeze(-1)
     return x, conf
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor,
            floor: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per position from softmax(logits / T) [n, B, V] (rows with T <= 0 use T = 1),
-    restricted to logits >= `floor` [n, B] where given, by inverse CDF: the first token whose
+    """One token per position from softmax(logits / T) [n, B, V] (T > 0 per row), restricted to logits >= `floor` [n, B] where given, by inverse CDF: the first token whose
     cumulative probability exceeds `uniform` [n, B] in [0, 1). One random number per position
     (Gumbel-max would draw one per vocabulary entry: ~4x the sampling cost on a CPU)."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    scaled = logits / t[:, None, None]
+    scaled = logits / temperature[:, None, None]
     if floor is not None:
         scaled = scaled.masked_fill(logits < floor[..., None], float("-inf"))
     cdf = torch.softmax(scaled, dim=-1).cumsum(-1)

@@ -50,8 +50,10 @@ class _DecodeParams:
             return torch.tensor(values, device=dev)
 
         self.thresholds = on_device([[engine._threshold(r, ahead=u) for r in reqs] for u in range(steps)])
-        temps = [r.config.temperature for r in reqs]
-        self.temperatures = on_device(temps) if any(t > 0 for t in temps) else None
+        # Sampled rows (temperature > 0; the others take the argmax and draw nothing) and their temperatures.
+        self.sampled_rows = [i for i, r in enumerate(reqs) if r.config.temperature > 0]
+        self.sampled_index = on_device(self.sampled_rows) if self.sampled_rows else None
+        self.temperatures = on_device([reqs[i].config.temperature for i in self.sampled_rows])
         # Sampled rows that restrict their candidates (top_k / top_p / min_p; greedy rows need nothing).
         narrowed = [i for i, r in enumerate(reqs) if r.config.temperature > 0 and (
             r.config.top_k > 0 or r.config.top_p < 1 or r.config.min_p > 0)]
@@ -509,16 +511,16 @@ class Engine:
             logits = logits.index_copy(0, idx, decoders.forbid_early(logits[idx], params.min_tokens_limit,
                                                                      params.stop_ids[idx]))
 
-        if params.temperatures is not None:
-            uniform = torch.stack([torch.rand(b, generator=r.generator, device=dev) if r.generator is not None
-                                   else torch.zeros(b, device=dev) for r in reqs])
+        if params.sampled_index is not None:
+            uniform = torch.stack([torch.rand(b, generator=reqs[i].generator, device=dev) for i in params.sampled_rows])
             floor = None
             if params.narrowed_index is not None:
                 idx = params.narrowed_index
                 narrowed = decoders.sampling_floor(decoders.without_mask(logits[idx], self.mask_id), *params.narrowing,
                                                    ranked=params.ranked, nucleus=params.nucleus)
                 floor = torch.full((n, b), float("-inf"), device=dev).index_copy(0, idx, narrowed)
-            x, conf = decoders.candidates(logits, self.mask_id, params.temperatures, uniform, floor)
+                floor = floor[params.sampled_index]
+            x, conf = decoders.candidates(logits, self.mask_id, params.sampled_index, params.temperatures, uniform, floor)
         else:
             x, conf = decoders.candidates(logits, self.mask_id)
 
