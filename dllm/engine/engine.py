@@ -108,8 +108,8 @@ class _DecodeParams:
         self.early_index = on_device(early) if early else None
         last = [i for i, r in enumerate(reqs) if r.config.stops_last]
         self.stops_last_index = on_device(last) if last else None
-        self.stop_ids = None  # [n, w]: each row's stop ids, padded with -1 (early_stop, stops_last, min_tokens,
-        # penalties)
+        # [n, w]: each row's stop ids, padded with -1 (early_stop, stops_last, min_tokens, penalties)
+        self.stop_ids = None
         # Per stops_last row: its decoder commits every position at or above its threshold.
         self.commits_above_threshold = on_device([reqs[i].config.decoder in decoders.COMMIT_ABOVE_THRESHOLD
                                                   for i in last]) if last else None
