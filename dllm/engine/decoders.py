@@ -44,9 +44,10 @@ def candidates(logits: torch.Tensor, mask_token_id: int, sampled: torch.Tensor |
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor,
            floor: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per position from softmax(logits / T) [n, B, V] (T > 0 per row), restricted to logits >= `floor` [n, B] where given, by inverse CDF: the first token whose
-    cumulative probability exceeds `uniform` [n, B] in [0, 1). One random number per position
-    (Gumbel-max would draw one per vocabulary entry: ~4x the sampling cost on a CPU)."""
+    """One token per position from softmax(logits / T) [n, B, V] (T > 0 per row), restricted to
+    logits >= `floor` [n, B] where given, by inverse CDF: the first token whose cumulative
+    probability exceeds `uniform` [n, B] in [0, 1). One random number per position (Gumbel-max
+    would draw one per vocabulary entry: ~4x the sampling cost on a CPU)."""
     scaled = logits / temperature[:, None, None]
     if floor is not None:
         scaled = scaled.masked_fill(logits < floor[..., None], float("-inf"))

@@ -59,6 +59,7 @@ class _DecodeParams:
             r.config.top_k > 0 or r.config.top_p < 1 or r.config.min_p > 0)]
         self.narrowed_index = on_device(narrowed) if narrowed else None
         if narrowed:
+            self.narrowed_among_sampled = on_device([self.sampled_rows.index(i) for i in narrowed])
             cfgs = [reqs[i].config for i in narrowed]
             self.narrowing = [on_device([getattr(c, x) for c in cfgs])
                               for x in ("temperature", "top_k", "top_p", "min_p")]
@@ -476,7 +477,7 @@ class Engine:
                 unrolled_step: int) -> torch.Tensor:
         """Apply each request's decoder to its block; returns the new blocks [n, B]. Launches device
         work only: every per-request parameter is already on the device (`params`)."""
-        n, b = blocks.shape
+        b = blocks.shape[1]
         dev = self.device
         masked = blocks == self.mask_id
         logits = raw_logits = logits.float()  # raw: the model's distribution, before bias and credit fusion
@@ -518,8 +519,8 @@ class Engine:
                 idx = params.narrowed_index
                 narrowed = decoders.sampling_floor(decoders.without_mask(logits[idx], self.mask_id), *params.narrowing,
                                                    ranked=params.ranked, nucleus=params.nucleus)
-                floor = torch.full((n, b), float("-inf"), device=dev).index_copy(0, idx, narrowed)
-                floor = floor[params.sampled_index]
+                floor = torch.full((len(params.sampled_rows), b), float("-inf"), device=dev).index_copy(
+                    0, params.narrowed_among_sampled, narrowed)
             x, conf = decoders.candidates(logits, self.mask_id, params.sampled_index, params.temperatures, uniform, floor)
         else:
             x, conf = decoders.candidates(logits, self.mask_id)
