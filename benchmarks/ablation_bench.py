@@ -46,7 +46,8 @@ def run(args) -> list[dict]:
     results = []
     for unroll in args.unroll:
         engine = dllm.Engine(model, tok, max_batch_size=args.batch, max_model_len=args.max_model_len,
-                             max_unroll=unroll, expected_tpf=args.expected_tpf)
+                             max_unroll=unroll, expected_tpf=args.expected_tpf,
+                             prefix_caching=False)  # every setting decodes the same prompts: each pays its prefills
         engine.warmup([args.block_size])
         settings = [(d, tau) for d in args.decoders
                     for tau in (args.thresholds if d in dllm.engine.decoders.COMMIT_ABOVE_THRESHOLD else [None])]

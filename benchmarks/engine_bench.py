@@ -17,7 +17,9 @@ top_p P and top_k 50 (which ranks 50): their TPS against the plain sampled row i
 (per-row token counts over the vocabulary, updated on the device each step): its TPS against the plain row is
 their cost. `--samples N` adds N sampled answers per prompt decoded together (an OpenAI `n`), once with the engine's
 shared prefill (one prefill row per prompt, its K/V copied to the other N-1 slots) and once with every row
-prefilled: their ratio is what sharing saves, most with long prompts (--prompt-len).
+prefilled: their ratio is what sharing saves, most with long prompts (--prompt-len). `--prefix-caching` decodes
+the prompts once, then again timed, with the engine's prefix cache (each request finds its prompt's K/V in a
+free slot and skips its prefill) and without: their ratio is what the cache saves on prompts asked again.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ def run(args) -> list[dict]:
     prompts = load_prompts(args, model, tokenizer)
     b, cap = args.block_size, args.max_new_tokens
     cap = -(-cap // b) * b
-    engine = dllm.Engine(model, max_batch_size=args.batch, max_model_len=max(map(len, prompts)) + cap + 2 * b)
+    # Every variant decodes the same prompts: no prefix caching, or the later ones would skip their prefills.
+    engine = dllm.Engine(model, max_batch_size=args.batch, max_model_len=max(map(len, prompts)) + cap + 2 * b,
+                         prefix_caching=False)
     results = []
 
     def record(name, tokens, forwards, seconds, requests):
@@ -104,7 +108,7 @@ def run(args) -> list[dict]:
             record(name, [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(prompts))
     for share in (True, False) if args.samples else ():
         group = dllm.Engine(model, max_batch_size=args.samples, max_model_len=engine.max_model_len,
-                            share_prefills=share)
+                            share_prefills=share, prefix_caching=False)
         cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=cap, threshold=args.threshold, temperature=1.0)
         configs = [cfg.replace(seed=s) for s in range(args.samples)]
         group.generate(prompts[:1] * args.samples, configs)  # warm-up
@@ -112,6 +116,19 @@ def run(args) -> list[dict]:
         how = "shared prefill" if share else "every row prefilled"
         record(f"dllm-var engine ({args.samples} samples per prompt, {how})", [g.token_ids for g in gens],
                sum(g.num_forwards for g in gens), secs, len(gens))
+    for cached in (True, False) if args.prefix_caching else ():
+        # The prompts asked again: with the cache each request skips its prefill. A slot per prompt, as a
+        # server's free slots keep the prompts of its last requests; decoded `--batch` at a time.
+        again = dllm.Engine(model, max_batch_size=max(args.batch, len(prompts)), max_model_len=engine.max_model_len,
+                            prefix_caching=cached)
+        cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=cap, threshold=args.threshold)
+        [again.generate(prompts[i:i + args.batch], cfg) for i in range(0, len(prompts), args.batch)]  # first sight
+        gens, secs = timed(lambda: [g for i in range(0, len(prompts), args.batch)
+                                    for g in again.generate(prompts[i:i + args.batch], cfg)])
+        how = "prefix cache: prefill skipped" if cached else "prefix cache off"
+        record(f"dllm-var engine (prompts seen before, {how})", [g.token_ids for g in gens],
+               sum(g.num_forwards for g in gens), secs, len(gens))
+        results[-1]["prefix_cache_hits"] = again.prefix_cache_hits
     for gen_len in args.vanilla_gen_lengths:
         out, secs = timed(lambda: [llada_generate(model, [p], gen_length=gen_len, steps=gen_len, block_length=gen_len)
                                    for p in prompts])
@@ -146,6 +163,8 @@ def main(argv=None) -> None:
     p.add_argument("--penalties", action="store_true", help="also decode with presence/frequency/repetition penalties")
     p.add_argument("--samples", type=int, help="also decode this many samples per prompt together, with and "
                    "without shared prefills")
+    p.add_argument("--prefix-caching", action="store_true", help="also decode the prompts a second time, with and "
+                   "without the prefix cache")
     p.add_argument("--vanilla-gen-lengths", type=int, nargs="+", default=[128])
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -154,10 +173,11 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     results = run(args)
-    print(f"\n{'system':44} {'tokens':>7} {'NFE':>6} {'TPF':>6} {'sec':>8} {'tok/s':>9} {'speedup':>8}")
+    w = max(len(r["system"]) for r in results)
+    print(f"\n{'system':{w}} {'tokens':>7} {'NFE':>6} {'TPF':>6} {'sec':>8} {'tok/s':>9} {'speedup':>8}")
     for r in results:
         sp = f"{r['speedup_vs_vanilla']:.2f}x" if r["speedup_vs_vanilla"] else "-"
-        print(f"{r['system']:44} {r['tokens']:7d} {r['forwards']:6d} {r['tpf']:6.2f} {r['seconds']:8.2f} "
+        print(f"{r['system']:{w}} {r['tokens']:7d} {r['forwards']:6d} {r['tpf']:6.2f} {r['seconds']:8.2f} "
               f"{r['tps']:9.1f} {sp:>8}")
     if args.json:
         with open(args.json, "w") as f:

@@ -475,7 +475,8 @@ def main(argv=None) -> None:
         return
     if args.save_dir:
         save_for_ablation(model, tok, held, args.save_dir)
-    engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
+    # Every decoder decodes the same held-out prompts: no prefix caching, each run pays its prefills.
+    engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256, prefix_caching=False)
     t0 = time.time()
     print(f"engine warm-up: {engine.warmup([args.block])} CUDA graphs in {time.time() - t0:.0f}s", flush=True)
     systems = result["systems"]
@@ -507,7 +508,7 @@ def main(argv=None) -> None:
         td_model, info = trajectory_compression(model, tok, train_samples[: args.td_prompts], args)
         result["trajectory_compression"] = info
     if args.td_steps and td_model is not None:
-        td_engine = dllm.Engine(td_model, tok, max_batch_size=64, max_model_len=256)
+        td_engine = dllm.Engine(td_model, tok, max_batch_size=64, max_model_len=256, prefix_caching=False)
         td_engine.warmup([args.block])
         for batch in (1, 16):
             r = eval_engine(td_engine, tok, held, "threshold", batch, args)

@@ -65,6 +65,16 @@ def _score(args) -> int:
     return 0
 
 
+def serve_app_args(args) -> dict:
+    """`dllm serve` flags -> serve.app:build_app keys (only those given: build_app has the defaults)."""
+    app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching}
+    for key in ("name", "max_model_len", "num_gpus", "min_replicas", "max_replicas", "num_replicas", "api_keys"):
+        value = getattr(args, key)
+        if value is not None:
+            app_args[key] = value
+    return app_args
+
+
 def _serve(args) -> int:
     import time
 
@@ -75,13 +85,8 @@ def _serve(args) -> int:
 
     from serve.app import build_app
 
-    app_args = {"model": args.model, "max_batch_size": args.max_batch_size}
-    for key in ("name", "max_model_len", "num_gpus", "min_replicas", "max_replicas", "num_replicas", "api_keys"):
-        value = getattr(args, key)
-        if value is not None:
-            app_args[key] = value
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(app_args), name="dllm", route_prefix="/")
+    serve.run(build_app(serve_app_args(args)), name="dllm", route_prefix="/")
     print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (OpenAI-compatible); "
           f"dashboard: {dashboard_url() or 'off'}; Ctrl-C to stop", flush=True)
     try:
@@ -120,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
     s.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
     s.add_argument("--api-keys", help="comma-separated keys required as 'Authorization: Bearer <key>'")
+    s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="prefill every request, even one whose prompt a free cache slot still holds")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     s.set_defaults(func=lambda a, rest: _serve(a))
 

@@ -62,13 +62,14 @@ class EngineServer:
     """One model replica: the engine, its background loop, health and metrics."""
 
     def __init__(self, model: str, max_batch_size: int = 16, max_model_len: int | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, prefix_caching: bool = True) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
         self.model_dir = model
         net = dllm.load_model(model, device=device, dtype=torch_dtype)
         tokenizer = dllm.load_tokenizer(model)
-        self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len)
+        self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
+                                  prefix_caching=prefix_caching)
         self.defaults = dict(DEFAULT_DECODING)
         self.engine.warmup([self.defaults["block_size"]])  # on CUDA: capture every batch bucket before traffic
         self.loop = EngineLoop(self.engine)
@@ -105,7 +106,8 @@ class EngineServer:
             if out.finished:
                 g = out.generation
                 item.update(finish_reason=g.finish_reason, num_forwards=g.num_forwards, num_blocks=g.num_blocks,
-                            completion_tokens=len(g.token_ids), prompt_tokens=g.prompt_tokens)
+                            completion_tokens=len(g.token_ids), prompt_tokens=g.prompt_tokens,
+                            cached_prompt_tokens=g.cached_prompt_tokens)
                 self._metrics.on_finish(g)
             yield item
 
@@ -135,6 +137,7 @@ class _EngineMetrics:
         self.requests = Counter("dllm_requests", "finished requests", tag_keys=("finish_reason",))
         self.tokens = Counter("dllm_generated_tokens", "tokens generated (before the first EOS)")
         self.forwards = Counter("dllm_forwards", "model forwards spent on finished requests")
+        self.cached = Counter("dllm_cached_prompt_tokens", "prompt tokens whose K/V came from the prefix cache")
         self.tpf = Histogram("dllm_tokens_per_forward", "tokens per forward of a finished request",
                              boundaries=[1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32])
         self.first_block = Histogram("dllm_time_to_first_block_s", "seconds from arrival to the first committed block",
@@ -156,6 +159,8 @@ class _EngineMetrics:
             self.tokens.inc(len(g.token_ids))
         if g.num_forwards:
             self.forwards.inc(g.num_forwards)
+        if g.cached_prompt_tokens:
+            self.cached.inc(g.cached_prompt_tokens)
         self.tpf.observe(g.tokens_per_forward)
         t = time.monotonic()
         self._window = [(ts, n) for ts, n in self._window if t - ts < 30] + [(t, len(g.token_ids))]
@@ -411,10 +416,9 @@ class OpenAIIngress:
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
-        prompt_tokens = sum(map(len, prompts))  # each prompt once, however many samples it has
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, prompt_tokens),
+            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, req.n),
                                      media_type="text/event-stream")
         streams = self._submit(payloads)
         texts, lasts = list(prefixes or [""] * len(streams)), [None] * len(streams)
@@ -428,7 +432,7 @@ class OpenAIIngress:
         except Exception as e:
             raise self._engine_error(e) from e
         wanted = logprobs_wanted(req) is not None
-        return self._final_body(rid, chat, texts, lasts, prompt_tokens, logprobs if wanted else None)
+        return self._final_body(rid, chat, texts, lasts, req.n, logprobs if wanted else None)
 
     def _submit(self, payloads: list[dict]) -> list:
         """One engine stream per choice; they join the replicas' batches as they arrive."""
@@ -452,8 +456,13 @@ class OpenAIIngress:
                 "tokens_per_forward": sum(last["completion_tokens"] for last in lasts) / max(1, forwards)}
 
     @staticmethod
-    def _usage(lasts: list[dict], prompt_tokens: int) -> dict:
-        return usage(prompt_tokens, sum(last["completion_tokens"] for last in lasts))
+    def _usage(lasts: list[dict], n: int) -> dict:
+        """Each prompt counted once, however many samples (n) it has; its cached tokens are those none of
+        its samples ran through the model (their K/V came from the prefix cache)."""
+        per_prompt = [lasts[k:k + n] for k in range(0, len(lasts), n)]
+        return usage(sum(s[0]["prompt_tokens"] for s in per_prompt),
+                     sum(last["completion_tokens"] for last in lasts),
+                     sum(min(last["cached_prompt_tokens"] for last in s) for s in per_prompt))
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -464,9 +473,9 @@ class OpenAIIngress:
         return chat_logprobs(entries, self._token_text) if chat else \
             completion_logprobs(entries, self._token_text, text_offset)
 
-    def _final_body(self, rid: str, chat: bool, texts: list[str], lasts: list[dict], prompt_tokens: int,
+    def _final_body(self, rid: str, chat: bool, texts: list[str], lasts: list[dict], n: int,
                     logprobs: list[list] | None) -> dict:
-        base = {"id": rid, "created": now(), "model": self.model_name, "usage": self._usage(lasts, prompt_tokens),
+        base = {"id": rid, "created": now(), "model": self.model_name, "usage": self._usage(lasts, n),
                 "dllm": self._stats(lasts)}
         per_choice = [self._logprobs_body(chat, entries) for entries in logprobs] if logprobs else [None] * len(texts)
         if chat:
@@ -479,7 +488,7 @@ class OpenAIIngress:
         return {**base, "object": "text_completion", "choices": choices}
 
     async def _sse(self, payloads: list[dict], rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
-                   prompt_tokens: int):
+                   n: int):
         """One chunk per committed block of each choice (tagged with its index), a finish chunk per
         choice, then the usage chunk (if asked) and [DONE]."""
         created = now()
@@ -518,7 +527,7 @@ class OpenAIIngress:
                         yield chunk(index, None, item["finish_reason"], extra={"dllm": self._stats([item])})
             if include_usage:
                 body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
-                        "usage": self._usage(lasts, prompt_tokens)}
+                        "usage": self._usage(lasts, n)}
                 yield f"data: {json.dumps(body)}\n\n"
         except Exception as e:  # headers are sent: report the error in-band, as OpenAI does
             yield f"data: {json.dumps(self._engine_error(e).body())}\n\n"
@@ -537,10 +546,22 @@ def _gpus_available() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def _flag(value, name: str) -> bool:
+    """A boolean argument, from YAML (a bool) or from `serve run key=value` (a string)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"build_app: {name}={value!r} is not a boolean; use true or false")
+
+
 def build_app(args: dict[str, Any]):
     """Application builder (`serve run serve.app:build_app model=DIR key=value ...`).
 
-    Keys: model (required), name, max_batch_size, max_model_len, dtype, max_tokens_cap, api_keys
+    Keys: model (required), name, max_batch_size, max_model_len, dtype, prefix_caching (true / false,
+    default true), max_tokens_cap, api_keys
     (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
     min_replicas / max_replicas / target_ongoing_requests / upscale_delay_s / downscale_delay_s
     (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests, decoding (dict of
@@ -585,11 +606,12 @@ def build_app(args: dict[str, Any]):
         api_keys = [k for k in api_keys.split(",") if k]
     ingress_cpus = float(args.pop("ingress_num_cpus", 0.5))
     dtype = args.pop("dtype", None)
+    prefix_caching = _flag(args.pop("prefix_caching", True), "prefix_caching")
     if args:
         raise ValueError(f"build_app: unknown argument(s) {sorted(args)}")
 
     engine = serve.deployment(EngineServer, name="EngineServer").options(**engine_opts).bind(
-        model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype)
+        model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,

@@ -1,4 +1,4 @@
-"""`dllm generate` and `dllm score`: the engine and the likelihood from the command line, no Ray."""
+"""The command line without Ray: `dllm generate`, `dllm score`, and the app `dllm serve` builds from its flags."""
 
 import subprocess
 import sys
@@ -65,3 +65,18 @@ def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint)
     assert [line.startswith("*") for line in lines] == [i == best for i in range(3)]
     out = _dllm(*args, "--continuation", "")
     assert out.returncode == 2 and "continuation is empty" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flags, cached", [([], True), (["--no-prefix-caching"], False)])
+def test_serve_flags_become_the_app_builders_keys(flags, cached):
+    from ray.serve import Application
+
+    from dllm.cli import build_parser, serve_app_args
+    from serve.app import build_app
+
+    args = build_parser().parse_args(["serve", "--model", "/models/x", "--max-replicas", "3", "--min-replicas", "1",
+                                      *flags])
+    app_args = serve_app_args(args)
+    assert app_args == {"model": "/models/x", "max_batch_size": 16, "prefix_caching": cached, "min_replicas": 1,
+                        "max_replicas": 3}
+    assert isinstance(build_app(app_args), Application)

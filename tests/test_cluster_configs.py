@@ -89,6 +89,15 @@ def test_serve_config_is_valid_for_serve_and_its_args_for_our_builder():
     assert isinstance(build_app(config["applications"][0]["args"]), Application)
 
 
+@pytest.mark.parametrize("value, kept", [(False, False), ("false", False), ("True", True), ("1", True)])
+def test_boolean_serve_arguments_come_from_yaml_or_the_command_line(value, kept):
+    from serve.app import _flag, build_app
+
+    assert _flag(value, "prefix_caching") is kept
+    with pytest.raises(ValueError, match="prefix_caching='maybe' is not a boolean; use true or false"):
+        build_app({"model": "/models/x", "prefix_caching": "maybe"})
+
+
 def test_training_yaml_for_the_cluster_is_a_valid_train_config():
     from train.config import TrainConfig
 

@@ -268,6 +268,106 @@ def test_requests_with_the_same_prompt_share_one_prefill_row(model64):
     assert rows_per_forward[0] == 3 and engine.stats()["shared_prefills"] == 4  # a, b, c: 4 rows saved
 
 
+def _query_lengths(model):
+    """A copy of `model` that records the query length of each forward it runs."""
+    model = copy.deepcopy(model)
+    lengths, forward = [], model.forward
+
+    def spy(*args, **kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        lengths.append((ids if ids is not None else kwargs["inputs_embeds"]).shape[1])
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    return model, lengths
+
+
+def test_a_prompt_seen_before_skips_its_prefill_with_the_same_tokens(model64):
+    """Prefix caching: the second time a prompt comes (same block size), its request takes the free slot
+    that still holds the prompt's K/V, and its first forward is the B masks alone. Every decoding
+    setting gives the tokens, forwards and logprobs it gives without the cache."""
+    prompts, settings = _prompts(len(EVERY_DECODING_SETTING)), EVERY_DECODING_SETTING
+    model, lengths = _query_lengths(model64)
+    engine = _engine(model, max_batch_size=len(prompts))
+    first = engine.generate(prompts, settings)
+    assert engine.stats()["prefix_cache_hits"] == 0 and all(g.cached_prompt_tokens == 0 for g in first)
+    del lengths[:]
+    again = engine.generate(prompts, settings)
+    uncached = _engine(model64, max_batch_size=len(prompts), prefix_caching=False).generate(prompts, settings)
+    for gens in (first, again):
+        assert [(g.token_ids, g.num_forwards, g.finish_reason) for g in gens] == \
+               [(g.token_ids, g.num_forwards, g.finish_reason) for g in uncached]
+    for g, u in zip(again, uncached):
+        if u.logprobs is not None:
+            assert [t.logprob for t in g.logprobs] == pytest.approx([t.logprob for t in u.logprobs], abs=1e-9)
+    assert [g.cached_prompt_tokens for g in again] == [len(p) for p in prompts]
+    stats = engine.stats()
+    assert stats["prefix_cache_hits"] == len(prompts) and stats["prefix_cached_tokens"] == sum(map(len, prompts))
+    assert max(lengths) == 2 * B  # no prompt ran again: DENOISE (B) and COMMIT (2B) forwards only
+
+
+def test_a_running_requests_prompt_kv_are_copied_to_a_newcomer_with_that_prompt(model64):
+    prompt = _prompts(4)[3]
+    cfg = CFG.replace(ignore_eos=True)
+    alone = _engine(model64, prefix_caching=False).generate([prompt], cfg)[0]
+    model, lengths = _query_lengths(model64)
+    engine = _engine(model)
+    engine.add_request(prompt, cfg, request_id="first")
+    engine.step()
+    engine.step()
+    del lengths[:]
+    engine.add_request(prompt, cfg, request_id="second")
+    engine.step()
+    assert len(lengths) == 1 and lengths[0] == B  # both in one DENOISE forward: the newcomer ran no prefill
+    results = {}
+    while engine.has_unfinished():
+        results.update({o.request_id: o.generation for o in engine.step() if o.finished})
+    assert results["first"].token_ids == results["second"].token_ids == alone.token_ids
+    assert results["second"].num_forwards == alone.num_forwards
+    assert (results["first"].cached_prompt_tokens, results["second"].cached_prompt_tokens) == (0, len(prompt))
+
+
+def test_the_prefix_cache_holds_only_exact_prompt_kv(model64):
+    """A cached prompt is reused only at the same block size (the prefill's prompt K/V saw B masks),
+    only by the dllm-var cache policy, and only while no request with another prompt took its slot;
+    a vicinity request refreshes committed K/V, so the slot it used holds no prompt afterwards."""
+    p, q = _prompts(2)
+    engine = _engine(model64, max_batch_size=1)
+
+    def hits(prompt, cfg=CFG):
+        before = engine.prefix_cache_hits
+        gen = engine.generate([prompt], cfg)[0]
+        assert gen.token_ids == _engine(model64, prefix_caching=False).generate([prompt], cfg)[0].token_ids
+        return engine.prefix_cache_hits - before
+
+    assert [hits(p), hits(p), hits(p, CFG.replace(block_size=4)), hits(p)] == [0, 1, 0, 0]
+    assert [hits(q), hits(p), hits(p)] == [0, 0, 1]  # one slot: q took it, then p again
+    assert [hits(p, CFG.replace(cache_policy="vicinity")), hits(p)] == [0, 0]
+    roomy = _engine(model64, max_batch_size=2)
+    for prompt in (p, q, p, q):
+        roomy.generate([prompt], CFG)
+    assert roomy.prefix_cache_hits == 2  # two slots keep both prompts
+    off = _engine(model64, prefix_caching=False)
+    off.generate([p, p], CFG)
+    off.generate([p], CFG)
+    assert off.stats()["prefix_cache_hits"] == 0
+
+
+def test_a_free_slot_keeps_its_prompt_until_another_prompt_needs_the_slot(tiny_config):
+    cache = dllm.engine.KVCache(tiny_config, num_slots=3, capacity=16, device="cpu", dtype=torch.float32)
+    a, b = cache.allocate("p"), cache.allocate("q")
+    cache.remember(a, "p")
+    cache.remember(b, "q")
+    cache.release(a)
+    cache.release(b)
+    assert cache.find("p") == a and cache.holds(b, "q")
+    assert cache.allocate("q") == b  # the slot that holds its prompt
+    assert cache.allocate("r") not in (a, b)  # a slot that holds nothing before one that holds a prompt
+    assert cache.allocate("r") == a and cache.find("p") is None  # the last resort forgets p
+    cache.release(b)
+    assert cache.holds(b, "q") and cache.allocate(None) == b and cache.find("q") is None
+
+
 @pytest.mark.parametrize("share", [True, False])
 def test_the_prefill_token_budget_counts_the_rows_a_forward_runs(model64, share):
     """With shared prefills the repeats of a prompt cost no row: 6 samples of one prompt and one other
@@ -276,6 +376,7 @@ def test_the_prefill_token_budget_counts_the_rows_a_forward_runs(model64, share)
     engine = _engine(model64, max_prefill_tokens=32, share_prefills=share)
     for prompt in [a] * 6 + [b]:
         engine.add_request(prompt, CFG)
+    engine.scheduler.admit()
     groups = engine.scheduler.schedule()
     assert [len(g) for g in groups] == ([7] if share else [2, 2, 2, 1])
     finished = []

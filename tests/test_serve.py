@@ -118,6 +118,22 @@ def test_n_samples_per_prompt_and_prompt_lists_match_the_engine_seed_by_seed(cli
     assert out.model_extra["dllm"]["forwards"] == sum(d.num_forwards for d in direct)
 
 
+def test_a_prompt_asked_again_reports_its_prompt_tokens_as_cached(client, server):
+    """The second request finds the prompt's K/V in the replica's prefix cache: the same answer, and
+    usage.prompt_tokens_details.cached_tokens says so (for streams too)."""
+    prompt = [21, 22, 23, 24, 25, 26, 27, 28, 29]  # asked by no other test
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, n=2)
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, n=2)
+    assert [c.text for c in again.choices] == [c.text for c in first.choices]
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens == len(prompt)
+    assert (first.usage.prompt_tokens_details.cached_tokens, again.usage.prompt_tokens_details.cached_tokens) == (0, 9)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-2])["usage"]["prompt_tokens_details"] == {"cached_tokens": 9}
+
+
 def test_token_id_prompt_lists_and_echo(client, model_dir):
     tok = dllm.load_tokenizer(model_dir)
     ids = [tok("add 1+2 =>", add_special_tokens=False)["input_ids"], tok("sort: ba =>", add_special_tokens=False)["input_ids"]]
@@ -484,11 +500,12 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, endl
 def test_engine_metrics_reach_the_prometheus_endpoint(server, client):
     import ray
 
-    client.completions.create(model="tiny", prompt=[5, 6, 7, 8, 9], max_tokens=16)
+    for _ in range(2):  # the second time from the prefix cache
+        client.completions.create(model="tiny", prompt=[5, 6, 7, 8, 9], max_tokens=16)
     port = ray._private.worker.global_worker.node.metrics_export_port
     wanted = {"ray_dllm_requests_total", "ray_dllm_forwards_total", "ray_dllm_tokens_per_forward_bucket",
               "ray_dllm_time_to_first_block_s_bucket", "ray_dllm_queue_depth", "ray_dllm_running_requests",
-              "ray_dllm_kv_cache_usage"}
+              "ray_dllm_kv_cache_usage", "ray_dllm_cached_prompt_tokens_total"}
     found = set()
     deadline = time.time() + 60
     while time.time() < deadline and not wanted <= found:

@@ -148,7 +148,7 @@ class _SharedPrefill:
     @staticmethod
     def find(engine: "Engine", reqs: list[Request]) -> "_SharedPrefill | None":
         first: dict[tuple[int, ...], int] = {}
-        source = [first.setdefault(tuple(r.prompt_ids), i) for i, r in enumerate(reqs)]  # each row's prompt's row
+        source = [first.setdefault(r.prompt_key, i) for i, r in enumerate(reqs)]  # each row's prompt's row
         return _SharedPrefill(engine, reqs, source) if len(first) < len(reqs) else None
 
 
@@ -173,13 +173,21 @@ class Engine:
     share_prefills:     requests prefilled together with the same prompt (the n samples of one prompt)
                         share one prefill row: its prompt K/V are copied to the others' slots. Same
                         tokens; False runs every row (the baseline of that saving).
+    prefix_caching:     a request whose prompt (with its block size) an earlier request prefilled skips
+                        its prefill: it takes the free slot still holding that prompt's K/V, or copies
+                        them from a running request's slot, and its first forward is a DENOISE step of
+                        the B masks. Exact, not an approximation: a prefill's prompt K/V depend only on
+                        the prompt and the B masks it sees, and the masks' logits are what the prefill
+                        would have given. Free slots keep their prompt until they are handed to a
+                        request with another one; costs no memory. Requests of the dllm-var cache
+                        policy only (the others recompute committed K/V).
     """
 
     def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
                  max_model_len: int | None = None, max_prefill_tokens: int = 8192,
                  cuda_graphs: bool | None = None, compile_blocks: bool | None = None,
                  fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
-                 share_prefills: bool = True) -> None:
+                 share_prefills: bool = True, prefix_caching: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -202,9 +210,11 @@ class Engine:
                              scratch_slot=cuda_graphs)
         self.graphs = (GraphedForward(model, self.cache.k, self.cache.v, self.cache.scratch_slot, self.config.mask_token_id)
                        if cuda_graphs else None)
-        self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills)
+        self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills, prefix_caching)
         self.share_prefills = share_prefills
         self.shared_prefills = 0  # prefill rows not run: their prompt's K/V were copied from another row
+        self.prefix_cache_hits = 0  # requests that skipped their prefill (prefix_caching)
+        self.prefix_cached_tokens = 0  # prompt tokens those requests did not run
         self.mask_id = self.config.mask_token_id
         stop = set(self.config.stop_token_ids)
         eot = getattr(tokenizer, "eot_token_id", None)
@@ -282,6 +292,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one forward for every running request; return committed blocks and finished requests."""
+        self._admit()
         for group in self.scheduler.schedule():
             self._run_group(group)
         outputs, self._outputs = self._outputs, []
@@ -322,10 +333,34 @@ class Engine:
             "total_forwards": self.total_forwards,
             "host_syncs": self.host_syncs,
             "shared_prefills": self.shared_prefills,
+            "prefix_cache_hits": self.prefix_cache_hits,
+            "prefix_cached_tokens": self.prefix_cached_tokens,
             "cuda_graphs": len(self.graphs.graphs) if self.graphs is not None else 0,
         }
 
     # ----- one forward group -----------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Give waiting requests free slots. With prefix caching, a request whose prompt K/V a slot holds
+        (its own, kept since an earlier request freed it, or a running request's, copied) starts as if
+        its prefill had run: the prompt is committed context and the first forward decodes the block."""
+        for req in self.scheduler.admit():
+            if not self.scheduler.reuses_prompt(req):
+                continue
+            key = req.prompt_key
+            source = req.slot if self.cache.holds(req.slot, key) else self.cache.find(key)
+            if source is None:
+                continue
+            n = len(req.prompt_ids)
+            if source != req.slot:
+                self.cache.copy_prefix(source, req.slot, n)
+                self.cache.remember(req.slot, key)
+            req.cached_len = req.cached_prompt_tokens = n
+            req.block = torch.full((req.block_size,), self.mask_id, device=self.device, dtype=torch.long)
+            req.masks_left = req.block_size
+            req.phase = Phase.DENOISE
+            self.prefix_cache_hits += 1
+            self.prefix_cached_tokens += n
 
     def _run_group(self, reqs: list[Request]) -> None:
         phase, b = reqs[0].phase, reqs[0].block_size
@@ -393,6 +428,8 @@ class Engine:
             r.masks_left = masks_left[i]
             if phase is Phase.PREFILL:
                 r.cached_len = len(r.prompt_ids)
+                if self.scheduler.reuses_prompt(r):
+                    self.cache.remember(r.slot, r.prompt_key)
             elif phase is Phase.COMMIT:
                 r.cached_len += b
             r.phase = Phase.DENOISE
@@ -651,7 +688,8 @@ class Engine:
         if final:
             generation = Generation(r.request_id, list(ids), text, r.finish_reason, r.num_forwards, r.num_blocks,
                                     len(r.prompt_ids), r.trajectory,
-                                    r.logprobs[:len(ids)] if r.logprobs is not None else None)
+                                    r.logprobs[:len(ids)] if r.logprobs is not None else None,
+                                    cached_prompt_tokens=r.cached_prompt_tokens)
         if new_ids or new_text or final:
             self._outputs.append(RequestOutput(r.request_id, new_ids, new_text, final, generation, new_logprobs))
 

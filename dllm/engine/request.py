@@ -51,6 +51,8 @@ class Generation:
     num_forwards:  model forwards this request took part in (NFE)
     trajectory:    with GenerationConfig(record_trajectory=True), one BlockTrajectory per decoded block
     logprobs:      with GenerationConfig(logprobs=k), one TokenLogprob per token id
+    cached_prompt_tokens: prompt tokens not run through the model: their K/V were an earlier request's
+                   (Engine prefix_caching); 0 or prompt_tokens
     """
 
     request_id: str
@@ -62,6 +64,7 @@ class Generation:
     prompt_tokens: int
     trajectory: list[BlockTrajectory] | None = None
     logprobs: list[TokenLogprob] | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (an earlier request's)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -90,6 +93,7 @@ class Request:
     phase: Phase = Phase.WAITING
     slot: int = -1
     cached_len: int = 0  # committed K/V positions in the slot
+    cached_prompt_tokens: int = 0  # prompt K/V taken from the prefix cache instead of a prefill
     block: torch.Tensor | None = None  # [B] current block, MASK where undecided
     generated: list[int] = field(default_factory=list)
     num_forwards: int = 0
@@ -121,6 +125,17 @@ class Request:
     @property
     def block_size(self) -> int:
         return self.config.block_size
+
+    @property
+    def prompt_key(self) -> tuple:
+        """What a prefill's prompt K/V depend on: the prompt and the mask block it sees (the block size)."""
+        return self.block_size, *self.prompt_ids
+
+    @property
+    def keeps_prompt_kv(self) -> bool:
+        """The slot's prompt K/V stay as the prefill wrote them (the dllm-var cache policy never recomputes
+        committed K/V; the others refresh them)."""
+        return self.config.cache_policy == "dllm-var"
 
     def context_ids(self) -> list[int]:
         """The tokens whose K/V are committed in the slot: the prompt, then the committed blocks."""

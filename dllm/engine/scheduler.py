@@ -14,10 +14,12 @@ from .request import Phase, Request
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_prefill_tokens: int, share_prefills: bool = False) -> None:
+    def __init__(self, cache: KVCache, max_prefill_tokens: int, share_prefills: bool = False,
+                 prefix_caching: bool = False) -> None:
         self.cache = cache
         self.max_prefill_tokens = max_prefill_tokens
         self.share_prefills = share_prefills  # a prefill whose prompt is already in its batch costs no row
+        self.prefix_caching = prefix_caching  # a request prefers a free slot that holds its prompt's K/V
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -27,12 +29,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def reuses_prompt(self, req: Request) -> bool:
+        """Prefix caching applies: the request may take, and leaves behind, prompt K/V in its slot."""
+        return self.prefix_caching and req.keeps_prompt_kv
+
     def admit(self) -> list[Request]:
         """Move waiting requests into free cache slots (first come, first served)."""
         admitted = []
         while self.waiting and self.cache.free_slots:
             req = self.waiting.popleft()
-            req.slot = self.cache.allocate()
+            req.slot = self.cache.allocate(req.prompt_key if self.reuses_prompt(req) else None)
             req.phase = Phase.PREFILL
             self.running.append(req)
             admitted.append(req)
@@ -40,8 +46,8 @@ class Scheduler:
 
     def schedule(self) -> list[list[Request]]:
         """Forward groups for this step: same phase, block size and cache policy. Groups whose queries
-        differ in length (prefills, recomputing cache policies) are split by a padded-token budget."""
-        self.admit()
+        differ in length (prefills, recomputing cache policies) are split by a padded-token budget.
+        Call admit() first: new requests join this step."""
         groups: dict[tuple, list[Request]] = {}
         for req in self.running:
             groups.setdefault((req.phase, req.block_size, req.config.cache_policy), []).append(req)
@@ -55,7 +61,7 @@ class Scheduler:
             batch: list[Request] = []
             rows: set = set()  # the rows the batch's forward runs
             for req in reqs:  # ascending: the newest request is the longest of its batch
-                row = tuple(req.prompt_ids) if shared else id(req)
+                row = req.prompt_key if shared else id(req)
                 if batch and row not in rows and req.query_len() * (len(rows) + 1) > self.max_prefill_tokens:
                     batches.append(batch)
                     batch, rows = [], set()
