@@ -67,7 +67,8 @@ def _score(args) -> int:
 
 def serve_app_args(args) -> dict:
     """`dllm serve` flags -> serve.app:build_app keys (only those given: build_app has the defaults)."""
-    app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching}
+    app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
+                "routing": args.routing}
     for key in ("name", "max_model_len", "num_gpus", "min_replicas", "max_replicas", "num_replicas", "api_keys"):
         value = getattr(args, key)
         if value is not None:
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-keys", help="comma-separated keys required as 'Authorization: Bearer <key>'")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="prefill every request, even one whose prompt a free cache slot still holds")
+    s.add_argument("--routing", choices=("prompt_affinity", "power_of_two"), default="prompt_affinity",
+                   help="how requests pick a replica: the requests of one prompt meet on one replica (its prefix "
+                        "cache and shared prefills) unless it is overloaded, or Serve's two-random-choices default")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     s.set_defaults(func=lambda a, rest: _serve(a))
 

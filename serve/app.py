@@ -7,8 +7,9 @@
 `EngineServer` replicas each load the checkpoint and run the continuous-batching engine in a
 background thread: requests from every caller join its batch between steps. `OpenAIIngress`
 validates and tokenises requests, then streams each committed block back (SSE) or returns the
-whole answer. Tensor parallelism is not supported: a replica holds the whole model on one GPU
-(LLaDA-8B in bf16 takes ~16 GB); scale with replicas.
+whole answer. The ingress routes the requests of one prompt to one replica (`router.py`), where they
+share a prefill or find the prompt's K/V in the prefix cache. Tensor parallelism is not supported: a
+replica holds the whole model on one GPU (LLaDA-8B in bf16 takes ~16 GB); scale with replicas.
 """
 
 
@@ -32,6 +33,7 @@ from .engine_loop import EngineLoop
 from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_logprobs, completion_logprobs,
                        logit_bias_ids, logprobs_wanted, new_id, now, reject_unsupported, usage)
+from .router import PromptAffinityRouter
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
 # the content left of it (answers are not cut short); see GenerationConfig.
@@ -561,7 +563,7 @@ def build_app(args: dict[str, Any]):
     """Application builder (`serve run serve.app:build_app model=DIR key=value ...`).
 
     Keys: model (required), name, max_batch_size, max_model_len, dtype, prefix_caching (true / false,
-    default true), max_tokens_cap, api_keys
+    default true), routing (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys
     (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
     min_replicas / max_replicas / target_ongoing_requests / upscale_delay_s / downscale_delay_s
     (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests, decoding (dict of
@@ -588,6 +590,12 @@ def build_app(args: dict[str, Any]):
         "health_check_period_s": float(args.pop("health_check_period_s", 10)),
         "graceful_shutdown_timeout_s": float(args.pop("graceful_shutdown_timeout_s", 30)),
     }
+    routing = args.pop("routing", "prompt_affinity")
+    if routing == "prompt_affinity":  # a prompt's requests meet on one replica: shared prefills, prefix cache
+        engine_opts["request_router_config"] = {"request_router_class": PromptAffinityRouter,
+                                                "request_router_kwargs": {"max_imbalance": max_batch}}
+    elif routing != "power_of_two":
+        raise ValueError(f"build_app: routing={routing!r} is not one of prompt_affinity, power_of_two")
     autoscale_keys = ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
                       "downscale_delay_s", "metrics_interval_s", "look_back_period_s")
     autoscaling = {k: args.pop(k) for k in autoscale_keys if k in args}

@@ -67,8 +67,10 @@ def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint)
     assert out.returncode == 2 and "continuation is empty" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("flags, cached", [([], True), (["--no-prefix-caching"], False)])
-def test_serve_flags_become_the_app_builders_keys(flags, cached):
+@pytest.mark.parametrize("flags, cached, routing", [([], True, "prompt_affinity"),
+                                                    (["--no-prefix-caching", "--routing", "power_of_two"], False,
+                                                     "power_of_two")])
+def test_serve_flags_become_the_app_builders_keys(flags, cached, routing):
     from ray.serve import Application
 
     from dllm.cli import build_parser, serve_app_args
@@ -77,6 +79,6 @@ def test_serve_flags_become_the_app_builders_keys(flags, cached):
     args = build_parser().parse_args(["serve", "--model", "/models/x", "--max-replicas", "3", "--min-replicas", "1",
                                       *flags])
     app_args = serve_app_args(args)
-    assert app_args == {"model": "/models/x", "max_batch_size": 16, "prefix_caching": cached, "min_replicas": 1,
-                        "max_replicas": 3}
+    assert app_args == {"model": "/models/x", "max_batch_size": 16, "prefix_caching": cached, "routing": routing,
+                        "min_replicas": 1, "max_replicas": 3}
     assert isinstance(build_app(app_args), Application)

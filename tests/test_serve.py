@@ -458,6 +458,22 @@ def test_a_dead_replica_is_replaced(server):
     assert _engine_info()["pid"] != pid
 
 
+def test_the_requests_of_one_prompt_meet_on_one_replica_and_its_prefix_cache(server, model_dir):
+    """Two replicas behind the prompt-affinity router: a prompt asked again goes where its K/V are
+    (under Serve's default routing each repeat would have an even chance of missing them)."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({"model": str(model_dir), **APP_ARGS, "num_replicas": 2}), name="pair", route_prefix="/pair")
+    pair = openai.OpenAI(base_url=f"{server}/pair/v1", api_key="unused", max_retries=0)
+    for prompt in ([31, 32, 33, 34, 35, 36], [41, 42, 43, 44, 45]):
+        cached = [pair.completions.create(model="tiny", prompt=prompt, max_tokens=16).usage.prompt_tokens_details
+                  .cached_tokens for _ in range(4)]
+        assert cached == [0] + [len(prompt)] * 3
+    serve.delete("pair")
+
+
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, endless_dir):
     from ray import serve
 
