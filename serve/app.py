@@ -261,8 +261,12 @@ async def _merged(streams: list):
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, engine, model: str, served_model_name: str | None = None, max_model_len: int | None = None,
-                 max_tokens_cap: int = 1024, api_keys: list[str] | None = None) -> None:
+                 max_tokens_cap: int = 1024, api_keys: list[str] | None = None,
+                 default_block_size: int = DEFAULT_DECODING["block_size"]) -> None:
         self.engine = engine
+        # The replicas' block size when a request names none (the app's decoding defaults; a change to them
+        # redeploys this ingress with the new value), so the context check matches what they will decode.
+        self.default_block_size = default_block_size
         self.tokenizer = dllm.load_tokenizer(model)
         config = dllm.LLaDAConfig.from_file(os.path.join(model, "config.json"))
         self.max_model_len = max_model_len or config.max_sequence_length
@@ -389,7 +393,7 @@ class OpenAIIngress:
         """Generate req.n choices per prompt (choice index = prompt index * n + sample index), all in
         the engine's batch at once. Sample i of a seeded request uses seed + i, so the n samples differ
         under temperature > 0 and the request stays reproducible."""
-        block = req.block_size or 64
+        block = req.block_size or self.default_block_size
         param = "messages" if chat else "prompt"
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} asks for {len(prompts) * req.n} choices; "
@@ -623,4 +627,4 @@ def build_app(args: dict[str, Any]):
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,
-                        max_tokens_cap=max_tokens_cap, api_keys=api_keys)
+                        max_tokens_cap=max_tokens_cap, api_keys=api_keys, default_block_size=decoding["block_size"])

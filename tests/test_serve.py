@@ -376,6 +376,20 @@ def test_invalid_completion_requests_get_openai_style_errors(server, body, statu
     assert err["param"] == param and err["message"] and err["type"]
 
 
+def test_the_context_check_uses_the_replicas_block_size(server, model_dir):
+    """The app decodes blocks of 8 (APP_ARGS) in a 256-token context: a 248-token prompt fits, one more does not,
+    and a request's own block size replaces the app's."""
+    a = dllm.load_tokenizer(model_dir)("a", add_special_tokens=False)["input_ids"]
+    fits = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": a * 248, "max_tokens": 8},
+                      timeout=60)
+    assert fits.status_code == 200, fits.text
+    for n, extra, block in ((249, {}, 8), (241, {"block_size": 16}, 16)):
+        r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": a * n, "max_tokens": 8, **extra})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
+        assert f"has {n} tokens; with one block of {block} it exceeds the model's context of 256" in err["message"]
+
+
 def test_invalid_chat_requests_and_bad_json(server):
     r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
