@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ablation_bench, engine_bench, likelihood_bench, objective_bench, trained_compare
+from benchmarks import ablation_bench, engine_bench, likelihood_bench, objective_bench, serve_bench, trained_compare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,6 +149,27 @@ def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_prefi
     assert (cached["prefix_cache_hits"], uncached["prefix_cache_hits"]) == (2, 0)
     assert rows["LLaDA vanilla (gen 16, steps 16)"]["speedup_vs_vanilla"] == 1.0
     assert any(name.startswith("Fast-dLLM") for name in rows)
+
+
+@pytest.mark.slow
+def test_serve_bench_compares_routings_on_prompts_asked_again(tmp_path, ray_local):
+    """One request at a time, so no repeat can race its first request: under prompt affinity every repeat
+    finds its prompt's K/V on its replica; Serve's random choices find them at most as often."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "routing.json"
+    serve_bench.main(["--routing", "--replicas", "2", "--distinct", "3", "--repeats", "3", "--prompt-len", "24",
+                      "--max-tokens", "8", "--block-size", "8", "--concurrency", "1", "--d-model", "64",
+                      "--layers", "1", "--port", str(port), "--json", str(out)])
+    random_choice, affinity = json.loads(out.read_text())
+    assert [random_choice["setting"], affinity["setting"]] == ["power_of_two c=1", "prompt_affinity c=1"]
+    for row in (random_choice, affinity):
+        assert row["requests"] == 9 and row["mean_tokens"] == 8  # ignore_eos: every request decodes max_tokens
+    assert affinity["cached_prompt_share"] == pytest.approx(2 / 3)  # all but each prompt's first request
+    assert random_choice["cached_prompt_share"] <= affinity["cached_prompt_share"]
 
 
 def test_fp8_train_bench_drives_the_training_workers_deepspeed_engine(tmp_path):
