@@ -72,15 +72,19 @@ class EngineServer:
         tokenizer = dllm.load_tokenizer(model)
         self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
                                   prefix_caching=prefix_caching)
-        self.defaults = dict(DEFAULT_DECODING)
-        self.engine.warmup([self.defaults["block_size"]])  # on CUDA: capture every batch bucket before traffic
+        self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
         self.loop = EngineLoop(self.engine)
         self._metrics = _EngineMetrics()
         self.loop.on_step = self._metrics.on_step
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Change decoding defaults (block size, threshold, decoder, max_tokens) without a restart."""
-        self.defaults = _decoding_defaults(user_config)
+    async def reconfigure(self, user_config: dict) -> None:
+        """Change decoding defaults (block size, threshold, decoder, max_tokens) without a restart. Serve calls
+        it after __init__ too (build_app always sets a user_config). On CUDA the graphs of every batch bucket
+        for the default block size are captured here, on the engine thread between steps, so that neither the
+        first requests nor those after a change of block size pay for captures."""
+        defaults = _decoding_defaults(user_config)
+        self.defaults = defaults
+        await self.loop.call(lambda: self.engine.warmup([defaults["block_size"]]))
 
     def check_health(self) -> None:
         if not self.loop.alive:
