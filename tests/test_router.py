@@ -4,7 +4,8 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.serve._private.request_router.common import PendingRequest, RequestRoutingContext
 
 from serve.router import PromptAffinityRouter
 
@@ -24,7 +25,8 @@ def _replicas(n):
 
 
 def _generate(prompt_ids):
-    return SimpleNamespace(args=[{"prompt_ids": prompt_ids, "max_tokens": 16}], kwargs={})
+    return SimpleNamespace(args=[{"prompt_ids": prompt_ids, "max_tokens": 16}], kwargs={},
+                           routing_context=RequestRoutingContext())
 
 
 def _ranks(router, replicas, request):
@@ -63,9 +65,61 @@ def test_an_overloaded_replica_gives_way_to_the_least_loaded():
     assert _ranks(router, replicas, request) == [replicas]  # the base router takes the shortest queue
 
 
+class _ReplicaWithRoom:
+    """What Serve's routing loop asks of a replica: its id, its capacity and its queue length."""
+
+    def __init__(self, i, queue_len=0, max_ongoing_requests=32):
+        self.replica_id = ReplicaID(unique_id=f"replica-{i}", deployment_id=DEPLOYMENT)
+        self.max_ongoing_requests = max_ongoing_requests
+        self.queue_len = queue_len
+        self.probes = 0
+
+    async def get_queue_len(self, *, deadline_s):
+        self.probes += 1
+        return self.queue_len
+
+
+def _route_one_http_request(replicas, prompts, n, timeout=10.0):
+    """Route the ingress's engine calls for one completion (n per prompt, all carrying the HTTP request's
+    ids) at once, through Serve's own routing loop and a new router; the replica each call got."""
+    meta = RequestMetadata(request_id="req", internal_request_id="one-http-request", call_method="generate",
+                           is_streaming=True)
+
+    async def run():
+        router = _router()
+        router.update_replicas(replicas)
+        calls = [PendingRequest(args=[{"prompt_ids": p, "max_tokens": 16}], kwargs={}, metadata=meta)
+                 for p in prompts for _ in range(n)]
+        return await asyncio.wait_for(asyncio.gather(*(router._choose_replica_for_request(c) for c in calls)),
+                                      timeout)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_every_call_of_one_http_request_is_routed_to_its_prompts_replica(num_replicas):
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    replicas = [_ReplicaWithRoom(i) for i in range(num_replicas)]
+    routed = _route_one_http_request(replicas, prompts, n=3)
+    preferred = [_ranks(_router(), replicas, _generate(p))[0][0] for p in prompts]
+    assert routed == [preferred[k] for k in range(len(prompts)) for _ in range(3)]
+
+
+def test_a_full_preferred_replica_sends_its_prompt_to_another_and_none_free_backs_off():
+    replicas = [_ReplicaWithRoom(i) for i in range(2)]
+    preferred = _ranks(_router(), replicas, _generate([5, 6, 7]))[0][0]
+    other = next(r for r in replicas if r is not preferred)
+    preferred.queue_len = preferred.max_ongoing_requests
+    assert _route_one_http_request(replicas, [[5, 6, 7]], n=1) == [other]
+    other.queue_len = other.max_ongoing_requests  # both full: Serve retries, sleeping between rounds
+    with pytest.raises(asyncio.TimeoutError):
+        _route_one_http_request(replicas, [[5, 6, 7]], n=1, timeout=1.0)
+    assert preferred.probes < 40  # with no backoff it probes them again at once, thousands of times a second
+
+
 def test_calls_without_a_prompt_go_to_the_least_loaded_replica():
     replicas = _replicas(2)
-    for request in (None, SimpleNamespace(args=[], kwargs={}), _generate([])):
+    for request in (None, SimpleNamespace(args=[], kwargs={}, routing_context=RequestRoutingContext()), _generate([])):
         assert _ranks(_router(), replicas, request) == [replicas]
 
 

@@ -18,6 +18,10 @@ APP_ARGS = {"max_model_len": 256, "num_cpus": 0.25, "ingress_num_cpus": 0.25, "m
             "decoding": {"block_size": 8, "max_tokens": 48}}
 
 
+# A request that hangs fails its test in two minutes, not in the openai client's default of ten.
+CLIENT_TIMEOUT_S = 120
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +61,7 @@ def server(ray_local, model_dir, endless_dir):
 
 @pytest.fixture()
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
 
 
 def _engine_info(app="main"):
@@ -429,7 +433,7 @@ def test_api_keys_are_enforced_except_on_health(server):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
-    secure = openai.OpenAI(base_url=f"{base}/v1", api_key="k1", max_retries=0)
+    secure = openai.OpenAI(base_url=f"{base}/v1", api_key="k1", max_retries=0, timeout=CLIENT_TIMEOUT_S)
     assert secure.completions.create(model="tiny", prompt="x", max_tokens=8).choices[0].finish_reason
 
 
@@ -480,7 +484,7 @@ def test_the_requests_of_one_prompt_meet_on_one_replica_and_its_prefix_cache(ser
     from serve.app import build_app
 
     serve.run(build_app({"model": str(model_dir), **APP_ARGS, "num_replicas": 2}), name="pair", route_prefix="/pair")
-    pair = openai.OpenAI(base_url=f"{server}/pair/v1", api_key="unused", max_retries=0)
+    pair = openai.OpenAI(base_url=f"{server}/pair/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
     for prompt in ([31, 32, 33, 34, 35, 36], [41, 42, 43, 44, 45]):
         cached = [pair.completions.create(model="tiny", prompt=prompt, max_tokens=16).usage.prompt_tokens_details
                   .cached_tokens for _ in range(4)]
