@@ -476,9 +476,10 @@ def test_a_dead_replica_is_replaced(server):
     assert _engine_info()["pid"] != pid
 
 
-def test_the_requests_of_one_prompt_meet_on_one_replica_and_its_prefix_cache(server, model_dir):
+def test_the_requests_of_one_prompt_meet_on_one_replica_and_its_prefix_cache(server, client, model_dir):
     """Two replicas behind the prompt-affinity router: a prompt asked again goes where its K/V are
-    (under Serve's default routing each repeat would have an even chance of missing them)."""
+    (under Serve's default routing each repeat would have an even chance of missing them), and every
+    engine call of one HTTP request (n samples of several prompts) is routed and answered."""
     from ray import serve
 
     from serve.app import build_app
@@ -489,6 +490,10 @@ def test_the_requests_of_one_prompt_meet_on_one_replica_and_its_prefix_cache(ser
         cached = [pair.completions.create(model="tiny", prompt=prompt, max_tokens=16).usage.prompt_tokens_details
                   .cached_tokens for _ in range(4)]
         assert cached == [0] + [len(prompt)] * 3
+    many = dict(model="tiny", prompt=[[11, 12, 13], [14, 15, 16, 17], [18, 19]], n=3, temperature=1.0, seed=5,
+                max_tokens=16)
+    answers = [c.text for c in pair.completions.create(**many).choices]
+    assert answers == [c.text for c in client.completions.create(**many).choices]  # the one-replica app's
     serve.delete("pair")
 
 
