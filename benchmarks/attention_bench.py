@@ -5,7 +5,8 @@ LLaDA-8B's attention shape, against SDPA on a dense copy of the same keys (issue
 
 One decode step attends a block of `--block` queries (batch 1, 32 heads of 128) to `context` cached
 keys in each of 32 layers. Each layer gets its own K/V pool, as in the engine, so the L2 cache
-(50 MB on an H100) cannot hold the keys between layers. The 32 layers' attention (the kernel, and
+(50 MB on an H100) cannot hold the keys between layers; the keys sit in pages of `--page-size`
+positions scattered over the pool by a shuffled page table, as a long-running engine leaves them. The 32 layers' attention (the kernel, and
 for launches that merge key chunks in a second kernel, that merge, compiled) is captured in one CUDA graph and
 replayed: launch gaps are what a graph leaves, as in the engine. Reported per layer, next to the
 time the K/V bytes take at the copy bandwidth measured in the same run, and to the default launch
@@ -31,17 +32,19 @@ def sweep(ctx: int, args, bw: float, merge) -> list[dict]:
     layers, heads, hd, block = args.layers, args.heads, args.head_dim, args.block
     kv_len = ctx + block
     capacity = kv_len + 2 * block  # the engine's slot holds a block or two beyond the context
-    k = [torch.randn(1, capacity, heads, hd, device=dev, dtype=dtype) for _ in range(layers)]
-    v = [torch.randn(1, capacity, heads, hd, device=dev, dtype=dtype) for _ in range(layers)]
+    pages = -(-capacity // args.page_size)
+    k = [torch.randn(pages, args.page_size, heads, hd, device=dev, dtype=dtype) for _ in range(layers)]
+    v = [torch.randn(pages, args.page_size, heads, hd, device=dev, dtype=dtype) for _ in range(layers)]
     q = [torch.randn(1, block, heads, hd, device=dev, dtype=dtype) for _ in range(layers)]
+    table = torch.randperm(pages, device=dev).int()[None]
     slots = torch.zeros(1, dtype=torch.long, device=dev)
     kv_lens = torch.full((1,), kv_len, dtype=torch.int32, device=dev)
     kv_ms = 2 * kv_len * heads * hd * 2 / (bw * 1e9) * 1e3
     rows = []
 
     # The reference: SDPA (flash) on dense K/V of exactly kv_len keys (no pool, no slot indirection).
-    dense_k = [x[:, :kv_len].transpose(1, 2).contiguous() for x in k]
-    dense_v = [x[:, :kv_len].transpose(1, 2).contiguous() for x in v]
+    dense_k = [x[table[0].long()].flatten(0, 1)[None, :kv_len].transpose(1, 2).contiguous() for x in k]
+    dense_v = [x[table[0].long()].flatten(0, 1)[None, :kv_len].transpose(1, 2).contiguous() for x in v]
     dense_q = [x.transpose(1, 2).contiguous() for x in q]
 
     def sdpa():
@@ -63,10 +66,10 @@ def sweep(ctx: int, args, bw: float, merge) -> list[dict]:
 
         def run(launch=launch):
             for i in range(layers):
-                pa.pool_attention(q[i], k[i], v[i], slots, kv_lens, **launch)
+                pa.pool_attention(q[i], k[i], v[i], table, slots, kv_lens, **launch)
         g, _ = capture(run)
         ms = time_cuda(g.replay, args.iters) / layers
-        out = pa.pool_attention(q[0], k[0], v[0], slots, kv_lens, **launch)  # after replays: counters stay right
+        out = pa.pool_attention(q[0], k[0], v[0], table, slots, kv_lens, **launch)  # after replays: counters stay right
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         name = (f"default (block_m {default_m}, block_n {default_n}, splits {default_s}, merge in kernel)"
                 if block_m is None
@@ -83,6 +86,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--block", type=int, default=64)
+    p.add_argument("--page-size", type=int, default=16, help="cache positions per page of the K/V pool")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)

@@ -87,9 +87,9 @@ def kv_bytes(cfg: dllm.LLaDAConfig, tokens: int, dtype_bytes: int = 2) -> int:
 
 def step_rows(model, engine, ctx: int, block: int, bw: float, args, label: str) -> list[dict]:
     cfg, dev = model.config, engine.device
-    slot = engine.cache.allocate()
-    engine.cache.k[:, slot].normal_()  # a filled cache: values matter for nothing but realism
-    engine.cache.v[:, slot].normal_()
+    slot = engine.cache.allocate(ctx + 2 * block)
+    engine.cache.k.normal_()  # a filled cache: values matter for nothing but realism
+    engine.cache.v.normal_()
     ids_b = torch.randint(0, cfg.vocab_size - 200, (1, block), device=dev)
     ids_2b = torch.randint(0, cfg.vocab_size - 200, (1, 2 * block), device=dev)
     w_bytes = weight_bytes_per_step(model)
@@ -98,7 +98,7 @@ def step_rows(model, engine, ctx: int, block: int, bw: float, args, label: str) 
     def eager(ids, logits_start, kernel: bool):
         q = ids.shape[1]
         model.use_pool_kernel = kernel
-        view = CacheView(engine.cache.k, engine.cache.v, slots=torch.tensor([slot], device=dev),
+        view = CacheView(engine.cache.k, engine.cache.v, engine.cache.table, slots=torch.tensor([slot], device=dev),
                          offsets=torch.tensor([ctx], device=dev), window=ctx + q)
         index = torch.arange(logits_start, logits_start + block, device=dev)[None]
         return lambda: model(ids, cache=view, logits_index=index)
@@ -144,8 +144,8 @@ def profile_step(model, engine, ctx: int, block: int, path: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     dev = engine.device
-    slot = engine.cache.allocate()
-    view = CacheView(engine.cache.k, engine.cache.v, slots=torch.tensor([slot], device=dev),
+    slot = engine.cache.allocate(ctx + block)
+    view = CacheView(engine.cache.k, engine.cache.v, engine.cache.table, slots=torch.tensor([slot], device=dev),
                      offsets=torch.tensor([ctx], device=dev), window=ctx + block)
     ids = torch.randint(0, 1000, (1, block), device=dev)
     index = torch.arange(block, device=dev)[None]

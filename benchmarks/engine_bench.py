@@ -20,6 +20,11 @@ shared prefill (one prefill row per prompt, its K/V copied to the other N-1 slot
 prefilled: their ratio is what sharing saves, most with long prompts (--prompt-len). `--prefix-caching` decodes
 the prompts once, then again timed, with the engine's prefix cache (each request finds its prompt's K/V in a
 free slot and skips its prefill) and without: their ratio is what the cache saves on prompts asked again.
+`--kv-cache-tokens T` decodes all the prompts submitted at once in a K/V pool of T tokens, twice in the
+same memory: with a slot of `--pool-max-model-len` positions per request (what a cache without pages
+reserves whatever the request's length: T // max_model_len requests at a time), then paged (each request
+holds the pages of its prompt and max_new_tokens: as many at a time as fit); it reports the peak number
+of requests decoded together beside the TPS.
 """
 
 from __future__ import annotations
@@ -117,8 +122,8 @@ def run(args) -> list[dict]:
         record(f"dllm-var engine ({args.samples} samples per prompt, {how})", [g.token_ids for g in gens],
                sum(g.num_forwards for g in gens), secs, len(gens))
     for cached in (True, False) if args.prefix_caching else ():
-        # The prompts asked again: with the cache each request skips its prefill. A slot per prompt, as a
-        # server's free slots keep the prompts of its last requests; decoded `--batch` at a time.
+        # The prompts asked again: with the cache each request skips its prefill (the pool keeps every
+        # prompt's pages); decoded `--batch` at a time.
         again = dllm.Engine(model, max_batch_size=max(args.batch, len(prompts)), max_model_len=engine.max_model_len,
                             prefix_caching=cached)
         cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=cap, threshold=args.threshold)
@@ -138,10 +143,40 @@ def run(args) -> list[dict]:
                                                   threshold=args.threshold, cache="dual") for p in prompts])
     record(f"Fast-dLLM style (dual cache, gen {cap})", [o.token_ids[0] for o in out], sum(o.num_forwards for o in out),
            secs, len(prompts))
+    if args.kv_cache_tokens:
+        pool_rows(model, prompts, args, record, results)
     base = next((r["tps"] for r in results if r["system"].startswith("LLaDA vanilla")), None)
     for r in results:
         r["speedup_vs_vanilla"] = r["tps"] / base if base else None
     return results
+
+
+def pool_rows(model, prompts, args, record, results) -> None:
+    """--kv-cache-tokens: the same pool as slots of max_model_len, then as pages (see the module doc)."""
+    tokens, max_len = args.kv_cache_tokens, args.pool_max_model_len
+    b = args.block_size
+    cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=args.max_new_tokens, threshold=args.threshold)
+    if tokens < max_len:
+        raise SystemExit(f"--kv-cache-tokens {tokens} holds no slot of --pool-max-model-len {max_len}")
+    for how, batch in ((f"a slot of {max_len} positions per request", tokens // max_len),
+                       ("paged: the pages of each request's length", len(prompts))):
+        engine = dllm.Engine(model, max_batch_size=batch, max_model_len=max_len, kv_cache_tokens=tokens,
+                             prefix_caching=False)
+        engine.generate(prompts[:1], cfg.replace(max_new_tokens=b))  # warm-up
+        peak, gens = 0, []
+
+        def decode():
+            nonlocal peak
+            for p in prompts:
+                engine.add_request(p, cfg)
+            while engine.has_unfinished():
+                gens.extend(o.generation for o in engine.step() if o.finished)
+                peak = max(peak, engine.stats()["running"])
+
+        _, secs = timed(decode)
+        record(f"dllm-var engine ({len(prompts)} requests at once, {tokens}-token K/V pool, {how})",
+               [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(gens))
+        results[-1]["peak_running"] = peak
 
 
 def main(argv=None) -> None:
@@ -165,6 +200,10 @@ def main(argv=None) -> None:
                    "without shared prefills")
     p.add_argument("--prefix-caching", action="store_true", help="also decode the prompts a second time, with and "
                    "without the prefix cache")
+    p.add_argument("--kv-cache-tokens", type=int, help="also decode every prompt at once in a K/V pool of this many "
+                   "tokens: slots of --pool-max-model-len, then pages")
+    p.add_argument("--pool-max-model-len", type=int, default=2048,
+                   help="the max_model_len a slot without pages reserves (--kv-cache-tokens)")
     p.add_argument("--vanilla-gen-lengths", type=int, nargs="+", default=[128])
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -178,7 +217,11 @@ def main(argv=None) -> None:
     for r in results:
         sp = f"{r['speedup_vs_vanilla']:.2f}x" if r["speedup_vs_vanilla"] else "-"
         print(f"{r['system']:{w}} {r['tokens']:7d} {r['forwards']:6d} {r['tpf']:6.2f} {r['seconds']:8.2f} "
-              f"{r['tps']:9.1f} {sp:>8}")
+              f"{r['tps']:9.1f} {sp:>8}" + (f"  {r['peak_running']} at once" if "peak_running" in r else ""))
+    pooled = [r for r in results if "peak_running" in r]
+    if pooled:
+        print(f"paged K/V pool: {pooled[1]['peak_running']} requests at once instead of {pooled[0]['peak_running']} "
+              f"in the same memory, {pooled[1]['tps'] / pooled[0]['tps']:.2f}x the tok/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "dtype": args.dtype, "results": results}, f, indent=2)

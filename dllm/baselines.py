@@ -117,7 +117,7 @@ def fast_dllm_generate(model: LLaDAModelLM, prompts: list[list[int]], *, gen_len
     # its own prompt length, and the canvas follows its prompt directly.
     total = max(len(pr) for pr in prompts) + gen_length
     pool = KVCache(cfg, n, total, device=device, dtype=param.dtype)
-    slots = list(range(n))
+    slots = [pool.allocate(total) for _ in range(n)]
     lens = [len(pr) for pr in prompts]
     canvas = torch.full((n, gen_length), cfg.mask_token_id, device=device, dtype=torch.long)
     tau = torch.full((n,), threshold, device=device)

@@ -69,7 +69,8 @@ def serve_app_args(args) -> dict:
     """`dllm serve` flags -> serve.app:build_app keys (only those given: build_app has the defaults)."""
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
-    for key in ("name", "max_model_len", "num_gpus", "min_replicas", "max_replicas", "num_replicas", "api_keys"):
+    for key in ("name", "max_model_len", "kv_cache_tokens", "num_gpus", "min_replicas", "max_replicas", "num_replicas",
+                "api_keys"):
         value = getattr(args, key)
         if value is not None:
             app_args[key] = value
@@ -121,13 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="model name clients send (default: the directory name)")
     s.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together per replica")
     s.add_argument("--max-model-len", type=int, help="cache positions per request (default: the model's)")
+    s.add_argument("--kv-cache-tokens", type=int,
+                   help="paged K/V pool size per replica, in tokens (default: max batch size x max model len); a "
+                        "request holds pages for its prompt and max_tokens while it runs")
     s.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 if the cluster has GPUs, else 0)")
     s.add_argument("--num-replicas", type=int)
     s.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
     s.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
     s.add_argument("--api-keys", help="comma-separated keys required as 'Authorization: Bearer <key>'")
     s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                   help="prefill every request, even one whose prompt a free cache slot still holds")
+                   help="prefill every request, even one whose prompt's K/V the cache still holds")
     s.add_argument("--routing", choices=("prompt_affinity", "power_of_two"), default="prompt_affinity",
                    help="how requests pick a replica: the requests of one prompt meet on one replica (its prefix "
                         "cache and shared prefills) unless it is overloaded, or Serve's two-random-choices default")

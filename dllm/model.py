@@ -6,8 +6,8 @@ untied LM head, full (non-causal) attention. Parameter names mirror LLaDA's chec
 
 The forward serves three callers:
 - plain inference/training: `model(input_ids)` -> logits [batch, seq, vocab];
-- the engine: a `CacheView` over a preallocated K/V pool (`dllm.engine.kv_cache`), where the new
-  tokens' K/V are written at each row's offset and the queries attend to [0, offset + new);
+- the engine: a `CacheView` over a preallocated, paged K/V pool (`dllm.engine.kv_cache`), where the
+  new tokens' K/V are written at each row's offset and the queries attend to [0, offset + new);
 - iteration smoothing: `inputs_embeds` instead of ids.
 `logits_index` restricts the LM head to chosen positions: with a 126k vocabulary the head must
 never run over a whole prompt.
@@ -35,10 +35,12 @@ except Exception:  # pragma: no cover - not installable on the CPU machines
 
 @dataclass
 class CacheView:
-    """Where a batch's keys/values live in a K/V pool, for one forward.
+    """Where a batch's keys/values live in a paged K/V pool, for one forward.
 
-    k, v:     pools [n_layers, n_slots, capacity, n_kv_heads, head_dim]
-    slots:    [batch] pool slot of each row
+    k, v:       pools [n_layers, n_pages, page_size, n_kv_heads, head_dim]
+    page_table: [n_slots, pages_per_slot] int: cache position p of slot s is at page
+                page_table[s, p // page_size], row p % page_size (capacity = pages_per_slot * page_size)
+    slots:      [batch] slot (page-table row) of each row
     offsets:  [batch] cache position of each row's first query token; the new tokens' K/V are
               written at offsets + arange(q_len) (positions past a row's committed length are
               scratch: writing there changes nothing the engine has committed)
@@ -49,6 +51,7 @@ class CacheView:
 
     k: torch.Tensor
     v: torch.Tensor
+    page_table: torch.Tensor
     slots: torch.Tensor
     offsets: torch.Tensor
     kv_lens: torch.Tensor | None = None
@@ -60,9 +63,9 @@ class CacheView:
 class _CacheStep:
     """Per-forward indices derived from a CacheView (shared by all layers)."""
 
-    slot_idx: torch.Tensor  # [batch, 1]
-    pos_idx: torch.Tensor  # [batch, q]: where the new K/V go
-    key_len: int  # pool positions the SDPA path reads
+    page_idx: torch.Tensor  # [batch, q]: the pages where the new K/V go...
+    page_pos: torch.Tensor  # [batch, q]: ...and the rows in them
+    key_len: int  # cache positions the SDPA path reads
     kv_lens: torch.Tensor  # [batch]
 
 
@@ -153,12 +156,13 @@ class LLaDABlock(nn.Module):
         else:
             # Write the new K/V into the pool, then attend over the row's part of the pool.
             q = fns.attention_inputs_to_pool(x, cos, sin, self.attn_norm.weight, w_qkv, self.attn_norm.eps, *heads,
-                                             cache.k[layer], cache.v[layer], step.slot_idx, step.pos_idx)
+                                             cache.k[layer], cache.v[layer], step.page_idx, step.page_pos)
             if attention == "pool_kernel":
-                attn = _pool.pool_attention(q, cache.k[layer], cache.v[layer], cache.slots, step.kv_lens)
+                attn = _pool.pool_attention(q, cache.k[layer], cache.v[layer], cache.page_table, cache.slots,
+                                            step.kv_lens)
                 return self._output(x, attn, w_gate_up, fns)
-            k = cache.k[layer][cache.slots, :step.key_len].to(q.dtype)
-            v = cache.v[layer][cache.slots, :step.key_len].to(q.dtype)
+            k, v = (_gather_pages(pool[layer], cache.page_table, cache.slots, step.key_len).to(q.dtype)
+                    for pool in (cache.k, cache.v))
         if attention == "flash" and attn_mask is None:
             attn = _flash_attn_func(q, k, v, causal=causal)
         else:
@@ -171,6 +175,14 @@ class LLaDABlock(nn.Module):
     def _output(self, x, attn, w_gate_up, fns: "BlockFunctions"):
         return fns.block_output(x, attn, _linear(self.attn_out), self.ff_norm.weight, w_gate_up,
                                 _linear(self.ff_out), self.ff_norm.eps)
+
+
+def _gather_pages(pool: torch.Tensor, page_table: torch.Tensor, slots: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions [0, length) of each row's slot, dense: pool [n_pages, page_size, H, hd] -> [batch, length, H, hd]."""
+    page_size = pool.shape[1]
+    pages = page_table[slots, :math.ceil(length / page_size)].long()  # [batch, pages]
+    dense = pool[pages]  # [batch, pages, page_size, H, hd]
+    return dense.flatten(1, 2)[:, :length]
 
 
 def _linear(module: nn.Module):
@@ -205,13 +217,13 @@ def attention_inputs(x, cos, sin, norm_w, w_qkv, eps: float, n_heads: int, n_kv_
 
 
 def attention_inputs_to_pool(x, cos, sin, norm_w, w_qkv, eps: float, n_heads: int, n_kv_heads: int, head_dim: int,
-                             k_pool, v_pool, slot_idx, pos_idx):
-    """attention_inputs, with the new K/V written into one layer's pool [n_slots, capacity, Hkv, hd] at
-    [slot_idx, pos_idx]; returns q. Compiled, the rotary kernel stores K/V straight into the pool: no
+                             k_pool, v_pool, page_idx, page_pos):
+    """attention_inputs, with the new K/V written into one layer's pool [n_pages, page_size, Hkv, hd] at
+    [page_idx, page_pos]; returns q. Compiled, the rotary kernel stores K/V straight into the pool: no
     separate scatter kernels per layer."""
     q, k, v = attention_inputs(x, cos, sin, norm_w, w_qkv, eps, n_heads, n_kv_heads, head_dim)
-    k_pool[slot_idx, pos_idx] = k.to(k_pool.dtype)
-    v_pool[slot_idx, pos_idx] = v.to(v_pool.dtype)
+    k_pool[page_idx, page_pos] = k.to(k_pool.dtype)
+    v_pool[page_idx, page_pos] = v.to(v_pool.dtype)
     return q
 
 
@@ -356,7 +368,8 @@ class LLaDAModelLM(nn.Module):
             offsets = cache.offsets.to(device)
             q_lens = cache.q_lens if cache.q_lens is not None else torch.full((b,), q_len, device=device)
             kv_lens = cache.kv_lens if cache.kv_lens is not None else offsets + q_lens
-            capacity = cache.k.shape[2]
+            page_size = cache.k.shape[2]
+            capacity = cache.page_table.shape[1] * page_size
             if cache.window is not None:
                 key_len = cache.window
             else:
@@ -366,8 +379,9 @@ class LLaDAModelLM(nn.Module):
             if positions is None:
                 positions = offsets[:, None] + arange[None, :]
             pos_idx = offsets[:, None] + arange[None, :]
-            # int32 once per forward: the pool kernel reads it in every layer
-            step = _CacheStep(cache.slots[:, None], pos_idx, key_len, kv_lens.to(torch.int32))
+            # Where the new K/V go, once per forward for every layer (kv_lens as int32: the kernel reads it).
+            page_idx = cache.page_table[cache.slots[:, None], pos_idx // page_size].long()
+            step = _CacheStep(page_idx, pos_idx % page_size, key_len, kv_lens.to(torch.int32))
             if self.use_pool_kernel:
                 attention = "pool_kernel"  # reads the pool by slot and kv_len: no mask, no gather
             else:

@@ -64,14 +64,14 @@ class EngineServer:
     """One model replica: the engine, its background loop, health and metrics."""
 
     def __init__(self, model: str, max_batch_size: int = 16, max_model_len: int | None = None,
-                 dtype: str | None = None, prefix_caching: bool = True) -> None:
+                 dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
         self.model_dir = model
         net = dllm.load_model(model, device=device, dtype=torch_dtype)
         tokenizer = dllm.load_tokenizer(model)
         self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
-                                  prefix_caching=prefix_caching)
+                                  prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
         self.loop = EngineLoop(self.engine)
         self._metrics = _EngineMetrics()
@@ -148,16 +148,16 @@ class _EngineMetrics:
                              boundaries=[1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32])
         self.first_block = Histogram("dllm_time_to_first_block_s", "seconds from arrival to the first committed block",
                                      boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
-        self.queue = Gauge("dllm_queue_depth", "requests waiting for a cache slot")
+        self.queue = Gauge("dllm_queue_depth", "requests waiting for KV-cache room (a slot and their pages)")
         self.running = Gauge("dllm_running_requests", "requests being decoded")
-        self.cache = Gauge("dllm_kv_cache_usage", "fraction of KV-cache slots in use")
+        self.cache = Gauge("dllm_kv_cache_usage", "fraction of KV-cache pages held by running requests")
         self.tps = Gauge("dllm_engine_tokens_per_s", "tokens per second over the last finished requests")
         self._window: list[tuple[float, int]] = []
 
     def on_step(self, stats: dict) -> None:
         self.queue.set(stats["waiting"])
         self.running.set(stats["running"])
-        self.cache.set(stats["cache_slots_used"] / max(1, stats["cache_slots_total"]))
+        self.cache.set(stats["cache_pages_used"] / max(1, stats["cache_pages_total"]))
 
     def on_finish(self, g: dllm.Generation) -> None:
         self.requests.inc(tags={"finish_reason": g.finish_reason})
@@ -570,7 +570,8 @@ def _flag(value, name: str) -> bool:
 def build_app(args: dict[str, Any]):
     """Application builder (`serve run serve.app:build_app model=DIR key=value ...`).
 
-    Keys: model (required), name, max_batch_size, max_model_len, dtype, prefix_caching (true / false,
+    Keys: model (required), name, max_batch_size, max_model_len, kv_cache_tokens (the paged K/V pool's
+    size per replica; default max_batch_size x max_model_len), dtype, prefix_caching (true / false,
     default true), routing (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys
     (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
     min_replicas / max_replicas / target_ongoing_requests / upscale_delay_s / downscale_delay_s
@@ -589,6 +590,8 @@ def build_app(args: dict[str, Any]):
     num_cpus = float(args.pop("num_cpus", 1))
     max_model_len = args.pop("max_model_len", None)
     max_model_len = int(max_model_len) if max_model_len is not None else None
+    kv_cache_tokens = args.pop("kv_cache_tokens", None)
+    kv_cache_tokens = int(kv_cache_tokens) if kv_cache_tokens is not None else None
     decoding = _decoding_defaults(args.pop("decoding", None))
     engine_opts: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": num_cpus},
@@ -627,7 +630,8 @@ def build_app(args: dict[str, Any]):
         raise ValueError(f"build_app: unknown argument(s) {sorted(args)}")
 
     engine = serve.deployment(EngineServer, name="EngineServer").options(**engine_opts).bind(
-        model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching)
+        model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching,
+        kv_cache_tokens=kv_cache_tokens)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,

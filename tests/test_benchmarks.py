@@ -126,13 +126,14 @@ def test_likelihood_bench_scores_every_choice_and_splits_wrong_generations(tmp_p
         likelihood_bench.distractors(rows[0], rows, "other", 4, rng)
 
 
-def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_prefix_caching_and_the_baselines(tmp_path):
+def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_prefix_caching_paging_and_baselines(
+        tmp_path):
     out = tmp_path / "engine.json"
     engine_bench.main(["--device", "cpu", "--dtype", "float32", "--num-prompts", "2", "--prompt-len", "8",
                        "--block-size", "8", "--fast-block", "8", "--max-new-tokens", "16", "--d-model", "64",
                        "--layers", "1", "--heads", "2", "--vocab", "128", "--vanilla-gen-lengths", "16",
                        "--logprobs", "3", "--top-p", "0.9", "--penalties", "--samples", "3", "--prefix-caching",
-                       "--json", str(out)])
+                       "--kv-cache-tokens", "64", "--pool-max-model-len", "64", "--json", str(out)])
     rows = {r["system"]: r for r in json.loads(out.read_text())["results"]}
     plain, with_lp = rows["dllm-var engine (threshold)"], rows["dllm-var engine (threshold, logprobs 3)"]
     assert (with_lp["tokens"], with_lp["forwards"]) == (plain["tokens"], plain["forwards"])  # same decoding
@@ -147,6 +148,11 @@ def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_prefi
                         for how in (": prefill skipped", " off"))
     assert (cached["tokens"], cached["forwards"]) == (uncached["tokens"], uncached["forwards"])
     assert (cached["prefix_cache_hits"], uncached["prefix_cache_hits"]) == (2, 0)
+    # 64 tokens: one slot of max_model_len 64, or the pages of two requests of 8 + 16 tokens
+    slots, paged = (rows[f"dllm-var engine (2 requests at once, 64-token K/V pool, {how})"]
+                    for how in ("a slot of 64 positions per request", "paged: the pages of each request's length"))
+    assert (slots["peak_running"], paged["peak_running"]) == (1, 2)
+    assert (slots["tokens"], slots["forwards"]) == (paged["tokens"], paged["forwards"])
     assert rows["LLaDA vanilla (gen 16, steps 16)"]["speedup_vs_vanilla"] == 1.0
     assert any(name.startswith("Fast-dLLM") for name in rows)
 

@@ -67,10 +67,11 @@ def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint)
     assert out.returncode == 2 and "continuation is empty" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("flags, cached, routing", [([], True, "prompt_affinity"),
-                                                    (["--no-prefix-caching", "--routing", "power_of_two"], False,
-                                                     "power_of_two")])
-def test_serve_flags_become_the_app_builders_keys(flags, cached, routing):
+@pytest.mark.parametrize("flags, cached, routing, extra", [
+    ([], True, "prompt_affinity", {}),
+    (["--no-prefix-caching", "--routing", "power_of_two", "--kv-cache-tokens", "4096"], False, "power_of_two",
+     {"kv_cache_tokens": 4096})])
+def test_serve_flags_become_the_app_builders_keys(flags, cached, routing, extra):
     from ray.serve import Application
 
     from dllm.cli import build_parser, serve_app_args
@@ -80,5 +81,5 @@ def test_serve_flags_become_the_app_builders_keys(flags, cached, routing):
                                       *flags])
     app_args = serve_app_args(args)
     assert app_args == {"model": "/models/x", "max_batch_size": 16, "prefix_caching": cached, "routing": routing,
-                        "min_replicas": 1, "max_replicas": 3}
+                        "min_replicas": 1, "max_replicas": 3, **extra}
     assert isinstance(build_app(app_args), Application)

@@ -94,6 +94,7 @@ def model64(confident_model):
 def _engine(model, tokenizer=None, **kw):
     kw.setdefault("max_batch_size", 8)
     kw.setdefault("max_model_len", 256)
+    kw.setdefault("page_size", 4)  # prompts of 3-17 tokens span several pages: shared full pages, a copied last one
     return dllm.Engine(model, tokenizer, **kw)
 
 
@@ -328,44 +329,120 @@ def test_a_running_requests_prompt_kv_are_copied_to_a_newcomer_with_that_prompt(
 
 
 def test_the_prefix_cache_holds_only_exact_prompt_kv(model64):
-    """A cached prompt is reused only at the same block size (the prefill's prompt K/V saw B masks),
-    only by the dllm-var cache policy, and only while no request with another prompt took its slot;
-    a vicinity request refreshes committed K/V, so the slot it used holds no prompt afterwards."""
+    """A cached prompt is reused only at the same block size (the prefill's prompt K/V saw B masks) and
+    only by the dllm-var cache policy (a vicinity request refreshes committed K/V: its prompt is never
+    cached); the cache keeps every prompt whose pages the pool does not need for running requests."""
     p, q = _prompts(2)
-    engine = _engine(model64, max_batch_size=1)
 
-    def hits(prompt, cfg=CFG):
+    def hits(engine, prompt, cfg=CFG):
         before = engine.prefix_cache_hits
         gen = engine.generate([prompt], cfg)[0]
         assert gen.token_ids == _engine(model64, prefix_caching=False).generate([prompt], cfg)[0].token_ids
         return engine.prefix_cache_hits - before
 
-    assert [hits(p), hits(p), hits(p, CFG.replace(block_size=4)), hits(p)] == [0, 1, 0, 0]
-    assert [hits(q), hits(p), hits(p)] == [0, 0, 1]  # one slot: q took it, then p again
-    assert [hits(p, CFG.replace(cache_policy="vicinity")), hits(p)] == [0, 0]
-    roomy = _engine(model64, max_batch_size=2)
-    for prompt in (p, q, p, q):
-        roomy.generate([prompt], CFG)
-    assert roomy.prefix_cache_hits == 2  # two slots keep both prompts
+    engine = _engine(model64, max_batch_size=1)
+    small = CFG.replace(block_size=4)
+    assert [hits(engine, p), hits(engine, p), hits(engine, p, small), hits(engine, p), hits(engine, p, small)] == \
+           [0, 1, 0, 1, 1]
+    assert [hits(engine, q, CFG.replace(cache_policy="vicinity")), hits(engine, q)] == [0, 0]
     off = _engine(model64, prefix_caching=False)
     off.generate([p, p], CFG)
     off.generate([p], CFG)
     assert off.stats()["prefix_cache_hits"] == 0
 
 
-def test_a_free_slot_keeps_its_prompt_until_another_prompt_needs_the_slot(tiny_config):
-    cache = dllm.engine.KVCache(tiny_config, num_slots=3, capacity=16, device="cpu", dtype=torch.float32)
-    a, b = cache.allocate("p"), cache.allocate("q")
-    cache.remember(a, "p")
-    cache.remember(b, "q")
-    cache.release(a)
+def test_cached_prompts_give_their_pages_back_when_the_pool_needs_them(model64):
+    """A pool with room for one request: each request's pages come partly from the prompt cached
+    before it, which is then forgotten (q evicts p, p evicts q); the same prompt twice in a row hits."""
+    p, q = _prompts(2)  # 3 and 5 tokens; + 48 new tokens: 13 and 14 pages of 4
+    engine = _engine(model64, max_batch_size=1, kv_cache_tokens=14 * 4)
+    seen = []
+    for prompt in (q, p, p, q):
+        before = engine.prefix_cache_hits
+        gen = engine.generate([prompt], CFG)[0]
+        assert gen.token_ids == _engine(model64, prefix_caching=False).generate([prompt], CFG)[0].token_ids
+        seen.append(engine.prefix_cache_hits - before)
+    assert seen == [0, 0, 1, 0]
+    assert engine.stats()["cache_pages_cached"] == 2  # q's prompt: 5 tokens, 2 pages
+
+
+def test_a_request_holds_the_pages_its_length_needs_not_max_model_len(tiny_config):
+    cache = dllm.engine.KVCache(tiny_config, num_slots=4, capacity=64, page_size=4, num_pages=10,
+                                device="cpu", dtype=torch.float32)
+    assert cache.pages_per_slot == 16 and cache.num_pages == 10  # 4 full slots would need 64 pages
+    a = cache.allocate(10)  # 3 pages
+    b = cache.allocate(25)  # 7 pages: the pool is full
+    assert (cache.used_pages, len(cache.pages(a)), len(cache.pages(b))) == (10, 3, 7)
+    assert not set(cache.pages(a)) & set(cache.pages(b))
+    assert cache.table[a, :3].tolist() == cache.pages(a) and set(cache.table[a, 3:].tolist()) == {cache.scratch_page}
+    assert not cache.can_allocate(1) and cache.free_slots == 2  # slots left, pages not
+    with pytest.raises(dllm.engine.kv_cache.CacheFullError):
+        cache.allocate(1)
     cache.release(b)
-    assert cache.find("p") == a and cache.holds(b, "q")
-    assert cache.allocate("q") == b  # the slot that holds its prompt
-    assert cache.allocate("r") not in (a, b)  # a slot that holds nothing before one that holds a prompt
-    assert cache.allocate("r") == a and cache.find("p") is None  # the last resort forgets p
-    cache.release(b)
-    assert cache.holds(b, "q") and cache.allocate(None) == b and cache.find("q") is None
+    assert cache.can_allocate(28) and not cache.can_allocate(29)
+    with pytest.raises(ValueError, match="not allocated"):
+        cache.release(b)
+    with pytest.raises(ValueError, match="exceed a slot's capacity of 64"):
+        cache.allocate(65)
+
+
+def test_a_cached_prompts_full_pages_are_shared_and_its_last_page_copied(tiny_config):
+    cache = dllm.engine.KVCache(tiny_config, num_slots=3, capacity=48, page_size=4, num_pages=12,
+                                device="cpu", dtype=torch.float32)
+    owner = cache.allocate(16)  # a 10-token prompt: pages 0, 1 full, page 2 partly
+    cache.k[:, cache.pages(owner)] = torch.randn_like(cache.k[:, cache.pages(owner)])
+    cache.remember("p", owner, 10)
+    prompt_pages = cache.lookup("p")
+    assert prompt_pages == cache.pages(owner)[:3]
+    reader = cache.allocate(16, prompt_pages, 10)
+    mine = cache.pages(reader)
+    assert mine[:2] == prompt_pages[:2] and mine[2] not in prompt_pages  # shared, then a copy of its own
+    assert torch.equal(cache.k[:, mine[2]], cache.k[:, prompt_pages[2]])
+    assert cache.used_pages == 4 + 2  # the reader's 4 pages, 2 of them the owner's
+    cache.release(owner)
+    cache.release(reader)
+    assert (cache.used_pages, cache.cached_pages) == (0, 3)  # the prompt stays cached; the rest is free
+    other = cache.allocate(36 - 4)  # 8 pages: 9 are free without the cached prompt, so it stays
+    assert cache.lookup("p") == prompt_pages
+    cache.release(other)
+    cache.allocate(40)  # 10 pages: the cached prompt gives its pages back
+    assert cache.lookup("p") is None and cache.cached_pages == 0
+
+
+def test_a_prompts_samples_share_its_full_pages_while_they_run(model64):
+    """n samples of one prompt prefilled together map the prefilled row's full prompt pages: the pool
+    holds that prompt once (not n times), and every sample decodes as with pages of its own."""
+    prompt = _prompts(8)[7]  # 17 tokens: 4 full pages of 4 and a partly filled one
+    configs = [CFG.replace(temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    engine = _engine(model64)
+    for cfg in configs:
+        engine.add_request(prompt, cfg)
+    engine.step()
+    per_request = engine.cache.pages_for(len(prompt) + CFG.max_new_tokens)
+    assert engine.stats()["cache_pages_used"] == 4 * per_request - 3 * 4
+    results = []
+    while engine.has_unfinished():
+        results += [o.generation.token_ids for o in engine.step() if o.finished]
+    apart = _engine(model64, share_prefills=False).generate([prompt] * 4, configs)
+    assert sorted(results) == sorted(g.token_ids for g in apart)
+
+
+def test_requests_wait_for_pages_when_slots_are_free(model64):
+    """A pool of pages for two requests at a time, eight slots: the others wait for pages, first come
+    first served, and every answer is the one decoded alone."""
+    prompts = _prompts(6)
+    need = max(_engine(model64).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
+    engine = _engine(model64, kv_cache_tokens=2 * need * 4, prefix_caching=False)
+    for p in prompts:
+        engine.add_request(p, CFG)
+    engine.step()
+    assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 4
+    gens = []
+    while engine.has_unfinished():
+        gens += [o.generation for o in engine.step() if o.finished]
+    alone = [_engine(model64).generate([p], CFG)[0].token_ids for p in prompts]
+    assert sorted(g.token_ids for g in gens) == sorted(alone)
+    assert engine.stats()["cache_pages_used"] == 0
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -608,6 +685,13 @@ def test_prompt_that_can_never_fit_is_refused_clearly(confident_model):
     # A prompt that fits but leaves room for fewer tokens than asked is capped by the slot.
     g = engine.generate([[7, 8, 9]], CFG.replace(max_new_tokens=500))[0]
     assert len(g.token_ids) <= 32 - 3
+    # A pool smaller than one request's prompt and answer: refused up front, not left waiting forever.
+    small = _engine(confident_model, kv_cache_tokens=40)
+    with pytest.raises(ValueError, match=r"needs 51 cache positions, but the KV cache holds 40 \(kv_cache_tokens\)"):
+        small.add_request([7, 8, 9], CFG)
+    assert small.generate([[7, 8, 9]], CFG.replace(max_new_tokens=32))[0].finish_reason in ("stop", "length")
+    with pytest.raises(ValueError, match="kv_cache_tokens must be >= 1"):
+        _engine(confident_model, kv_cache_tokens=0)
 
 
 def test_bad_requests_are_rejected(confident_model):

@@ -19,12 +19,12 @@ needs_triton = pytest.mark.skipif(not pa.available("cuda" if torch.cuda.is_avail
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference(q, k_pool, v_pool, slots, kv_lens):
-    """float64 attention of each row against its slot's keys [0, kv_len)."""
+def reference(q, k_pool, v_pool, table, slots, kv_lens):
+    """float64 attention of each row against its slot's keys [0, kv_len), read page by page."""
     out = []
     for i in range(q.shape[0]):
-        k = k_pool[slots[i], : kv_lens[i]].double()
-        v = v_pool[slots[i], : kv_lens[i]].double()
+        k = k_pool[table[slots[i]].long()].flatten(0, 1)[: kv_lens[i]].double()
+        v = v_pool[table[slots[i]].long()].flatten(0, 1)[: kv_lens[i]].double()
         group = q.shape[2] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         s = torch.einsum("qhd,khd->hqk", q[i].double(), k) / math.sqrt(q.shape[-1])
@@ -32,32 +32,42 @@ def reference(q, k_pool, v_pool, slots, kv_lens):
     return torch.stack(out)
 
 
+def paged_pool(n_slots, capacity, kv_heads, head_dim, page_size, generator, dtype=torch.float32, device="cpu"):
+    """Random K/V pages [n_pages, page_size, kv_heads, head_dim] and a page table [n_slots, pages]
+    that scatters each slot's pages over the pool (in no order, some pages unused)."""
+    pages = -(-capacity // page_size)
+    n_pages = n_slots * pages + 3
+    k = torch.randn(n_pages, page_size, kv_heads, head_dim, generator=generator).to(device, dtype)
+    v = torch.randn(n_pages, page_size, kv_heads, head_dim, generator=generator).to(device, dtype)
+    table = torch.randperm(n_pages, generator=generator)[:n_slots * pages].view(n_slots, pages).int().to(device)
+    return k, v, table
+
+
 @needs_triton
-@pytest.mark.parametrize("rows,q_len,heads,kv_heads,head_dim,splits,block_m,block_n,in_kernel", [
-    (2, 16, 4, 4, 32, None, None, 64, False),  # launch chosen to fill the device
-    (3, 20, 4, 2, 16, 3, None, 64, False),  # grouped-query heads, q_len not a power of two, 3 key chunks
-    (1, 64, 2, 2, 32, 1, None, 64, False),  # one chunk: written directly, no merge
-    (2, 8, 2, 1, 16, 7, None, 64, False),  # more chunks than some rows have key blocks: empty chunks weigh nothing
-    (1, 40, 2, 2, 32, 2, 16, 128, False),  # several query blocks per head (the last one partial), wide key steps
-    (2, 64, 2, 2, 16, 1, 32, 32, False),  # query blocks without key chunks, narrow key steps
-    (3, 20, 4, 2, 16, 3, 16, 64, True),  # chunks merged by the last one to finish, in the same kernel
-    (2, 8, 2, 1, 16, 7, None, 64, True),  # ... with empty chunks
+@pytest.mark.parametrize("rows,q_len,heads,kv_heads,head_dim,splits,block_m,block_n,in_kernel,page_size", [
+    (2, 16, 4, 4, 32, None, None, 64, False, 16),  # launch chosen to fill the device
+    (3, 20, 4, 2, 16, 3, None, 64, False, 8),  # grouped-query heads, q_len not a power of two, 3 key chunks
+    (1, 64, 2, 2, 32, 1, None, 64, False, 200),  # one chunk: written directly, no merge; one page per slot
+    (2, 8, 2, 1, 16, 7, None, 64, False, 32),  # more chunks than some rows have key blocks: empty chunks weigh nothing
+    (1, 40, 2, 2, 32, 2, 16, 128, False, 64),  # several query blocks per head (the last one partial), wide key steps
+    (2, 64, 2, 2, 16, 1, 32, 32, False, 7),  # query blocks without key chunks, narrow key steps, odd pages
+    (3, 20, 4, 2, 16, 3, 16, 64, True, 16),  # chunks merged by the last one to finish, in the same kernel
+    (2, 8, 2, 1, 16, 7, None, 64, True, 1),  # ... with empty chunks; a page per key
 ])
 def test_pool_attention_matches_reference(rows, q_len, heads, kv_heads, head_dim, splits, block_m, block_n,
-                                          in_kernel):
+                                          in_kernel, page_size):
     g = torch.Generator().manual_seed(rows * 100 + q_len)
     n_slots, capacity = 4, 200
     q = torch.randn(rows, q_len, heads, head_dim, generator=g)
-    k_pool = torch.randn(n_slots, capacity, kv_heads, head_dim, generator=g)
-    v_pool = torch.randn(n_slots, capacity, kv_heads, head_dim, generator=g)
+    k_pool, v_pool, table = paged_pool(n_slots, capacity, kv_heads, head_dim, page_size, g)
     slots = torch.randperm(n_slots, generator=g)[:rows]
     kv_lens = torch.randint(q_len, capacity, (rows,), generator=g)
-    ref = reference(q, k_pool, v_pool, slots, kv_lens)
+    ref = reference(q, k_pool, v_pool, table, slots, kv_lens)
     tolerance = 5e-3 if DEVICE == "cuda" else 1e-5  # the GPU's fp32 dots run in tf32
     for _ in range(2):  # twice: an in-kernel merge leaves its chunk counters zero for the next launch
-        out = pa.pool_attention(q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE), slots.to(DEVICE),
-                                kv_lens.to(DEVICE), splits=splits, block_m=block_m, block_n=block_n,
-                                merge_in_kernel=in_kernel)
+        out = pa.pool_attention(q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE), table.to(DEVICE),
+                                slots.to(DEVICE), kv_lens.to(DEVICE), splits=splits, block_m=block_m,
+                                block_n=block_n, merge_in_kernel=in_kernel)
         assert out.shape == q.shape
         assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < tolerance
 
@@ -65,11 +75,13 @@ def test_pool_attention_matches_reference(rows, q_len, heads, kv_heads, head_dim
 @needs_triton
 def test_pool_attention_ignores_keys_past_kv_len():
     q = torch.randn(1, 8, 2, 16, device=DEVICE)
-    k_pool, v_pool = torch.randn(1, 64, 2, 16, device=DEVICE), torch.randn(1, 64, 2, 16, device=DEVICE)
-    kv, slots = torch.tensor([10], device=DEVICE), torch.tensor([0], device=DEVICE)
-    a = pa.pool_attention(q, k_pool, v_pool, slots, kv, splits=2)
-    k_pool[:, 10:], v_pool[:, 10:] = 1e4, float("nan")  # garbage beyond kv_len: must not leak
-    b = pa.pool_attention(q, k_pool, v_pool, slots, kv, splits=2)
+    k_pool, v_pool = torch.randn(4, 16, 2, 16, device=DEVICE), torch.randn(4, 16, 2, 16, device=DEVICE)
+    table = torch.tensor([[2, 0, 3, 1]], dtype=torch.int32, device=DEVICE)
+    kv, slots = torch.tensor([20], device=DEVICE), torch.tensor([0], device=DEVICE)
+    a = pa.pool_attention(q, k_pool, v_pool, table, slots, kv, splits=2)
+    k_pool[0, 4:], v_pool[0, 4:] = 1e4, float("nan")  # garbage beyond kv_len (keys 20.. of the slot's 2nd page)
+    k_pool[[3, 1]], v_pool[[3, 1]] = 1e4, float("nan")  # and in the pages past it
+    b = pa.pool_attention(q, k_pool, v_pool, table, slots, kv, splits=2)
     assert torch.equal(a, b)
 
 
@@ -78,7 +90,7 @@ def test_pool_attention_rejects_unsupported_head_dim():
         pytest.skip("triton not installed")
     with pytest.raises(ValueError, match="head_dim"):
         pa.pool_attention(torch.randn(1, 4, 2, 24), torch.randn(1, 8, 2, 24), torch.randn(1, 8, 2, 24),
-                          torch.tensor([0]), torch.tensor([8]))
+                          torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0]), torch.tensor([8]))
 
 
 @needs_triton
@@ -113,11 +125,10 @@ def test_cuda_graphs_refused_without_cuda(tiny_config):
 def test_pool_attention_bf16_on_gpu():
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(2, 64, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16)
-    k_pool = torch.randn(3, 1024, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16)
-    v_pool = torch.randn(3, 1024, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    k_pool, v_pool, table = paged_pool(3, 1024, 8, 128, 16, torch.Generator().manual_seed(0), torch.bfloat16, "cuda")
     slots, kv = torch.tensor([2, 0], device="cuda"), torch.tensor([1000, 300], device="cuda")
-    out = pa.pool_attention(q, k_pool, v_pool, slots, kv)
-    ref = reference(q.cpu(), k_pool.cpu(), v_pool.cpu(), slots.cpu(), kv.cpu())
+    out = pa.pool_attention(q, k_pool, v_pool, table, slots, kv)
+    ref = reference(q.cpu(), k_pool.cpu(), v_pool.cpu(), table.cpu(), slots.cpu(), kv.cpu())
     assert torch.isfinite(out).all()
     assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < 1e-2
 
@@ -154,12 +165,12 @@ def test_compiled_blocks_compute_the_same_function(tiny_config):
     cfg = tiny_config
 
     def forwards():
-        k = torch.zeros(cfg.n_layers, 4, 64, cfg.n_kv_heads, cfg.head_dim)
-        v = torch.zeros_like(k)
-        slots = torch.tensor([3, 1])
-        prefill = model(ids, cache=CacheView(k, v, slots, torch.tensor([0, 0])))
-        block = model(ids[:, :5], cache=CacheView(k, v, slots, torch.tensor([12, 12])))
-        return [model(ids), model(longer), prefill, block, k, v]
+        cache = dllm.engine.KVCache(cfg, 4, 64, page_size=8, device="cpu", dtype=torch.float32)
+        rows = [cache.allocate(64) for _ in range(4)]
+        slots = torch.tensor([rows[3], rows[1]])
+        prefill = model(ids, cache=CacheView(cache.k, cache.v, cache.table, slots, torch.tensor([0, 0])))
+        block = model(ids[:, :5], cache=CacheView(cache.k, cache.v, cache.table, slots, torch.tensor([12, 12])))
+        return [model(ids), model(longer), prefill, block, cache.k, cache.v]
 
     with torch.no_grad():
         eager = forwards()
@@ -168,6 +179,7 @@ def test_compiled_blocks_compute_the_same_function(tiny_config):
             compiled = forwards()
         finally:
             model.block_functions = dllm.model.EAGER
-    assert eager[-2][:, [3, 1], :17].abs().sum() > 0  # the pool was written where the rows live
+    written = eager[-2].abs().sum(dim=(0, 2, 3, 4)).nonzero().flatten().tolist()
+    assert written == [8, 9, 10, 24, 25, 26]  # positions 0-16 of the rows' slots (pages 8-15 and 24-31), no other
     for a, b in zip(eager, compiled):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

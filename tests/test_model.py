@@ -107,9 +107,17 @@ def test_fused_projections_compute_the_same_function_and_keep_the_checkpoint_for
         assert torch.allclose(model(ids).float(), other_logits, atol=1e-5)
 
 
-def _pool(cfg, slots, capacity):
-    shape = (cfg.n_layers, slots, capacity, cfg.n_kv_heads, cfg.head_dim)
-    return torch.zeros(shape), torch.zeros(shape)
+def _pool(cfg, slots, capacity, page_size=4):
+    """A paged K/V pool whose slots 0..slots-1 each hold `capacity` positions, their pages interleaved
+    (slot i's pages are i, i + slots, ...): rows never sit in contiguous memory."""
+    cache = dllm.engine.KVCache(cfg, slots, capacity, page_size=page_size, device="cpu", dtype=torch.float32)
+    pages = cache.pages_per_slot
+    cache.table.copy_(torch.arange(slots * pages, dtype=torch.int32).view(pages, slots).t())
+    return cache
+
+
+def _view(cache, slots, offsets):
+    return CacheView(cache.k, cache.v, cache.table, slots=torch.tensor(slots), offsets=torch.tensor(offsets))
 
 
 def test_cached_forward_equals_uncached_for_same_context(tiny_config):
@@ -118,31 +126,30 @@ def test_cached_forward_equals_uncached_for_same_context(tiny_config):
     ref = ReferenceLLaDA(model.state_dict(), tiny_config)
     prompt = torch.randint(0, tiny_config.vocab_size, (9,))
     block = torch.randint(0, tiny_config.vocab_size, (4,))
-    k, v = _pool(tiny_config, 2, 32)
+    pool = _pool(tiny_config, 2, 32)
     with torch.no_grad():
-        model(prompt[None], cache=CacheView(k, v, slots=torch.tensor([1]), offsets=torch.tensor([0])))
-        cached = model(block[None], cache=CacheView(k, v, slots=torch.tensor([1]), offsets=torch.tensor([9])))[0]
+        model(prompt[None], cache=_view(pool, [1], [0]))
+        cached = model(block[None], cache=_view(pool, [1], [9]))[0]
     _, past = ref.forward(prompt)
     expected, _ = ref.forward(block, past=past)
     assert torch.allclose(cached.double(), expected, atol=1e-4)
     # With no cached context at all, the cached path equals the plain forward.
     with torch.no_grad():
         plain = model(block[None])[0]
-        fresh = model(block[None], cache=CacheView(k, v, slots=torch.tensor([0]), offsets=torch.tensor([0])))[0]
+        fresh = model(block[None], cache=_view(pool, [0], [0]))[0]
     assert torch.allclose(plain, fresh, atol=1e-5)
 
 
 def test_cache_rows_with_different_lengths_are_independent(tiny_config):
     model = _model(tiny_config)
-    k, v = _pool(tiny_config, 3, 40)
+    pool = _pool(tiny_config, 3, 40)
     prompts = [torch.randint(0, tiny_config.vocab_size, (n,)) for n in (5, 12)]
     block = torch.randint(0, tiny_config.vocab_size, (2, 4))
     with torch.no_grad():
         for slot, p in zip((0, 2), prompts):
-            model(p[None], cache=CacheView(k, v, slots=torch.tensor([slot]), offsets=torch.tensor([0])))
-        batched = model(block, cache=CacheView(k, v, slots=torch.tensor([0, 2]), offsets=torch.tensor([5, 12])))
-        alone = [model(block[i:i + 1], cache=CacheView(k, v, slots=torch.tensor([s]), offsets=torch.tensor([n])))[0]
-                 for i, (s, n) in enumerate(((0, 5), (2, 12)))]
+            model(p[None], cache=_view(pool, [slot], [0]))
+        batched = model(block, cache=_view(pool, [0, 2], [5, 12]))
+        alone = [model(block[i:i + 1], cache=_view(pool, [s], [n]))[0] for i, (s, n) in enumerate(((0, 5), (2, 12)))]
     for i in range(2):
         assert torch.allclose(batched[i], alone[i], atol=1e-5)
 

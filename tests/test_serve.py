@@ -52,8 +52,8 @@ def server(ray_local, model_dir, endless_dir):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": str(model_dir), **APP_ARGS}), name="main", route_prefix="/")
-    serve.run(build_app({"model": str(model_dir), **APP_ARGS, "api_keys": "k1,k2"}), name="secure",
-              route_prefix="/secure")
+    serve.run(build_app({"model": str(model_dir), **APP_ARGS, "api_keys": "k1,k2", "kv_cache_tokens": 512}),
+              name="secure", route_prefix="/secure")  # a pool of a quarter of max_batch_size x max_model_len
     serve.run(build_app({"model": str(endless_dir), **APP_ARGS}), name="endless", route_prefix="/endless")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -423,7 +423,7 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_requests(server, n):
             break
         time.sleep(0.2)
     assert info["aborted"] == before + n
-    assert info["running"] == 0 and info["cache_slots_used"] == 0
+    assert info["running"] == 0 and info["cache_slots_used"] == 0 and info["cache_pages_used"] == 0
 
 
 def test_api_keys_are_enforced_except_on_health(server):

@@ -6,8 +6,9 @@ cache length on the host, so one graph per (row bucket, query length, logits win
 whole generation: a replay costs one launch instead of ~15 per layer.
 
 Rows are padded up to a bucket (1, 2, 4, ..., 64). Padding rows point at a scratch slot of the
-pool that no request owns, so whatever they write is harmless. Graphs are captured lazily, the
-first time a shape is used, into one shared memory pool.
+pool, whose page-table row maps only a page no request owns, so whatever they write is harmless.
+The page table is read at every replay, so pages handed to a request between steps need no new
+capture. Graphs are captured lazily, the first time a shape is used, into one shared memory pool.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import CacheView, LLaDAModelLM
+from .kv_cache import KVCache
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -49,16 +51,17 @@ class _Graph:
 class GraphedForward:
     """Replays captured forwards for DENOISE / COMMIT groups; `None` from `run` means: run eagerly."""
 
-    def __init__(self, model: LLaDAModelLM, k_pool: torch.Tensor, v_pool: torch.Tensor, scratch_slot: int,
-                 mask_token_id: int) -> None:
+    def __init__(self, model: LLaDAModelLM, cache: KVCache, mask_token_id: int) -> None:
         if not model.use_pool_kernel:
             raise ValueError("CUDA graphs need the pool-attention kernel (triton on CUDA); see enable_pool_kernel")
+        if cache.scratch_slot is None:
+            raise ValueError("CUDA graphs need a KV cache with a scratch slot for their padding rows")
         self.model = model
-        self.k_pool, self.v_pool = k_pool, v_pool
-        self.scratch_slot = scratch_slot
+        self.cache = cache
+        self.scratch_slot = cache.scratch_slot
         self.mask_token_id = mask_token_id
-        self.capacity = k_pool.shape[2]
-        self.device = k_pool.device
+        self.capacity = cache.pages_per_slot * cache.page_size
+        self.device = cache.k.device
         self.mempool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, int, int], _Graph] = {}
         self.replays = 0
@@ -103,7 +106,8 @@ class GraphedForward:
         return len(self.graphs)
 
     def _forward(self, g: _Graph) -> torch.Tensor:
-        view = CacheView(self.k_pool, self.v_pool, slots=g.slots, offsets=g.offsets, window=self.capacity)
+        view = CacheView(self.cache.k, self.cache.v, self.cache.table, slots=g.slots, offsets=g.offsets,
+                         window=self.capacity)
         return self.model(g.ids, cache=view, logits_index=g.logits_index)
 
     def _capture(self, rows: int, q_len: int, logits_start: int, n_logits: int) -> _Graph:

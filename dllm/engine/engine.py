@@ -33,7 +33,7 @@ from ..model import LLaDAModelLM
 from . import decoders
 from .config import GenerationConfig
 from .cuda_graphs import GraphedForward
-from .kv_cache import KVCache
+from .kv_cache import DEFAULT_PAGE_SIZE, KVCache
 from .request import BlockTrajectory, Generation, Phase, Request, RequestOutput, TokenLogprob
 from .scheduler import Scheduler
 
@@ -129,35 +129,46 @@ class _DecodeParams:
 
 
 class _SharedPrefill:
-    """Rows of a PREFILL group whose prompt repeats an earlier row's (n samples of one prompt, retries):
-    their forward, prompt + B masks, is the same, so it runs once per distinct prompt. Every index is
-    put on the device before the forward is launched (no host->device copy after it)."""
+    """Rows of a PREFILL group whose prompt repeats an earlier row's (n samples of one prompt, retries;
+    see Scheduler.admit): their forward, prompt + B masks, is the same, so it runs once per distinct
+    prompt. After it, each sharer gets the prompt K/V of the pages it does not map from the row that
+    ran (its prompt's partly filled last page, or every page where its prompt K/V will be refreshed).
+    Every index is put on the device before the forward is launched (no host->device copy after it)."""
 
     def __init__(self, engine: "Engine", reqs: list[Request], source: list[int]) -> None:
         self.rows = sorted(set(source))  # the rows that run: one per distinct prompt
-        copies = [(i, s) for i, s in enumerate(source) if i != s]
         on_device = functools.partial(torch.tensor, device=engine.device)
         self.rows_index = on_device(self.rows)
         rank = {row: j for j, row in enumerate(self.rows)}
         self.expand = on_device([rank[s] for s in source])  # each row's logits: its prompt's row
-        self.to_slots = on_device([reqs[i].slot for i, _ in copies])
-        self.from_slots = on_device([reqs[s].slot for _, s in copies])
-        self.length = max(len(reqs[i].prompt_ids) for i, _ in copies)  # the prompt K/V to copy
-        self.saved = len(copies)
+        cache = engine.cache
+        copies = []  # (page of the row that ran, page of a sharer)
+        for i, s in enumerate(source):
+            n = cache.pages_for(len(reqs[i].prompt_ids))
+            copies += [(a, b) for a, b in zip(cache.pages(reqs[s].slot)[:n], cache.pages(reqs[i].slot)[:n]) if a != b]
+        self.from_pages = on_device([a for a, _ in copies]) if copies else None
+        self.to_pages = on_device([b for _, b in copies]) if copies else None
+        self.saved = len(source) - len(self.rows)
 
     @staticmethod
     def find(engine: "Engine", reqs: list[Request]) -> "_SharedPrefill | None":
-        first: dict[tuple[int, ...], int] = {}
-        source = [first.setdefault(r.prompt_key, i) for i, r in enumerate(reqs)]  # each row's prompt's row
-        return _SharedPrefill(engine, reqs, source) if len(first) < len(reqs) else None
+        row = {id(r): i for i, r in enumerate(reqs)}
+        # The scheduler keeps a prefill's sharers in its batch: their full pages may be its pages.
+        source = [row[id(r.prefill_source)] if r.prefill_source is not None else i for i, r in enumerate(reqs)]
+        return _SharedPrefill(engine, reqs, source) if any(s != i for i, s in enumerate(source)) else None
 
 
 class Engine:
     """Continuous-batching dLLM-Var engine over one model replica.
 
-    max_batch_size:     cache slots = requests decoded concurrently (more wait in a queue)
-    max_model_len:      cache positions per slot (prompt + generated + one block of scratch);
+    max_batch_size:     requests decoded concurrently (more wait in a queue)
+    max_model_len:      cache positions one request may use (prompt + generated, in whole blocks);
                         default the model's max_sequence_length
+    kv_cache_tokens:    size of the paged K/V pool in tokens (rounded up to whole pages); default
+                        max_batch_size * max_model_len. A request holds pages for its prompt and its
+                        max_new_tokens (in whole blocks) while it runs, so a pool smaller than the
+                        default serves max_batch_size requests of typical length
+    page_size:          cache positions per page
     max_prefill_tokens: padded tokens one prefill forward may hold
     cuda_graphs:        replay CUDA graphs for DENOISE / COMMIT forwards; default: on where the
                         model is on CUDA and triton is installed
@@ -174,20 +185,21 @@ class Engine:
                         share one prefill row: its prompt K/V are copied to the others' slots. Same
                         tokens; False runs every row (the baseline of that saving).
     prefix_caching:     a request whose prompt (with its block size) an earlier request prefilled skips
-                        its prefill: it takes the free slot still holding that prompt's K/V, or copies
-                        them from a running request's slot, and its first forward is a DENOISE step of
-                        the B masks. Exact, not an approximation: a prefill's prompt K/V depend only on
-                        the prompt and the B masks it sees, and the masks' logits are what the prefill
-                        would have given. Free slots keep their prompt until they are handed to a
-                        request with another one; costs no memory. Requests of the dllm-var cache
-                        policy only (the others recompute committed K/V).
+                        its prefill: it maps the pages holding that prompt's K/V (a running request's,
+                        or kept since one ended; a partly filled last page is copied), and its first
+                        forward is a DENOISE step of the B masks. Exact, not an approximation: a
+                        prefill's prompt K/V depend only on the prompt and the B masks it sees, and the
+                        masks' logits are what the prefill would have given. An ended request's prompt
+                        pages stay cached until the pool needs them (least recently used first).
+                        Requests of the dllm-var cache policy only (the others recompute committed K/V).
     """
 
     def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
                  max_model_len: int | None = None, max_prefill_tokens: int = 8192,
                  cuda_graphs: bool | None = None, compile_blocks: bool | None = None,
                  fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
-                 share_prefills: bool = True, prefix_caching: bool = True) -> None:
+                 share_prefills: bool = True, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
+                 page_size: int = DEFAULT_PAGE_SIZE) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -206,10 +218,12 @@ class Engine:
             model.compile_blocks()
         if fuse_projections:
             model.fuse_projections()
+        if kv_cache_tokens is not None and kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
+        num_pages = None if kv_cache_tokens is None else -(-kv_cache_tokens // page_size)
         self.cache = KVCache(self.config, max_batch_size, self.max_model_len, device=self.device, dtype=self.dtype,
-                             scratch_slot=cuda_graphs)
-        self.graphs = (GraphedForward(model, self.cache.k, self.cache.v, self.cache.scratch_slot, self.config.mask_token_id)
-                       if cuda_graphs else None)
+                             page_size=page_size, num_pages=num_pages, scratch_slot=cuda_graphs)
+        self.graphs = GraphedForward(model, self.cache, self.config.mask_token_id) if cuda_graphs else None
         self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills, prefix_caching)
         self.share_prefills = share_prefills
         self.shared_prefills = 0  # prefill rows not run: their prompt's K/V were copied from another row
@@ -256,6 +270,12 @@ class Engine:
             stop_ids=(frozenset() if config.ignore_eos else self.base_stop_ids) | frozenset(config.stop_token_ids or ()),
             logprobs=[] if config.logprobs is not None else None,
         )
+        pool = self.cache.num_pages * self.cache.page_size
+        if self.cache.pages_for(req.cache_extent) > self.cache.num_pages:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={req.max_new_tokens} (in blocks of {b}) "
+                f"needs {req.cache_extent} cache positions, but the KV cache holds {pool} (kv_cache_tokens); "
+                f"shorten the prompt or lower max_new_tokens")
         if config.penalised:
             width = self.config.embedding_size
             req.output_counts = torch.zeros(width, device=self.device)
@@ -329,7 +349,10 @@ class Engine:
             "cache_slots_used": self.cache.used_slots,
             "cache_slots_total": self.cache.num_slots,
             "cache_tokens_used": sum(r.cached_len for r in self.scheduler.running),
-            "cache_tokens_total": self.cache.num_slots * self.cache.capacity,
+            "cache_tokens_total": self.cache.num_pages * self.cache.page_size,
+            "cache_pages_used": self.cache.used_pages,  # mapped by running requests (reserved for their length)
+            "cache_pages_cached": self.cache.cached_pages,  # ended requests' prompts, kept for the prefix cache
+            "cache_pages_total": self.cache.num_pages,
             "total_forwards": self.total_forwards,
             "host_syncs": self.host_syncs,
             "shared_prefills": self.shared_prefills,
@@ -341,21 +364,13 @@ class Engine:
     # ----- one forward group -----------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Give waiting requests free slots. With prefix caching, a request whose prompt K/V a slot holds
-        (its own, kept since an earlier request freed it, or a running request's, copied) starts as if
-        its prefill had run: the prompt is committed context and the first forward decodes the block."""
+        """Give waiting requests the cache they need. With prefix caching, a request whose prompt K/V
+        were cached (Scheduler.admit mapped them) starts as if its prefill had run: the prompt is
+        committed context and the first forward decodes the block."""
         for req in self.scheduler.admit():
-            if not self.scheduler.reuses_prompt(req):
+            if not req.cached_prompt_tokens:
                 continue
-            key = req.prompt_key
-            source = req.slot if self.cache.holds(req.slot, key) else self.cache.find(key)
-            if source is None:
-                continue
-            n = len(req.prompt_ids)
-            if source != req.slot:
-                self.cache.copy_prefix(source, req.slot, n)
-                self.cache.remember(req.slot, key)
-            req.cached_len = req.cached_prompt_tokens = n
+            n = req.cached_len = req.cached_prompt_tokens
             req.block = torch.full((req.block_size,), self.mask_id, device=self.device, dtype=torch.long)
             req.masks_left = req.block_size
             req.phase = Phase.DENOISE
@@ -428,8 +443,9 @@ class Engine:
             r.masks_left = masks_left[i]
             if phase is Phase.PREFILL:
                 r.cached_len = len(r.prompt_ids)
+                r.prefill_source = None
                 if self.scheduler.reuses_prompt(r):
-                    self.cache.remember(r.slot, r.prompt_key)
+                    self.cache.remember(r.prompt_key, r.slot, r.cached_len)
             elif phase is Phase.COMMIT:
                 r.cached_len += b
             r.phase = Phase.DENOISE
@@ -445,9 +461,8 @@ class Engine:
                                ids.shape[1])
         logits = self._eager_logits([reqs[i] for i in rows], ids[shared.rows_index], [],
                                     block_pos[shared.rows_index], view)
-        span = slice(0, shared.length)
-        for pool in (self.cache.k, self.cache.v):
-            pool[:, shared.to_slots, span] = pool[:, shared.from_slots, span]
+        if shared.from_pages is not None:
+            self.cache.copy_pages(shared.from_pages, shared.to_pages)
         self.shared_prefills += shared.saved
         return logits.index_select(0, shared.expand)
 

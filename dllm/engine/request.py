@@ -91,7 +91,10 @@ class Request:
     max_new_tokens: int  # config.max_new_tokens clamped to what the cache slot can hold
     stop_ids: frozenset[int]
     phase: Phase = Phase.WAITING
-    slot: int = -1
+    slot: int = -1  # its page-table row in the K/V cache while it runs
+    # A request admitted in the same step with the same prompt, whose prefill row it shares (its prompt's
+    # full pages are that request's; the partly filled last page is copied after the prefill).
+    prefill_source: "Request | None" = None
     cached_len: int = 0  # committed K/V positions in the slot
     cached_prompt_tokens: int = 0  # prompt K/V taken from the prefix cache instead of a prefill
     block: torch.Tensor | None = None  # [B] current block, MASK where undecided
@@ -130,6 +133,12 @@ class Request:
     def prompt_key(self) -> tuple:
         """What a prefill's prompt K/V depend on: the prompt and the mask block it sees (the block size)."""
         return self.block_size, *self.prompt_ids
+
+    @property
+    def cache_extent(self) -> int:
+        """Cache positions the request can ever write: the prompt and max_new_tokens in whole blocks
+        (a COMMIT forward writes the finished block and the next one, never past the last block)."""
+        return len(self.prompt_ids) + -(-self.max_new_tokens // self.block_size) * self.block_size
 
     @property
     def keeps_prompt_kv(self) -> bool:

@@ -1,12 +1,13 @@
-"""Attention of a block of queries against each row's own slot of the K/V pool, in one Triton kernel.
+"""Attention of a block of queries against each row's own cache positions in the paged K/V pool, in
+one Triton kernel.
 
-The engine keeps K/V in a pool [n_slots, capacity, n_kv_heads, head_dim] per layer and a batch
-row may live in any slot. The portable path (`gather + SDPA`) first copies every row's window of
-the pool into a dense tensor: at batch 1 against 2k cached tokens of an 8B model that copy moves
-twice the K/V bytes the attention itself reads. This kernel reads K/V straight from the pool
-through the slot index and stops at each row's kv_len, which lives on the device: the launch
-shape depends only on (rows, q_len, heads), so it runs unchanged inside a CUDA graph while the
-cache grows.
+The engine keeps K/V in pages [n_pages, page_size, n_kv_heads, head_dim] per layer; a page table
+[n_slots, pages_per_slot] lists each slot's pages in position order, and a batch row may use any
+slot. The portable path (`gather + SDPA`) first copies every row's window of pages into a dense
+tensor: at batch 1 against 2k cached tokens of an 8B model that copy moves twice the K/V bytes the
+attention itself reads. This kernel reads K/V straight from the pages through the table and stops at
+each row's kv_len, which lives on the device: the launch shape depends only on (rows, q_len, heads),
+so it runs unchanged inside a CUDA graph while the cache grows.
 
 Parallelism at batch 1 comes from splitting each row's keys into `splits` chunks (flash-decoding);
 the partial results are merged with their log-sum-exp weights by the last chunk of each query block
@@ -44,16 +45,16 @@ if triton is not None:
 
     @triton.jit
     def _pool_attention_kernel(
-        Q, K, V, Slots, KvLens, Out, MaxLog, SumExp, Final, Counters,
+        Q, K, V, Table, Slots, KvLens, Out, MaxLog, SumExp, Final, Counters,
         stride_qn, stride_qm, stride_qh,
-        stride_ks, stride_kt, stride_kh,
-        stride_vs, stride_vt, stride_vh,
+        stride_kp, stride_kt, stride_kh,
+        stride_vp, stride_vt, stride_vh, stride_table,
         stride_on, stride_om, stride_oh, stride_os,
         stride_mn, stride_mh, stride_ms,
         stride_fn, stride_fm, stride_fh,
         q_len, n_heads, group, qk_scale_log2,
         SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-        MERGE_IN_KERNEL: tl.constexpr,
+        PAGE_SIZE: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr,
     ):
         # One program: BLOCK_M queries of one (row, head), over one chunk of that row's keys. With
         # MERGE_IN_KERNEL the last chunk to finish merges all chunks into Final (no second kernel).
@@ -73,8 +74,9 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + row * stride_qn + offs_m[:, None] * stride_qm + head * stride_qh + offs_d[None, :],
                     mask=offs_m[:, None] < q_len, other=0.0)
-        k_base = K + slot * stride_ks + kv_head * stride_kh
-        v_base = V + slot * stride_vs + kv_head * stride_vh
+        pages = Table + slot * stride_table
+        k_base = K + kv_head * stride_kh
+        v_base = V + kv_head * stride_vh
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -82,14 +84,17 @@ if triton is not None:
         for t0 in range(start, end, BLOCK_N):
             offs_n = t0 + tl.arange(0, BLOCK_N)
             valid = offs_n < end
-            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=valid[:, None], other=0.0)
+            page = tl.load(pages + offs_n // PAGE_SIZE, mask=valid, other=0).to(tl.int64)  # each key's page
+            row_k = page * stride_kp + (offs_n % PAGE_SIZE) * stride_kt
+            row_v = page * stride_vp + (offs_n % PAGE_SIZE) * stride_vt
+            k = tl.load(k_base + row_k[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale_log2  # log2 domain: exp2 below
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + row_v[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
@@ -171,14 +176,15 @@ def _chunk_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                   kv_lens: torch.Tensor, splits: int | None = None, block_m: int | None = None,
+def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
+                   slots: torch.Tensor, kv_lens: torch.Tensor, splits: int | None = None, block_m: int | None = None,
                    block_n: int | None = None, merge_in_kernel: bool = True, merge=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v of every row against keys [0, kv_len) of its slot.
 
-    q:       [n, q_len, n_heads, head_dim]
-    k_pool:  [n_slots, capacity, n_kv_heads, head_dim] (one layer of the pool), v_pool alike
-    slots:   [n] int slot of each row; kv_lens: [n] int keys each row attends to (>= 1)
+    q:          [n, q_len, n_heads, head_dim]
+    k_pool:     [n_pages, page_size, n_kv_heads, head_dim] (one layer of the pool), v_pool alike
+    page_table: [n_slots, pages_per_slot] int: key p of slot s is in page page_table[s, p // page_size]
+    slots:      [n] int slot of each row; kv_lens: [n] int keys each row attends to (>= 1)
     block_m, block_n, splits: the launch (queries per program, keys per inner step, key chunks per
              row and head); chosen from the shapes when not given
     merge_in_kernel: the last chunk of each (row, head, query block) to finish merges them all, in
@@ -194,10 +200,13 @@ def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
         raise ValueError(f"pool_attention supports power-of-two head_dim >= 16, got {head_dim}")
     if k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
         raise ValueError("the K/V pool's head_dim axis must be contiguous")
+    if page_table.stride(-1) != 1:
+        raise ValueError("the page table's rows must be contiguous")
+    page_size = k_pool.shape[1]
     q = q.contiguous()
     block_m = block_m or default_block_m(q_len)
     block_n = block_n or default_block_n(head_dim)
-    splits = splits or choose_splits(n, n_heads, q_len, k_pool.shape[1], block_m, block_n)
+    splits = splits or choose_splits(n, n_heads, q_len, page_table.shape[1] * page_size, block_m, block_n)
     grid = (triton.cdiv(q_len, block_m), n * n_heads, splits)
     scale = 1.0 / math.sqrt(head_dim) * 1.4426950408889634  # log2(e): the kernel uses exp2
     if splits == 1:
@@ -215,14 +224,15 @@ def pool_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     final = torch.empty_like(q) if merge_in_kernel else out
     counters = _chunk_counters(q.device, grid[0] * grid[1]) if merge_in_kernel else kv_lens  # else unused
     _pool_attention_kernel[grid](
-        q, k_pool, v_pool, slots, kv_lens.to(torch.int32), out, max_log, sum_exp, final, counters,
+        q, k_pool, v_pool, page_table, slots, kv_lens.to(torch.int32), out, max_log, sum_exp, final, counters,
         q.stride(0), q.stride(1), q.stride(2),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), page_table.stride(0),
         *o_strides, *m_strides,
         final.stride(0), final.stride(1), final.stride(2),
         q_len, n_heads, n_heads // n_kv_heads, scale,
-        SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, MERGE_IN_KERNEL=merge_in_kernel,
+        SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        MERGE_IN_KERNEL=merge_in_kernel,
         num_warps=4, num_stages=2,
     )
     if splits == 1:
