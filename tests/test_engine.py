@@ -8,6 +8,7 @@ import torch
 
 import dllm
 from dllm import GenerationConfig
+from dllm.engine import Phase
 from reference_llada import ReferenceLLaDA
 
 B = 8
@@ -355,7 +356,7 @@ def test_cached_prompts_give_their_pages_back_when_the_pool_needs_them(model64):
     """A pool with room for one request: each request's pages come partly from the prompt cached
     before it, which is then forgotten (q evicts p, p evicts q); the same prompt twice in a row hits."""
     p, q = _prompts(2)  # 3 and 5 tokens; + 48 new tokens: 13 and 14 pages of 4
-    engine = _engine(model64, max_batch_size=1, kv_cache_tokens=14 * 4)
+    engine = _engine(model64, max_batch_size=1, kv_cache_tokens=14 * 4, page_allocation="reserve")
     seen = []
     for prompt in (q, p, p, q):
         before = engine.prefix_cache_hits
@@ -409,6 +410,30 @@ def test_a_cached_prompts_full_pages_are_shared_and_its_last_page_copied(tiny_co
     assert cache.lookup("p") is None and cache.cached_pages == 0
 
 
+def test_a_slot_grows_by_fresh_pages_and_swaps_out_and_back_bit_for_bit(tiny_config):
+    cache = dllm.engine.KVCache(tiny_config, num_slots=2, capacity=32, page_size=4, num_pages=8,
+                                device="cpu", dtype=torch.float32)
+    a = cache.allocate(6)  # 2 pages
+    cache.grow(a, 13)  # 4 pages
+    assert len(cache.pages(a)) == 4 and cache.table[a, :4].tolist() == cache.pages(a)
+    assert cache.table[a, 4].item() == cache.scratch_page
+    b = cache.allocate(16)  # the other 4 pages
+    assert not cache.can_grow(a, 17) and cache.can_grow(a, 16)
+    with pytest.raises(dllm.engine.kv_cache.CacheFullError):
+        cache.grow(a, 17)
+    cache.k[:, cache.pages(b)] = torch.randn_like(cache.k[:, cache.pages(b)])
+    cache.v[:, cache.pages(b)] = torch.randn_like(cache.v[:, cache.pages(b)])
+    before = [pool[:, cache.pages(b)].flatten(1, 2)[:, :11].clone() for pool in (cache.k, cache.v)]
+    swapped = cache.swap_out(b, 11)  # positions 0-10: 3 pages; the slot and all 4 pages are free again
+    assert swapped.k.device.type == "cpu" and swapped.k.shape[1] == 3 and cache.used_pages == 4
+    cache.grow(a, 32)  # takes b's pages, and overwrites them
+    cache.k[:, cache.pages(a)] = 0.0
+    cache.release(a)
+    c = cache.swap_in(swapped, 20)  # 5 pages: the 3 swapped and 2 fresh
+    after = [pool[:, cache.pages(c)].flatten(1, 2)[:, :11] for pool in (cache.k, cache.v)]
+    assert len(cache.pages(c)) == 5 and all(torch.equal(x, y) for x, y in zip(before, after))
+
+
 def test_a_prompts_samples_share_its_full_pages_while_they_run(model64):
     """n samples of one prompt prefilled together map the prefilled row's full prompt pages: the pool
     holds that prompt once (not n times), and every sample decodes as with pages of its own."""
@@ -418,7 +443,7 @@ def test_a_prompts_samples_share_its_full_pages_while_they_run(model64):
     for cfg in configs:
         engine.add_request(prompt, cfg)
     engine.step()
-    per_request = engine.cache.pages_for(len(prompt) + CFG.max_new_tokens)
+    per_request = engine.cache.pages_for(len(prompt) + B)  # what the prefill wrote: prompt + a block
     assert engine.stats()["cache_pages_used"] == 4 * per_request - 3 * 4
     results = []
     while engine.has_unfinished():
@@ -427,22 +452,115 @@ def test_a_prompts_samples_share_its_full_pages_while_they_run(model64):
     assert sorted(results) == sorted(g.token_ids for g in apart)
 
 
-def test_requests_wait_for_pages_when_slots_are_free(model64):
-    """A pool of pages for two requests at a time, eight slots: the others wait for pages, first come
-    first served, and every answer is the one decoded alone."""
+@pytest.mark.parametrize("allocation, admitted", [("reserve", 2), ("on_demand", 5)])
+def test_requests_wait_for_pages_when_slots_are_free(model64, allocation, admitted):
+    """A pool of pages for two whole requests (prompt + max_new_tokens) at a time, eight slots. Reserved,
+    two run and the others wait; on demand, each new request needs the pages of its prefill and keeps a
+    block's pages free to grow into (prompts of 3-13 tokens: 5, 6, 6, 7, 8 pages of the 32), so five run.
+    Every answer is the one decoded alone."""
     prompts = _prompts(6)
     need = max(_engine(model64).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
-    engine = _engine(model64, kv_cache_tokens=2 * need * 4, prefix_caching=False)
+    engine = _engine(model64, kv_cache_tokens=2 * need * 4, prefix_caching=False, page_allocation=allocation)
     for p in prompts:
         engine.add_request(p, CFG)
     engine.step()
-    assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 4
+    assert (engine.stats()["running"], engine.stats()["waiting"]) == (admitted, 6 - admitted)
     gens = []
     while engine.has_unfinished():
         gens += [o.generation for o in engine.step() if o.finished]
     alone = [_engine(model64).generate([p], CFG)[0].token_ids for p in prompts]
     assert sorted(g.token_ids for g in gens) == sorted(alone)
     assert engine.stats()["cache_pages_used"] == 0
+
+
+def test_on_demand_pages_grow_block_by_block_with_the_answer(talkative_model):
+    engine = _engine(talkative_model)
+    prompt = _prompts(2)[1]  # 5 tokens
+    rid = engine.add_request(prompt, CFG.replace(ignore_eos=True))
+    req = engine._requests[rid]
+    extent, held = req.extent(Phase.PREFILL), []
+    while engine.has_unfinished():
+        engine.step()
+        if req.phase is Phase.FINISHED:
+            break
+        held.append(len(engine.cache.pages(req.slot)))
+        assert held[-1] == engine.cache.pages_for(extent)  # what the forwards so far wrote, no more
+        extent = max(extent, req.extent())
+    assert held[0] == engine.cache.pages_for(5 + B) and max(held) == engine.cache.pages_for(req.cache_extent)
+    assert engine.stats()["cache_pages_used"] == 0
+
+
+# Decoding states that a preempted request carries through its time in host memory.
+PREEMPTED_CONFIGS = [{}, dict(decoder="credit"), dict(temperature=1.0, seed=5), dict(logprobs=2),
+                     dict(frequency_penalty=1.0, presence_penalty=0.5),
+                     dict(decoder="fixed_k", block_size=4, record_trajectory=True), dict(commit_pass=False),
+                     dict(cache_policy="vicinity")]
+
+
+@pytest.fixture(scope="module")
+def talkative64(talkative_model):
+    return copy.deepcopy(talkative_model).double()
+
+
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_preempted_requests_resume_where_they_stopped_with_the_same_answers(talkative64, unroll):
+    """On-demand pages in a pool that holds two whole answers: eight requests start, and as the older
+    ones grow the newest are preempted (their K/V swapped to host memory) and resumed later. Each gets
+    the tokens, forwards, trajectory and logprobs it gets decoded alone: nothing is recomputed."""
+    prompts = _prompts(8)
+    cfgs = [CFG.replace(ignore_eos=True, **kw) for kw in PREEMPTED_CONFIGS]
+    kw = dict(max_unroll=unroll, expected_tpf=1.0, prefix_caching=False)
+    alone = [_engine(talkative64, **kw).generate([p], c)[0] for p, c in zip(prompts, cfgs)]
+    need = max(_engine(talkative64).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
+    engine = _engine(talkative64, kv_cache_tokens=2 * need * 4, **kw)
+    gens = engine.generate(prompts, cfgs)
+    stats = engine.stats()
+    assert stats["preemptions"] >= 3 and stats["swapped_bytes"] > 0
+    for g, a in zip(gens, alone):
+        assert (g.token_ids, g.num_forwards, g.num_blocks, g.trajectory) == \
+               (a.token_ids, a.num_forwards, a.num_blocks, a.trajectory)
+        assert len(g.token_ids) == CFG.max_new_tokens
+    assert [t.token_id for t in gens[3].logprobs] == [t.token_id for t in alone[3].logprobs]  # logprobs=2
+    assert [t.logprob for t in gens[3].logprobs] == pytest.approx([t.logprob for t in alone[3].logprobs], abs=1e-9)
+    assert (stats["cache_pages_used"], stats["swapped_requests"], stats["running"]) == (0, 0, 0)
+
+
+def test_preempted_samples_of_shared_and_cached_prompts_keep_their_answers(talkative64):
+    """Three samples per prompt share their prompt's pages (shared prefill), then, asked again, take
+    them from the prefix cache; preempted either way, each sample decodes as alone."""
+    prompts = [p for p in _prompts(4) for _ in range(3)]
+    cfgs = [CFG.replace(ignore_eos=True, temperature=1.0, seed=i) for i in range(len(prompts))]
+    alone = [_engine(talkative64).generate([p], c)[0] for p, c in zip(prompts, cfgs)]
+    need = max(_engine(talkative64).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
+    engine = _engine(talkative64, kv_cache_tokens=2 * need * 4)
+    for _ in range(2):
+        gens = engine.generate(prompts, cfgs)
+        assert [(g.token_ids, g.num_forwards) for g in gens] == [(a.token_ids, a.num_forwards) for a in alone]
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["shared_prefills"] > 0 and stats["prefix_cache_hits"] > 0
+
+
+def test_a_preempted_request_can_be_aborted_while_swapped_out(talkative64):
+    prompts = _prompts(4)
+    need = max(_engine(talkative64).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
+    engine = _engine(talkative64, kv_cache_tokens=need * 4, prefix_caching=False)
+    ids = [engine.add_request(p, CFG.replace(ignore_eos=True)) for p in prompts]
+    while not engine.stats()["swapped_requests"]:
+        engine.step()
+    swapped = next(r.request_id for r in engine.scheduler.waiting if r.swapped is not None)
+    assert engine.abort(swapped)
+    assert engine.stats()["swapped_requests"] == 0
+    finished = {}
+    while engine.has_unfinished():
+        finished.update((o.request_id, o.generation) for o in engine.step() if o.finished)
+    assert finished.keys() == set(ids) and finished.pop(swapped).finish_reason == "abort"
+    assert all(len(g.token_ids) == CFG.max_new_tokens for g in finished.values())
+    assert engine.stats()["cache_pages_used"] == 0
+
+
+def test_page_allocation_is_checked(model64):
+    with pytest.raises(ValueError, match=r"page_allocation must be one of \['on_demand', 'reserve'\], got 'lazy'"):
+        _engine(model64, page_allocation="lazy")
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -936,3 +1054,17 @@ def test_decoding_does_not_sync_with_the_host_on_cuda(confident_model):
     engine._decode = strict
     gens = engine.generate(_prompts(len(EVERY_DECODING_SETTING)), EVERY_DECODING_SETTING)
     assert all(g.finish_reason in ("stop", "length") for g in gens)
+
+
+@pytest.mark.gpu
+def test_preemption_on_cuda_swaps_through_pinned_memory_with_the_same_answers(talkative_model):
+    """CUDA graphs read the page table at every replay: a resumed request's new slot and pages need no
+    capture, and its K/V come back from pinned host memory behind the same stream."""
+    model = copy.deepcopy(talkative_model).to("cuda")
+    prompts, cfg = _prompts(8), CFG.replace(ignore_eos=True)
+    roomy = _engine(model, cuda_graphs=True).generate(prompts, cfg)
+    need = max(_engine(model).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
+    engine = _engine(model, kv_cache_tokens=2 * need * 4, cuda_graphs=True)
+    gens = engine.generate(prompts, cfg)
+    assert engine.stats()["preemptions"] > 0 and engine.graphs.replays > 0
+    assert [g.token_ids for g in gens] == [g.token_ids for g in roomy]

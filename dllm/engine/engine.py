@@ -165,10 +165,14 @@ class Engine:
     max_model_len:      cache positions one request may use (prompt + generated, in whole blocks);
                         default the model's max_sequence_length
     kv_cache_tokens:    size of the paged K/V pool in tokens (rounded up to whole pages); default
-                        max_batch_size * max_model_len. A request holds pages for its prompt and its
-                        max_new_tokens (in whole blocks) while it runs, so a pool smaller than the
-                        default serves max_batch_size requests of typical length
+                        max_batch_size * max_model_len. A request holds the pages of what it has written
+                        (page_allocation), so a pool smaller than the default serves max_batch_size
+                        requests of typical length
     page_size:          cache positions per page
+    page_allocation:    "on_demand" (default): a request gets pages block by block as its answer grows;
+                        if the pool runs out, the newest running request is preempted (its K/V swapped
+                        to host memory, resumed bit for bit later). "reserve": the pages of its prompt
+                        and max_new_tokens at admission, never preempted (see dllm.engine.scheduler)
     max_prefill_tokens: padded tokens one prefill forward may hold
     cuda_graphs:        replay CUDA graphs for DENOISE / COMMIT forwards; default: on where the
                         model is on CUDA and triton is installed
@@ -199,7 +203,7 @@ class Engine:
                  cuda_graphs: bool | None = None, compile_blocks: bool | None = None,
                  fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
                  share_prefills: bool = True, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE) -> None:
+                 page_size: int = DEFAULT_PAGE_SIZE, page_allocation: str = "on_demand") -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -224,7 +228,7 @@ class Engine:
         self.cache = KVCache(self.config, max_batch_size, self.max_model_len, device=self.device, dtype=self.dtype,
                              page_size=page_size, num_pages=num_pages, scratch_slot=cuda_graphs)
         self.graphs = GraphedForward(model, self.cache, self.config.mask_token_id) if cuda_graphs else None
-        self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills, prefix_caching)
+        self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills, prefix_caching, page_allocation)
         self.share_prefills = share_prefills
         self.shared_prefills = 0  # prefill rows not run: their prompt's K/V were copied from another row
         self.prefix_cache_hits = 0  # requests that skipped their prefill (prefix_caching)
@@ -312,6 +316,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one forward for every running request; return committed blocks and finished requests."""
+        self.scheduler.make_room()
         self._admit()
         for group in self.scheduler.schedule():
             self._run_group(group)
@@ -353,6 +358,9 @@ class Engine:
             "cache_pages_used": self.cache.used_pages,  # mapped by running requests (reserved for their length)
             "cache_pages_cached": self.cache.cached_pages,  # ended requests' prompts, kept for the prefix cache
             "cache_pages_total": self.cache.num_pages,
+            "preemptions": self.scheduler.preemptions,  # requests swapped out to host memory for pages
+            "swapped_requests": self.scheduler.swapped_requests,
+            "swapped_bytes": self.scheduler.swapped_bytes,  # K/V bytes swapped out, in total
             "total_forwards": self.total_forwards,
             "host_syncs": self.host_syncs,
             "shared_prefills": self.shared_prefills,

@@ -1,11 +1,12 @@
 """The K/V pool: fixed-size pages allocated once per engine, mapped to requests through a page table.
 
 A running request owns a slot: one row of the page table, which lists the pages holding its cache
-positions (position p lives in page table[slot, p // page_size], at p % page_size). At admission a
-request is given every page it can ever need (prompt + its max_new_tokens in whole blocks), so a
-running request never waits for memory and nothing is preempted; it gives them back when it ends.
-A request thus holds what its own length needs, not max_model_len: the pool serves as many requests
-as their lengths allow (`num_pages`), up to `num_slots` at a time.
+positions (position p lives in page table[slot, p // page_size], at p % page_size). A slot is
+allocated with the pages of some positions and grows by fresh pages (the scheduler decides how many:
+see dllm.engine.scheduler); it gives them back when it ends. A request thus holds what its own length
+needs, not max_model_len: the pool serves as many requests as their lengths allow (`num_pages`), up to
+`num_slots` at a time. A preempted request's committed K/V go to host memory (`swap_out`) and come
+back into fresh pages of a new slot (`swap_in`).
 
 Prefix caching: a prompt's K/V (the prefill of prompt + B masks, see Request.prompt_key) is indexed
 by its key once written. A later request with that key maps the prompt's full pages into its own
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +32,20 @@ DEFAULT_PAGE_SIZE = 16
 
 class CacheFullError(RuntimeError):
     pass
+
+
+@dataclass
+class SwappedKV:
+    """A preempted request's committed K/V in host memory: [n_layers, pages, page_size, n_kv_heads,
+    head_dim] each, covering cache positions [0, positions)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: int
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
 
 class KVCache:
@@ -100,13 +116,14 @@ class KVCache:
 
     # ----- slots and their pages ---------------------------------------------------------------
 
-    def can_allocate(self, positions: int, prefix: list[int] = (), prefix_len: int = 0) -> bool:
-        """Whether `allocate(positions, prefix, prefix_len)` can succeed now: a free slot, and enough
-        pages free or reclaimable from cached prompts (other than the ones it would use)."""
+    def can_allocate(self, positions: int, prefix: list[int] = (), prefix_len: int = 0, spare: int = 0) -> bool:
+        """Whether `allocate(positions, prefix, prefix_len)` can succeed now, leaving `spare` pages free:
+        a free slot, and enough pages free or reclaimable from cached prompts (other than the ones it
+        would use)."""
         shared, source = self._split_prefix(prefix, prefix_len)
         used = shared + ([source] if source is not None else [])
         idle_used = sum(1 for p in used if self._refs[p] == 0 and p in self._prompt_of)
-        needed = self.pages_for(positions) - len(shared)
+        needed = self.pages_for(positions) - len(shared) + spare
         return bool(self._free_slots) and needed <= len(self._free_pages) + self._idle_cached - idle_used
 
     def allocate(self, positions: int, prefix: list[int] = (), prefix_len: int = 0) -> int:
@@ -121,12 +138,7 @@ class KVCache:
         shared, source = self._split_prefix(prefix, prefix_len)
         for page in shared + ([source] if source is not None else []):
             self._map(page)  # pinned: reclaiming pages below must not take these
-        own = self.pages_for(positions) - len(shared)
-        while len(self._free_pages) < own:
-            self._drop_oldest_prompt()
-        pages = shared + [self._free_pages.pop() for _ in range(own)]
-        for page in pages[len(shared):]:
-            self._map(page)
+        pages = shared + self._take_pages(self.pages_for(positions) - len(shared))
         if source is not None:
             self.copy_pages([source], [pages[len(shared)]])
             self._unmap(source)
@@ -135,6 +147,55 @@ class KVCache:
         row = torch.full((self.pages_per_slot,), self.scratch_page, dtype=torch.int32)
         row[:len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.table[slot].copy_(row)  # between forwards: the next launch sees it
+        return slot
+
+    def can_grow(self, slot: int, positions: int) -> bool:
+        """Whether `grow(slot, positions)` can succeed now."""
+        return self.pages_for(positions) - len(self._pages_of[slot]) <= len(self._free_pages) + self._idle_cached
+
+    def grow(self, slot: int, positions: int) -> None:
+        """Map fresh pages into `slot` until it covers `positions` cache positions (a no-op if it does)."""
+        if positions > self.capacity:
+            raise ValueError(f"{positions} positions exceed a slot's capacity of {self.capacity}")
+        if not self.can_grow(slot, positions):
+            raise CacheFullError(f"not enough free KV-cache pages to grow slot {slot} to {positions} positions")
+        pages = self._pages_of[slot]
+        new = self._take_pages(self.pages_for(positions) - len(pages))
+        if new:
+            self.table[slot, len(pages):len(pages) + len(new)] = torch.tensor(new, dtype=torch.int32)
+            pages.extend(new)
+
+    def _take_pages(self, n: int) -> list[int]:
+        """n fresh pages, mapped once; cached prompts give theirs back, least recently used first."""
+        while len(self._free_pages) < max(n, 0):
+            self._drop_oldest_prompt()
+        pages = [self._free_pages.pop() for _ in range(max(n, 0))]
+        for page in pages:
+            self._map(page)
+        return pages
+
+    # ----- preemption: a request's K/V out to host memory and back -----------------------------
+
+    def swap_out(self, slot: int, positions: int) -> "SwappedKV":
+        """Copy the K/V of positions [0, positions) of `slot` to host memory and free the slot. The
+        copy is queued on the device's stream before anything that may reuse the pages, and read back
+        only by `swap_in`, behind it on the same stream: no host sync."""
+        pages = torch.tensor(self._pages_of[slot][:self.pages_for(positions)], device=self.k.device)
+        pin = self.k.is_cuda
+        host = tuple(torch.empty((pool.shape[0], len(pages), *pool.shape[2:]), dtype=pool.dtype, pin_memory=pin)
+                     for pool in (self.k, self.v))
+        for dst, pool in zip(host, (self.k, self.v)):
+            dst.copy_(pool[:, pages], non_blocking=pin)
+        self.release(slot)
+        return SwappedKV(*host, positions)
+
+    def swap_in(self, swapped: "SwappedKV", positions: int) -> int:
+        """A slot for `positions` cache positions (>= the swapped ones) whose first pages get the K/V
+        that `swap_out` saved; the same values, bit for bit."""
+        slot = self.allocate(max(positions, swapped.positions))
+        pages = torch.tensor(self._pages_of[slot][:swapped.k.shape[1]], device=self.k.device)
+        for src, pool in zip((swapped.k, swapped.v), (self.k, self.v)):
+            pool[:, pages] = src.to(self.k.device, non_blocking=True)
         return slot
 
     def _split_prefix(self, prefix: list[int], prefix_len: int) -> tuple[list[int], int | None]:

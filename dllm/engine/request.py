@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GenerationConfig
+from .kv_cache import SwappedKV
 
 
 class Phase(enum.Enum):
-    WAITING = "waiting"  # queued, no cache slot yet
+    WAITING = "waiting"  # queued, no cache slot yet (or preempted: its K/V in host memory, see Request.swapped)
     PREFILL = "prefill"  # next forward: prompt + B masks
     DENOISE = "denoise"  # next forward: the B block tokens against the cache
     COMMIT = "commit"  # next forward: finished block + B new masks (writes the block's K/V)
@@ -96,6 +97,9 @@ class Request:
     # full pages are that request's; the partly filled last page is copied after the prefill).
     prefill_source: "Request | None" = None
     cached_len: int = 0  # committed K/V positions in the slot
+    # Preempted (Scheduler.make_room): its committed K/V in host memory, and the phase it resumes in.
+    swapped: "SwappedKV | None" = None
+    resume_phase: Phase | None = None
     cached_prompt_tokens: int = 0  # prompt K/V taken from the prefix cache instead of a prefill
     block: torch.Tensor | None = None  # [B] current block, MASK where undecided
     generated: list[int] = field(default_factory=list)
@@ -139,6 +143,14 @@ class Request:
         """Cache positions the request can ever write: the prompt and max_new_tokens in whole blocks
         (a COMMIT forward writes the finished block and the next one, never past the last block)."""
         return len(self.prompt_ids) + -(-self.max_new_tokens // self.block_size) * self.block_size
+
+    def extent(self, phase: Phase | None = None) -> int:
+        """Cache positions a forward in `phase` (default: the request's own) writes up to: the committed
+        context (or, for a prefill, the prompt), [the finished block,] the block. Whatever a cache policy
+        recomputes lies before the committed length."""
+        phase = phase or self.phase
+        start = len(self.prompt_ids) if phase is Phase.PREFILL else self.cached_len
+        return start + (self.block_size if phase is Phase.COMMIT else 0) + self.block_size
 
     @property
     def keeps_prompt_kv(self) -> bool:

@@ -1,9 +1,17 @@
 """Who runs in the next step, and which requests share a forward.
 
 Continuous batching at step granularity: a waiting request is admitted as soon as a cache slot and
-the pages its length needs are free (first come, first served), a finished one leaves at once. Each
-step runs every running request exactly once; requests whose next forward has the same shape (phase
-and block size) share one forward.
+the pages it needs are free (first come, first served), a finished one leaves at once. Each step runs
+every running request exactly once; requests whose next forward has the same shape (phase and block
+size) share one forward.
+
+Pages (PAGE_ALLOCATIONS): "on_demand" (the default) gives a request the pages of its next forward
+only, and more block by block as its answer grows, since a dLLM-Var answer's length is unknown until
+its EOS; a request is admitted while a block's pages per running request stay free. When the pool runs
+out all the same, the newest running request is preempted: its committed K/V go to host memory and it
+waits at the head of the queue, then resumes where it stopped with the same K/V, bit for bit.
+"reserve" gives each request at admission the pages of its prompt and max_new_tokens: it never
+waits mid-answer, and the pool holds fewer requests at once.
 """
 
 from __future__ import annotations
@@ -14,10 +22,19 @@ from .kv_cache import KVCache
 from .request import Phase, Request
 
 
+PAGE_ALLOCATIONS = ("on_demand", "reserve")
+
+
 class Scheduler:
     def __init__(self, cache: KVCache, max_prefill_tokens: int, share_prefills: bool = False,
-                 prefix_caching: bool = False) -> None:
+                 prefix_caching: bool = False, page_allocation: str = "on_demand") -> None:
+        if page_allocation not in PAGE_ALLOCATIONS:
+            raise ValueError(f"page_allocation must be one of {list(PAGE_ALLOCATIONS)}, got {page_allocation!r}")
         self.cache = cache
+        self.on_demand = page_allocation == "on_demand"
+        self.preemptions = 0  # requests swapped out to host memory to free pages
+        self.swapped_bytes = 0  # K/V bytes they took there
+        self.swapped_requests = 0  # waiting now with their K/V in host memory
         self.max_prefill_tokens = max_prefill_tokens
         self.share_prefills = share_prefills  # a prefill whose prompt is already in its batch costs no row
         self.prefix_caching = prefix_caching  # a request whose prompt's K/V are cached skips its prefill
@@ -42,8 +59,22 @@ class Scheduler:
         (`prefill_source` set) and, where its prompt K/V stay as written, its prompt's full pages."""
         admitted = []
         leaders: dict[tuple, Request] = {}  # prompt key -> the request admitted now that prefills it
+        # on_demand: every running request keeps a block's pages free to grow into at its next COMMIT.
+        spare = sum(self._headroom(r, len(self.cache.pages(r.slot))) for r in self.running)
         while self.waiting:
             req = self.waiting[0]
+            if req.swapped is not None:  # preempted: its K/V come back, and it goes on where it stopped
+                extent = max(req.extent(req.resume_phase) if self.on_demand else req.cache_extent,
+                             req.swapped.positions)
+                spare += self._headroom(req, self.cache.pages_for(extent))
+                if not self.cache.can_allocate(extent, spare=spare):
+                    break
+                self.waiting.popleft()
+                req.slot = self.cache.swap_in(req.swapped, extent)
+                req.phase, req.swapped, req.resume_phase = req.resume_phase, None, None
+                self.swapped_requests -= 1
+                self.running.append(req)
+                continue
             key, n = req.prompt_key, len(req.prompt_ids)
             cached = self.cache.lookup(key) if self.reuses_prompt(req) else None
             source = leaders.get(key) if cached is None and self.share_prefills else None
@@ -53,10 +84,12 @@ class Scheduler:
                 prefix, prefix_len = self.cache.pages(source.slot), n - n % self.cache.page_size
             else:
                 prefix, prefix_len = [], 0
-            if not self.cache.can_allocate(req.cache_extent, prefix, prefix_len):
+            extent = req.extent(Phase.PREFILL) if self.on_demand else req.cache_extent
+            spare += self._headroom(req, self.cache.pages_for(extent))
+            if not self.cache.can_allocate(extent, prefix, prefix_len, spare=spare):
                 break
             self.waiting.popleft()
-            req.slot = self.cache.allocate(req.cache_extent, prefix, prefix_len)
+            req.slot = self.cache.allocate(extent, prefix, prefix_len)
             req.phase = Phase.PREFILL
             if cached is not None:
                 req.cached_prompt_tokens = n
@@ -67,6 +100,45 @@ class Scheduler:
             self.running.append(req)
             admitted.append(req)
         return admitted
+
+    def _headroom(self, req: Request, pages: int) -> int:
+        """on_demand: pages kept free for a request holding `pages` to grow by a block (no more than its
+        max_new_tokens can still take: a request alone always fits a pool that can hold it)."""
+        if not self.on_demand:
+            return 0
+        return max(0, min(self.cache.pages_for(req.block_size), self.cache.pages_for(req.cache_extent) - pages))
+
+    def make_room(self) -> list[Request]:
+        """on_demand, before a step: map for each running request, oldest first, the pages its next
+        forward writes. Where the pool has none left, preempt the running request admitted (or
+        resumed) last, possibly the one growing, until the earlier ones fit; the first always fits,
+        since no request larger than the pool is accepted. Returns the preempted requests."""
+        preempted = []
+        if not self.on_demand:
+            return preempted  # every request holds its pages since admission
+        for req in list(self.running):
+            if req not in self.running:
+                continue  # preempted for an older one
+            need = req.extent()
+            while req in self.running and not self.cache.can_grow(req.slot, need):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+            if req in self.running:
+                self.cache.grow(req.slot, need)
+        return preempted
+
+    def _preempt(self, req: Request) -> None:
+        """Swap a running request's committed K/V out to host memory and queue it first: preempted
+        requests resume before any new one is admitted (those preempted later, earlier in the running
+        order, in front)."""
+        self.running.remove(req)
+        req.swapped = self.cache.swap_out(req.slot, req.cached_len)
+        self.swapped_bytes += req.swapped.bytes
+        self.preemptions += 1
+        self.swapped_requests += 1
+        req.resume_phase, req.phase, req.slot = req.phase, Phase.WAITING, -1
+        self.waiting.appendleft(req)
 
     def schedule(self) -> list[list[Request]]:
         """Forward groups for this step: same phase, block size and cache policy. Groups whose queries
@@ -103,4 +175,7 @@ class Scheduler:
             self.cache.release(request.slot)
         elif request in self.waiting:
             self.waiting.remove(request)
+            if request.swapped is not None:  # preempted: drop the host copy of its K/V
+                request.swapped = None
+                self.swapped_requests -= 1
         request.phase = Phase.FINISHED
