@@ -152,9 +152,14 @@ class _EngineMetrics:
         self.running = Gauge("dllm_running_requests", "requests being decoded")
         self.cache = Gauge("dllm_kv_cache_usage", "fraction of KV-cache pages held by running requests")
         self.tps = Gauge("dllm_engine_tokens_per_s", "tokens per second over the last finished requests")
+        self.preemptions = Counter("dllm_preemptions", "running requests swapped out to host memory for KV-cache pages")
         self._window: list[tuple[float, int]] = []
+        self._preempted = 0
 
     def on_step(self, stats: dict) -> None:
+        if stats["preemptions"] > self._preempted:  # Ray counters only accept positive increments
+            self.preemptions.inc(stats["preemptions"] - self._preempted)
+            self._preempted = stats["preemptions"]
         self.queue.set(stats["waiting"])
         self.running.set(stats["running"])
         self.cache.set(stats["cache_pages_used"] / max(1, stats["cache_pages_total"]))

@@ -554,6 +554,29 @@ def test_engine_metrics_reach_the_prometheus_endpoint(server, client):
     assert wanted <= found
 
 
+def test_a_replica_short_of_kv_pages_preempts_and_answers_the_same(server, model_dir):
+    """The secure app's pool holds 512 tokens, a quarter of 8 x 256: eight answers of 48 tokens after
+    prompts of ~40 outgrow it, so the newest are swapped out to host memory and resumed. Every answer
+    is the one the engine gives alone, and the preemptions reach Prometheus."""
+    import ray
+
+    secure = openai.OpenAI(base_url=f"{server}/secure/v1", api_key="k1", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+    prompts = [f"{i} reverse: abcdef => fedcba sort: dcba =>" for i in range(8)]
+    before = _engine_info("secure")["preemptions"]
+    out = secure.completions.create(model="tiny", prompt=prompts, max_tokens=48, extra_body={"ignore_eos": True})
+    assert _engine_info("secure")["preemptions"] > before
+    engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=48, early_stop=True, stops_last=True, ignore_eos=True)
+    alone = [engine.generate([p], cfg)[0].text for p in prompts]
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == alone
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, found = time.time() + 60, False
+    while time.time() < deadline and not found:
+        found = "ray_dllm_preemptions_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        time.sleep(1)
+    assert found
+
+
 def test_stops_last_is_on_by_default_and_a_request_option(server, model_dir):
     engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
     prompt = "reverse: x =>"  # a prompt whose answer the two orders end at different places
