@@ -20,11 +20,15 @@ shared prefill (one prefill row per prompt, its K/V copied to the other N-1 slot
 prefilled: their ratio is what sharing saves, most with long prompts (--prompt-len). `--prefix-caching` decodes
 the prompts once, then again timed, with the engine's prefix cache (each request finds its prompt's K/V in a
 free slot and skips its prefill) and without: their ratio is what the cache saves on prompts asked again.
-`--kv-cache-tokens T` decodes all the prompts submitted at once in a K/V pool of T tokens, twice in the
-same memory: with a slot of `--pool-max-model-len` positions per request (what a cache without pages
-reserves whatever the request's length: T // max_model_len requests at a time), then paged (each request
-holds the pages of its prompt and max_new_tokens: as many at a time as fit); it reports the peak number
-of requests decoded together beside the TPS.
+`--kv-cache-tokens T` decodes all the prompts submitted at once in a K/V pool of T tokens, three times in
+the same memory: with a slot of `--pool-max-model-len` positions per request (what a cache without pages
+reserves whatever the request's length: T // max_model_len requests at a time); paged, each request
+reserving the pages of its prompt and max_new_tokens at admission (page_allocation="reserve"); and paged
+on demand, block by block as answers grow, preempting (swapping out) the newest request when the pool runs
+out (the default). It reports the peak number of requests decoded together and the preemptions beside the
+TPS. A random model never stops, so every answer takes max_new_tokens; with a trained checkpoint (--model,
+--prompts-jsonl) answers end at their EOS, far below a max_new_tokens that a client sets for safety, which is
+where reserving pages for max_new_tokens costs most.
 """
 
 from __future__ import annotations
@@ -152,16 +156,18 @@ def run(args) -> list[dict]:
 
 
 def pool_rows(model, prompts, args, record, results) -> None:
-    """--kv-cache-tokens: the same pool as slots of max_model_len, then as pages (see the module doc)."""
+    """--kv-cache-tokens: the same pool as slots of max_model_len, then paged and reserved, then paged
+    on demand (see the module doc)."""
     tokens, max_len = args.kv_cache_tokens, args.pool_max_model_len
     b = args.block_size
     cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=args.max_new_tokens, threshold=args.threshold)
     if tokens < max_len:
         raise SystemExit(f"--kv-cache-tokens {tokens} holds no slot of --pool-max-model-len {max_len}")
-    for how, batch in ((f"a slot of {max_len} positions per request", tokens // max_len),
-                       ("paged: the pages of each request's length", len(prompts))):
+    for how, batch, allocation in ((f"a slot of {max_len} positions per request", tokens // max_len, "reserve"),
+                                   ("paged, prompt + max_new_tokens reserved", len(prompts), "reserve"),
+                                   ("paged on demand", len(prompts), "on_demand")):
         engine = dllm.Engine(model, max_batch_size=batch, max_model_len=max_len, kv_cache_tokens=tokens,
-                             prefix_caching=False)
+                             prefix_caching=False, page_allocation=allocation)
         engine.generate(prompts[:1], cfg.replace(max_new_tokens=b))  # warm-up
         peak, gens = 0, []
 
@@ -176,7 +182,7 @@ def pool_rows(model, prompts, args, record, results) -> None:
         _, secs = timed(decode)
         record(f"dllm-var engine ({len(prompts)} requests at once, {tokens}-token K/V pool, {how})",
                [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(gens))
-        results[-1]["peak_running"] = peak
+        results[-1].update(peak_running=peak, preemptions=engine.stats()["preemptions"])
 
 
 def main(argv=None) -> None:
@@ -217,11 +223,14 @@ def main(argv=None) -> None:
     for r in results:
         sp = f"{r['speedup_vs_vanilla']:.2f}x" if r["speedup_vs_vanilla"] else "-"
         print(f"{r['system']:{w}} {r['tokens']:7d} {r['forwards']:6d} {r['tpf']:6.2f} {r['seconds']:8.2f} "
-              f"{r['tps']:9.1f} {sp:>8}" + (f"  {r['peak_running']} at once" if "peak_running" in r else ""))
+              f"{r['tps']:9.1f} {sp:>8}" + (f"  {r['peak_running']} at once, {r['preemptions']} preempted"
+                                             if "peak_running" in r else ""))
     pooled = [r for r in results if "peak_running" in r]
     if pooled:
-        print(f"paged K/V pool: {pooled[1]['peak_running']} requests at once instead of {pooled[0]['peak_running']} "
-              f"in the same memory, {pooled[1]['tps'] / pooled[0]['tps']:.2f}x the tok/s")
+        slots, reserved, on_demand = pooled
+        print(f"same K/V memory: slots {slots['peak_running']} requests at once; paged and reserved "
+              f"{reserved['peak_running']}, {reserved['tps'] / slots['tps']:.2f}x the tok/s; paged on demand "
+              f"{on_demand['peak_running']}, {on_demand['tps'] / slots['tps']:.2f}x ({on_demand['preemptions']} preempted)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "dtype": args.dtype, "results": results}, f, indent=2)

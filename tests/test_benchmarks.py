@@ -130,7 +130,7 @@ def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_prefi
         tmp_path):
     out = tmp_path / "engine.json"
     engine_bench.main(["--device", "cpu", "--dtype", "float32", "--num-prompts", "2", "--prompt-len", "8",
-                       "--block-size", "8", "--fast-block", "8", "--max-new-tokens", "16", "--d-model", "64",
+                       "--block-size", "8", "--fast-block", "8", "--max-new-tokens", "32", "--d-model", "64",
                        "--layers", "1", "--heads", "2", "--vocab", "128", "--vanilla-gen-lengths", "16",
                        "--logprobs", "3", "--top-p", "0.9", "--penalties", "--samples", "3", "--prefix-caching",
                        "--kv-cache-tokens", "64", "--pool-max-model-len", "64", "--json", str(out)])
@@ -148,11 +148,15 @@ def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_prefi
                         for how in (": prefill skipped", " off"))
     assert (cached["tokens"], cached["forwards"]) == (uncached["tokens"], uncached["forwards"])
     assert (cached["prefix_cache_hits"], uncached["prefix_cache_hits"]) == (2, 0)
-    # 64 tokens: one slot of max_model_len 64, or the pages of two requests of 8 + 16 tokens
-    slots, paged = (rows[f"dllm-var engine (2 requests at once, 64-token K/V pool, {how})"]
-                    for how in ("a slot of 64 positions per request", "paged: the pages of each request's length"))
-    assert (slots["peak_running"], paged["peak_running"]) == (1, 2)
-    assert (slots["tokens"], slots["forwards"]) == (paged["tokens"], paged["forwards"])
+    # 64 tokens in pages of 16: one slot of max_model_len 64; reserved, one request's 8 + 32 tokens (3 pages);
+    # on demand, two prefills of 8 + 8 tokens, each with a page free to grow into, until one is preempted
+    slots, reserved, on_demand = (rows[f"dllm-var engine (2 requests at once, 64-token K/V pool, {how})"]
+                                  for how in ("a slot of 64 positions per request",
+                                              "paged, prompt + max_new_tokens reserved", "paged on demand"))
+    assert [r["peak_running"] for r in (slots, reserved, on_demand)] == [1, 1, 2]
+    assert (reserved["preemptions"], on_demand["preemptions"]) == (0, 1)
+    assert (slots["tokens"], slots["forwards"]) == (reserved["tokens"], reserved["forwards"]) == \
+           (on_demand["tokens"], on_demand["forwards"])
     assert rows["LLaDA vanilla (gen 16, steps 16)"]["speedup_vs_vanilla"] == 1.0
     assert any(name.startswith("Fast-dLLM") for name in rows)
 
