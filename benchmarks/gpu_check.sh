@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks that the paged K/V pool still owes (issue 7), as one device call that fits a session's
+# 15 minutes of device time: run it with the device tool's `run`, command `bash benchmarks/gpu_check.sh`,
+# timeout_s 560. No wheels are needed (torch, triton, transformers and pytest are on the box).
+#
+#   1. the CUDA tests (@pytest.mark.gpu): the paged kernel in bf16, graph replay = eager, no host sync
+#      while decoding, preemption through pinned memory under CUDA graphs;
+#   2. the attention launch over a shuffled page table against SDPA on dense keys (LLaDA-8B's heads);
+#   3. the graphed DENOISE / COMMIT steps at LLaDA-8B's shape against the HBM roofline;
+#   4. the same K/V pool as slots of max_model_len, paged and reserved, paged on demand (a 0.3B model).
+#
+# Each stage has its own time limit, so a slow one cannot starve the next; logs and JSON go to $OUT.
+set -uo pipefail
+out="${OUT:-gpu_check_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=. TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+
+stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, its output to $out/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.log"
+  echo "=== $name: exit $rc"
+}
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+stage gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
+  tests/test_model.py
+stage attention 75 python3 -m benchmarks.attention_bench --block-m 32 --block-n 128 --splits 4 \
+  --merge-in-kernel yes --json "$out/attention_paged.json"
+stage decode_step 150 python3 -m benchmarks.decode_step_bench --variants compiled --json "$out/decode_step_paged.json"
+stage engine_pool 150 python3 -m benchmarks.engine_bench --device cuda --dtype bfloat16 --d-model 1024 --layers 16 \
+  --heads 8 --vocab 32000 --num-prompts 64 --batch 64 --prompt-len 128 --max-new-tokens 512 \
+  --vanilla-gen-lengths 64 --kv-cache-tokens 16384 --pool-max-model-len 2048 --json "$out/engine_pool.json"
