@@ -2,6 +2,7 @@
 
 import collections
 import copy
+import random
 
 import pytest
 import torch
@@ -410,6 +411,25 @@ def test_a_cached_prompts_full_pages_are_shared_and_its_last_page_copied(tiny_co
     assert cache.lookup("p") is None and cache.cached_pages == 0
 
 
+@pytest.mark.parametrize("allocation", ["reserve", "on_demand"])
+def test_a_request_that_fits_the_pool_only_without_its_cached_prompt_prefills_it_anew(model64, allocation):
+    """A 13-token prompt is cached (4 pages, the last partly filled) in a pool of 16 pages; the same prompt
+    with 48 new tokens needs all 16. Mapping the cached pages would pin them while the last one is copied
+    (17 pages): the request is admitted without them and prefills, instead of waiting for ever."""
+    prompt = _prompts(5)[4]
+    engine = _engine(model64, max_batch_size=2, kv_cache_tokens=16 * 4, page_allocation=allocation)
+    engine.generate([prompt], CFG.replace(max_new_tokens=4))
+    assert engine.stats()["cache_pages_cached"] == 4
+    cfg = CFG.replace(max_new_tokens=48, ignore_eos=True)
+    rid = engine.add_request(prompt, cfg)
+    done = None
+    for _ in range(500):  # a bound, not a wait: the request used to stay queued
+        done = next((o.generation for o in engine.step() if o.finished and o.request_id == rid), done)
+        if done:
+            break
+    assert done is not None and done.token_ids == _engine(model64).generate([prompt], cfg)[0].token_ids
+
+
 def test_a_slot_grows_by_fresh_pages_and_swaps_out_and_back_bit_for_bit(tiny_config):
     cache = dllm.engine.KVCache(tiny_config, num_slots=2, capacity=32, page_size=4, num_pages=8,
                                 device="cpu", dtype=torch.float32)
@@ -556,6 +576,62 @@ def test_a_preempted_request_can_be_aborted_while_swapped_out(talkative64):
     assert finished.keys() == set(ids) and finished.pop(swapped).finish_reason == "abort"
     assert all(len(g.token_ids) == CFG.max_new_tokens for g in finished.values())
     assert engine.stats()["cache_pages_used"] == 0
+
+
+def _check_pages(cache) -> None:
+    """The pool's bookkeeping agrees with itself: each page is free, cached or mapped, never two of them;
+    reference counts are the slots that map a page; the page table lists each slot's pages."""
+    mapped = collections.Counter(p for pages in cache._pages_of.values() for p in pages)
+    assert all(cache._refs[p] == n for p, n in mapped.items()) and sum(cache._refs) == sum(mapped.values())
+    free, cached = set(cache._free_pages), {p for p in cache._prompt_of if p not in mapped}
+    assert len(free) == len(cache._free_pages) and not free & set(mapped) and not free & cached
+    assert len(free) + len(cached) + len(mapped) == cache.num_pages and cache.cached_pages == len(cached)
+    for slot, pages in cache._pages_of.items():
+        assert cache.table[slot, :len(pages)].tolist() == pages
+
+
+# Per-request settings the random arrivals below draw from: stops or not, sampling, two block sizes, every
+# cache policy, commit_pass=False, a stateful decoder, logprobs.
+ARRIVING = [dict(ignore_eos=True), {}, dict(temperature=1.0, seed=7), dict(block_size=4, ignore_eos=True),
+            dict(cache_policy="vicinity", ignore_eos=True), dict(commit_pass=False), dict(decoder="credit"),
+            dict(cache_policy="none", block_size=4), dict(logprobs=2, ignore_eos=True)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_arrivals_aborts_and_preemptions_keep_the_pool_consistent(talkative64, seed):
+    """Requests of a few repeated prompts (shared and cached pages) with mixed settings and caps arrive at
+    random steps into a small pool of an engine with random options, and some are aborted. After every
+    step the pool's bookkeeping holds; every request ends, and each one not aborted with the answer it
+    gets decoded alone."""
+    rng = random.Random(seed)
+    prompts = _prompts(6)
+    engine = _engine(talkative64, max_batch_size=rng.choice([2, 4, 8]), kv_cache_tokens=rng.choice([16, 24, 40]) * 4,
+                     max_prefill_tokens=rng.choice([16, 8192]), page_allocation="reserve" if seed % 3 == 2 else "on_demand",
+                     share_prefills=rng.random() < 0.8, prefix_caching=rng.random() < 0.8,
+                     max_unroll=rng.choice([1, 3]), expected_tpf=1.0)
+    asked, results, aborted = {}, {}, set()
+    for step in range(3000):  # a bound, not a wait: every request must end well before it
+        if step < 150:
+            for _ in range(rng.choice([0, 0, 1, 3])):
+                prompt = rng.choice(prompts)
+                cfg = CFG.replace(max_new_tokens=rng.choice([4, 8, 24, 48]), **rng.choice(ARRIVING))
+                if len(asked) < 30 and engine.cache.pages_for(len(prompt) + 48) <= engine.cache.num_pages:
+                    asked[engine.add_request(prompt, cfg)] = (prompt, cfg)
+            live = sorted(set(asked) - set(results) - aborted)
+            if live and rng.random() < 0.02:
+                rid = rng.choice(live)
+                assert engine.abort(rid)
+                aborted.add(rid)
+        results.update((o.request_id, o.generation) for o in engine.step() if o.finished)
+        _check_pages(engine.cache)
+        if step >= 150 and not engine.has_unfinished():
+            break
+    assert results.keys() == asked.keys() and engine.stats()["cache_pages_used"] == 0
+    for rid, (prompt, cfg) in asked.items():
+        if rid in aborted:
+            assert results[rid].finish_reason == "abort"
+        else:
+            assert results[rid].token_ids == _engine(talkative64).generate([prompt], cfg)[0].token_ids, rid
 
 
 def test_page_allocation_is_checked(model64):

@@ -58,7 +58,9 @@ class Scheduler:
         one whose prompt an earlier request admitted now will prefill shares that prefill row
         (`prefill_source` set) and, where its prompt K/V stay as written, its prompt's full pages."""
         admitted = []
-        leaders: dict[tuple, Request] = {}  # prompt key -> the request admitted now that prefills it
+        # (prompt key, cache policy) -> the request admitted now that prefills it; requests of another
+        # cache policy run in another forward group (schedule), so they cannot share its row
+        leaders: dict[tuple, Request] = {}
         # on_demand: every running request keeps a block's pages free to grow into at its next COMMIT.
         spare = sum(self._headroom(r, len(self.cache.pages(r.slot))) for r in self.running)
         while self.waiting:
@@ -77,7 +79,8 @@ class Scheduler:
                 continue
             key, n = req.prompt_key, len(req.prompt_ids)
             cached = self.cache.lookup(key) if self.reuses_prompt(req) else None
-            source = leaders.get(key) if cached is None and self.share_prefills else None
+            share_key = (key, req.config.cache_policy)
+            source = leaders.get(share_key) if cached is None and self.share_prefills else None
             if cached is not None:
                 prefix, prefix_len = cached, n
             elif source is not None and req.keeps_prompt_kv:  # full pages now, the last one copied after
@@ -87,7 +90,11 @@ class Scheduler:
             extent = req.extent(Phase.PREFILL) if self.on_demand else req.cache_extent
             spare += self._headroom(req, self.cache.pages_for(extent))
             if not self.cache.can_allocate(extent, prefix, prefix_len, spare=spare):
-                break
+                # Mapping a cached prompt pins its pages; in a full pool, prefilling it anew may fit where that
+                # does not (the prompt's pages are then reclaimed like any cached prompt's).
+                if cached is None or not self.cache.can_allocate(extent, spare=spare):
+                    break
+                cached, prefix, prefix_len = None, [], 0
             self.waiting.popleft()
             req.slot = self.cache.allocate(extent, prefix, prefix_len)
             req.phase = Phase.PREFILL
@@ -96,7 +103,7 @@ class Scheduler:
             elif source is not None:
                 req.prefill_source = source
             else:
-                leaders.setdefault(key, req)
+                leaders.setdefault(share_key, req)
             self.running.append(req)
             admitted.append(req)
         return admitted
