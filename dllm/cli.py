@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from .engine.config import DECODERS
+from .engine.scheduler import PAGE_ALLOCATIONS
 
 
 def _generate(args) -> int:
@@ -69,8 +70,8 @@ def serve_app_args(args) -> dict:
     """`dllm serve` flags -> serve.app:build_app keys (only those given: build_app has the defaults)."""
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
-    for key in ("name", "max_model_len", "kv_cache_tokens", "num_gpus", "min_replicas", "max_replicas", "num_replicas",
-                "api_keys"):
+    for key in ("name", "max_model_len", "kv_cache_tokens", "page_allocation", "num_gpus", "min_replicas",
+                "max_replicas", "num_replicas", "api_keys"):
         value = getattr(args, key)
         if value is not None:
             app_args[key] = value
@@ -124,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-model-len", type=int, help="cache positions per request (default: the model's)")
     s.add_argument("--kv-cache-tokens", type=int,
                    help="paged K/V pool size per replica, in tokens (default: max batch size x max model len); a "
-                        "request holds pages for its prompt and max_tokens while it runs")
+                        "request takes pages as its answer grows")
+    s.add_argument("--page-allocation", choices=PAGE_ALLOCATIONS,
+                   help="on_demand (default): pages as answers grow, the newest request swapped to host memory when "
+                        "the pool runs out; reserve: each request's prompt + max_tokens at admission, never preempted")
     s.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 if the cluster has GPUs, else 0)")
     s.add_argument("--num-replicas", type=int)
     s.add_argument("--min-replicas", type=int, help="autoscaling lower bound")

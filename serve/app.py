@@ -64,14 +64,16 @@ class EngineServer:
     """One model replica: the engine, its background loop, health and metrics."""
 
     def __init__(self, model: str, max_batch_size: int = 16, max_model_len: int | None = None,
-                 dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None) -> None:
+                 dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
+                 page_allocation: str = "on_demand") -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
         self.model_dir = model
         net = dllm.load_model(model, device=device, dtype=torch_dtype)
         tokenizer = dllm.load_tokenizer(model)
         self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
-                                  prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens)
+                                  prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens,
+                                  page_allocation=page_allocation)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
         self.loop = EngineLoop(self.engine)
         self._metrics = _EngineMetrics()
@@ -576,7 +578,8 @@ def build_app(args: dict[str, Any]):
     """Application builder (`serve run serve.app:build_app model=DIR key=value ...`).
 
     Keys: model (required), name, max_batch_size, max_model_len, kv_cache_tokens (the paged K/V pool's
-    size per replica; default max_batch_size x max_model_len), dtype, prefix_caching (true / false,
+    size per replica; default max_batch_size x max_model_len), page_allocation (on_demand, the default:
+    pages as answers grow, preempting when the pool runs out; or reserve), dtype, prefix_caching (true / false,
     default true), routing (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys
     (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
     min_replicas / max_replicas / target_ongoing_requests / upscale_delay_s / downscale_delay_s
@@ -597,6 +600,10 @@ def build_app(args: dict[str, Any]):
     max_model_len = int(max_model_len) if max_model_len is not None else None
     kv_cache_tokens = args.pop("kv_cache_tokens", None)
     kv_cache_tokens = int(kv_cache_tokens) if kv_cache_tokens is not None else None
+    page_allocation = args.pop("page_allocation", "on_demand")
+    if page_allocation not in dllm.engine.PAGE_ALLOCATIONS:
+        raise ValueError(f"build_app: page_allocation={page_allocation!r} is not one of "
+                         f"{', '.join(dllm.engine.PAGE_ALLOCATIONS)}")
     decoding = _decoding_defaults(args.pop("decoding", None))
     engine_opts: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": num_cpus},
@@ -636,7 +643,7 @@ def build_app(args: dict[str, Any]):
 
     engine = serve.deployment(EngineServer, name="EngineServer").options(**engine_opts).bind(
         model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching,
-        kv_cache_tokens=kv_cache_tokens)
+        kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,

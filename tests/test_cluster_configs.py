@@ -103,3 +103,10 @@ def test_training_yaml_for_the_cluster_is_a_valid_train_config():
 
     cfg = TrainConfig.from_yaml(CLUSTER / "train-llada8b.yaml")
     assert cfg.num_workers == 8 and cfg.use_gpu and cfg.seq_len == 8192
+
+
+def test_page_allocation_is_checked_when_the_app_is_built():
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match="page_allocation='lazy' is not one of on_demand, reserve"):
+        build_app({"model": "/models/x", "page_allocation": "lazy"})
