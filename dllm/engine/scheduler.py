@@ -160,13 +160,13 @@ class Scheduler:
                 batches.append(reqs)  # every query is B or 2B tokens: one forward
                 continue
             # Similar lengths together (less padding); one prompt's requests side by side, so that a
-            # prefill row's sharers are never split from it (only a new row starts another batch).
+            # prefill row's sharers (admit's prefill_source) follow it and are never split from it: only
+            # a new row starts another batch.
             reqs.sort(key=lambda r: (r.query_len(), r.prompt_key))
-            shared = phase is Phase.PREFILL and self.share_prefills
             batch: list[Request] = []
             rows: set = set()  # the rows the batch's forward runs
             for req in reqs:  # ascending: the newest request is the longest of its batch
-                row = req.prompt_key if shared else id(req)
+                row = id(req.prefill_source or req)
                 if batch and row not in rows and req.query_len() * (len(rows) + 1) > self.max_prefill_tokens:
                     batches.append(batch)
                     batch, rows = [], set()
