@@ -104,12 +104,17 @@ class KVCache:
     @property
     def used_pages(self) -> int:
         """Pages mapped by at least one running slot."""
-        return self.num_pages - len(self._free_pages) - self._idle_cached
+        return self.num_pages - self._available
 
     @property
     def cached_pages(self) -> int:
         """Pages holding an ended request's prompt, kept for the prefix cache until the pool needs them."""
         return self._idle_cached
+
+    @property
+    def _available(self) -> int:
+        """Pages a slot can be given now: free ones, and cached prompts' that no slot maps."""
+        return len(self._free_pages) + self._idle_cached
 
     def pages_for(self, positions: int) -> int:
         return math.ceil(positions / self.page_size)
@@ -124,7 +129,7 @@ class KVCache:
         used = shared + ([source] if source is not None else [])
         idle_used = sum(1 for p in used if self._refs[p] == 0 and p in self._prompt_of)
         needed = self.pages_for(positions) - len(shared) + spare
-        return bool(self._free_slots) and needed <= len(self._free_pages) + self._idle_cached - idle_used
+        return bool(self._free_slots) and needed <= self._available - idle_used
 
     def allocate(self, positions: int, prefix: list[int] = (), prefix_len: int = 0) -> int:
         """A slot for `positions` cache positions, whose first `prefix_len` are a prompt already in
@@ -151,7 +156,7 @@ class KVCache:
 
     def can_grow(self, slot: int, positions: int) -> bool:
         """Whether `grow(slot, positions)` can succeed now."""
-        return self.pages_for(positions) - len(self._pages_of[slot]) <= len(self._free_pages) + self._idle_cached
+        return self.pages_for(positions) - len(self._pages_of[slot]) <= self._available
 
     def grow(self, slot: int, positions: int) -> None:
         """Map fresh pages into `slot` until it covers `positions` cache positions (a no-op if it does)."""
