@@ -16,6 +16,7 @@ replica holds the whole model on one GPU (LLaDA-8B in bf16 takes ~16 GB); scale 
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -65,7 +66,8 @@ class EngineServer:
 
     def __init__(self, model: str, max_batch_size: int = 16, max_model_len: int | None = None,
                  dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
-                 page_allocation: str = "on_demand") -> None:
+                 page_allocation: str = "on_demand", gpu_memory_utilization: float | None = None,
+                 profile_block_size: int = 64) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
         self.model_dir = model
@@ -73,7 +75,10 @@ class EngineServer:
         tokenizer = dllm.load_tokenizer(model)
         self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
                                   prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens,
-                                  page_allocation=page_allocation)
+                                  page_allocation=page_allocation, gpu_memory_utilization=gpu_memory_utilization,
+                                  profile_block_size=profile_block_size)
+        if self.engine.memory_plan is not None:
+            logging.getLogger("ray.serve").info("gpu_memory_utilization: %s", self.engine.memory_plan)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
         self.loop = EngineLoop(self.engine)
         self._metrics = _EngineMetrics()
@@ -94,7 +99,8 @@ class EngineServer:
 
     def info(self) -> dict:
         return {"defaults": self.defaults, "max_model_len": self.engine.max_model_len, "aborted": self.loop.aborted,
-                "pid": os.getpid(), **self.engine.stats()}
+                "pid": os.getpid(), **self.engine.stats(),
+                "memory_plan": self.engine.memory_plan.as_dict() if self.engine.memory_plan is not None else None}
 
     async def generate(self, payload: dict):
         """Stream one request: a dict per committed block, the last with finish_reason and stats.
@@ -578,7 +584,9 @@ def build_app(args: dict[str, Any]):
     """Application builder (`serve run serve.app:build_app model=DIR key=value ...`).
 
     Keys: model (required), name, max_batch_size, max_model_len, kv_cache_tokens (the paged K/V pool's
-    size per replica; default max_batch_size x max_model_len), page_allocation (on_demand, the default:
+    size per replica; default max_batch_size x max_model_len) or gpu_memory_utilization (the pool sized from GPU
+    memory: what is left of that share after the weights and the measured peak of a full batch at the decoding
+    block size; CUDA only), page_allocation (on_demand, the default:
     pages as answers grow, preempting when the pool runs out; or reserve), dtype, prefix_caching (true / false,
     default true), routing (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys
     (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
@@ -600,6 +608,13 @@ def build_app(args: dict[str, Any]):
     max_model_len = int(max_model_len) if max_model_len is not None else None
     kv_cache_tokens = args.pop("kv_cache_tokens", None)
     kv_cache_tokens = int(kv_cache_tokens) if kv_cache_tokens is not None else None
+    gpu_memory_utilization = args.pop("gpu_memory_utilization", None)
+    if gpu_memory_utilization is not None:
+        gpu_memory_utilization = float(gpu_memory_utilization)
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"build_app: gpu_memory_utilization={gpu_memory_utilization} is not in (0, 1]")
+        if kv_cache_tokens is not None:
+            raise ValueError("build_app: give kv_cache_tokens or gpu_memory_utilization, not both")
     page_allocation = args.pop("page_allocation", "on_demand")
     if page_allocation not in dllm.engine.PAGE_ALLOCATIONS:
         raise ValueError(f"build_app: page_allocation={page_allocation!r} is not one of "
@@ -643,7 +658,8 @@ def build_app(args: dict[str, Any]):
 
     engine = serve.deployment(EngineServer, name="EngineServer").options(**engine_opts).bind(
         model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching,
-        kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation)
+        kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation, gpu_memory_utilization=gpu_memory_utilization,
+        profile_block_size=decoding["block_size"])
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,

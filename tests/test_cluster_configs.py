@@ -110,3 +110,12 @@ def test_page_allocation_is_checked_when_the_app_is_built():
 
     with pytest.raises(ValueError, match="page_allocation='lazy' is not one of on_demand, reserve"):
         build_app({"model": "/models/x", "page_allocation": "lazy"})
+
+
+def test_gpu_memory_utilization_is_checked_when_the_app_is_built():
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization=0.0 is not in \(0, 1\]"):
+        build_app({"model": "/models/x", "gpu_memory_utilization": "0"})
+    with pytest.raises(ValueError, match="give kv_cache_tokens or gpu_memory_utilization, not both"):
+        build_app({"model": "/models/x", "gpu_memory_utilization": 0.9, "kv_cache_tokens": 65536})

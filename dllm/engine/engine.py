@@ -23,6 +23,7 @@ shapes) replay CUDA graphs (`cuda_graphs.py`); PREFILL (any prompt length) runs 
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import random
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from ..model import LLaDAModelLM
-from . import decoders
+from . import decoders, memory
 from .config import GenerationConfig
 from .cuda_graphs import GraphedForward
 from .kv_cache import DEFAULT_PAGE_SIZE, KVCache
@@ -173,6 +174,13 @@ class Engine:
                         if the pool runs out, the newest running request is preempted (its K/V swapped
                         to host memory, resumed bit for bit later). "reserve": the pages of its prompt
                         and max_new_tokens at admission, never preempted (see dllm.engine.scheduler)
+    gpu_memory_utilization: size the pool from the GPU's memory instead of kv_cache_tokens (vLLM's
+                        knob): it gets what is left of this share of the GPU's memory after what the
+                        device holds, the weights and the measured peak of a probe that runs this
+                        engine's largest forwards at profile_block_size (see dllm.engine.memory);
+                        CUDA only. The breakdown is in `memory_plan`.
+    profile_block_size: the block size of that probe's full batch (the serving default); larger
+                        blocks need activation memory the probe did not set aside
     max_prefill_tokens: padded tokens one prefill forward may hold
     cuda_graphs:        replay CUDA graphs for DENOISE / COMMIT forwards; default: on where the
                         model is on CUDA and triton is installed
@@ -203,7 +211,8 @@ class Engine:
                  cuda_graphs: bool | None = None, compile_blocks: bool | None = None,
                  fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
                  share_prefills: bool = True, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE, page_allocation: str = "on_demand") -> None:
+                 page_size: int = DEFAULT_PAGE_SIZE, page_allocation: str = "on_demand",
+                 gpu_memory_utilization: float | None = None, profile_block_size: int = 64) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -222,6 +231,15 @@ class Engine:
             model.compile_blocks()
         if fuse_projections:
             model.fuse_projections()
+        self.memory_plan: memory.MemoryPlan | None = None
+        if gpu_memory_utilization is not None:
+            if kv_cache_tokens is not None:
+                raise ValueError("give kv_cache_tokens or gpu_memory_utilization, not both")
+            self.memory_plan = self._plan_pool(gpu_memory_utilization, profile_block_size, dict(
+                max_batch_size=max_batch_size, max_model_len=self.max_model_len, max_prefill_tokens=max_prefill_tokens,
+                cuda_graphs=cuda_graphs, max_unroll=max_unroll, expected_tpf=expected_tpf, page_size=page_size,
+                page_allocation=page_allocation))
+            kv_cache_tokens = self.memory_plan.pool_tokens
         if kv_cache_tokens is not None and kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
         num_pages = None if kv_cache_tokens is None else -(-kv_cache_tokens // page_size)
@@ -247,6 +265,38 @@ class Engine:
         self._ids = itertools.count()
         self.total_forwards = 0
         self.host_syncs = 0  # block-status reads: one per forward group, or per unrolled run of steps
+
+    def _plan_pool(self, utilization: float, block_size: int, options: dict) -> "memory.MemoryPlan":
+        """gpu_memory_utilization: measure what a throwaway engine with a small pool reaches at its
+        peak (same model and options), then give the pool what is left (dllm.engine.memory)."""
+        if not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+        if self.device.type != "cuda":
+            raise ValueError(f"gpu_memory_utilization sizes the K/V pool from GPU memory, but the model is on "
+                             f"{self.device}: set kv_cache_tokens instead")
+        load = memory.probe_load(block_size, options["max_batch_size"], options["max_model_len"],
+                                 options["max_prefill_tokens"])
+        device = self.device
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        # The model is prepared already (compiled, fused): the probe only decodes with it. Every row runs.
+        probe = Engine(self.model, self.tokenizer, compile_blocks=False, share_prefills=False, prefix_caching=False,
+                       kv_cache_tokens=load.pool_tokens(options["page_size"]), **options)
+        probe.warmup([block_size])
+        memory.run_probe(probe, load)
+        torch.cuda.synchronize(device)
+        free, total = torch.cuda.mem_get_info(device)
+        other = total - free - torch.cuda.memory_reserved(device)
+        activations = torch.cuda.max_memory_reserved(device) - weights - probe.cache.bytes
+        del probe
+        gc.collect()
+        torch.cuda.empty_cache()
+        return memory.plan_pool(total=total, utilization=utilization, other=other, weights=weights,
+                                activations=activations,
+                                bytes_per_token=memory.kv_bytes_per_token(self.config, self.dtype),
+                                page_size=options["page_size"], min_tokens=options["max_model_len"])
 
     # ----- public API ------------------------------------------------------------------------
 
