@@ -70,8 +70,8 @@ def serve_app_args(args) -> dict:
     """`dllm serve` flags -> serve.app:build_app keys (only those given: build_app has the defaults)."""
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
-    for key in ("name", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization", "page_allocation", "num_gpus",
-                "min_replicas", "max_replicas", "num_replicas", "api_keys"):
+    for key in ("name", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization", "max_block_size",
+                "page_allocation", "num_gpus", "min_replicas", "max_replicas", "num_replicas", "api_keys"):
         value = getattr(args, key)
         if value is not None:
             app_args[key] = value
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size the K/V pool from GPU memory instead: the share of the GPU's memory in use once the "
                         "pool is allocated, after the weights and the measured peak of a full batch (0-1; CUDA only; "
                         "not with --kv-cache-tokens)")
+    s.add_argument("--max-block-size", type=int,
+                   help="refuse requests with larger blocks (default: none; with --gpu-memory-utilization, the "
+                        "decoding block size its memory probe runs at)")
     s.add_argument("--page-allocation", choices=PAGE_ALLOCATIONS,
                    help="on_demand (default): pages as answers grow, the newest request swapped to host memory when "
                         "the pool runs out; reserve: each request's prompt + max_tokens at admission, never preempted")

@@ -67,7 +67,7 @@ class EngineServer:
     def __init__(self, model: str, max_batch_size: int = 16, max_model_len: int | None = None,
                  dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
                  page_allocation: str = "on_demand", gpu_memory_utilization: float | None = None,
-                 profile_block_size: int = 64) -> None:
+                 max_block_size: int | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
         self.model_dir = model
@@ -76,7 +76,7 @@ class EngineServer:
         self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
                                   prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens,
                                   page_allocation=page_allocation, gpu_memory_utilization=gpu_memory_utilization,
-                                  profile_block_size=profile_block_size)
+                                  max_block_size=max_block_size)
         if self.engine.memory_plan is not None:
             logging.getLogger("ray.serve").info("gpu_memory_utilization: %s", self.engine.memory_plan)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
@@ -90,6 +90,10 @@ class EngineServer:
         for the default block size are captured here, on the engine thread between steps, so that neither the
         first requests nor those after a change of block size pay for captures."""
         defaults = _decoding_defaults(user_config)
+        top = self.engine.max_block_size
+        if top is not None and defaults["block_size"] > top:
+            raise ValueError(f"user_config: block_size {defaults['block_size']} is larger than this replica's "
+                             f"max_block_size {top}")
         self.defaults = defaults
         await self.loop.call(lambda: self.engine.warmup([defaults["block_size"]]))
 
@@ -279,8 +283,9 @@ async def _merged(streams: list):
 class OpenAIIngress:
     def __init__(self, engine, model: str, served_model_name: str | None = None, max_model_len: int | None = None,
                  max_tokens_cap: int = 1024, api_keys: list[str] | None = None,
-                 default_block_size: int = DEFAULT_DECODING["block_size"]) -> None:
+                 default_block_size: int = DEFAULT_DECODING["block_size"], max_block_size: int | None = None) -> None:
         self.engine = engine
+        self.max_block_size = max_block_size  # the replicas refuse larger blocks: a 400 before any stream starts
         # The replicas' block size when a request names none (the app's decoding defaults; a change to them
         # redeploys this ingress with the new value), so the context check matches what they will decode.
         self.default_block_size = default_block_size
@@ -411,6 +416,9 @@ class OpenAIIngress:
         the engine's batch at once. Sample i of a seeded request uses seed + i, so the n samples differ
         under temperature > 0 and the request stays reproducible."""
         block = req.block_size or self.default_block_size
+        if self.max_block_size is not None and block > self.max_block_size:
+            raise APIError(400, f"block_size {block} is larger than this server's max_block_size {self.max_block_size}",
+                           param="block_size", code="invalid_value")
         param = "messages" if chat else "prompt"
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} asks for {len(prompts) * req.n} choices; "
@@ -585,8 +593,9 @@ def build_app(args: dict[str, Any]):
 
     Keys: model (required), name, max_batch_size, max_model_len, kv_cache_tokens (the paged K/V pool's
     size per replica; default max_batch_size x max_model_len) or gpu_memory_utilization (the pool sized from GPU
-    memory: what is left of that share after the weights and the measured peak of a full batch at the decoding
-    block size; CUDA only), page_allocation (on_demand, the default:
+    memory: what is left of that share after the weights and the measured peak of a full batch at max_block_size;
+    CUDA only), max_block_size (requests with larger blocks get a 400; with gpu_memory_utilization it defaults to
+    the decoding block size), page_allocation (on_demand, the default:
     pages as answers grow, preempting when the pool runs out; or reserve), dtype, prefix_caching (true / false,
     default true), routing (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys
     (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
@@ -608,6 +617,8 @@ def build_app(args: dict[str, Any]):
     max_model_len = int(max_model_len) if max_model_len is not None else None
     kv_cache_tokens = args.pop("kv_cache_tokens", None)
     kv_cache_tokens = int(kv_cache_tokens) if kv_cache_tokens is not None else None
+    max_block_size = args.pop("max_block_size", None)
+    max_block_size = int(max_block_size) if max_block_size is not None else None
     gpu_memory_utilization = args.pop("gpu_memory_utilization", None)
     if gpu_memory_utilization is not None:
         gpu_memory_utilization = float(gpu_memory_utilization)
@@ -620,6 +631,11 @@ def build_app(args: dict[str, Any]):
         raise ValueError(f"build_app: page_allocation={page_allocation!r} is not one of "
                          f"{', '.join(dllm.engine.PAGE_ALLOCATIONS)}")
     decoding = _decoding_defaults(args.pop("decoding", None))
+    if gpu_memory_utilization is not None and max_block_size is None:
+        max_block_size = decoding["block_size"]  # the block size the replica's memory probe decodes at
+    if max_block_size is not None and decoding["block_size"] > max_block_size:
+        raise ValueError(f"build_app: decoding block_size {decoding['block_size']} is larger than max_block_size "
+                         f"{max_block_size}")
     engine_opts: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": num_cpus},
         "max_ongoing_requests": int(args.pop("max_ongoing_requests", 2 * max_batch)),
@@ -659,8 +675,9 @@ def build_app(args: dict[str, Any]):
     engine = serve.deployment(EngineServer, name="EngineServer").options(**engine_opts).bind(
         model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching,
         kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation, gpu_memory_utilization=gpu_memory_utilization,
-        profile_block_size=decoding["block_size"])
+        max_block_size=max_block_size)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,
-                        max_tokens_cap=max_tokens_cap, api_keys=api_keys, default_block_size=decoding["block_size"])
+                        max_tokens_cap=max_tokens_cap, api_keys=api_keys, default_block_size=decoding["block_size"],
+                        max_block_size=max_block_size)

@@ -119,3 +119,16 @@ def test_gpu_memory_utilization_is_checked_when_the_app_is_built():
         build_app({"model": "/models/x", "gpu_memory_utilization": "0"})
     with pytest.raises(ValueError, match="give kv_cache_tokens or gpu_memory_utilization, not both"):
         build_app({"model": "/models/x", "gpu_memory_utilization": 0.9, "kv_cache_tokens": 65536})
+
+
+def test_max_block_size_is_the_decoding_block_size_a_memory_sized_replica_probes_at():
+    from serve.app import build_app
+
+    def engine_kwargs(app):  # the EngineServer deployment the ingress is bound to
+        return app._bound_deployment.init_args[0]._bound_deployment.init_kwargs
+
+    sized = build_app({"model": "/models/x", "gpu_memory_utilization": 0.9, "decoding": {"block_size": 32}})
+    assert engine_kwargs(sized)["max_block_size"] == 32
+    assert engine_kwargs(build_app({"model": "/models/x"}))["max_block_size"] is None
+    with pytest.raises(ValueError, match="decoding block_size 64 is larger than max_block_size 32"):
+        build_app({"model": "/models/x", "max_block_size": 32})

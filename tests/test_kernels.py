@@ -155,6 +155,25 @@ def test_cuda_graph_engine_decodes_like_eager(tiny_config):
         assert [g.num_forwards for g in graphed] == [g.num_forwards for g in eager]
 
 
+@pytest.mark.gpu
+def test_after_a_warm_up_only_its_block_sizes_replay_graphs(tiny_config):
+    """Graph memory stays what the warm-up took: other block sizes decode eagerly (same tokens), and a
+    new warm-up drops the graphs of sizes it does not name."""
+    model = dllm.build_model(tiny_config, seed=0).to("cuda", torch.bfloat16)
+    prompts = [list(range(7, 12)), list(range(9, 16))]
+    engine = dllm.Engine(model, max_batch_size=4, max_model_len=128, cuda_graphs=True)
+    assert engine.warmup([8]) == 6
+    replays = engine.graphs.replays
+    other = dllm.GenerationConfig(block_size=4, max_new_tokens=16)
+    eager = dllm.Engine(model, max_batch_size=4, max_model_len=128, cuda_graphs=False,
+                        compile_blocks=True).generate(prompts, other)
+    assert [g.token_ids for g in engine.generate(prompts, other)] == [g.token_ids for g in eager]
+    assert len(engine.graphs.graphs) == 6 and engine.graphs.replays == replays  # no capture, no replay
+    engine.generate(prompts, dllm.GenerationConfig(block_size=8, max_new_tokens=16))
+    assert engine.graphs.replays > replays
+    assert engine.warmup([4]) == 6 and {key[3] for key in engine.graphs.graphs} == {4}
+
+
 def test_compiled_blocks_compute_the_same_function(tiny_config):
     """torch.compile'd block functions (fused norms, rotary, residuals; with a cache, the K/V stored
     into the pool by the same kernels) give the eager logits and the eager pool, for plain, cached and

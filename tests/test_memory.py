@@ -65,6 +65,17 @@ def test_a_probe_block_that_leaves_no_room_for_a_prompt_is_refused():
     assert memory.probe_load(block_size=40, max_batch_size=4, max_model_len=64, max_prefill_tokens=8192).blocks == 1
 
 
+def test_an_engine_refuses_blocks_larger_than_its_max_block_size(tiny_config):
+    model = dllm.build_model(tiny_config, seed=0)
+    engine = dllm.Engine(model, max_model_len=64, max_block_size=8)
+    with pytest.raises(ValueError, match="block_size 16 is larger than this engine's max_block_size 8"):
+        engine.add_request([5, 6, 7], dllm.GenerationConfig(block_size=16))
+    assert not engine.has_unfinished()
+    engine.add_request([5, 6, 7], dllm.GenerationConfig(block_size=8, max_new_tokens=8))
+    with pytest.raises(ValueError, match=r"max_block_size must be in \[1, max_model_len - 1\]"):
+        dllm.Engine(model, max_model_len=64, max_block_size=64)
+
+
 def test_gpu_memory_utilization_is_checked_before_anything_runs(tiny_config):
     model = dllm.build_model(tiny_config, seed=0)
     with pytest.raises(ValueError, match="give kv_cache_tokens or gpu_memory_utilization, not both"):
@@ -78,8 +89,9 @@ def test_gpu_memory_utilization_is_checked_before_anything_runs(tiny_config):
 
 @pytest.mark.gpu
 def test_a_pool_sized_by_gpu_memory_keeps_the_device_within_the_share():
-    """The pool takes the budget, and a full batch at the profiled block size (graphs of every bucket,
-    top-p sampling, logprobs) then runs without the device's memory in use passing the share."""
+    """The pool takes the budget, and full batches at max_block_size (graphs of every bucket, top-p
+    sampling, logprobs) and at a smaller, eager block size then run without the device's memory in use
+    passing the share."""
     config = dllm.LLaDAConfig(d_model=1024, n_layers=8, n_heads=16, n_kv_heads=16, mlp_hidden_size=2816,
                               vocab_size=32000, embedding_size=32000, max_sequence_length=2048,
                               mask_token_id=31999, eos_token_id=31998, eot_token_id=31997, bos_token_id=1,
@@ -89,13 +101,14 @@ def test_a_pool_sized_by_gpu_memory_keeps_the_device_within_the_share():
     free, total = torch.cuda.mem_get_info()
     share = (total - free + 6 * GiB) / total  # ~6 GiB for this engine's pool and activations
     engine = dllm.Engine(model, max_batch_size=16, max_model_len=2048, max_prefill_tokens=4096,
-                         gpu_memory_utilization=share, profile_block_size=32)
+                         gpu_memory_utilization=share, max_block_size=32)
     plan = engine.memory_plan
     assert plan.pool_tokens == engine.cache.num_pages * engine.cache.page_size > 2048
     assert engine.cache.bytes >= plan.pool_bytes  # plus the scratch page
-    assert plan.activations > 0 and plan.weights > 0
+    assert plan.activations > 0 and plan.weights > 0 and engine.max_block_size == 32
     engine.warmup([32])
-    memory.run_probe(engine, memory.probe_load(32, 16, 2048, 4096), seed=1)
+    memory.run_probe(engine, memory.probe_load(32, 16, 2048, 4096), seed=1)  # through the graphs
+    memory.run_probe(engine, memory.probe_load(16, 16, 2048, 4096), seed=2)  # a block size without graphs: eager
     torch.cuda.synchronize()
     free, _ = torch.cuda.mem_get_info()
     assert total - free <= share * total + 256 * 1024 * 1024  # allocator rounding of the new graph pool

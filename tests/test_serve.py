@@ -15,7 +15,7 @@ import dllm
 pytestmark = pytest.mark.slow
 
 APP_ARGS = {"max_model_len": 256, "num_cpus": 0.25, "ingress_num_cpus": 0.25, "max_batch_size": 8,
-            "decoding": {"block_size": 8, "max_tokens": 48}}
+            "max_block_size": 16, "decoding": {"block_size": 8, "max_tokens": 48}}
 
 
 # A request that hangs fails its test in two minutes, not in the openai client's default of ten.
@@ -454,6 +454,26 @@ def test_reconfigure_changes_decoding_defaults_without_a_restart(server):
             handle.reconfigure.remote({"block_sise": 4}).result()
     finally:
         handle.reconfigure.remote(APP_ARGS["decoding"]).result()
+
+
+def test_blocks_above_the_replicas_max_block_size_are_refused(server):
+    """max_block_size (APP_ARGS: 16) bounds what a request may ask of a replica's memory: a larger block is
+    a 400 that names the limit, streamed or not, and a new default above it is refused by reconfigure."""
+    from ray import serve
+
+    for stream in (False, True):
+        r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8,
+                                                         "block_size": 32, "stream": stream}, timeout=60)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "block_size", r.text
+        assert "block_size 32 is larger than this server's max_block_size 16" in err["message"]
+    ok = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8,
+                                                      "block_size": 16}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    handle = serve.get_deployment_handle("EngineServer", app_name="main")
+    with pytest.raises(Exception, match="block_size 32 is larger than this replica's max_block_size 16"):
+        handle.reconfigure.remote({**APP_ARGS["decoding"], "block_size": 32}).result()
+    assert _engine_info()["defaults"]["block_size"] == 8
 
 
 def test_a_dead_replica_is_replaced(server):

@@ -9,6 +9,11 @@ Rows are padded up to a bucket (1, 2, 4, ..., 64). Padding rows point at a scrat
 pool, whose page-table row maps only a page no request owns, so whatever they write is harmless.
 The page table is read at every replay, so pages handed to a request between steps need no new
 capture. Graphs are captured lazily, the first time a shape is used, into one shared memory pool.
+
+Each graph keeps its logits [rows, B, vocab] alive, so graphs of many block sizes add up (a server
+whose clients choose their own block sizes would grow without bound). `only(block_sizes)` (what
+Engine.warmup declares) keeps the graphs of those block sizes: the others are dropped, their memory
+returns to the pool, and forwards of other block sizes run eagerly.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class GraphedForward:
         self.device = cache.k.device
         self.mempool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, int, int], _Graph] = {}
+        self.block_sizes: frozenset[int] | None = None  # None: graphs of any block size (see only())
         self.replays = 0
         self._last_meta: dict[tuple, tuple] = {}
 
@@ -79,6 +85,8 @@ class GraphedForward:
         bucket = self.bucket(rows)
         if bucket is None or max(offsets) + q_len > self.capacity:
             return None
+        if self.block_sizes is not None and n_logits not in self.block_sizes:
+            return None
         key = (bucket, q_len, logits_start, n_logits)
         g = self.graphs.get(key) or self._capture(*key)
         g.ids[:rows].copy_(ids)
@@ -92,6 +100,13 @@ class GraphedForward:
         g.graph.replay()
         self.replays += 1
         return g.logits[:rows]
+
+    def only(self, block_sizes) -> None:
+        """From now on, graphs of these block sizes only (a key's n_logits is its block size)."""
+        self.block_sizes = frozenset(block_sizes)
+        for key in [k for k in self.graphs if k[3] not in self.block_sizes]:
+            del self.graphs[key]
+            self._last_meta.pop(key, None)
 
     def capture_all(self, block_size: int, max_rows: int) -> int:
         """Capture the DENOISE and COMMIT graphs of every row bucket up to max_rows now, so that no

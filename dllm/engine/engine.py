@@ -22,6 +22,7 @@ shapes) replay CUDA graphs (`cuda_graphs.py`); PREFILL (any prompt length) runs 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import itertools
@@ -177,10 +178,12 @@ class Engine:
     gpu_memory_utilization: size the pool from the GPU's memory instead of kv_cache_tokens (vLLM's
                         knob): it gets what is left of this share of the GPU's memory after what the
                         device holds, the weights and the measured peak of a probe that runs this
-                        engine's largest forwards at profile_block_size (see dllm.engine.memory);
-                        CUDA only. The breakdown is in `memory_plan`.
-    profile_block_size: the block size of that probe's full batch (the serving default); larger
-                        blocks need activation memory the probe did not set aside
+                        engine's largest forwards (see dllm.engine.memory); CUDA only. The breakdown
+                        is in `memory_plan`.
+    max_block_size:     requests with a larger block_size are refused (a forward's activations and
+                        logits grow with it). Default: no limit but GenerationConfig's; with
+                        gpu_memory_utilization, 64 (GenerationConfig's default), the block size the
+                        probe decodes a full batch at
     max_prefill_tokens: padded tokens one prefill forward may hold
     cuda_graphs:        replay CUDA graphs for DENOISE / COMMIT forwards; default: on where the
                         model is on CUDA and triton is installed
@@ -212,7 +215,7 @@ class Engine:
                  fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
                  share_prefills: bool = True, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE, page_allocation: str = "on_demand",
-                 gpu_memory_utilization: float | None = None, profile_block_size: int = 64) -> None:
+                 gpu_memory_utilization: float | None = None, max_block_size: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -231,15 +234,20 @@ class Engine:
             model.compile_blocks()
         if fuse_projections:
             model.fuse_projections()
+        if max_block_size is not None and not 1 <= max_block_size <= self.max_model_len - 1:
+            raise ValueError(f"max_block_size must be in [1, max_model_len - 1] (a block and a prompt token), "
+                             f"got {max_block_size}")
         self.memory_plan: memory.MemoryPlan | None = None
         if gpu_memory_utilization is not None:
             if kv_cache_tokens is not None:
                 raise ValueError("give kv_cache_tokens or gpu_memory_utilization, not both")
-            self.memory_plan = self._plan_pool(gpu_memory_utilization, profile_block_size, dict(
+            max_block_size = max_block_size or GenerationConfig.block_size
+            self.memory_plan = self._plan_pool(gpu_memory_utilization, max_block_size, dict(
                 max_batch_size=max_batch_size, max_model_len=self.max_model_len, max_prefill_tokens=max_prefill_tokens,
                 cuda_graphs=cuda_graphs, max_unroll=max_unroll, expected_tpf=expected_tpf, page_size=page_size,
                 page_allocation=page_allocation))
             kv_cache_tokens = self.memory_plan.pool_tokens
+        self.max_block_size = max_block_size
         if kv_cache_tokens is not None and kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
         num_pages = None if kv_cache_tokens is None else -(-kv_cache_tokens // page_size)
@@ -284,6 +292,10 @@ class Engine:
         # The model is prepared already (compiled, fused): the probe only decodes with it. Every row runs.
         probe = Engine(self.model, self.tokenizer, compile_blocks=False, share_prefills=False, prefix_caching=False,
                        kv_cache_tokens=load.pool_tokens(options["page_size"]), **options)
+        # A full batch eagerly (block sizes without graphs), then everything through the graphs: the eager
+        # round's memory stays cached meanwhile, so the peak adds the two up as a server's steady state does.
+        probe.warmup([])
+        memory.run_probe(probe, dataclasses.replace(load, long_prompts=0))
         probe.warmup([block_size])
         memory.run_probe(probe, load)
         torch.cuda.synchronize(device)
@@ -308,6 +320,10 @@ class Engine:
         if config.stop and self.tokenizer is None:
             raise ValueError("stop strings need an Engine with a tokenizer")
         b = config.block_size
+        if self.max_block_size is not None and b > self.max_block_size:
+            raise ValueError(f"block_size {b} is larger than this engine's max_block_size {self.max_block_size} "
+                             f"(the largest block its memory is set aside for); use a block_size <= "
+                             f"{self.max_block_size}")
         max_blocks = (self.max_model_len - len(prompt_ids)) // b
         if max_blocks < 1:
             raise ValueError(
@@ -390,9 +406,12 @@ class Engine:
     @torch.inference_mode()
     def warmup(self, block_sizes: Sequence[int] = (64,)) -> int:
         """Capture the CUDA graphs of every batch bucket for these block sizes (and compile the fused
-        blocks) before traffic arrives; returns the number of graphs (0 without CUDA graphs)."""
+        blocks) before traffic arrives; returns the number of graphs (0 without CUDA graphs). From then
+        on only these block sizes replay graphs: others' graphs are dropped and their forwards run
+        eagerly, so graph memory stays what the warm-up took (see cuda_graphs.GraphedForward.only)."""
         if self.graphs is None:
             return 0
+        self.graphs.only(block_sizes)  # dropped graphs' memory stays in the graphs' pool, for the new captures
         for b in block_sizes:
             self.graphs.capture_all(b, self.cache.num_slots)
         return len(self.graphs.graphs)

@@ -4,14 +4,14 @@ The pool gets what is left of `utilization x total` once everything else is coun
 - what the device already holds that torch did not allocate (CUDA context, libraries, other processes),
 - the weights (torch memory in use when the engine is built),
 - the peak of a probe: a throwaway engine with a small pool runs the largest forwards this engine will
-  run at the profile's block size: its CUDA graphs for every batch bucket, a full prefill forward
-  (`max_prefill_tokens`, or one `max_model_len` prompt), and `max_batch_size` requests decoded together
-  with the largest decoder working set (top-p sampling sorts the vocabulary at every block position,
-  plus logprobs). Its peak of reserved torch memory, less its own pool, is the room set aside for
-  activations, logits work and graph memory pools.
+  run, at the engine's max_block_size B: the CUDA graphs of every batch bucket for B, a full prefill
+  forward (`max_prefill_tokens`, or one `max_model_len` prompt), and `max_batch_size` requests decoded
+  together with the largest decoder working set (top-p sampling sorts the vocabulary at every block
+  position, plus logprobs), once eagerly and then through the graphs. Its peak of reserved torch
+  memory, less its own pool, is the room set aside for activations, logits work and graph memory pools.
 
-Measured, not estimated: only what the probe ran is covered. Blocks larger than the profile's block
-size need more activation memory than was set aside.
+Measured, not estimated: what the probe ran is covered, which is why the engine refuses blocks larger
+than B and keeps graphs for the block sizes of its warm-up only (one size is what the probe covers).
 """
 
 from __future__ import annotations
