@@ -30,6 +30,7 @@ import time
 import torch
 
 import dllm
+from dllm.engine.memory import kv_bytes_per_token
 from dllm.model import CacheView
 
 
@@ -81,8 +82,9 @@ def weight_bytes_per_step(model: dllm.LLaDAModelLM) -> int:
     return total - emb.numel() * emb.element_size()  # the embedding is only gathered
 
 
-def kv_bytes(cfg: dllm.LLaDAConfig, tokens: int, dtype_bytes: int = 2) -> int:
-    return 2 * cfg.n_layers * tokens * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+def kv_bytes(cfg: dllm.LLaDAConfig, tokens: int) -> int:
+    """K and V of `tokens` cache positions in bf16."""
+    return tokens * kv_bytes_per_token(cfg, torch.bfloat16)
 
 
 def step_rows(model, engine, ctx: int, block: int, bw: float, args, label: str) -> list[dict]:
