@@ -112,7 +112,7 @@ def run_probe(engine, load: ProbeLoad, seed: int = 0) -> None:
     prefix_caching off, so that every row runs)."""
     generator = torch.Generator().manual_seed(seed)
     cfg = engine.config
-    special = {cfg.mask_token_id, *cfg.stop_token_ids, *engine.base_stop_ids}
+    special = {cfg.mask_token_id, *engine.base_stop_ids}  # the config's stop ids and the tokenizer's EOT
     ordinary = torch.tensor([t for t in range(min(cfg.vocab_size, 4096)) if t not in special])
 
     def prompt(n: int) -> list[int]:
