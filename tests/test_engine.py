@@ -814,6 +814,15 @@ def test_iteration_smoothing_feeds_expected_embeddings_to_masked_positions(confi
     assert soft_rows
 
 
+def test_requests_are_compared_by_identity_not_by_their_fields():
+    # The scheduler tests membership (`req in running`) every step for every request: by identity it is a
+    # pointer compare, where the dataclass's field-by-field __eq__ made a step quadratic in the batch.
+    from dllm.engine.request import Request
+    a, b = (Request("r", [1], CFG, 8, frozenset()) for _ in range(2))
+    assert a == a and a != b
+    assert len({a, b}) == 2 and [b].count(a) == 0
+
+
 def test_iteration_smoothing_threshold_decays_from_one_to_tau(confident_model):
     from dllm.engine.request import Request
     engine = _engine(confident_model)

@@ -84,7 +84,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None  # one per new token id (GenerationConfig.logprobs)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: membership tests compare identity
 class Request:
     request_id: str
     prompt_ids: list[int]
