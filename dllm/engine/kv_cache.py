@@ -154,6 +154,10 @@ class KVCache:
         self.table[slot].copy_(row)  # between forwards: the next launch sees it
         return slot
 
+    def covers(self, slot: int, positions: int) -> bool:
+        """Whether `slot` has pages mapped for `positions` cache positions already."""
+        return len(self._pages_of[slot]) * self.page_size >= positions
+
     def can_grow(self, slot: int, positions: int) -> bool:
         """Whether `grow(slot, positions)` can succeed now."""
         return self.pages_for(positions) - len(self._pages_of[slot]) <= self._available

@@ -58,6 +58,8 @@ class Scheduler:
         one whose prompt an earlier request admitted now will prefill shares that prefill row
         (`prefill_source` set) and, where its prompt K/V stay as written, its prompt's full pages."""
         admitted = []
+        if not self.waiting:
+            return admitted
         # (prompt key, cache policy) -> the request admitted now that prefills it; requests of another
         # cache policy run in another forward group (schedule), so they cannot share its row
         leaders: dict[tuple, Request] = {}
@@ -124,14 +126,16 @@ class Scheduler:
         if not self.on_demand:
             return preempted  # every request holds its pages since admission
         for req in list(self.running):
-            if req not in self.running:
+            if req.phase is Phase.WAITING:
                 continue  # preempted for an older one
             need = req.extent()
-            while req in self.running and not self.cache.can_grow(req.slot, need):
+            if self.cache.covers(req.slot, need):
+                continue  # most steps: a DENOISE step writes where the last forward did
+            while req.phase is not Phase.WAITING and not self.cache.can_grow(req.slot, need):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
-            if req in self.running:
+            if req.phase is not Phase.WAITING:
                 self.cache.grow(req.slot, need)
         return preempted
 
