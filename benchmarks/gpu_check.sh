@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks that the paged K/V pool still owes (issue 7), as one device call that fits a session's
 # 15 minutes of device time: run it with the device tool's `run`, command `bash benchmarks/gpu_check.sh`,
-# timeout_s 560. No wheels are needed (torch, triton, transformers and pytest are on the box).
+# timeout_s 600. No wheels are needed (torch, triton, transformers and pytest are on the box).
 #
 #   1. the CUDA tests (@pytest.mark.gpu): the paged kernel in bf16, graph replay = eager, no host sync
 #      while decoding, preemption through pinned memory under CUDA graphs, a pool sized by
 #      gpu_memory_utilization keeping the device within that share;
 #   2. the attention launch over a shuffled page table against SDPA on dense keys (LLaDA-8B's heads);
 #   3. the graphed DENOISE / COMMIT steps at LLaDA-8B's shape against the HBM roofline;
-#   4. the same K/V pool as slots of max_model_len, paged and reserved, paged on demand (a 0.3B model).
+#   4. the same K/V pool as slots of max_model_len, paged and reserved, paged on demand (a 0.3B model);
+#   5. the engine's own cost per step at 1, 64 and 256 concurrent requests (a model too small to hide it).
 #
 # Each stage has its own time limit, so a slow one cannot starve the next; logs and JSON go to $OUT.
 set -uo pipefail
@@ -35,3 +36,5 @@ stage decode_step 140 python3 -m benchmarks.decode_step_bench --variants compile
 stage engine_pool 140 python3 -m benchmarks.engine_bench --device cuda --dtype bfloat16 --d-model 1024 --layers 16 \
   --heads 8 --vocab 32000 --num-prompts 64 --batch 64 --prompt-len 128 --max-new-tokens 512 \
   --vanilla-gen-lengths 64 --kv-cache-tokens 16384 --pool-max-model-len 2048 --json "$out/engine_pool.json"
+stage step_overhead 45 python3 -m benchmarks.step_overhead_bench --batches 1 64 256 --steps 32 \
+  --json "$out/step_overhead.json"

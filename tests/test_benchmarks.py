@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ablation_bench, engine_bench, likelihood_bench, objective_bench, serve_bench, trained_compare
+from benchmarks import (ablation_bench, engine_bench, likelihood_bench, objective_bench, serve_bench, step_overhead_bench,
+                        trained_compare)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,3 +197,20 @@ def test_fp8_train_bench_drives_the_training_workers_deepspeed_engine(tmp_path):
 
     refused = subprocess.run(cmd[:4] + ["--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "bf16 only" in refused.stderr
+
+
+def test_step_overhead_bench_times_every_request_in_every_step_and_splits_model_from_engine(tmp_path):
+    out = tmp_path / "steps.json"
+    result = step_overhead_bench.main(["--device", "cpu", "--batches", "1", "3", "--steps", "4", "--warmup", "2",
+                                       "--profile", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    one, three = result["rows"]
+    assert (one["batch"], three["batch"]) == (1, 3) and one["per_request_vs_first"] == 1.0
+    for row in (one, three):
+        assert row["forwards"] >= row["steps"]  # every timed step ran the model
+        assert math.isclose(row["model_ms_per_step"] + row["engine_ms_per_step"], row["ms_per_step"])
+        assert 0 < row["model_ms_per_step"] < row["ms_per_step"]
+    assert "scheduler.py" in three["profile"] and "profile" not in one  # the largest batch is profiled
+    with pytest.raises(SystemExit, match="requests ran"):  # answers that end before the timed steps do
+        step_overhead_bench.main(["--device", "cpu", "--batches", "2", "--steps", "8", "--warmup", "1",
+                                  "--block-size", "4", "--max-new-tokens", "8"])
