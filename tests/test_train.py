@@ -21,15 +21,15 @@ pytestmark = pytest.mark.slow
 SEQ = 64
 
 
-def _write_packed(root, tokenizer, eos_pad: int = 0):
-    """A copy/reverse task packed the dLLM-Var way and written as the pipeline writes it."""
+def _write_packed(root, tokenizer, eos_pad: int = 0, word_lengths=(1, 5), prompt="reverse: {} =>", n=400):
+    """A reverse task packed the dLLM-Var way and written as the pipeline writes it."""
     rng = random.Random(0)
     enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     eos = tokenizer.eos_token_id
     samples = []
-    for i in range(400):
-        word = "".join(rng.choice("abcdef") for _ in range(rng.randint(1, 5)))
-        samples.append((enc(f"reverse: {word} =>"), dllm.eos_padded(enc(word[::-1]) + [eos], eos, eos_pad, key=str(i))))
+    for i in range(n):
+        word = "".join(rng.choice("abcdef") for _ in range(rng.randint(*word_lengths)))
+        samples.append((enc(prompt.format(word)), dllm.eos_padded(enc(word[::-1]) + [eos], eos, eos_pad, key=str(i))))
     rows = dllm.pack_samples(samples, SEQ, mode="concat", pad_token_id=eos)
     table = pa.table({"input_ids": [r.tolist() for r in rows.input_ids],
                       "prompt_mask": [r.tolist() for r in rows.prompt_mask],
@@ -48,6 +48,15 @@ def packed_data(tmp_path_factory, char_tokenizer):
 @pytest.fixture(scope="module")
 def padded_data(tmp_path_factory, char_tokenizer):
     return _write_packed(tmp_path_factory.mktemp("padded"), char_tokenizer, eos_pad=8)
+
+
+@pytest.fixture(scope="module")
+def four_per_row_data(tmp_path_factory, char_tokenizer):
+    """Samples of exactly 16 tokens: every packed row holds 4 whole samples."""
+    root = _write_packed(tmp_path_factory.mktemp("four"), char_tokenizer, word_lengths=(5, 5), prompt="rev:{}>", n=480)
+    segments = pq.read_table(str(root / "data" / "part-0.parquet")).column("segment_ids").to_pylist()
+    assert len(segments) == 120 and all(max(s) == 4 and min(s) == 1 for s in segments)
+    return root
 
 
 def _config(root, name, **kw):
@@ -100,6 +109,18 @@ def test_pad_eos_weight_reaches_the_loss_through_the_job(ray_local, padded_data)
         assert result.error is None
         first[weight] = _history(result)["history"][0]["loss"]
     assert all(math.isfinite(x) for x in first.values()) and first[0.25] != pytest.approx(first[1.0], rel=1e-3)
+
+
+def test_samples_and_tokens_seen_count_every_micro_batch_of_every_rank(ray_local, four_per_row_data):
+    # 2 ranks x 4 rows per micro-batch x 2 micro-batches per step x 6 steps, 4 samples and 64 tokens a row.
+    result = run_training(_config(four_per_row_data, "counts", max_steps=6, grad_accum=2, log_every=3,
+                                  checkpoint_every=6, tail_mask_prob=0.0))
+    assert result.error is None
+    state = _history(result)
+    assert (state["step"], state["micro_steps"]) == (6, 12)
+    assert state["samples_seen"] == 2 * 4 * 2 * 6 * 4
+    assert state["tokens_seen"] == 2 * 4 * 2 * 6 * SEQ
+    assert [h["step"] for h in state["history"]] == [3, 6] and all(math.isfinite(h["loss"]) for h in state["history"])
 
 
 def test_resubmitting_the_same_run_resumes_step_and_optimizer_state(ray_local, packed_data):

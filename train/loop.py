@@ -145,7 +145,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stop_tokens = config.stop_token_ids
     t_start = time.time() - state["elapsed"]
     t_log, tokens_log = time.time(), 0
-    loss_sum, loss_n = 0.0, 0
+    # This rank's [loss sum, samples] since the last log, added up on the device: read (and summed over the
+    # ranks) only when logging, so no micro-step waits for the device.
+    pending = torch.zeros(2, dtype=torch.float64, device=device)
+    losses_pending = 0  # micro-steps in pending's loss sum
+
+    def drain_pending() -> float:
+        """Add the samples since the last call to state["samples_seen"]; return the mean loss over them."""
+        nonlocal losses_pending
+        totals = pending.clone()
+        if world > 1:
+            torch.distributed.all_reduce(totals)
+        loss_sum, samples = totals.tolist()
+        state["samples_seen"] += int(samples)
+        mean = loss_sum / max(1, losses_pending * world)
+        pending.zero_()
+        losses_pending = 0
+        return mean
 
     def save_checkpoint(metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -182,7 +198,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 noised = dataclasses.replace(noised, input_ids=noised.input_ids.to(device),
                                              targets=noised.targets.to(device), loss_mask=noised.loss_mask.to(device),
                                              segment_ids=noised.segment_ids.to(device))
-                ids, samples = noised.input_ids, len(trajs)
+                ids = noised.input_ids
+                pending[1] += len(trajs)
             else:
                 ids = batch["input_ids"][lo:lo + cfg.micro_batch_size].to(device)
                 prompt = batch["prompt_mask"][lo:lo + cfg.micro_batch_size].to(device)
@@ -195,7 +212,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                           tail_target_id=config.eos_token_id if cfg.tail_eos else None,
                                           pad_eos_weight=cfg.pad_eos_weight)
                 mask = dllm.document_attention_mask(noised.segment_ids) if cfg.document_mask else None
-                samples = int(sum(int(s.max()) for s in seg))
+                pending[1] += seg.amax(1).sum()  # sample pieces: each row's segments are numbered 1, 2, ...
             hidden = engine(noised.input_ids, attention_mask=mask, return_hidden=True)
             loss = dllm.diffusion_loss_from_hidden(hidden, engine.module.model.transformer["ff_out"], noised.targets,
                                                    noised.loss_mask, noised.t, cfg.loss_weighting, noised.segment_ids,
@@ -203,13 +220,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             state["micro_steps"] += 1
-            loss_sum += float(loss.detach())
-            loss_n += 1
+            pending[0] += loss.detach()
+            losses_pending += 1
             tokens_log += ids.numel() * world
             if state["micro_steps"] % cfg.grad_accum:
                 continue
             state["step"] += 1
-            state["samples_seen"] += samples * world
             state["tokens_seen"] += ids.numel() * world * cfg.grad_accum
             state["elapsed"] = time.time() - t_start
             if cfg.time_limit_s is not None and world > 1:  # ranks agree on the clock: same stop step, same rate
@@ -228,15 +244,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             last = (total_steps is not None and step >= total_steps) or (
                 cfg.time_limit_s is not None and state["elapsed"] >= cfg.time_limit_s)
             if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
-                now = time.time()
-                mean = torch.tensor([loss_sum / max(1, loss_n)], device=device)
-                if world > 1:
-                    torch.distributed.all_reduce(mean)
-                    mean /= world
-                metrics = {"step": step, "loss": float(mean), "lr": engine.get_lr()[0],
+                now, mean_loss = time.time(), drain_pending()  # before samples_seen is read: it adds the pending ones
+                metrics = {"step": step, "loss": mean_loss, "lr": engine.get_lr()[0],
                            "tokens_per_s": tokens_log / max(1e-9, now - t_log), "samples_seen": state["samples_seen"],
                            "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed"], "epoch": epoch}
-                t_log, tokens_log, loss_sum, loss_n = now, 0, 0.0, 0
+                t_log, tokens_log = now, 0
                 state["history"].append({k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s")})
                 if rank == 0:
                     print(f"[train] step {step}{'/' + str(total_steps) if total_steps else ''} loss {metrics['loss']:.4f} "
@@ -259,6 +271,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         epoch += 1
         if cfg.epochs is not None and epoch >= cfg.epochs:
             if state["step"] % cfg.checkpoint_every:  # the final state, unless just saved
+                drain_pending()
                 save_checkpoint({"step": state["step"], "epoch": epoch, "samples_seen": state["samples_seen"],
                                  "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed"]})
             break
