@@ -156,7 +156,7 @@ class KVCache:
 
     def covers(self, slot: int, positions: int) -> bool:
         """Whether `slot` has pages mapped for `positions` cache positions already."""
-        return len(self._pages_of[slot]) * self.page_size >= positions
+        return self.pages_for(positions) <= len(self._pages_of[slot])
 
     def can_grow(self, slot: int, positions: int) -> bool:
         """Whether `grow(slot, positions)` can succeed now."""
