@@ -9,7 +9,7 @@ import torch
 
 import dllm
 from dllm import GenerationConfig
-from dllm.engine import Phase
+from dllm.engine import PREEMPTION_MODES, Phase
 from reference_llada import ReferenceLLaDA
 
 B = 8
@@ -510,11 +510,12 @@ def test_on_demand_pages_grow_block_by_block_with_the_answer(talkative_model):
     assert engine.stats()["cache_pages_used"] == 0
 
 
-# Decoding states that a preempted request carries through its time in host memory.
-PREEMPTED_CONFIGS = [{}, dict(decoder="credit"), dict(temperature=1.0, seed=5), dict(logprobs=2),
-                     dict(frequency_penalty=1.0, presence_penalty=0.5),
-                     dict(decoder="fixed_k", block_size=4, record_trajectory=True), dict(commit_pass=False),
-                     dict(cache_policy="vicinity")]
+# Decoding states that a preempted request carries through its time in host memory or its K/V rebuild,
+# and the cache policies whose K/V are rebuilt differently (or not at all: none).
+PREEMPTED_CONFIGS = [{}, dict(logprobs=2), dict(decoder="credit"), dict(smoothing=True),
+                     dict(decoder="fixed_k", block_size=4, record_trajectory=True), dict(temperature=1.0, seed=5),
+                     dict(commit_pass=False), dict(cache_policy="vicinity"),
+                     dict(frequency_penalty=1.0, presence_penalty=0.5), dict(cache_policy="none", block_size=4)]
 
 
 @pytest.fixture(scope="module")
@@ -522,26 +523,30 @@ def talkative64(talkative_model):
     return copy.deepcopy(talkative_model).double()
 
 
+@pytest.mark.parametrize("mode", PREEMPTION_MODES)
 @pytest.mark.parametrize("unroll", [1, 4])
-def test_preempted_requests_resume_where_they_stopped_with_the_same_answers(talkative64, unroll):
-    """On-demand pages in a pool that holds two whole answers: eight requests start, and as the older
-    ones grow the newest are preempted (their K/V swapped to host memory) and resumed later. Each gets
-    the tokens, forwards, trajectory and logprobs it gets decoded alone: nothing is recomputed."""
-    prompts = _prompts(8)
+@pytest.mark.parametrize("answers", [2, 1.5])
+def test_preempted_requests_resume_where_they_stopped_with_the_same_answers(talkative64, answers, unroll, mode):
+    """On-demand pages in a pool that holds 1.5 or 2 whole answers: ten requests start, and as the older
+    ones grow the newest are preempted and resumed later, their K/V swapped to host memory and back or
+    dropped and written again by forwards of the tokens that first wrote them. Each gets the tokens,
+    forwards, trajectory and logprobs it gets decoded alone."""
+    prompts = _prompts(len(PREEMPTED_CONFIGS))
     cfgs = [CFG.replace(ignore_eos=True, **kw) for kw in PREEMPTED_CONFIGS]
     kw = dict(max_unroll=unroll, expected_tpf=1.0, prefix_caching=False)
     alone = [_engine(talkative64, **kw).generate([p], c)[0] for p, c in zip(prompts, cfgs)]
     need = max(_engine(talkative64).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
-    engine = _engine(talkative64, kv_cache_tokens=2 * need * 4, **kw)
+    engine = _engine(talkative64, kv_cache_tokens=int(answers * need) * 4, preemption_mode=mode, **kw)
     gens = engine.generate(prompts, cfgs)
     stats = engine.stats()
-    assert stats["preemptions"] >= 3 and stats["swapped_bytes"] > 0
+    assert stats["preemptions"] >= 3
+    assert stats["swapped_bytes" if mode == "swap" else "rebuilt_tokens"] > 0
     for g, a in zip(gens, alone):
         assert (g.token_ids, g.num_forwards, g.num_blocks, g.trajectory) == \
                (a.token_ids, a.num_forwards, a.num_blocks, a.trajectory)
         assert len(g.token_ids) == CFG.max_new_tokens
-    assert [t.token_id for t in gens[3].logprobs] == [t.token_id for t in alone[3].logprobs]  # logprobs=2
-    assert [t.logprob for t in gens[3].logprobs] == pytest.approx([t.logprob for t in alone[3].logprobs], abs=1e-9)
+    assert [t.token_id for t in gens[1].logprobs] == [t.token_id for t in alone[1].logprobs]  # logprobs=2
+    assert [t.logprob for t in gens[1].logprobs] == pytest.approx([t.logprob for t in alone[1].logprobs], abs=1e-9)
     assert (stats["cache_pages_used"], stats["swapped_requests"], stats["running"]) == (0, 0, 0)
 
 
@@ -558,6 +563,72 @@ def test_preempted_samples_of_shared_and_cached_prompts_keep_their_answers(talka
         assert [(g.token_ids, g.num_forwards) for g in gens] == [(a.token_ids, a.num_forwards) for a in alone]
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["shared_prefills"] > 0 and stats["prefix_cache_hits"] > 0
+
+
+def test_recompute_preemption_keeps_nothing_in_host_memory_and_rebuilds_from_the_prefix_cache(talkative64):
+    """preemption_mode="recompute" with the commit pass: every preemption drops the K/V (no bytes go to
+    host memory) and the answers are those decoded alone, at the cost of extra forwards that no
+    request counts as its own. With prefix caching a resumed request maps its prompt's pages again and
+    rebuilds only its committed blocks."""
+    prompts = _prompts(8)
+    cfgs = [CFG.replace(ignore_eos=True, temperature=1.0, seed=i) if i % 2 else CFG.replace(ignore_eos=True)
+            for i in range(len(prompts))]
+    alone = [_engine(talkative64).generate([p], c)[0] for p, c in zip(prompts, cfgs)]
+    need = max(_engine(talkative64).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
+    stats = {}
+    for mode, caching in [("swap", False), ("recompute", False), ("recompute", True)]:
+        engine = _engine(talkative64, kv_cache_tokens=int(1.5 * need) * 4, preemption_mode=mode, prefix_caching=caching)
+        gens = engine.generate(prompts, cfgs)
+        assert [(g.token_ids, g.num_forwards) for g in gens] == [(a.token_ids, a.num_forwards) for a in alone]
+        stats[mode, caching] = engine.stats()
+    swap, recompute, cached = stats["swap", False], stats["recompute", False], stats["recompute", True]
+    assert swap["swapped_bytes"] > 0 and swap["dropped_preemptions"] == swap["rebuilt_tokens"] == 0
+    assert recompute["swapped_bytes"] == 0 and recompute["dropped_preemptions"] == recompute["preemptions"] > 0
+    assert recompute["total_forwards"] > swap["total_forwards"]  # the rebuilds
+    assert 0 < cached["rebuilt_tokens"] < recompute["rebuilt_tokens"]  # the prompts came from the prefix cache
+
+
+def test_a_request_preempted_while_it_rebuilds_starts_its_rebuild_over(talkative64):
+    """An older request's growth may preempt one still rebuilding its K/V (it was resumed last): it
+    gives its pages back, and rebuilds from its prompt once it fits again, with the same answer."""
+    prompts = _prompts(8)
+    # (prompt, block size, threshold, max_new_tokens), found to preempt the last one while it rebuilds
+    mix = [(6, 2, 0.9, 8), (7, 2, 0.5, 16), (2, 4, 0.1, 48), (5, 2, 0.9, 16)]
+    cfgs = [CFG.replace(ignore_eos=True, block_size=b, threshold=t, max_new_tokens=m) for _, b, t, m in mix]
+    engine = _engine(talkative64, kv_cache_tokens=24 * 4, preemption_mode="recompute", prefix_caching=False)
+    reqs = [engine._requests[engine.add_request(prompts[p], c)] for (p, *_), c in zip(mix, cfgs)]
+    phases, gens = [], {}
+    while engine.has_unfinished():
+        gens.update((o.request_id, o.generation) for o in engine.step() if o.finished)
+        _check_pages(engine.cache)
+        phases.append([r.phase for r in reqs])
+    assert any(before[3] is Phase.REBUILD and after[3] is Phase.WAITING for before, after in zip(phases, phases[1:]))
+    for r, (p, *_), c in zip(reqs, mix, cfgs):
+        assert gens[r.request_id].token_ids == _engine(talkative64).generate([prompts[p]], c)[0].token_ids
+
+
+def test_a_request_can_be_aborted_while_it_rebuilds(talkative64):
+    prompts = _prompts(8)
+    need = max(_engine(talkative64).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
+    engine = _engine(talkative64, kv_cache_tokens=int(1.5 * need) * 4, preemption_mode="recompute",
+                     prefix_caching=False)
+    ids = [engine.add_request(p, CFG.replace(ignore_eos=True)) for p in prompts]
+    finished = {}
+    while not any(r.phase is Phase.REBUILD for r in engine.scheduler.running):
+        finished.update((o.request_id, o.generation) for o in engine.step() if o.finished)
+    rebuilding = next(r.request_id for r in engine.scheduler.running if r.phase is Phase.REBUILD)
+    assert engine.abort(rebuilding)
+    while engine.has_unfinished():
+        finished.update((o.request_id, o.generation) for o in engine.step() if o.finished)
+        _check_pages(engine.cache)
+    assert finished.keys() == set(ids) and finished.pop(rebuilding).finish_reason == "abort"
+    assert all(len(g.token_ids) == CFG.max_new_tokens for g in finished.values())
+    assert engine.stats()["cache_pages_used"] == 0
+
+
+def test_preemption_mode_is_checked(model64):
+    with pytest.raises(ValueError, match=r"preemption_mode must be one of \['swap', 'recompute'\], got 'drop'"):
+        _engine(model64, preemption_mode="drop")
 
 
 def test_a_preempted_request_can_be_aborted_while_swapped_out(talkative64):
@@ -608,7 +679,8 @@ def test_random_arrivals_aborts_and_preemptions_keep_the_pool_consistent(talkati
     engine = _engine(talkative64, max_batch_size=rng.choice([2, 4, 8]), kv_cache_tokens=rng.choice([16, 24, 40]) * 4,
                      max_prefill_tokens=rng.choice([16, 8192]), page_allocation="reserve" if seed % 3 == 2 else "on_demand",
                      share_prefills=rng.random() < 0.8, prefix_caching=rng.random() < 0.8,
-                     max_unroll=rng.choice([1, 3]), expected_tpf=1.0)
+                     max_unroll=rng.choice([1, 3]), expected_tpf=1.0,
+                     preemption_mode=PREEMPTION_MODES[seed % 2])
     asked, results, aborted = {}, {}, set()
     for step in range(3000):  # a bound, not a wait: every request must end well before it
         if step < 150:
@@ -1142,14 +1214,17 @@ def test_decoding_does_not_sync_with_the_host_on_cuda(confident_model):
 
 
 @pytest.mark.gpu
-def test_preemption_on_cuda_swaps_through_pinned_memory_with_the_same_answers(talkative_model):
+@pytest.mark.parametrize("mode", PREEMPTION_MODES)
+def test_preemption_on_cuda_resumes_under_graphs_with_the_same_answers(talkative_model, mode):
     """CUDA graphs read the page table at every replay: a resumed request's new slot and pages need no
-    capture, and its K/V come back from pinned host memory behind the same stream."""
+    capture, and its K/V come back from pinned host memory behind the same stream (swap) or from eager
+    rebuild forwards between the graphed ones (recompute)."""
     model = copy.deepcopy(talkative_model).to("cuda")
     prompts, cfg = _prompts(8), CFG.replace(ignore_eos=True)
     roomy = _engine(model, cuda_graphs=True).generate(prompts, cfg)
     need = max(_engine(model).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
-    engine = _engine(model, kv_cache_tokens=2 * need * 4, cuda_graphs=True)
+    engine = _engine(model, kv_cache_tokens=2 * need * 4, cuda_graphs=True, preemption_mode=mode)
     gens = engine.generate(prompts, cfg)
     assert engine.stats()["preemptions"] > 0 and engine.graphs.replays > 0
+    assert engine.stats()["swapped_bytes" if mode == "swap" else "rebuilt_tokens"] > 0
     assert [g.token_ids for g in gens] == [g.token_ids for g in roomy]

@@ -4,7 +4,7 @@ from .config import CACHE_POLICIES, DECODERS, MAX_LOGPROBS, GenerationConfig
 from .engine import Engine
 from .kv_cache import KVCache
 from .request import Generation, Phase, RequestOutput, TokenLogprob
-from .scheduler import PAGE_ALLOCATIONS
+from .scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES
 
-__all__ = ["CACHE_POLICIES", "DECODERS", "MAX_LOGPROBS", "PAGE_ALLOCATIONS", "Engine", "Generation", "GenerationConfig",
-           "KVCache", "Phase", "RequestOutput", "TokenLogprob"]
+__all__ = ["CACHE_POLICIES", "DECODERS", "MAX_LOGPROBS", "PAGE_ALLOCATIONS", "PREEMPTION_MODES", "Engine", "Generation",
+           "GenerationConfig", "KVCache", "Phase", "RequestOutput", "TokenLogprob"]

@@ -10,6 +10,8 @@ Per request (block size B):
    context from then on) and is the first decode step of the next block. Go to 2.
 Committed K/V is never recomputed. With `commit_pass=False` step 4 is skipped: the K/V the
 block's last denoise step wrote is kept, and the next block starts with a DENOISE forward.
+(One exception: a request preempted with preemption_mode="recompute" gave its K/V up, and resumes
+with REBUILD forwards that write them again as steps 1 and 4 first did; see dllm.engine.scheduler.)
 
 Every running request takes part in every step; requests whose next forward has the same shape
 share it. The host syncs once per forward group (to learn which blocks are finished): the decoders'
@@ -172,9 +174,13 @@ class Engine:
                         requests of typical length
     page_size:          cache positions per page
     page_allocation:    "on_demand" (default): a request gets pages block by block as its answer grows;
-                        if the pool runs out, the newest running request is preempted (its K/V swapped
-                        to host memory, resumed bit for bit later). "reserve": the pages of its prompt
-                        and max_new_tokens at admission, never preempted (see dllm.engine.scheduler)
+                        if the pool runs out, the newest running request is preempted (it gives its
+                        pages back and resumes later with the same K/V). "reserve": the pages of its
+                        prompt and max_new_tokens at admission, never preempted (see dllm.engine.scheduler)
+    preemption_mode:    how a preempted request gets its K/V back: "swap" (default): through host memory,
+                        bit for bit; "recompute": forwards of the tokens that first wrote them write them
+                        again (no host memory; a forward per committed block, batched with the other
+                        requests rebuilding). Requests without the commit pass are swapped either way.
     gpu_memory_utilization: size the pool from the GPU's memory instead of kv_cache_tokens (vLLM's
                         knob): it gets what is left of this share of the GPU's memory after what the
                         device holds, the weights and the measured peak of a probe that runs this
@@ -215,7 +221,8 @@ class Engine:
                  fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
                  share_prefills: bool = True, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE, page_allocation: str = "on_demand",
-                 gpu_memory_utilization: float | None = None, max_block_size: int | None = None) -> None:
+                 preemption_mode: str = "swap", gpu_memory_utilization: float | None = None,
+                 max_block_size: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -254,11 +261,13 @@ class Engine:
         self.cache = KVCache(self.config, max_batch_size, self.max_model_len, device=self.device, dtype=self.dtype,
                              page_size=page_size, num_pages=num_pages, scratch_slot=cuda_graphs)
         self.graphs = GraphedForward(model, self.cache, self.config.mask_token_id) if cuda_graphs else None
-        self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills, prefix_caching, page_allocation)
+        self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills, prefix_caching, page_allocation,
+                                   preemption_mode)
         self.share_prefills = share_prefills
         self.shared_prefills = 0  # prefill rows not run: their prompt's K/V were copied from another row
         self.prefix_cache_hits = 0  # requests that skipped their prefill (prefix_caching)
         self.prefix_cached_tokens = 0  # prompt tokens those requests did not run
+        self.rebuilt_tokens = 0  # committed K/V positions written again after a preemption dropped them
         self.mask_id = self.config.mask_token_id
         stop = set(self.config.stop_token_ids)
         eot = getattr(tokenizer, "eot_token_id", None)
@@ -427,9 +436,11 @@ class Engine:
             "cache_pages_used": self.cache.used_pages,  # mapped by running requests (reserved for their length)
             "cache_pages_cached": self.cache.cached_pages,  # ended requests' prompts, kept for the prefix cache
             "cache_pages_total": self.cache.num_pages,
-            "preemptions": self.scheduler.preemptions,  # requests swapped out to host memory for pages
-            "swapped_requests": self.scheduler.swapped_requests,
+            "preemptions": self.scheduler.preemptions,  # running requests that gave their pages back
+            "swapped_requests": self.scheduler.swapped_requests,  # waiting now with their K/V in host memory
             "swapped_bytes": self.scheduler.swapped_bytes,  # K/V bytes swapped out, in total
+            "dropped_preemptions": self.scheduler.dropped_preemptions,  # preemptions that dropped the K/V
+            "rebuilt_tokens": self.rebuilt_tokens,  # K/V positions those wrote again (preemption_mode recompute)
             "total_forwards": self.total_forwards,
             "host_syncs": self.host_syncs,
             "shared_prefills": self.shared_prefills,
@@ -456,6 +467,8 @@ class Engine:
 
     def _run_group(self, reqs: list[Request]) -> None:
         phase, b = reqs[0].phase, reqs[0].block_size
+        if phase is Phase.REBUILD:
+            return self._rebuild(reqs)
         n = len(reqs)
         dev = self.device
         masks = torch.full((b,), self.mask_id, device=dev, dtype=torch.long)
@@ -528,6 +541,26 @@ class Engine:
             r.phase = Phase.DENOISE
             if done[i]:
                 self._complete_block(r)
+
+    def _rebuild(self, reqs: list[Request]) -> None:
+        """One forward that writes committed K/V again for requests resumed after a recompute preemption
+        (Request.rebuild_query: the tokens that first wrote them, then B masks). Nothing is decoded: the
+        requests' blocks, generators and counters stay as they were, and no logits are read."""
+        b, dev = reqs[0].block_size, self.device
+        plans = [r.rebuild_query() for r in reqs]
+        q_lens = [len(tokens) + b for _, tokens in plans]
+        ids = torch.full((len(reqs), max(q_lens)), self.mask_id, dtype=torch.long)
+        for i, (_, tokens) in enumerate(plans):
+            ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        view = self.cache.view([r.slot for r in reqs], [offset for offset, _ in plans], q_lens, ids.shape[1])
+        self.model(ids.to(dev), cache=view, logits_index=torch.zeros((len(reqs), 1), dtype=torch.long, device=dev))
+        self.total_forwards += 1
+        for r, (offset, tokens) in zip(reqs, plans):
+            r.rebuilt = offset + len(tokens)
+            self.rebuilt_tokens += len(tokens)
+            if offset == 0 and self.scheduler.reuses_prompt(r):  # the prompt's prefill, as at admission
+                self.cache.remember(r.prompt_key, r.slot, len(r.prompt_ids))
+            self.scheduler.rebuilt(r)
 
     def _shared_prefill_logits(self, reqs: list[Request], ids: torch.Tensor, block_pos: torch.Tensor,
                                offsets: list[int], q_lens: list[int], shared: _SharedPrefill) -> torch.Tensor:

@@ -12,10 +12,11 @@ from .kv_cache import SwappedKV
 
 
 class Phase(enum.Enum):
-    WAITING = "waiting"  # queued, no cache slot yet (or preempted: its K/V in host memory, see Request.swapped)
+    WAITING = "waiting"  # queued, no cache slot yet (or preempted: see Request.resume_phase)
     PREFILL = "prefill"  # next forward: prompt + B masks
     DENOISE = "denoise"  # next forward: the B block tokens against the cache
     COMMIT = "commit"  # next forward: finished block + B new masks (writes the block's K/V)
+    REBUILD = "rebuild"  # resumed after a recompute preemption: forwards that rebuild committed K/V, no decoding
     FINISHED = "finished"
 
 
@@ -97,9 +98,11 @@ class Request:
     # full pages are that request's; the partly filled last page is copied after the prefill).
     prefill_source: "Request | None" = None
     cached_len: int = 0  # committed K/V positions in the slot
-    # Preempted (Scheduler.make_room): its committed K/V in host memory, and the phase it resumes in.
-    swapped: "SwappedKV | None" = None
+    # Preempted (Scheduler.make_room): the phase it resumes in, and its committed K/V in host memory where
+    # they were swapped out (otherwise they are rebuilt: Phase.REBUILD, `rebuilt` positions so far).
     resume_phase: Phase | None = None
+    swapped: "SwappedKV | None" = None
+    rebuilt: int = 0
     cached_prompt_tokens: int = 0  # prompt K/V taken from the prefix cache instead of a prefill
     block: torch.Tensor | None = None  # [B] current block, MASK where undecided
     generated: list[int] = field(default_factory=list)
@@ -153,6 +156,34 @@ class Request:
         return start + (self.block_size if phase is Phase.COMMIT else 0) + self.block_size
 
     @property
+    def rebuildable(self) -> bool:
+        """Its committed K/V can be rebuilt as they were written, from its tokens alone (Phase.REBUILD):
+        the commit pass wrote them, or the cache policy recomputes them at every forward. Without the
+        commit pass (dllm-var, vicinity) they come from a block's last denoise step, whose input (and,
+        with smoothing, its embeddings) is gone: such a request is always swapped."""
+        return self.config.commit_pass or self.config.cache_policy == "none"
+
+    def rebuild_query(self) -> tuple[int, list[int]] | None:
+        """REBUILD: (cache offset, tokens) of the next forward that rebuilds committed K/V, the tokens
+        followed by B masks as the first time, so the K/V come out as they were; None where every K/V
+        the request still reads is rebuilt.
+        - dllm-var: its prefill (prompt + B masks), then one commit forward per committed block
+          (block + B masks); the prompt's pages may come from the prefix cache instead.
+        - vicinity: a denoise step reads the context K/V its block's first forward wrote (every forward
+          recomputes the last `vicinity` tokens): that refresh, the whole context + B masks. Entering a
+          block (COMMIT) refreshes it all anyway.
+        - none: every forward recomputes the whole context."""
+        policy = self.config.cache_policy
+        if policy == "none" or self.rebuilt >= self.cached_len:
+            return None
+        if policy == "vicinity":
+            return (0, self.context_ids()) if self.resume_phase is Phase.DENOISE else None
+        if self.rebuilt == 0:
+            return 0, self.prompt_ids
+        start = self.rebuilt - len(self.prompt_ids)
+        return self.rebuilt, self.generated[start:start + self.block_size]
+
+    @property
     def keeps_prompt_kv(self) -> bool:
         """The slot's prompt K/V stay as the prefill wrote them (the dllm-var cache policy never recomputes
         committed K/V; the others refresh them)."""
@@ -189,5 +220,8 @@ class Request:
         return self.block_size if self.phase is Phase.COMMIT else 0
 
     def query_len(self) -> int:
-        """Tokens in the next forward: the recomputed ones, [the finished block,] the block."""
+        """Tokens in the next forward: the recomputed ones, [the finished block,] the block (or, to
+        rebuild K/V, the tokens of rebuild_query and B masks)."""
+        if self.phase is Phase.REBUILD:
+            return len(self.rebuild_query()[1]) + self.block_size
         return len(self.recomputed()[1]) + self.finished_block_len + self.block_size

@@ -8,8 +8,16 @@ size) share one forward.
 Pages (PAGE_ALLOCATIONS): "on_demand" (the default) gives a request the pages of its next forward
 only, and more block by block as its answer grows, since a dLLM-Var answer's length is unknown until
 its EOS; a request is admitted while a block's pages per running request stay free. When the pool runs
-out all the same, the newest running request is preempted: its committed K/V go to host memory and it
-waits at the head of the queue, then resumes where it stopped with the same K/V, bit for bit.
+out all the same, the newest running request is preempted: it gives its pages back and waits at the head
+of the queue, then resumes where it stopped with the same K/V. PREEMPTION_MODES say how it gets them back:
+- "swap" (the default): its committed K/V go to host memory and come back bit for bit. Host memory grows
+  with every request swapped out; the transfer crosses PCIe twice.
+- "recompute": they are dropped, and forwards with the tokens that first wrote them write them again
+  (Phase.REBUILD, Request.rebuild_query): the same K/V (bit for bit where the kernels are deterministic),
+  no host memory, a forward per committed block. Requests whose K/V cannot be rebuilt from their tokens
+  (Request.rebuildable: no commit pass) are swapped all the same.
+Either way a request that has no K/V worth keeping (its next forward recomputes its whole context) is not
+swapped, and its decoding state (block, generator, credit, ...) stays as it was.
 "reserve" gives each request at admission the pages of its prompt and max_new_tokens: it never
 waits mid-answer, and the pool holds fewer requests at once.
 """
@@ -23,18 +31,24 @@ from .request import Phase, Request
 
 
 PAGE_ALLOCATIONS = ("on_demand", "reserve")
+PREEMPTION_MODES = ("swap", "recompute")
 
 
 class Scheduler:
     def __init__(self, cache: KVCache, max_prefill_tokens: int, share_prefills: bool = False,
-                 prefix_caching: bool = False, page_allocation: str = "on_demand") -> None:
+                 prefix_caching: bool = False, page_allocation: str = "on_demand",
+                 preemption_mode: str = "swap") -> None:
         if page_allocation not in PAGE_ALLOCATIONS:
             raise ValueError(f"page_allocation must be one of {list(PAGE_ALLOCATIONS)}, got {page_allocation!r}")
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {list(PREEMPTION_MODES)}, got {preemption_mode!r}")
         self.cache = cache
         self.on_demand = page_allocation == "on_demand"
-        self.preemptions = 0  # requests swapped out to host memory to free pages
-        self.swapped_bytes = 0  # K/V bytes they took there
+        self.recompute = preemption_mode == "recompute"
+        self.preemptions = 0  # running requests that gave their pages back, either way
+        self.swapped_bytes = 0  # K/V bytes swapped out to host memory, in total
         self.swapped_requests = 0  # waiting now with their K/V in host memory
+        self.dropped_preemptions = 0  # preemptions that dropped the K/V (rebuilt on resuming, if need be)
         self.max_prefill_tokens = max_prefill_tokens
         self.share_prefills = share_prefills  # a prefill whose prompt is already in its batch costs no row
         self.prefix_caching = prefix_caching  # a request whose prompt's K/V are cached skips its prefill
@@ -67,16 +81,12 @@ class Scheduler:
         spare = sum(self._headroom(r, len(self.cache.pages(r.slot))) for r in self.running)
         while self.waiting:
             req = self.waiting[0]
-            if req.swapped is not None:  # preempted: its K/V come back, and it goes on where it stopped
-                extent = max(req.extent(req.resume_phase) if self.on_demand else req.cache_extent,
-                             req.swapped.positions)
+            if req.resume_phase is not None:  # preempted: it goes on where it stopped
+                extent = self._resume_extent(req)
                 spare += self._headroom(req, self.cache.pages_for(extent))
-                if not self.cache.can_allocate(extent, spare=spare):
+                if not self._resume(req, extent, spare):
                     break
                 self.waiting.popleft()
-                req.slot = self.cache.swap_in(req.swapped, extent)
-                req.phase, req.swapped, req.resume_phase = req.resume_phase, None, None
-                self.swapped_requests -= 1
                 self.running.append(req)
                 continue
             key, n = req.prompt_key, len(req.prompt_ids)
@@ -110,6 +120,41 @@ class Scheduler:
             admitted.append(req)
         return admitted
 
+    def _resume_extent(self, req: Request) -> int:
+        """Cache positions a preempted request takes again: those of the forward it resumes with."""
+        extent = req.extent(req.resume_phase) if self.on_demand else req.cache_extent
+        return max(extent, req.swapped.positions) if req.swapped is not None else extent
+
+    def _resume(self, req: Request, extent: int, spare: int) -> bool:
+        """Give a preempted request a slot of `extent` positions again, leaving `spare` pages free, if it
+        fits now: its swapped K/V come back, or it maps its prompt's cached pages and rebuilds what else
+        it reads (Phase.REBUILD)."""
+        if req.swapped is not None:
+            if not self.cache.can_allocate(extent, spare=spare):
+                return False
+            req.slot = self.cache.swap_in(req.swapped, extent)
+            req.swapped = None
+            self.swapped_requests -= 1
+        else:
+            n = len(req.prompt_ids)
+            cached = self.cache.lookup(req.prompt_key) if self.reuses_prompt(req) else None
+            if cached is not None and self.cache.can_allocate(extent, cached, n, spare=spare):
+                req.slot, req.rebuilt = self.cache.allocate(extent, cached, n), n
+            elif self.cache.can_allocate(extent, spare=spare):
+                req.slot, req.rebuilt = self.cache.allocate(extent), 0
+            else:
+                return False
+            if req.rebuild_query() is not None:
+                req.phase = Phase.REBUILD
+                return True
+        req.phase, req.resume_phase = req.resume_phase, None
+        return True
+
+    def rebuilt(self, req: Request) -> None:
+        """A REBUILD forward of `req` has run: go on decoding once nothing is left to rebuild."""
+        if req.rebuild_query() is None:
+            req.phase, req.resume_phase = req.resume_phase, None
+
     def _headroom(self, req: Request, pages: int) -> int:
         """on_demand: pages kept free for a request holding `pages` to grow by a block (no more than its
         max_new_tokens can still take: a request alone always fits a pool that can hold it)."""
@@ -140,15 +185,24 @@ class Scheduler:
         return preempted
 
     def _preempt(self, req: Request) -> None:
-        """Swap a running request's committed K/V out to host memory and queue it first: preempted
-        requests resume before any new one is admitted (those preempted later, earlier in the running
-        order, in front)."""
+        """Take a running request's pages back and queue it first: preempted requests resume before
+        any new one is admitted (those preempted later, earlier in the running order, in front). Its
+        committed K/V go to host memory, or are dropped where they can be rebuilt and the mode says so,
+        or where nothing of them would be read again; a request rebuilding them starts over."""
         self.running.remove(req)
-        req.swapped = self.cache.swap_out(req.slot, req.cached_len)
-        self.swapped_bytes += req.swapped.bytes
+        rebuilding = req.phase is Phase.REBUILD  # its K/V are partly written: not worth a swap
+        if not rebuilding:
+            req.resume_phase = req.phase
+        req.rebuilt = 0
+        if req.rebuild_query() is not None and not rebuilding and not (self.recompute and req.rebuildable):
+            req.swapped = self.cache.swap_out(req.slot, req.cached_len)
+            self.swapped_bytes += req.swapped.bytes
+            self.swapped_requests += 1
+        else:
+            self.cache.release(req.slot)
+            self.dropped_preemptions += 1
         self.preemptions += 1
-        self.swapped_requests += 1
-        req.resume_phase, req.phase, req.slot = req.phase, Phase.WAITING, -1
+        req.phase, req.slot = Phase.WAITING, -1
         self.waiting.appendleft(req)
 
     def schedule(self) -> list[list[Request]]:
@@ -160,7 +214,7 @@ class Scheduler:
             groups.setdefault((req.phase, req.block_size, req.config.cache_policy), []).append(req)
         batches = []
         for (phase, _, policy), reqs in groups.items():
-            if phase is not Phase.PREFILL and policy == "dllm-var":
+            if phase in (Phase.DENOISE, Phase.COMMIT) and policy == "dllm-var":
                 batches.append(reqs)  # every query is B or 2B tokens: one forward
                 continue
             # Similar lengths together (less padding); one prompt's requests side by side, so that a
