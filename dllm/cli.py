@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from .engine.config import DECODERS
-from .engine.scheduler import PAGE_ALLOCATIONS
+from .engine.scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES
 
 
 def _generate(args) -> int:
@@ -71,7 +71,8 @@ def serve_app_args(args) -> dict:
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
     for key in ("name", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization", "max_block_size",
-                "page_allocation", "num_gpus", "min_replicas", "max_replicas", "num_replicas", "api_keys"):
+                "page_allocation", "preemption_mode", "num_gpus", "min_replicas", "max_replicas", "num_replicas",
+                "api_keys"):
         value = getattr(args, key)
         if value is not None:
             app_args[key] = value
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--page-allocation", choices=PAGE_ALLOCATIONS,
                    help="on_demand (default): pages as answers grow, the newest request swapped to host memory when "
                         "the pool runs out; reserve: each request's prompt + max_tokens at admission, never preempted")
+    s.add_argument("--preemption-mode", choices=PREEMPTION_MODES,
+                   help="how a preempted request gets its K/V back: swap (default): through host memory, bit for bit; "
+                        "recompute: forwards of its tokens write them again (no host memory, a forward per block)")
     s.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 if the cluster has GPUs, else 0)")
     s.add_argument("--num-replicas", type=int)
     s.add_argument("--min-replicas", type=int, help="autoscaling lower bound")

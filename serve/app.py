@@ -66,8 +66,8 @@ class EngineServer:
 
     def __init__(self, model: str, max_batch_size: int = 16, max_model_len: int | None = None,
                  dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
-                 page_allocation: str = "on_demand", gpu_memory_utilization: float | None = None,
-                 max_block_size: int | None = None) -> None:
+                 page_allocation: str = "on_demand", preemption_mode: str = "swap",
+                 gpu_memory_utilization: float | None = None, max_block_size: int | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
         self.model_dir = model
@@ -75,8 +75,8 @@ class EngineServer:
         tokenizer = dllm.load_tokenizer(model)
         self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
                                   prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens,
-                                  page_allocation=page_allocation, gpu_memory_utilization=gpu_memory_utilization,
-                                  max_block_size=max_block_size)
+                                  page_allocation=page_allocation, preemption_mode=preemption_mode,
+                                  gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size)
         if self.engine.memory_plan is not None:
             logging.getLogger("ray.serve").info("gpu_memory_utilization: %s", self.engine.memory_plan)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
@@ -164,7 +164,8 @@ class _EngineMetrics:
         self.running = Gauge("dllm_running_requests", "requests being decoded")
         self.cache = Gauge("dllm_kv_cache_usage", "fraction of KV-cache pages held by running requests")
         self.tps = Gauge("dllm_engine_tokens_per_s", "tokens per second over the last finished requests")
-        self.preemptions = Counter("dllm_preemptions", "running requests swapped out to host memory for KV-cache pages")
+        self.preemptions = Counter("dllm_preemptions", "running requests that gave their KV-cache pages back "
+                                   "(swapped out to host memory or dropped to be rebuilt)")
         self._window: list[tuple[float, int]] = []
         self._preempted = 0
 
@@ -595,10 +596,10 @@ def build_app(args: dict[str, Any]):
     size per replica; default max_batch_size x max_model_len) or gpu_memory_utilization (the pool sized from GPU
     memory: what is left of that share after the weights and the measured peak of a full batch at max_block_size;
     CUDA only), max_block_size (requests with larger blocks get a 400; with gpu_memory_utilization it defaults to
-    the decoding block size), page_allocation (on_demand, the default:
-    pages as answers grow, preempting when the pool runs out; or reserve), dtype, prefix_caching (true / false,
-    default true), routing (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys
-    (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
+    the decoding block size), page_allocation (on_demand, the default: pages as answers grow, preempting when
+    the pool runs out; or reserve), preemption_mode (swap, the default: a preempted request's K/V through host
+    memory; or recompute: rebuilt by forwards), dtype, prefix_caching (true / false, default true), routing
+    (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
     min_replicas / max_replicas / target_ongoing_requests / upscale_delay_s / downscale_delay_s
     (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests, decoding (dict of
     decoding defaults), tensor_parallel_size (only 1).
@@ -630,6 +631,10 @@ def build_app(args: dict[str, Any]):
     if page_allocation not in dllm.engine.PAGE_ALLOCATIONS:
         raise ValueError(f"build_app: page_allocation={page_allocation!r} is not one of "
                          f"{', '.join(dllm.engine.PAGE_ALLOCATIONS)}")
+    preemption_mode = args.pop("preemption_mode", "swap")
+    if preemption_mode not in dllm.engine.PREEMPTION_MODES:
+        raise ValueError(f"build_app: preemption_mode={preemption_mode!r} is not one of "
+                         f"{', '.join(dllm.engine.PREEMPTION_MODES)}")
     decoding = _decoding_defaults(args.pop("decoding", None))
     if gpu_memory_utilization is not None and max_block_size is None:
         max_block_size = decoding["block_size"]  # the block size the replica's memory probe decodes at
@@ -674,8 +679,8 @@ def build_app(args: dict[str, Any]):
 
     engine = serve.deployment(EngineServer, name="EngineServer").options(**engine_opts).bind(
         model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching,
-        kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation, gpu_memory_utilization=gpu_memory_utilization,
-        max_block_size=max_block_size)
+        kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation, preemption_mode=preemption_mode,
+        gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,

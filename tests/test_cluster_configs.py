@@ -112,6 +112,13 @@ def test_page_allocation_is_checked_when_the_app_is_built():
         build_app({"model": "/models/x", "page_allocation": "lazy"})
 
 
+def test_preemption_mode_is_checked_when_the_app_is_built():
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match="preemption_mode='drop' is not one of swap, recompute"):
+        build_app({"model": "/models/x", "preemption_mode": "drop"})
+
+
 def test_gpu_memory_utilization_is_checked_when_the_app_is_built():
     from serve.app import build_app
 
