@@ -20,15 +20,17 @@ shared prefill (one prefill row per prompt, its K/V copied to the other N-1 slot
 prefilled: their ratio is what sharing saves, most with long prompts (--prompt-len). `--prefix-caching` decodes
 the prompts once, then again timed, with the engine's prefix cache (each request finds its prompt's K/V in a
 free slot and skips its prefill) and without: their ratio is what the cache saves on prompts asked again.
-`--kv-cache-tokens T` decodes all the prompts submitted at once in a K/V pool of T tokens, three times in
+`--kv-cache-tokens T` decodes all the prompts submitted at once in a K/V pool of T tokens, four times in
 the same memory: with a slot of `--pool-max-model-len` positions per request (what a cache without pages
 reserves whatever the request's length: T // max_model_len requests at a time); paged, each request
 reserving the pages of its prompt and max_new_tokens at admission (page_allocation="reserve"); and paged
-on demand, block by block as answers grow, preempting (swapping out) the newest request when the pool runs
-out (the default). It reports the peak number of requests decoded together and the preemptions beside the
-TPS. A random model never stops, so every answer takes max_new_tokens; with a trained checkpoint (--model,
---prompts-jsonl) answers end at their EOS, far below a max_new_tokens that a client sets for safety, which is
-where reserving pages for max_new_tokens costs most.
+on demand, block by block as answers grow, preempting the newest request when the pool runs out (the
+default), its K/V swapped to host memory and back (preemption_mode="swap", the default) or dropped and
+rebuilt by forwards ("recompute"). It reports the peak number of requests decoded together, the
+preemptions and the K/V positions rebuilt beside the TPS: recompute's tok/s against swap's is what
+rebuilding costs against the host round trip. A random model never stops, so every answer takes
+max_new_tokens; with a trained checkpoint (--model, --prompts-jsonl) answers end at their EOS, far below a
+max_new_tokens that a client sets for safety, which is where reserving pages for max_new_tokens costs most.
 """
 
 from __future__ import annotations
@@ -157,17 +159,19 @@ def run(args) -> list[dict]:
 
 def pool_rows(model, prompts, args, record, results) -> None:
     """--kv-cache-tokens: the same pool as slots of max_model_len, then paged and reserved, then paged
-    on demand (see the module doc)."""
+    on demand, swapping or recomputing preempted requests (see the module doc)."""
     tokens, max_len = args.kv_cache_tokens, args.pool_max_model_len
     b = args.block_size
     cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=args.max_new_tokens, threshold=args.threshold)
     if tokens < max_len:
         raise SystemExit(f"--kv-cache-tokens {tokens} holds no slot of --pool-max-model-len {max_len}")
-    for how, batch, allocation in ((f"a slot of {max_len} positions per request", tokens // max_len, "reserve"),
-                                   ("paged, prompt + max_new_tokens reserved", len(prompts), "reserve"),
-                                   ("paged on demand", len(prompts), "on_demand")):
+    for how, batch, allocation, preemption in (
+            (f"a slot of {max_len} positions per request", tokens // max_len, "reserve", "swap"),
+            ("paged, prompt + max_new_tokens reserved", len(prompts), "reserve", "swap"),
+            ("paged on demand", len(prompts), "on_demand", "swap"),
+            ("paged on demand, preempted K/V recomputed", len(prompts), "on_demand", "recompute")):
         engine = dllm.Engine(model, max_batch_size=batch, max_model_len=max_len, kv_cache_tokens=tokens,
-                             prefix_caching=False, page_allocation=allocation)
+                             prefix_caching=False, page_allocation=allocation, preemption_mode=preemption)
         engine.generate(prompts[:1], cfg.replace(max_new_tokens=b))  # warm-up
         peak, gens = 0, []
 
@@ -182,7 +186,9 @@ def pool_rows(model, prompts, args, record, results) -> None:
         _, secs = timed(decode)
         record(f"dllm-var engine ({len(prompts)} requests at once, {tokens}-token K/V pool, {how})",
                [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(gens))
-        results[-1].update(peak_running=peak, preemptions=engine.stats()["preemptions"])
+        stats = engine.stats()
+        results[-1].update(peak_running=peak, preemptions=stats["preemptions"], rebuilt_tokens=stats["rebuilt_tokens"],
+                           swapped_bytes=stats["swapped_bytes"])
 
 
 def main(argv=None) -> None:
@@ -227,10 +233,14 @@ def main(argv=None) -> None:
                                              if "peak_running" in r else ""))
     pooled = [r for r in results if "peak_running" in r]
     if pooled:
-        slots, reserved, on_demand = pooled
+        slots, reserved, on_demand, recomputed = pooled
         print(f"same K/V memory: slots {slots['peak_running']} requests at once; paged and reserved "
               f"{reserved['peak_running']}, {reserved['tps'] / slots['tps']:.2f}x the tok/s; paged on demand "
-              f"{on_demand['peak_running']}, {on_demand['tps'] / slots['tps']:.2f}x ({on_demand['preemptions']} preempted)")
+              f"{on_demand['peak_running']}, {on_demand['tps'] / slots['tps']:.2f}x "
+              f"({on_demand['preemptions']} preempted, {on_demand['swapped_bytes'] / 2**20:.1f} MiB swapped); "
+              f"preempted K/V recomputed instead: "
+              f"{recomputed['tps'] / on_demand['tps']:.2f}x swap's tok/s ({recomputed['preemptions']} preempted, "
+              f"{recomputed['rebuilt_tokens']} positions rebuilt)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "dtype": args.dtype, "results": results}, f, indent=2)

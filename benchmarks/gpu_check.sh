@@ -4,11 +4,12 @@
 # timeout_s 600. No wheels are needed (torch, triton, transformers and pytest are on the box).
 #
 #   1. the CUDA tests (@pytest.mark.gpu): the paged kernel in bf16, graph replay = eager, no host sync
-#      while decoding, preemption through pinned memory under CUDA graphs, a pool sized by
+#      while decoding, preemption under CUDA graphs (swapped through pinned memory, or rebuilt), a pool sized by
 #      gpu_memory_utilization keeping the device within that share;
 #   2. the attention launch over a shuffled page table against SDPA on dense keys (LLaDA-8B's heads);
 #   3. the graphed DENOISE / COMMIT steps at LLaDA-8B's shape against the HBM roofline;
-#   4. the same K/V pool as slots of max_model_len, paged and reserved, paged on demand (a 0.3B model);
+#   4. the same K/V pool as slots of max_model_len, paged and reserved, paged on demand with preempted requests
+#      swapped or recomputed (a 0.3B model);
 #   5. the engine's own cost per step at 1, 64 and 256 concurrent requests (a model too small to hide it).
 #
 # Each stage has its own time limit, so a slow one cannot starve the next; logs and JSON go to $OUT.
@@ -28,12 +29,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, its 
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-stage gpu_tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
+stage gpu_tests 175 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_kernels.py \
   tests/test_model.py tests/test_memory.py
-stage attention 60 python3 -m benchmarks.attention_bench --block-m 32 --block-n 128 --splits 4 \
+stage attention 55 python3 -m benchmarks.attention_bench --block-m 32 --block-n 128 --splits 4 \
   --merge-in-kernel yes --json "$out/attention_paged.json"
 stage decode_step 140 python3 -m benchmarks.decode_step_bench --variants compiled --json "$out/decode_step_paged.json"
-stage engine_pool 140 python3 -m benchmarks.engine_bench --device cuda --dtype bfloat16 --d-model 1024 --layers 16 \
+stage engine_pool 155 python3 -m benchmarks.engine_bench --device cuda --dtype bfloat16 --d-model 1024 --layers 16 \
   --heads 8 --vocab 32000 --num-prompts 64 --batch 64 --prompt-len 128 --max-new-tokens 512 \
   --vanilla-gen-lengths 64 --kv-cache-tokens 16384 --pool-max-model-len 2048 --json "$out/engine_pool.json"
 stage step_overhead 45 python3 -m benchmarks.step_overhead_bench --batches 1 64 256 --steps 32 \

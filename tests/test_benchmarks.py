@@ -151,13 +151,16 @@ def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_prefi
     assert (cached["prefix_cache_hits"], uncached["prefix_cache_hits"]) == (2, 0)
     # 64 tokens in pages of 16: one slot of max_model_len 64; reserved, one request's 8 + 32 tokens (3 pages);
     # on demand, two prefills of 8 + 8 tokens, each with a page free to grow into, until one is preempted
-    slots, reserved, on_demand = (rows[f"dllm-var engine (2 requests at once, 64-token K/V pool, {how})"]
-                                  for how in ("a slot of 64 positions per request",
-                                              "paged, prompt + max_new_tokens reserved", "paged on demand"))
-    assert [r["peak_running"] for r in (slots, reserved, on_demand)] == [1, 1, 2]
-    assert (reserved["preemptions"], on_demand["preemptions"]) == (0, 1)
+    slots, reserved, on_demand, recomputed = (
+        rows[f"dllm-var engine (2 requests at once, 64-token K/V pool, {how})"]
+        for how in ("a slot of 64 positions per request", "paged, prompt + max_new_tokens reserved", "paged on demand",
+                    "paged on demand, preempted K/V recomputed"))
+    assert [r["peak_running"] for r in (slots, reserved, on_demand, recomputed)] == [1, 1, 2, 2]
+    assert (reserved["preemptions"], on_demand["preemptions"], recomputed["preemptions"]) == (0, 1, 1)
+    assert on_demand["swapped_bytes"] > 0 and on_demand["rebuilt_tokens"] == 0
+    assert recomputed["swapped_bytes"] == 0 and recomputed["rebuilt_tokens"] >= 8  # at least its prompt
     assert (slots["tokens"], slots["forwards"]) == (reserved["tokens"], reserved["forwards"]) == \
-           (on_demand["tokens"], on_demand["forwards"])
+           (on_demand["tokens"], on_demand["forwards"]) == (recomputed["tokens"], recomputed["forwards"])
     assert rows["LLaDA vanilla (gen 16, steps 16)"]["speedup_vs_vanilla"] == 1.0
     assert any(name.startswith("Fast-dLLM") for name in rows)
 
