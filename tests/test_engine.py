@@ -626,9 +626,35 @@ def test_a_request_can_be_aborted_while_it_rebuilds(talkative64):
     assert engine.stats()["cache_pages_used"] == 0
 
 
-def test_preemption_mode_is_checked(model64):
+def test_swapped_kv_stay_within_swap_space_and_the_others_are_recomputed(talkative64):
+    """Swap mode with host memory for about one request's K/V: after every step the swapped K/V take no
+    more; the preemptions that would pass it drop the K/V and rebuild them, and every answer is the
+    one decoded alone. With no host memory at all nothing is swapped."""
+    prompts = _prompts(8)
+    cfgs = [CFG.replace(ignore_eos=True, temperature=1.0, seed=i) if i % 2 else CFG.replace(ignore_eos=True)
+            for i in range(len(prompts))]
+    alone = [_engine(talkative64).generate([p], c)[0].token_ids for p, c in zip(prompts, cfgs)]
+    need = max(_engine(talkative64).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
+    one = _engine(talkative64).cache.swap_bytes(40)  # a 16-token prompt and 3 blocks
+    for budget in (one, 0):
+        engine = _engine(talkative64, kv_cache_tokens=int(1.5 * need) * 4, prefix_caching=False,
+                         swap_space=budget / 2**30)
+        ids = [engine.add_request(p, c) for p, c in zip(prompts, cfgs)]
+        gens = {}
+        while engine.has_unfinished():
+            gens.update((o.request_id, o.generation.token_ids) for o in engine.step() if o.finished)
+            assert engine.stats()["swapped_bytes_now"] <= budget
+        assert [gens[i] for i in ids] == alone
+        stats = engine.stats()
+        assert stats["dropped_preemptions"] > 0 and stats["swapped_bytes_now"] == 0
+        assert (stats["swapped_bytes"] > 0) == (budget > 0)
+
+
+def test_preemption_options_are_checked(model64):
     with pytest.raises(ValueError, match=r"preemption_mode must be one of \['swap', 'recompute'\], got 'drop'"):
         _engine(model64, preemption_mode="drop")
+    with pytest.raises(ValueError, match=r"swap_space must be a number of GiB >= 0 \(or None: no limit\), got -1"):
+        _engine(model64, swap_space=-1)
 
 
 def test_a_preempted_request_can_be_aborted_while_swapped_out(talkative64):

@@ -181,6 +181,9 @@ class Engine:
                         bit for bit; "recompute": forwards of the tokens that first wrote them write them
                         again (no host memory; a forward per committed block, batched with the other
                         requests rebuilding). Requests without the commit pass are swapped either way.
+    swap_space:         GiB of host memory the swapped K/V may take at once (vLLM's knob, its default 4);
+                        beyond it a preempted request is recomputed instead, unless its K/V cannot be
+                        rebuilt (no commit pass). None: no limit.
     gpu_memory_utilization: size the pool from the GPU's memory instead of kv_cache_tokens (vLLM's
                         knob): it gets what is left of this share of the GPU's memory after what the
                         device holds, the weights and the measured peak of a probe that runs this
@@ -221,7 +224,8 @@ class Engine:
                  fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
                  share_prefills: bool = True, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE, page_allocation: str = "on_demand",
-                 preemption_mode: str = "swap", gpu_memory_utilization: float | None = None,
+                 preemption_mode: str = "swap", swap_space: float | None = 4.0,
+                 gpu_memory_utilization: float | None = None,
                  max_block_size: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -229,6 +233,8 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = max_model_len or self.config.max_sequence_length
+        if swap_space is not None and not 0 <= swap_space < float("inf"):
+            raise ValueError(f"swap_space must be a number of GiB >= 0 (or None: no limit), got {swap_space}")
         on_cuda = self.device.type == "cuda"
         if on_cuda:
             model.enable_pool_kernel()
@@ -262,7 +268,7 @@ class Engine:
                              page_size=page_size, num_pages=num_pages, scratch_slot=cuda_graphs)
         self.graphs = GraphedForward(model, self.cache, self.config.mask_token_id) if cuda_graphs else None
         self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills, prefix_caching, page_allocation,
-                                   preemption_mode)
+                                   preemption_mode, None if swap_space is None else int(swap_space * 2**30))
         self.share_prefills = share_prefills
         self.shared_prefills = 0  # prefill rows not run: their prompt's K/V were copied from another row
         self.prefix_cache_hits = 0  # requests that skipped their prefill (prefix_caching)
@@ -439,6 +445,7 @@ class Engine:
             "preemptions": self.scheduler.preemptions,  # running requests that gave their pages back
             "swapped_requests": self.scheduler.swapped_requests,  # waiting now with their K/V in host memory
             "swapped_bytes": self.scheduler.swapped_bytes,  # K/V bytes swapped out, in total
+            "swapped_bytes_now": self.scheduler.host_bytes,  # K/V bytes in host memory now (at most swap_space)
             "dropped_preemptions": self.scheduler.dropped_preemptions,  # preemptions that dropped the K/V
             "rebuilt_tokens": self.rebuilt_tokens,  # K/V positions those wrote again (preemption_mode recompute)
             "total_forwards": self.total_forwards,

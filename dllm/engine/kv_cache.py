@@ -185,6 +185,10 @@ class KVCache:
 
     # ----- preemption: a request's K/V out to host memory and back -----------------------------
 
+    def swap_bytes(self, positions: int) -> int:
+        """Host memory `swap_out` takes for `positions` positions (whole pages of K and V)."""
+        return 2 * self.pages_for(positions) * self.k[:, 0].numel() * self.k.element_size()
+
     def swap_out(self, slot: int, positions: int) -> "SwappedKV":
         """Copy the K/V of positions [0, positions) of `slot` to host memory and free the slot. The
         copy is queued on the device's stream before anything that may reuse the pages, and read back

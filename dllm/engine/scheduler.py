@@ -10,12 +10,13 @@ only, and more block by block as its answer grows, since a dLLM-Var answer's len
 its EOS; a request is admitted while a block's pages per running request stay free. When the pool runs
 out all the same, the newest running request is preempted: it gives its pages back and waits at the head
 of the queue, then resumes where it stopped with the same K/V. PREEMPTION_MODES say how it gets them back:
-- "swap" (the default): its committed K/V go to host memory and come back bit for bit. Host memory grows
-  with every request swapped out; the transfer crosses PCIe twice.
+- "swap" (the default): its committed K/V go to host memory and come back bit for bit, the transfer
+  crossing PCIe twice; while they would take more than `swap_space` bytes of host memory together with
+  those swapped out already, a request whose K/V can be rebuilt is recomputed instead.
 - "recompute": they are dropped, and forwards with the tokens that first wrote them write them again
   (Phase.REBUILD, Request.rebuild_query): the same K/V (bit for bit where the kernels are deterministic),
   no host memory, a forward per committed block. Requests whose K/V cannot be rebuilt from their tokens
-  (Request.rebuildable: no commit pass) are swapped all the same.
+  (Request.rebuildable: no commit pass) are swapped all the same, beyond swap_space if need be.
 Either way a request that has no K/V worth keeping (its next forward recomputes its whole context) is not
 swapped, and its decoding state (block, generator, credit, ...) stays as it was.
 "reserve" gives each request at admission the pages of its prompt and max_new_tokens: it never
@@ -37,14 +38,18 @@ PREEMPTION_MODES = ("swap", "recompute")
 class Scheduler:
     def __init__(self, cache: KVCache, max_prefill_tokens: int, share_prefills: bool = False,
                  prefix_caching: bool = False, page_allocation: str = "on_demand",
-                 preemption_mode: str = "swap") -> None:
+                 preemption_mode: str = "swap", swap_space: int | None = None) -> None:
         if page_allocation not in PAGE_ALLOCATIONS:
             raise ValueError(f"page_allocation must be one of {list(PAGE_ALLOCATIONS)}, got {page_allocation!r}")
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {list(PREEMPTION_MODES)}, got {preemption_mode!r}")
+        if swap_space is not None and swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 bytes (or None: no limit), got {swap_space}")
         self.cache = cache
         self.on_demand = page_allocation == "on_demand"
         self.recompute = preemption_mode == "recompute"
+        self.swap_space = swap_space  # host memory the swapped K/V may take at once (None: no limit)
+        self.host_bytes = 0  # K/V bytes in host memory now
         self.preemptions = 0  # running requests that gave their pages back, either way
         self.swapped_bytes = 0  # K/V bytes swapped out to host memory, in total
         self.swapped_requests = 0  # waiting now with their K/V in host memory
@@ -133,8 +138,7 @@ class Scheduler:
             if not self.cache.can_allocate(extent, spare=spare):
                 return False
             req.slot = self.cache.swap_in(req.swapped, extent)
-            req.swapped = None
-            self.swapped_requests -= 1
+            self._forget_swap(req)
         else:
             n = len(req.prompt_ids)
             cached = self.cache.lookup(req.prompt_key) if self.reuses_prompt(req) else None
@@ -188,15 +192,21 @@ class Scheduler:
         """Take a running request's pages back and queue it first: preempted requests resume before
         any new one is admitted (those preempted later, earlier in the running order, in front). Its
         committed K/V go to host memory, or are dropped where they can be rebuilt and the mode says so,
-        or where nothing of them would be read again; a request rebuilding them starts over."""
+        or where nothing of them would be read again; a request rebuilding them starts over. With the
+        commit pass they are dropped in swap mode too where host memory would pass swap_space."""
         self.running.remove(req)
         rebuilding = req.phase is Phase.REBUILD  # its K/V are partly written: not worth a swap
         if not rebuilding:
             req.resume_phase = req.phase
         req.rebuilt = 0
-        if req.rebuild_query() is not None and not rebuilding and not (self.recompute and req.rebuildable):
+        keep = req.rebuild_query() is not None and not rebuilding  # complete K/V that will be read again
+        if keep and req.rebuildable:
+            keep = not self.recompute and (self.swap_space is None or
+                                           self.host_bytes + self.cache.swap_bytes(req.cached_len) <= self.swap_space)
+        if keep:
             req.swapped = self.cache.swap_out(req.slot, req.cached_len)
             self.swapped_bytes += req.swapped.bytes
+            self.host_bytes += req.swapped.bytes
             self.swapped_requests += 1
         else:
             self.cache.release(req.slot)
@@ -204,6 +214,12 @@ class Scheduler:
         self.preemptions += 1
         req.phase, req.slot = Phase.WAITING, -1
         self.waiting.appendleft(req)
+
+    def _forget_swap(self, req: Request) -> None:
+        """A swapped request's host copy of its K/V is no longer needed (back on the device, or aborted)."""
+        self.host_bytes -= req.swapped.bytes
+        self.swapped_requests -= 1
+        req.swapped = None
 
     def schedule(self) -> list[list[Request]]:
         """Forward groups for this step: same phase, block size and cache policy. Groups whose queries
@@ -241,6 +257,5 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
             if request.swapped is not None:  # preempted: drop the host copy of its K/V
-                request.swapped = None
-                self.swapped_requests -= 1
+                self._forget_swap(request)
         request.phase = Phase.FINISHED
