@@ -71,7 +71,7 @@ def serve_app_args(args) -> dict:
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
     for key in ("name", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization", "max_block_size",
-                "page_allocation", "preemption_mode", "num_gpus", "min_replicas", "max_replicas", "num_replicas",
+                "page_allocation", "preemption_mode", "swap_space", "num_gpus", "min_replicas", "max_replicas", "num_replicas",
                 "api_keys"):
         value = getattr(args, key)
         if value is not None:
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preemption-mode", choices=PREEMPTION_MODES,
                    help="how a preempted request gets its K/V back: swap (default): through host memory, bit for bit; "
                         "recompute: forwards of its tokens write them again (no host memory, a forward per block)")
+    s.add_argument("--swap-space", type=float,
+                   help="GiB of host memory swapped K/V may take per replica (default 4); beyond it preempted requests "
+                        "are recomputed")
     s.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 if the cluster has GPUs, else 0)")
     s.add_argument("--num-replicas", type=int)
     s.add_argument("--min-replicas", type=int, help="autoscaling lower bound")

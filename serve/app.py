@@ -66,7 +66,7 @@ class EngineServer:
 
     def __init__(self, model: str, max_batch_size: int = 16, max_model_len: int | None = None,
                  dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
-                 page_allocation: str = "on_demand", preemption_mode: str = "swap",
+                 page_allocation: str = "on_demand", preemption_mode: str = "swap", swap_space: float = 4.0,
                  gpu_memory_utilization: float | None = None, max_block_size: int | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -76,7 +76,7 @@ class EngineServer:
         self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
                                   prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens,
                                   page_allocation=page_allocation, preemption_mode=preemption_mode,
-                                  gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size)
+                                  swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size)
         if self.engine.memory_plan is not None:
             logging.getLogger("ray.serve").info("gpu_memory_utilization: %s", self.engine.memory_plan)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
@@ -592,17 +592,17 @@ def _flag(value, name: str) -> bool:
 def build_app(args: dict[str, Any]):
     """Application builder (`serve run serve.app:build_app model=DIR key=value ...`).
 
-    Keys: model (required), name, max_batch_size, max_model_len, kv_cache_tokens (the paged K/V pool's
-    size per replica; default max_batch_size x max_model_len) or gpu_memory_utilization (the pool sized from GPU
-    memory: what is left of that share after the weights and the measured peak of a full batch at max_block_size;
-    CUDA only), max_block_size (requests with larger blocks get a 400; with gpu_memory_utilization it defaults to
-    the decoding block size), page_allocation (on_demand, the default: pages as answers grow, preempting when
-    the pool runs out; or reserve), preemption_mode (swap, the default: a preempted request's K/V through host
-    memory; or recompute: rebuilt by forwards), dtype, prefix_caching (true / false, default true), routing
-    (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys (comma separated), num_gpus (default 1 when the cluster has GPUs, else 0), num_cpus,
-    min_replicas / max_replicas / target_ongoing_requests / upscale_delay_s / downscale_delay_s
-    (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests, decoding (dict of
-    decoding defaults), tensor_parallel_size (only 1).
+    Keys: model (required), name, max_batch_size, max_model_len, kv_cache_tokens (the paged K/V pool's size per
+    replica; default max_batch_size x max_model_len) or gpu_memory_utilization (the pool sized from GPU memory: what
+    is left of that share after the weights and the measured peak of a full batch at max_block_size; CUDA only),
+    max_block_size (requests with larger blocks get a 400; with gpu_memory_utilization it defaults to the decoding
+    block size), page_allocation (on_demand, the default: pages as answers grow, preempting when the pool runs out;
+    or reserve), preemption_mode (swap, the default: a preempted request's K/V through host memory, up to swap_space
+    GiB, default 4; or recompute: rebuilt by forwards), dtype, prefix_caching (true / false, default true), routing
+    (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys (comma separated), num_gpus (default 1
+    when the cluster has GPUs, else 0), num_cpus, min_replicas / max_replicas / target_ongoing_requests /
+    upscale_delay_s / downscale_delay_s (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests,
+    decoding (dict of decoding defaults), tensor_parallel_size (only 1).
     """
     args = dict(args)
     if "model" not in args:
@@ -635,6 +635,9 @@ def build_app(args: dict[str, Any]):
     if preemption_mode not in dllm.engine.PREEMPTION_MODES:
         raise ValueError(f"build_app: preemption_mode={preemption_mode!r} is not one of "
                          f"{', '.join(dllm.engine.PREEMPTION_MODES)}")
+    swap_space = float(args.pop("swap_space", 4.0))
+    if not 0 <= swap_space < float("inf"):
+        raise ValueError(f"build_app: swap_space={swap_space} is not a number of GiB >= 0")
     decoding = _decoding_defaults(args.pop("decoding", None))
     if gpu_memory_utilization is not None and max_block_size is None:
         max_block_size = decoding["block_size"]  # the block size the replica's memory probe decodes at
@@ -680,7 +683,7 @@ def build_app(args: dict[str, Any]):
     engine = serve.deployment(EngineServer, name="EngineServer").options(**engine_opts).bind(
         model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching,
         kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation, preemption_mode=preemption_mode,
-        gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size)
+        swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,

@@ -117,6 +117,8 @@ def test_preemption_mode_is_checked_when_the_app_is_built():
 
     with pytest.raises(ValueError, match="preemption_mode='drop' is not one of swap, recompute"):
         build_app({"model": "/models/x", "preemption_mode": "drop"})
+    with pytest.raises(ValueError, match="swap_space=-1.0 is not a number of GiB >= 0"):
+        build_app({"model": "/models/x", "swap_space": "-1"})
 
 
 def test_gpu_memory_utilization_is_checked_when_the_app_is_built():
