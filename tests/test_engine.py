@@ -694,19 +694,20 @@ ARRIVING = [dict(ignore_eos=True), {}, dict(temperature=1.0, seed=7), dict(block
             dict(cache_policy="none", block_size=4), dict(logprobs=2, ignore_eos=True)]
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_random_arrivals_aborts_and_preemptions_keep_the_pool_consistent(talkative64, seed):
     """Requests of a few repeated prompts (shared and cached pages) with mixed settings and caps arrive at
-    random steps into a small pool of an engine with random options, and some are aborted. After every
-    step the pool's bookkeeping holds; every request ends, and each one not aborted with the answer it
-    gets decoded alone."""
+    random steps into a small pool of an engine with random options, and some are aborted. Most on-demand
+    seeds preempt: swapping, recomputing, or swapping until 16 KiB of host memory (swap_space) are used
+    and recomputing past it. After every step the pool's bookkeeping holds; every request ends, and each one not aborted
+    with the answer it gets decoded alone."""
     rng = random.Random(seed)
     prompts = _prompts(6)
-    engine = _engine(talkative64, max_batch_size=rng.choice([2, 4, 8]), kv_cache_tokens=rng.choice([16, 24, 40]) * 4,
+    engine = _engine(talkative64, max_batch_size=rng.choice([4, 8]), kv_cache_tokens=rng.choice([16, 20, 24]) * 4,
                      max_prefill_tokens=rng.choice([16, 8192]), page_allocation="reserve" if seed % 3 == 2 else "on_demand",
                      share_prefills=rng.random() < 0.8, prefix_caching=rng.random() < 0.8,
                      max_unroll=rng.choice([1, 3]), expected_tpf=1.0,
-                     preemption_mode=PREEMPTION_MODES[seed % 2])
+                     preemption_mode=PREEMPTION_MODES[seed % 2], swap_space=2**-16 if seed % 4 == 2 else None)
     asked, results, aborted = {}, {}, set()
     for step in range(3000):  # a bound, not a wait: every request must end well before it
         if step < 150:
