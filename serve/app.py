@@ -164,15 +164,24 @@ class _EngineMetrics:
         self.running = Gauge("dllm_running_requests", "requests being decoded")
         self.cache = Gauge("dllm_kv_cache_usage", "fraction of KV-cache pages held by running requests")
         self.tps = Gauge("dllm_engine_tokens_per_s", "tokens per second over the last finished requests")
-        self.preemptions = Counter("dllm_preemptions", "running requests that gave their KV-cache pages back "
-                                   "(swapped out to host memory or dropped to be rebuilt)")
+        self.swapped = Gauge("dllm_swapped_kv_bytes", "K/V bytes of preempted requests in host memory (at most "
+                             "swap_space, but for requests without the commit pass)")
+        # Engine totals (Engine.stats() keys) exported as counters of their increments.
+        self.totals = {
+            "preemptions": Counter("dllm_preemptions", "running requests that gave their KV-cache pages back "
+                                   "(swapped out to host memory or dropped to be rebuilt)"),
+            "rebuilt_tokens": Counter("dllm_rebuilt_kv_tokens", "committed K/V positions written again for "
+                                      "preempted requests that dropped them"),
+        }
+        self._counted = dict.fromkeys(self.totals, 0)
         self._window: list[tuple[float, int]] = []
-        self._preempted = 0
 
     def on_step(self, stats: dict) -> None:
-        if stats["preemptions"] > self._preempted:  # Ray counters only accept positive increments
-            self.preemptions.inc(stats["preemptions"] - self._preempted)
-            self._preempted = stats["preemptions"]
+        for key, counter in self.totals.items():
+            if stats[key] > self._counted[key]:  # Ray counters only accept positive increments
+                counter.inc(stats[key] - self._counted[key])
+                self._counted[key] = stats[key]
+        self.swapped.set(stats["swapped_bytes_now"])
         self.queue.set(stats["waiting"])
         self.running.set(stats["running"])
         self.cache.set(stats["cache_pages_used"] / max(1, stats["cache_pages_total"]))

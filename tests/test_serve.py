@@ -579,7 +579,7 @@ def test_a_replica_short_of_kv_pages_preempts_and_answers_the_same(server, model
     """The secure app's pool holds 512 tokens, a quarter of 8 x 256: eight answers of 48 tokens after
     prompts of ~40 outgrow it, so the newest are preempted and resumed, their K/V rebuilt by forwards
     (the app's preemption_mode=recompute: nothing goes to host memory). Every answer is the one the
-    engine gives alone, and the preemptions reach Prometheus."""
+    engine gives alone, and the preemptions, the rebuilt positions and the swapped bytes reach Prometheus."""
     import ray
 
     secure = openai.OpenAI(base_url=f"{server}/secure/v1", api_key="k1", max_retries=0, timeout=CLIENT_TIMEOUT_S)
@@ -594,11 +594,13 @@ def test_a_replica_short_of_kv_pages_preempts_and_answers_the_same(server, model
     alone = [engine.generate([p], cfg)[0].text for p in prompts]
     assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == alone
     port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline, found = time.time() + 60, False
-    while time.time() < deadline and not found:
-        found = "ray_dllm_preemptions_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    names = ("ray_dllm_preemptions_total", "ray_dllm_rebuilt_kv_tokens_total", "ray_dllm_swapped_kv_bytes")
+    deadline, missing = time.time() + 60, names
+    while time.time() < deadline and missing:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = [name for name in names if name not in text]
         time.sleep(1)
-    assert found
+    assert not missing
 
 
 def test_stops_last_is_on_by_default_and_a_request_option(server, model_dir):
