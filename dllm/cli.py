@@ -71,8 +71,8 @@ def serve_app_args(args) -> dict:
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
     for key in ("name", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization", "max_block_size",
-                "page_allocation", "preemption_mode", "swap_space", "num_gpus", "min_replicas", "max_replicas", "num_replicas",
-                "api_keys"):
+                "page_allocation", "preemption_mode", "swap_space", "num_gpus", "min_replicas", "max_replicas",
+                "num_replicas", "api_keys"):
         value = getattr(args, key)
         if value is not None:
             app_args[key] = value
@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse requests with larger blocks (default: none; with --gpu-memory-utilization, the "
                         "decoding block size its memory probe runs at)")
     s.add_argument("--page-allocation", choices=PAGE_ALLOCATIONS,
-                   help="on_demand (default): pages as answers grow, the newest request swapped to host memory when "
-                        "the pool runs out; reserve: each request's prompt + max_tokens at admission, never preempted")
+                   help="on_demand (default): pages as answers grow, the newest request preempted when the pool runs "
+                        "out (see --preemption-mode); reserve: each request's prompt + max_tokens at admission, never "
+                        "preempted")
     s.add_argument("--preemption-mode", choices=PREEMPTION_MODES,
                    help="how a preempted request gets its K/V back: swap (default): through host memory, bit for bit; "
                         "recompute: forwards of its tokens write them again (no host memory, a forward per block)")

@@ -76,7 +76,8 @@ class EngineServer:
         self.engine = dllm.Engine(net, tokenizer, max_batch_size=max_batch_size, max_model_len=max_model_len,
                                   prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens,
                                   page_allocation=page_allocation, preemption_mode=preemption_mode,
-                                  swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size)
+                                  swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization,
+                                  max_block_size=max_block_size)
         if self.engine.memory_plan is not None:
             logging.getLogger("ray.serve").info("gpu_memory_utilization: %s", self.engine.memory_plan)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
