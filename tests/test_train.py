@@ -191,3 +191,34 @@ def test_config_errors_are_clear(tmp_path, capsys):
     cfg.write_text("run_name: x\ndata: d\nmodel: m\nmax_steps: 1\nbogus: 2\n")
     assert main(["--config", str(cfg)]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+_GATHER_AFTER_ENGINE = """
+import warnings, torch, dllm
+from benchmarks.fp8_train_bench import init_single_process_group
+from train.config import TrainConfig
+from train.loop import deepspeed_engine
+
+init_single_process_group("cpu")
+cfg = TrainConfig(run_name="x", data="d", model_config={}, tokenizer="t", max_steps=1, num_workers=1, use_gpu=False)
+tiny = dllm.tiny_config(64, n_layers=1, mask_token_id=63, eos_token_id=62, eot_token_id=61, bos_token_id=60,
+                        pad_token_id=62)
+deepspeed_engine(dllm.build_model(tiny, device="cpu", seed=0), cfg, on_gpu=False)
+with warnings.catch_warnings(record=True) as seen:
+    for _ in range(3):  # as ZeRO does after every optimizer step with more than one worker
+        torch.distributed.all_gather_into_tensor(torch.empty(2), torch.ones(2))
+print([str(w.message) for w in seen])
+"""
+
+
+def test_a_workers_log_is_not_buried_under_torchs_all_gather_deprecation_warning():
+    """ZeRO calls a torch.distributed API that torch 2.13 deprecates; unfiltered, each worker printed its
+    FutureWarning at every step of the quickstart's training log."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _GATHER_AFTER_ENGINE], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "all_gather_into_tensor" not in done.stderr

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,6 +81,10 @@ def deepspeed_engine(model: dllm.LLaDAModelLM, cfg: TrainConfig, on_gpu: bool):
     import deepspeed
 
     _skip_cpu_shm_build()
+    # ZeRO gathers parameters with torch.distributed.all_gather_into_tensor, deprecated in torch 2.13:
+    # its FutureWarning, printed by every worker at every step, would bury the training log.
+    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     if cfg.fp8:
         model = model.cuda()
         enable_fp8(model)
