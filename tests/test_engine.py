@@ -1244,8 +1244,8 @@ def test_decoding_does_not_sync_with_the_host_on_cuda(confident_model):
 @pytest.mark.parametrize("mode", PREEMPTION_MODES)
 def test_preemption_on_cuda_resumes_under_graphs_with_the_same_answers(talkative_model, mode):
     """CUDA graphs read the page table at every replay: a resumed request's new slot and pages need no
-    capture, and its K/V come back from pinned host memory behind the same stream (swap) or from eager
-    rebuild forwards between the graphed ones (recompute)."""
+    capture, and its K/V come back from pinned host memory behind the same stream (swap) or from rebuild
+    forwards that replay the COMMIT graphs (recompute; the prompt's, where needed, eagerly)."""
     model = copy.deepcopy(talkative_model).to("cuda")
     prompts, cfg = _prompts(8), CFG.replace(ignore_eos=True)
     roomy = _engine(model, cuda_graphs=True).generate(prompts, cfg)

@@ -67,11 +67,17 @@ class GraphedForward:
         self.mask_token_id = mask_token_id
         self.capacity = cache.pages_per_slot * cache.page_size
         self.device = cache.k.device
-        self.mempool = torch.cuda.graph_pool_handle()
+        self.mempool = None  # the memory pool every graph shares, made at the first capture
         self.graphs: dict[tuple[int, int, int, int], _Graph] = {}
         self.block_sizes: frozenset[int] | None = None  # None: graphs of any block size (see only())
         self.replays = 0
         self._last_meta: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def supported(model: LLaDAModelLM, device: torch.device) -> bool:
+        """Graphs of the engine's forwards need a CUDA device and the pool-attention kernel (without it
+        an attention's shapes follow the cache length, which a graph cannot)."""
+        return device.type == "cuda" and model.use_pool_kernel
 
     @staticmethod
     def bucket(rows: int) -> int | None:
@@ -133,6 +139,8 @@ class GraphedForward:
                    offsets=torch.zeros(rows, device=dev, dtype=torch.long),
                    logits_index=torch.arange(logits_start, logits_start + n_logits, device=dev).expand(rows, n_logits),
                    logits=None)
+        if self.mempool is None:
+            self.mempool = torch.cuda.graph_pool_handle()
         g.graph, g.logits = capture(lambda: self._forward(g), pool=self.mempool)
         self.graphs[(rows, q_len, logits_start, n_logits)] = g
         return g

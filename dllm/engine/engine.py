@@ -239,8 +239,8 @@ class Engine:
         if on_cuda:
             model.enable_pool_kernel()
         if cuda_graphs is None:
-            cuda_graphs = on_cuda and model.use_pool_kernel
-        if cuda_graphs and not (on_cuda and model.use_pool_kernel):
+            cuda_graphs = GraphedForward.supported(model, self.device)
+        if cuda_graphs and not GraphedForward.supported(model, self.device):
             raise ValueError("cuda_graphs=True needs the model on a CUDA device and triton installed "
                              "(the pool-attention kernel keeps graph shapes independent of the cache length)")
         if compile_blocks if compile_blocks is not None else cuda_graphs:
@@ -552,15 +552,23 @@ class Engine:
     def _rebuild(self, reqs: list[Request]) -> None:
         """One forward that writes committed K/V again for requests resumed after a recompute preemption
         (Request.rebuild_query: the tokens that first wrote them, then B masks). Nothing is decoded: the
-        requests' blocks, generators and counters stay as they were, and no logits are read."""
+        requests' blocks, generators and counters stay as they were, and no logits are read. A group of
+        committed blocks is shaped like a COMMIT forward (block + B masks at the block's offset): it
+        replays that forward's CUDA graph where there is one."""
         b, dev = reqs[0].block_size, self.device
         plans = [r.rebuild_query() for r in reqs]
         q_lens = [len(tokens) + b for _, tokens in plans]
+        slots, offsets = [r.slot for r in reqs], [offset for offset, _ in plans]
         ids = torch.full((len(reqs), max(q_lens)), self.mask_id, dtype=torch.long)
         for i, (_, tokens) in enumerate(plans):
             ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        view = self.cache.view([r.slot for r in reqs], [offset for offset, _ in plans], q_lens, ids.shape[1])
-        self.model(ids.to(dev), cache=view, logits_index=torch.zeros((len(reqs), 1), dtype=torch.long, device=dev))
+        ids = ids.to(dev)
+        replayed = None
+        if self.graphs is not None and all(q == 2 * b for q in q_lens):
+            replayed = self.graphs.run(ids, slots, offsets, logits_start=b, n_logits=b)
+        if replayed is None:
+            view = self.cache.view(slots, offsets, q_lens, ids.shape[1])
+            self.model(ids, cache=view, logits_index=torch.zeros((len(reqs), 1), dtype=torch.long, device=dev))
         self.total_forwards += 1
         for r, (offset, tokens) in zip(reqs, plans):
             r.rebuilt = offset + len(tokens)
