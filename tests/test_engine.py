@@ -1251,7 +1251,16 @@ def test_preemption_on_cuda_resumes_under_graphs_with_the_same_answers(talkative
     roomy = _engine(model, cuda_graphs=True).generate(prompts, cfg)
     need = max(_engine(model).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
     engine = _engine(model, kv_cache_tokens=2 * need * 4, cuda_graphs=True, preemption_mode=mode)
+    rebuild, rebuild_replays = engine._rebuild, []
+
+    def counted(reqs):
+        before = engine.graphs.replays
+        rebuild(reqs)
+        rebuild_replays.append(engine.graphs.replays - before)
+
+    engine._rebuild = counted
     gens = engine.generate(prompts, cfg)
     assert engine.stats()["preemptions"] > 0 and engine.graphs.replays > 0
     assert engine.stats()["swapped_bytes" if mode == "swap" else "rebuilt_tokens"] > 0
+    assert (sum(rebuild_replays) > 0) == (mode == "recompute")  # committed blocks rebuilt through COMMIT graphs
     assert [g.token_ids for g in gens] == [g.token_ids for g in roomy]
