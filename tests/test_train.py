@@ -194,7 +194,7 @@ def test_config_errors_are_clear(tmp_path, capsys):
 
 
 _GATHER_AFTER_ENGINE = """
-import warnings, torch, dllm
+import os, warnings, torch, dllm
 from benchmarks.fp8_train_bench import init_single_process_group
 from train.config import TrainConfig
 from train.loop import deepspeed_engine
@@ -207,7 +207,9 @@ deepspeed_engine(dllm.build_model(tiny, device="cpu", seed=0), cfg, on_gpu=False
 with warnings.catch_warnings(record=True) as seen:
     for _ in range(3):  # as ZeRO does after every optimizer step with more than one worker
         torch.distributed.all_gather_into_tensor(torch.empty(2), torch.ones(2))
-print([str(w.message) for w in seen])
+print([str(w.message) for w in seen], flush=True)
+torch.distributed.destroy_process_group()
+os._exit(0)  # what is checked is printed; a native thread still joinable at teardown once aborted the exit
 """
 
 
