@@ -88,6 +88,24 @@ def talkative_model(tiny_config):
     return make_confident_model(tiny_config, **TALKATIVE)
 
 
+@pytest.fixture
+def rebuild_replays():
+    """watch(engine): a list that receives, for each of the engine's rebuild forwards (recompute preemption),
+    how many CUDA-graph replays it ran."""
+    def watch(engine) -> list[int]:
+        rebuild, replays = engine._rebuild, []
+
+        def counted(reqs):
+            before = engine.graphs.replays
+            rebuild(reqs)
+            replays.append(engine.graphs.replays - before)
+
+        engine._rebuild = counted
+        return replays
+
+    return watch
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the whole test session (starting Ray costs seconds)."""

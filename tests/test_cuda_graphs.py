@@ -98,27 +98,21 @@ def unpreempted(talkative_model):
 
 
 @pytest.mark.parametrize("mode", PREEMPTION_MODES)
-def test_preempted_requests_resume_under_graphs_with_the_same_answers(replaying_on_cpu, model, unpreempted, mode):
+def test_preempted_requests_resume_under_graphs_with_the_same_answers(replaying_on_cpu, model, unpreempted,
+                                                                      rebuild_replays, mode):
     """A resumed request's new slot and pages reach the graphs through the page table. In recompute mode
     the rebuild forwards of committed blocks have a COMMIT forward's shape and replay its graphs."""
     prompts, cfg = _prompts(6), CFG.replace(ignore_eos=True)
     need = max(_engine(model).cache.pages_for(len(p) + cfg.max_new_tokens) for p in prompts)
     engine = _engine(model, kv_cache_tokens=2 * need * 4, cuda_graphs=True, preemption_mode=mode)
-    rebuild, rebuild_replays = engine._rebuild, []
-
-    def counted(reqs):
-        before = engine.graphs.replays
-        rebuild(reqs)
-        rebuild_replays.append(engine.graphs.replays - before)
-
-    engine._rebuild = counted
+    replays_per_rebuild = rebuild_replays(engine)
     gens = engine.generate(prompts, cfg)
     assert engine.stats()["preemptions"] > 0
     assert [g.token_ids for g in gens] == [g.token_ids for g in unpreempted]
     if mode == "recompute":
-        assert engine.stats()["rebuilt_tokens"] > 0 and sum(rebuild_replays) > 0
+        assert engine.stats()["rebuilt_tokens"] > 0 and sum(replays_per_rebuild) > 0
     else:
-        assert engine.stats()["swapped_bytes"] > 0 and rebuild_replays == []
+        assert engine.stats()["swapped_bytes"] > 0 and replays_per_rebuild == []
 
 
 def test_after_a_warm_up_only_its_block_sizes_replay_graphs(replaying_on_cpu, model):

@@ -1242,7 +1242,7 @@ def test_decoding_does_not_sync_with_the_host_on_cuda(confident_model):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", PREEMPTION_MODES)
-def test_preemption_on_cuda_resumes_under_graphs_with_the_same_answers(talkative_model, mode):
+def test_preemption_on_cuda_resumes_under_graphs_with_the_same_answers(talkative_model, rebuild_replays, mode):
     """CUDA graphs read the page table at every replay: a resumed request's new slot and pages need no
     capture, and its K/V come back from pinned host memory behind the same stream (swap) or from rebuild
     forwards that replay the COMMIT graphs (recompute; the prompt's, where needed, eagerly)."""
@@ -1251,16 +1251,9 @@ def test_preemption_on_cuda_resumes_under_graphs_with_the_same_answers(talkative
     roomy = _engine(model, cuda_graphs=True).generate(prompts, cfg)
     need = max(_engine(model).cache.pages_for(len(p) + CFG.max_new_tokens) for p in prompts)
     engine = _engine(model, kv_cache_tokens=2 * need * 4, cuda_graphs=True, preemption_mode=mode)
-    rebuild, rebuild_replays = engine._rebuild, []
-
-    def counted(reqs):
-        before = engine.graphs.replays
-        rebuild(reqs)
-        rebuild_replays.append(engine.graphs.replays - before)
-
-    engine._rebuild = counted
+    replays_per_rebuild = rebuild_replays(engine)
     gens = engine.generate(prompts, cfg)
     assert engine.stats()["preemptions"] > 0 and engine.graphs.replays > 0
     assert engine.stats()["swapped_bytes" if mode == "swap" else "rebuilt_tokens"] > 0
-    assert (sum(rebuild_replays) > 0) == (mode == "recompute")  # committed blocks rebuilt through COMMIT graphs
+    assert (sum(replays_per_rebuild) > 0) == (mode == "recompute")  # committed blocks rebuilt through COMMIT graphs
     assert [g.token_ids for g in gens] == [g.token_ids for g in roomy]

@@ -3,6 +3,8 @@
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -216,9 +218,6 @@ os._exit(0)  # what is checked is printed; a native thread still joinable at tea
 def test_a_workers_log_is_not_buried_under_torchs_all_gather_deprecation_warning():
     """ZeRO calls a torch.distributed API that torch 2.13 deprecates; unfiltered, each worker printed its
     FutureWarning at every step of the quickstart's training log."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", _GATHER_AFTER_ENGINE], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
