@@ -88,15 +88,16 @@ class EngineServer:
     async def reconfigure(self, user_config: dict) -> None:
         """Change decoding defaults (block size, threshold, decoder, max_tokens) without a restart. Serve calls
         it after __init__ too (build_app always sets a user_config). On CUDA the graphs of every batch bucket
-        for the default block size are captured here, on the engine thread between steps, so that neither the
-        first requests nor those after a change of block size pay for captures."""
+        for the default block size (and the default decoder's decode steps) are captured here, on the engine
+        thread between steps, so that neither the first requests nor those after a change of block size pay
+        for captures."""
         defaults = _decoding_defaults(user_config)
         top = self.engine.max_block_size
         if top is not None and defaults["block_size"] > top:
             raise ValueError(f"user_config: block_size {defaults['block_size']} is larger than this replica's "
                              f"max_block_size {top}")
         self.defaults = defaults
-        await self.loop.call(lambda: self.engine.warmup([defaults["block_size"]]))
+        await self.loop.call(lambda: self.engine.warmup([defaults["block_size"]], [defaults["decoder"]]))
 
     def check_health(self) -> None:
         if not self.loop.alive:

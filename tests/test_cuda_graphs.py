@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dllm
 from dllm.engine import PREEMPTION_MODES
@@ -29,8 +30,8 @@ CFG = dllm.GenerationConfig(block_size=8, threshold=0.9, max_new_tokens=24)
 
 
 class EagerReplay:
-    """A captured CUDA graph's stand-in: replay() runs the forward again on the graph's static inputs and
-    writes its logits into the graph's static output."""
+    """A captured CUDA graph's stand-in: replay() runs the captured function (a forward, or a decode step)
+    again on the graph's static inputs and writes its result into the graph's static output."""
 
     def __init__(self, forward) -> None:
         self.forward = forward
@@ -38,6 +39,32 @@ class EagerReplay:
 
     def replay(self) -> None:
         self.logits.copy_(self.forward())
+
+
+class OpsOutsideGraphs(TorchDispatchMode):
+    """Counts the tensor ops run outside EagerReplay.replay, views aside: on a GPU, the kernels a step
+    launches besides its graph replays."""
+
+    NO_KERNEL = (torch.ops.aten.resolve_conj.default, torch.ops.aten.resolve_neg.default)
+
+    def __init__(self, monkeypatch) -> None:
+        super().__init__()
+        self.count, self.in_replay = 0, False
+        replay = EagerReplay.replay
+
+        def counted_replay(graph):
+            self.in_replay = True
+            try:
+                replay(graph)
+            finally:
+                self.in_replay = False
+
+        monkeypatch.setattr(EagerReplay, "replay", counted_replay)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (self.in_replay or func.is_view or func in self.NO_KERNEL):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -86,6 +113,65 @@ def test_replayed_graphs_decode_what_eager_forwards_decode(replaying_on_cpu, mod
     assert [g.token_ids for g in graphed] == [g.token_ids for g in eager]
     assert [g.num_forwards for g in graphed] == [g.num_forwards for g in eager]
     assert len(graphed[0].token_ids) == CFG.max_new_tokens  # three blocks: COMMIT forwards replayed too
+
+
+# Greedy rows of every stateless decoder, stop rules on and off, and one with more stop ids than the
+# narrowest decode graph holds (STOP_WIDTHS): one group, each row choosing its rule in the graph.
+GREEDY = [CFG, CFG.replace(decoder="factor", factor=2.0, early_stop=True),
+          CFG.replace(decoder="hierarchical", threshold=0.95, low_threshold=0.5),
+          CFG.replace(decoder="fixed_k", tokens_per_step=2, stops_last=False),
+          CFG.replace(threshold=0.7, stops_last=False, early_stop=True, stop_token_ids=[20, 21, 22, 23, 24])]
+
+
+@pytest.mark.parametrize("n,unroll", [(5, 1), (2, 4)])
+def test_decode_graphs_commit_what_the_eager_decoders_commit(replaying_on_cpu, model, n, unroll):
+    """Greedy groups replay their decode step after the forward (decoders.greedy_step, per-row choices in
+    tensors): the tokens and forwards of eager decoding, with rows padded to the bucket (5 -> 8) and
+    unrolled DENOISE steps that feed each new block to the next forward on the device."""
+    prompts, settings = _prompts(n), GREEDY[:n] if n > 2 else [GREEDY[2], GREEDY[4]]
+    eager = _engine(model, cuda_graphs=False, max_unroll=unroll, expected_tpf=1.0).generate(prompts, settings)
+    engine = _engine(model, cuda_graphs=True, max_unroll=unroll, expected_tpf=1.0)
+    graphed = engine.generate(prompts, settings)
+    assert engine.graphs.step_replays == engine.graphs.replays > 0  # every replayed forward decoded in a graph
+    assert [g.token_ids for g in graphed] == [g.token_ids for g in eager]
+    assert [g.num_forwards for g in graphed] == [g.num_forwards for g in eager]
+    assert [g.finish_reason for g in graphed] == [g.finish_reason for g in eager]
+    assert any(g.finish_reason == "stop" for g in graphed) and any(g.token_ids for g in graphed)
+
+
+def test_a_group_with_a_row_that_samples_decodes_eagerly_after_its_graphed_forward(replaying_on_cpu, model):
+    engine = _engine(model, cuda_graphs=True)
+    engine.generate(_prompts(2), [CFG.replace(ignore_eos=True), CFG.replace(temperature=1.0, seed=1, ignore_eos=True)])
+    assert engine.graphs.replays > 0 and engine.graphs.step_replays == 0
+
+
+def test_a_graphed_greedy_step_launches_a_few_ops_besides_its_two_replays(replaying_on_cpu, model, monkeypatch):
+    """What a DENOISE step costs the host besides the replays: the group's inputs in, the new blocks and
+    their status out (one read). Decoding eagerly after the graphed forward launches >10x as many."""
+    def ops_per_step(decode_graphs: bool) -> float:
+        engine = _engine(model, cuda_graphs=True, decode_graphs=decode_graphs)
+        engine.add_request(_prompts(1)[0], CFG.replace(threshold=1.0, ignore_eos=True, max_new_tokens=64))
+        for _ in range(3):  # prefill, then DENOISE steps (threshold 1: one position per step)
+            engine.step()
+        counter = OpsOutsideGraphs(monkeypatch)
+        with counter:
+            for _ in range(4):
+                engine.step()
+        return counter.count / 4
+
+    graphed, eager = ops_per_step(True), ops_per_step(False)
+    assert graphed <= 3 and eager >= 10 * graphed, (graphed, eager)  # the block's stack, its copy in, its clone out
+
+
+def test_warm_up_captures_the_decode_steps_of_its_decoders(replaying_on_cpu, model):
+    engine = _engine(model, max_batch_size=4, cuda_graphs=True)
+    assert engine.warmup([8], ["hierarchical", "credit"]) == 6  # credit has no decode graph (its state is eager)
+    assert engine.stats()["decode_graphs"] == 6
+    assert {key[1] for key in engine.graphs.steps} == {("hierarchical",)}
+    engine.generate(_prompts(3), CFG.replace(decoder="hierarchical", max_new_tokens=16))
+    assert engine.graphs.step_replays > 0 and engine.stats()["decode_graphs"] == 6  # nothing captured while serving
+    with pytest.raises(ValueError, match="decode_graphs=True needs cuda_graphs"):
+        _engine(model, cuda_graphs=False, decode_graphs=True)
 
 
 @pytest.fixture(scope="module")

@@ -1241,6 +1241,27 @@ def test_decoding_does_not_sync_with_the_host_on_cuda(confident_model):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_decode_graphs_on_cuda_commit_what_the_eager_decoders_commit(talkative_model, unroll):
+    """Greedy rows of every stateless decoder (a group's rows each choosing their rule in the graph) decode
+    the same tokens with their decode step replayed as a graph as with the decoders run eagerly after the
+    forward's graph; the decode graphs read and write the device's buffers only."""
+    model = copy.deepcopy(talkative_model).to("cuda", torch.bfloat16)
+    settings = [CFG.replace(stops_last=True), CFG.replace(decoder="factor", factor=2.0, early_stop=True),
+                CFG.replace(decoder="hierarchical", threshold=0.95, low_threshold=0.5),
+                CFG.replace(decoder="fixed_k", tokens_per_step=2),
+                CFG.replace(threshold=0.7, early_stop=True, stop_token_ids=[20, 21, 22, 23, 24])]
+    prompts = _prompts(len(settings))
+    kw = dict(cuda_graphs=True, compile_blocks=False, max_unroll=unroll, expected_tpf=1.0)  # no compile: test time
+    eager = _engine(model, decode_graphs=False, **kw).generate(prompts, settings)
+    engine = _engine(model, decode_graphs=True, **kw)
+    graphed = engine.generate(prompts, settings)
+    assert engine.graphs.step_replays == engine.graphs.replays > 0
+    assert [g.token_ids for g in graphed] == [g.token_ids for g in eager]
+    assert [g.num_forwards for g in graphed] == [g.num_forwards for g in eager]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", PREEMPTION_MODES)
 def test_preemption_on_cuda_resumes_under_graphs_with_the_same_answers(talkative_model, rebuild_replays, mode):
     """CUDA graphs read the page table at every replay: a resumed request's new slot and pages need no

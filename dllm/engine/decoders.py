@@ -1,8 +1,9 @@
 """Parallel decoders: which masked positions of a block to commit after one forward.
 
 Pure, batched tensor functions over the block (rows = requests, B positions each). None of them
-syncs with the host, so a step can run inside a CUDA graph or an unrolled loop. Every rule commits
-at least the single most confident masked position, so a block always makes progress.
+syncs with the host, so a step can run inside a CUDA graph or an unrolled loop (`greedy_step`: the
+decode step of greedy rows with every per-row choice in tensors, which the engine replays as a graph).
+Every rule commits at least the single most confident masked position, so a block always makes progress.
 
 Shapes: logits [n, B, V]; masked / commit [n, B] bool; per-row parameters [n].
 """
@@ -14,6 +15,10 @@ import torch
 NEG = -1.0  # confidence given to positions that are not masked (below any probability)
 # Decoders that commit every masked position at or above the request's threshold.
 COMMIT_ABOVE_THRESHOLD = ("threshold", "credit", "hierarchical")
+# Each decoder's own per-row parameter (a GenerationConfig field), beside the threshold.
+OWN_PARAMETER = {"factor": "factor", "hierarchical": "low_threshold", "fixed_k": "tokens_per_step"}
+# Decoders that keep no state between steps (credit keeps its credit): `greedy_step` runs them.
+STATELESS = ("threshold", "factor", "hierarchical", "fixed_k")
 
 
 def without_mask(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
@@ -187,6 +192,72 @@ def hierarchical_commit(conf: torch.Tensor, masked: torch.Tensor, high: torch.Te
         1, run, c, reduce="amax", include_self=True)
     is_best = masked & (c >= torch.gather(run_best, 1, run))
     return (is_best & (conf > low[:, None])) | (masked & (conf > high[:, None])) | _top1(conf, masked)
+
+
+def commit_rule(decoder: str, conf: torch.Tensor, allowed: torch.Tensor, threshold: torch.Tensor,
+                param: torch.Tensor | None) -> torch.Tensor:
+    """[n, B] bool: the positions `decoder` commits among the `allowed` ones; `param` [n] is its own
+    parameter (OWN_PARAMETER; None for threshold and credit, which commit by threshold)."""
+    if decoder in ("threshold", "credit"):
+        return threshold_commit(conf, allowed, threshold)
+    if decoder == "factor":
+        return factor_commit(conf, allowed, param)
+    if decoder == "hierarchical":
+        return hierarchical_commit(conf, allowed, threshold, param)
+    if decoder == "fixed_k":
+        return top_k_commit(conf, allowed, param)
+    raise ValueError(f"unknown decoder {decoder!r}")
+
+
+def block_finished(blocks: torch.Tensor, mask_token_id: int, stop_ids: torch.Tensor | None,
+                   early: torch.Tensor | None) -> torch.Tensor:
+    """[n] bool: the block has no mask left, or (rows `early` [n] bool: early_stop) a committed stop
+    token (`stop_ids` [n, w], padded with -1) with no mask before it."""
+    masked = blocks == mask_token_id
+    done = ~masked.any(1)
+    if early is None:
+        return done
+    b = blocks.shape[1]
+    pos = torch.arange(b, device=blocks.device)
+    first_stop = torch.where(is_stop(blocks, stop_ids), pos, b).amin(1)
+    settled = (first_stop < b) & ~(masked & (pos < first_stop[:, None])).any(1)
+    return done | (early & settled)
+
+
+def greedy_row(config, stop_ids, kinds: tuple[str, ...], width: int) -> list[float]:
+    """One row of `greedy_step`'s parameters [5 + width] from a request's GenerationConfig and stop
+    ids (every value exact in float32: token ids are below 2**24)."""
+    own = OWN_PARAMETER.get(config.decoder)
+    ids = sorted(stop_ids)
+    return [config.threshold, kinds.index(config.decoder), getattr(config, own) if own else 0.0,
+            config.early_stop, config.stops_last, *ids, *[-1] * (width - len(ids))]
+
+
+def greedy_step(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int, rows: torch.Tensor,
+                kinds: tuple[str, ...]) -> torch.Tensor:
+    """One decode step of greedy rows whose every per-row choice is a tensor, so that a CUDA graph can
+    hold it with the forward: the same commits as the engine's decode of those rows (candidates,
+    stops_last, the row's decoder, early_stop). `rows` [n, 5 + w] float32 (greedy_row): threshold,
+    decoder (an index into `kinds`, STATELESS ones), its own parameter, early_stop, stops_last, stop
+    ids. Returns [n, B + 2] long: the new block, finished (0/1) and masks left."""
+    threshold, kind, param = rows[:, 0], rows[:, 1].long(), rows[:, 2]
+    early, last, stop_ids = rows[:, 3] > 0, rows[:, 4] > 0, rows[:, 5:].long()
+    x, conf = candidates(logits, mask_token_id)
+    masked = block == mask_token_id
+    above = torch.zeros_like(early)
+    for j, decoder in enumerate(kinds):
+        if decoder in COMMIT_ABOVE_THRESHOLD:
+            above = above | (kind == j)
+    # Positions at or above the threshold are committed in this step (COMMIT_ABOVE_THRESHOLD decoders).
+    sure = torch.where(above, threshold, 2.0)
+    allowed = torch.where(last[:, None], stops_last(x, conf, masked, stop_ids, sure), masked)
+    commit = torch.zeros_like(masked)
+    for j, decoder in enumerate(kinds):
+        rule = commit_rule(decoder, conf, allowed, threshold, param)
+        commit = torch.where((kind == j)[:, None], rule, commit)
+    new = torch.where(commit, x, block)
+    done = block_finished(new, mask_token_id, stop_ids, early)
+    return torch.cat([new, done[:, None].long(), (new == mask_token_id).sum(1, keepdim=True)], 1)
 
 
 def credit_fuse(logits: torch.Tensor, credit: torch.Tensor, masked: torch.Tensor, alpha: torch.Tensor,

@@ -19,7 +19,9 @@ per-request parameters reach the device before the forward is launched (`_Decode
 host queues forward and decode without waiting for the GPU in between.
 
 On CUDA the cache is read by the pool-attention kernel and DENOISE / COMMIT forwards (fixed
-shapes) replay CUDA graphs (`cuda_graphs.py`); PREFILL (any prompt length) runs eagerly.
+shapes) replay CUDA graphs (`cuda_graphs.py`); PREFILL (any prompt length) runs eagerly. A group
+whose rows all decode greedily with a stateless decoder replays its decode step as a graph too
+(`decode_graphs`): its step is then two replays and the one status read.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..model import LLaDAModelLM
 from . import decoders, memory
 from .config import GenerationConfig
 from .cuda_graphs import GraphedForward
+from .decoders import STATELESS
 from .kv_cache import DEFAULT_PAGE_SIZE, KVCache
 from .request import BlockTrajectory, Generation, Phase, Request, RequestOutput, TokenLogprob
 from .scheduler import Scheduler
@@ -96,10 +99,9 @@ class _DecodeParams:
         by_kind: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):
             by_kind.setdefault(r.config.decoder, []).append(i)
-        own_parameter = {"factor": "factor", "hierarchical": "low_threshold", "fixed_k": "tokens_per_step"}
         self.kinds = []  # (decoder, its rows, its own per-row parameter or None)
         for kind, rows in by_kind.items():
-            name = own_parameter.get(kind)
+            name = decoders.OWN_PARAMETER.get(kind)
             param = on_device([getattr(reqs[i].config, name) for i in rows]) if name else None
             self.kinds.append((kind, on_device(rows), param))
         self.credit_rows = by_kind.get("credit", [])
@@ -110,7 +112,7 @@ class _DecodeParams:
             # No credit decay on a block's first step: only the first unrolled step can be one.
             self.credit_first = on_device([reqs[i].block_steps == 0 for i in self.credit_rows])
         early = [i for i, r in enumerate(reqs) if r.config.early_stop]
-        self.early_index = on_device(early) if early else None
+        self.early = on_device([r.config.early_stop for r in reqs]) if early else None  # [n] bool
         last = [i for i, r in enumerate(reqs) if r.config.stops_last]
         self.stops_last_index = on_device(last) if last else None
         # [n, w]: each row's stop ids, padded with -1 (early_stop, stops_last, min_tokens, penalties)
@@ -130,6 +132,16 @@ class _DecodeParams:
         if early or last or young or self.penalty_rows:
             width = max(len(r.stop_ids) for r in reqs)
             self.stop_ids = on_device([sorted(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs])
+
+
+def _decodes_in_graph(r: Request) -> bool:
+    """Whether `r`'s decode step is decoders.greedy_step: greedy, a stateless decoder, and nothing that
+    changes the logits or needs more than the new block (bias, penalties, min_tokens still pending,
+    logprobs, smoothing, the trajectory's per-step reads)."""
+    c = r.config
+    return (c.temperature == 0 and c.decoder in decoders.STATELESS and not c.logit_bias and not c.penalised
+            and c.logprobs is None and not c.smoothing and not c.record_trajectory
+            and not (c.min_tokens > len(r.generated) and r.stop_ids))
 
 
 class _SharedPrefill:
@@ -196,6 +208,11 @@ class Engine:
     max_prefill_tokens: padded tokens one prefill forward may hold
     cuda_graphs:        replay CUDA graphs for DENOISE / COMMIT forwards; default: on where the
                         model is on CUDA and triton is installed
+    decode_graphs:      with cuda_graphs, groups whose rows all decode greedily with a stateless
+                        decoder (threshold, factor, hierarchical, fixed_k; no logit_bias, penalties,
+                        pending min_tokens, logprobs, smoothing or trajectory) replay their decode
+                        step as a graph too (decoders.greedy_step): same tokens, two replays per step
+                        instead of the decoder's small launches. Default: on with cuda_graphs
     compile_blocks:     fuse each block's elementwise work with torch.compile (model.compile_blocks);
                         default: on with CUDA graphs. The first steps of a new shape pay the compile.
     fuse_projections:   one Q/K/V and one gate/up matmul per block instead of five
@@ -220,7 +237,8 @@ class Engine:
 
     def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
                  max_model_len: int | None = None, max_prefill_tokens: int = 8192,
-                 cuda_graphs: bool | None = None, compile_blocks: bool | None = None,
+                 cuda_graphs: bool | None = None, decode_graphs: bool | None = None,
+                 compile_blocks: bool | None = None,
                  fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
                  share_prefills: bool = True, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE, page_allocation: str = "on_demand",
@@ -243,6 +261,9 @@ class Engine:
         if cuda_graphs and not GraphedForward.supported(model, self.device):
             raise ValueError("cuda_graphs=True needs the model on a CUDA device and triton installed "
                              "(the pool-attention kernel keeps graph shapes independent of the cache length)")
+        if decode_graphs and not cuda_graphs:
+            raise ValueError("decode_graphs=True needs cuda_graphs (a decode step replays after its forward's graph)")
+        self.decode_graphs = cuda_graphs if decode_graphs is None else decode_graphs
         if compile_blocks if compile_blocks is not None else cuda_graphs:
             model.compile_blocks()
         if fuse_projections:
@@ -419,16 +440,18 @@ class Engine:
         return [results[i] for i in ids]
 
     @torch.inference_mode()
-    def warmup(self, block_sizes: Sequence[int] = (64,)) -> int:
+    def warmup(self, block_sizes: Sequence[int] = (64,), decoders: Sequence[str] = ("threshold",)) -> int:
         """Capture the CUDA graphs of every batch bucket for these block sizes (and compile the fused
-        blocks) before traffic arrives; returns the number of graphs (0 without CUDA graphs). From then
-        on only these block sizes replay graphs: others' graphs are dropped and their forwards run
+        blocks) before traffic arrives, with the decode-step graphs of greedy groups of each of these
+        `decoders` (decode_graphs); returns the number of forward graphs (0 without CUDA graphs). From
+        then on only these block sizes replay graphs: others' graphs are dropped and their forwards run
         eagerly, so graph memory stays what the warm-up took (see cuda_graphs.GraphedForward.only)."""
         if self.graphs is None:
             return 0
         self.graphs.only(block_sizes)  # dropped graphs' memory stays in the graphs' pool, for the new captures
+        step_decoders = tuple(d for d in decoders if d in STATELESS) if self.decode_graphs else ()  # credit: eager
         for b in block_sizes:
-            self.graphs.capture_all(b, self.cache.num_slots)
+            self.graphs.capture_all(b, self.cache.num_slots, step_decoders)
         return len(self.graphs.graphs)
 
     def stats(self) -> dict:
@@ -454,6 +477,7 @@ class Engine:
             "prefix_cache_hits": self.prefix_cache_hits,
             "prefix_cached_tokens": self.prefix_cached_tokens,
             "cuda_graphs": len(self.graphs.graphs) if self.graphs is not None else 0,
+            "decode_graphs": len(self.graphs.steps) if self.graphs is not None else 0,
         }
 
     # ----- one forward group -----------------------------------------------------------------
@@ -478,18 +502,20 @@ class Engine:
             return self._rebuild(reqs)
         n = len(reqs)
         dev = self.device
-        masks = torch.full((b,), self.mask_id, device=dev, dtype=torch.long)
         plans = [r.recomputed() for r in reqs]  # (cache offset, committed tokens recomputed first)
         offsets = [offset for offset, _ in plans]
         lead = reqs[0].finished_block_len  # the query layout of Request.query_len, from plans computed once
         starts = [len(tokens) + lead for _, tokens in plans]  # where the decoded block sits in each query
         q_lens = [start + b for start in starts]
-        current = masks.expand(n, b) if phase is not Phase.DENOISE else torch.stack([r.block for r in reqs])
+        if phase is Phase.DENOISE:
+            current = torch.stack([r.block for r in reqs])
+        else:
+            current = torch.full((b,), self.mask_id, device=dev, dtype=torch.long).expand(n, b)
         finished = torch.stack([r.block for r in reqs]) if phase is Phase.COMMIT else None
         uniform = all(not tokens for _, tokens in plans)  # DENOISE / COMMIT of the dllm-var policy: B or 2B tokens
         if uniform:
             ids = current if finished is None else torch.cat([finished, current], dim=1)
-            block_pos = torch.arange(lead, lead + b, device=dev).expand(n, b)
+            block_pos = None  # positions lead .. lead + B of every row, made where an eager decode needs them
         else:  # rows of different lengths (prefill, recomputing policies): right-padded with masks
             ids = torch.full((n, max(q_lens)), self.mask_id, dtype=torch.long, device=dev)
             for i, (_, tokens) in enumerate(plans):
@@ -499,10 +525,7 @@ class Engine:
                     ids[i, len(tokens):len(tokens) + b] = finished[i]
                 ids[i, starts[i]:starts[i] + b] = current[i]
             block_pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(b, device=dev)
-        if phase is not Phase.DENOISE:
-            for r in reqs:
-                r.block = masks.clone()
-        blocks = torch.stack([r.block for r in reqs])
+        blocks = current  # the blocks decoded: each request's, or B masks (its block field is replaced after)
 
         # DENOISE steps can be unrolled: k forwards + decodes back to back, one host sync at the end
         # (decoders are branch-free: a finished block just stays finished). k from the masks left.
@@ -510,10 +533,62 @@ class Engine:
         if phase is Phase.DENOISE and self.max_unroll > 1:
             fewest = min(r.masks_left for r in reqs)
             k = max(1, min(self.max_unroll, int(fewest // self.expected_tpf)))
-        params = _DecodeParams(self, reqs, k)
         slots = [r.slot for r in reqs]
         smoothing = [i for i, r in enumerate(reqs) if r.config.smoothing]
         graphable = self.graphs is not None and uniform and phase is not Phase.PREFILL and not smoothing
+        stepped = None
+        if graphable and self.decode_graphs and all(_decodes_in_graph(r) for r in reqs):
+            stepped = self._graphed_steps(reqs, ids, slots, offsets, lead, b, k)
+        if stepped is not None:
+            blocks = stepped[:, :b].clone()  # the graph's output is overwritten by its next replay
+            done, masks_left = self._read_status(stepped[:, b:].t())
+            self.total_forwards += k
+            for i, r in enumerate(reqs):
+                r.block = blocks[i]
+                r.num_forwards += k
+                r.block_steps += k
+                r.steps += k
+        else:
+            done, masks_left = self._decode_steps(reqs, ids, blocks, block_pos, slots, offsets, q_lens, lead, b, k,
+                                                  graphable, smoothing)
+        for i, r in enumerate(reqs):
+            r.masks_left = masks_left[i]
+            if phase is Phase.PREFILL:
+                r.cached_len = len(r.prompt_ids)
+                r.prefill_source = None
+                if self.scheduler.reuses_prompt(r):
+                    self.cache.remember(r.prompt_key, r.slot, r.cached_len)
+            elif phase is Phase.COMMIT:
+                r.cached_len += b
+            r.phase = Phase.DENOISE
+            if done[i]:
+                self._complete_block(r)
+
+    def _graphed_steps(self, reqs: list[Request], ids: torch.Tensor, slots: list[int], offsets: list[int],
+                       lead: int, b: int, k: int) -> torch.Tensor | None:
+        """k forwards of a group of greedy rows, each with its decode step, as graph replays
+        (GraphedForward.run_steps); [n, B + 2]: new blocks, finished, masks left. None: no graph fits."""
+        kinds = tuple(sorted({r.config.decoder for r in reqs}))
+        width = GraphedForward.stop_width(max(len(r.stop_ids) for r in reqs))
+        if width is None:
+            return None
+        rows = []
+        for r in reqs:
+            if r.graph_row is None or r.graph_row[:2] != (kinds, width):
+                r.graph_row = (kinds, width, decoders.greedy_row(r.config, r.stop_ids, kinds, width))
+            rows.append(r.graph_row[2])
+        return self.graphs.run_steps(ids, slots, offsets, logits_start=lead, n_logits=b, rows=rows, kinds=kinds,
+                                     steps=k)
+
+    def _decode_steps(self, reqs: list[Request], ids: torch.Tensor, blocks: torch.Tensor, block_pos: torch.Tensor,
+                      slots: list[int], offsets: list[int], q_lens: list[int], lead: int, b: int, k: int,
+                      graphable: bool, smoothing: list[int]) -> tuple[list[bool], list[int]]:
+        """k forwards of a group (replayed graphs where `graphable`, else eager), each followed by the
+        eager decode of every row; returns the blocks' status (the group's one host sync)."""
+        phase = reqs[0].phase
+        if block_pos is None:
+            block_pos = torch.arange(lead, lead + b, device=self.device).expand(len(reqs), b)
+        params = _DecodeParams(self, reqs, k)
         shared = _SharedPrefill.find(self, reqs) if phase is Phase.PREFILL and self.share_prefills else None
         view = None
         for u in range(k):
@@ -535,19 +610,7 @@ class Engine:
             blocks = new_blocks
             if k > 1:
                 ids = ids.scatter(1, block_pos, new_blocks)  # the next unrolled step sees the new block
-        done, masks_left = self._block_status(blocks, params)  # the one host sync per forward group
-        for i, r in enumerate(reqs):
-            r.masks_left = masks_left[i]
-            if phase is Phase.PREFILL:
-                r.cached_len = len(r.prompt_ids)
-                r.prefill_source = None
-                if self.scheduler.reuses_prompt(r):
-                    self.cache.remember(r.prompt_key, r.slot, r.cached_len)
-            elif phase is Phase.COMMIT:
-                r.cached_len += b
-            r.phase = Phase.DENOISE
-            if done[i]:
-                self._complete_block(r)
+        return self._block_status(blocks, params)  # the one host sync per forward group
 
     def _rebuild(self, reqs: list[Request]) -> None:
         """One forward that writes committed K/V again for requests resumed after a recompute preemption
@@ -616,24 +679,17 @@ class Engine:
         """Per request: is the block finished, and how many masks it has left (one device->host copy)."""
         done = self._finished_blocks(blocks, params)
         left = (blocks == self.mask_id).sum(1)
-        status = torch.stack([done.long(), left]).tolist()
+        return self._read_status(torch.stack([done.long(), left]))
+
+    def _read_status(self, status: torch.Tensor) -> tuple[list[bool], list[int]]:
+        """[2, n] (finished, masks left) to the host: the one device->host copy of a forward group."""
+        done, left = status.tolist()
         self.host_syncs += 1
-        return [bool(d) for d in status[0]], status[1]
+        return [bool(d) for d in done], left
 
     def _finished_blocks(self, blocks: torch.Tensor, params: _DecodeParams) -> torch.Tensor:
         """[n] bool: the block has no mask left, or (early_stop) a committed stop token with no mask before it."""
-        masked = blocks == self.mask_id
-        done = ~masked.any(1)
-        if params.early_index is not None:
-            idx = params.early_index
-            ids = params.stop_ids[idx]
-            rows, m = blocks[idx], masked[idx]
-            pos = torch.arange(rows.shape[1], device=self.device)
-            is_stop = decoders.is_stop(rows, ids)
-            first_stop = torch.where(is_stop, pos, rows.shape[1]).amin(1)
-            settled = (first_stop < rows.shape[1]) & ~(m & (pos < first_stop[:, None])).any(1)
-            done = done.index_copy(0, idx, done[idx] | settled)
-        return done
+        return decoders.block_finished(blocks, self.mask_id, params.stop_ids, params.early)
 
     def _smoothed_embeddings(self, ids: torch.Tensor, reqs: list[Request], rows: list[int],
                              block_pos: torch.Tensor) -> torch.Tensor:
@@ -712,16 +768,7 @@ class Engine:
                                                                     params.stop_ids[idx], sure))
         commit = torch.zeros_like(masked)
         for kind, idx, param in params.kinds:
-            c, m, tau = conf[idx], allowed[idx], thresholds[idx]
-            if kind in ("threshold", "credit"):
-                part = decoders.threshold_commit(c, m, tau)
-            elif kind == "factor":
-                part = decoders.factor_commit(c, m, param)
-            elif kind == "hierarchical":
-                part = decoders.hierarchical_commit(c, m, tau, param)
-            else:  # fixed_k
-                part = decoders.top_k_commit(c, m, param)
-            commit[idx] = part
+            commit[idx] = decoders.commit_rule(kind, conf[idx], allowed[idx], thresholds[idx], param)
 
         new_blocks = torch.where(commit, x, blocks)
         if counts is not None:  # the penalties' output counts, stop tokens aside

@@ -122,6 +122,7 @@ class Request:
     output_counts: torch.Tensor | None = None
     in_prompt: torch.Tensor | None = None
     history_tokens: tuple[int, torch.Tensor] | None = None
+    graph_row: tuple | None = None  # (decoders, stop width, its decoders.greedy_row) in a decode graph
     # GenerationConfig.logprobs: per position of the current block, on the device until the block ends:
     # (log-probability of the committed token [B], top-k log-probabilities [B, k], their ids [B, k]).
     block_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
