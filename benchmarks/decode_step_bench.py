@@ -13,7 +13,8 @@ Timed per context length (random bf16 weights; CUDA events, median of many):
 - forward, eager, gather + SDPA attention (the portable path)
 - forward, eager, pool-attention kernel
 - forward, CUDA graph (what the engine replays): the DENOISE step [B] and the COMMIT step [2B]
-- one full engine step (forward + decoder + block bookkeeping + the host sync)
+- one full engine step (forward + decoder + block bookkeeping + the host sync); with CUDA graphs, the
+  decoder run eagerly and replayed as a graph (Engine decode_graphs) in the same run
 each with eager blocks, compiled blocks, and compiled blocks with fused Q/K/V and gate/up matrices
 (on a CPU: eager, unfused and fused); then Hugging Face's LlamaForCausalLM of the same shape, `generate` with a static cache and its
 automatic torch.compile, per generated token; and the ratio block step / AR token.
@@ -124,21 +125,26 @@ def step_rows(model, engine, ctx: int, block: int, bw: float, args, label: str) 
                 time_cuda(lambda: engine.graphs.run(ids_2b, [slot], [ctx], block, block), args.iters), 2 * block)
     engine.cache.release(slot)
 
-    # A full engine step: a request whose prompt fills the context, timed over denoise steps
-    # (random weights rarely clear the threshold: each step commits ~1 token, so steps stay DENOISE).
-    prompt = torch.randint(0, cfg.vocab_size - 200, (ctx,)).tolist()
-    gcfg = dllm.GenerationConfig(block_size=block, max_new_tokens=block, threshold=1.0)
-    rid = engine.add_request(prompt, gcfg)
-    engine.step()  # prefill
-    n = min(args.iters, block - 2)
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
-    t0 = time.perf_counter()
-    for _ in range(n):
+    # A full engine step: a request whose prompt fills the context, timed over denoise steps (threshold 1:
+    # each step commits one token, so steps stay DENOISE). With CUDA graphs, the greedy decode step eagerly
+    # after the forward's graph, then replayed as a graph too (Engine decode_graphs), in the same run.
+    modes = [(False, ", decode eager"), (True, ", decode graphed")] if engine.graphs is not None else [(False, "")]
+    for decode_graphs, suffix in modes:
+        engine.decode_graphs = decode_graphs
+        prompt = torch.randint(0, cfg.vocab_size - 200, (ctx,)).tolist()
+        gcfg = dllm.GenerationConfig(block_size=block, max_new_tokens=block, threshold=1.0)
+        rid = engine.add_request(prompt, gcfg)
+        engine.step()  # prefill
+        engine.step()  # the first DENOISE step (a decode graph's capture)
+        n = min(args.iters, block - 3)
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        t0 = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        ms = (time.perf_counter() - t0) * 1e3 / n
+        engine.abort(rid)
         engine.step()
-    ms = (time.perf_counter() - t0) * 1e3 / n
-    engine.abort(rid)
-    engine.step()
-    add("engine.step() (forward + decode + sync)", ms, block)
+        add(f"engine.step() (forward + decode + sync{suffix})", ms, block)
     return rows
 
 

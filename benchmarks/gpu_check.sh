@@ -3,14 +3,17 @@
 # 15 minutes of device time: run it with the device tool's `run`, command `bash benchmarks/gpu_check.sh`,
 # timeout_s 600. No wheels are needed (torch, triton, transformers and pytest are on the box).
 #
-#   1. the CUDA tests (@pytest.mark.gpu): the paged kernel in bf16, graph replay = eager, no host sync
-#      while decoding, preemption under CUDA graphs (swapped through pinned memory, or rebuilt), a pool sized by
-#      gpu_memory_utilization keeping the device within that share;
+#   1. the CUDA tests (@pytest.mark.gpu): the paged kernel in bf16, graph replay = eager, greedy decode steps
+#      replayed as graphs = decoded eagerly, no host sync while decoding, preemption under CUDA graphs (swapped
+#      through pinned memory, or rebuilt), a pool sized by gpu_memory_utilization keeping the device within that
+#      share;
 #   2. the attention launch over a shuffled page table against SDPA on dense keys (LLaDA-8B's heads);
-#   3. the graphed DENOISE / COMMIT steps at LLaDA-8B's shape against the HBM roofline;
+#   3. the graphed DENOISE / COMMIT steps at LLaDA-8B's shape against the HBM roofline, and whole engine steps
+#      with the decode step eager and graphed;
 #   4. the same K/V pool as slots of max_model_len, paged and reserved, paged on demand with preempted requests
 #      swapped or recomputed (a 0.3B model);
-#   5. the engine's own cost per step at 1, 64 and 256 concurrent requests (a model too small to hide it).
+#   5. the engine's own cost per step at 1, 64 and 256 concurrent requests (a model too small to hide it), with
+#      the decode step eager and graphed.
 #
 # Each stage has its own time limit, so a slow one cannot starve the next; logs and JSON go to $OUT.
 set -uo pipefail
@@ -37,5 +40,5 @@ stage decode_step 140 python3 -m benchmarks.decode_step_bench --variants compile
 stage engine_pool 155 python3 -m benchmarks.engine_bench --device cuda --dtype bfloat16 --d-model 1024 --layers 16 \
   --heads 8 --vocab 32000 --num-prompts 64 --batch 64 --prompt-len 128 --max-new-tokens 512 \
   --vanilla-gen-lengths 64 --kv-cache-tokens 16384 --pool-max-model-len 2048 --json "$out/engine_pool.json"
-stage step_overhead 45 python3 -m benchmarks.step_overhead_bench --batches 1 64 256 --steps 32 \
+stage step_overhead 60 python3 -m benchmarks.step_overhead_bench --batches 1 64 256 --steps 24 \
   --json "$out/step_overhead.json"

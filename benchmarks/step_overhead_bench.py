@@ -11,8 +11,10 @@ measured in the same run (below 1: the step's fixed costs are shared; growing wi
 the batch, as the scheduler had before requests compared by identity). On a CPU the model's forwards are
 timed too (synchronous there), so the rest of the step is the engine's own share (the decoder's tensor
 work on the logits, scheduling, bookkeeping); on CUDA the forwards are
-graph replays queued asynchronously and only the step is timed. `--profile` adds the engine functions
-that took the most time at the largest batch (cProfile).
+graph replays queued asynchronously and only the step is timed, once with the greedy decode step run
+eagerly after the forward's graph and once replayed as a graph of its own (`decode_graphs`): the ratio is
+the decode graph's gain. `--profile` adds the engine functions that took the most time at the largest
+batch (cProfile).
 """
 
 from __future__ import annotations
@@ -55,13 +57,13 @@ class ForwardTimer:
         self.seconds += time.perf_counter() - self._start
 
 
-def measure(model, timer: ForwardTimer | None, args, batch: int, profile: bool) -> dict:
+def measure(model, timer: ForwardTimer | None, args, batch: int, profile: bool, decode_graphs: bool | None) -> dict:
     """Steady-state steps of `batch` requests that all run in every step."""
     cfg = dllm.GenerationConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens, ignore_eos=True)
     # compile_blocks off: on CUDA a step's forward is one graph replay either way, and compiling would take
     # longer than the measurement
     engine = dllm.Engine(model, max_batch_size=batch, max_model_len=args.prompt_len + args.max_new_tokens,
-                         compile_blocks=False)
+                         compile_blocks=False, decode_graphs=decode_graphs)
     g = torch.Generator().manual_seed(batch)
     for _ in range(batch):
         engine.add_request(torch.randint(0, args.vocab - 2, (args.prompt_len,), generator=g).tolist(), cfg)
@@ -85,7 +87,8 @@ def measure(model, timer: ForwardTimer | None, args, batch: int, profile: bool) 
     seconds = time.perf_counter() - start
     if min(running) != batch:
         raise SystemExit(f"only {min(running)} of {batch} requests ran in some timed step: raise --max-new-tokens")
-    row = {"batch": batch, "steps": args.steps, "forwards": engine.total_forwards - forwards,
+    row = {"batch": batch, "decode_graphs": engine.decode_graphs, "steps": args.steps,
+           "forwards": engine.total_forwards - forwards,
            "ms_per_step": 1e3 * seconds / args.steps,
            "us_per_request_step": 1e6 * seconds / args.steps / batch}
     if timer is not None:
@@ -120,19 +123,30 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     model = tiny_model(args)
     timer = ForwardTimer(model) if args.device == "cpu" else None
-    print(f"{'batch':>6} {'ms/step':>9} {'us/request/step':>16} {'vs batch ' + str(args.batches[0]):>11}"
+    # With CUDA graphs the greedy rows' decode step runs eagerly after the forward's graph, or as a graph
+    # of its own (Engine decode_graphs): both, batch by batch, in the same run.
+    modes = [False, True] if args.device.startswith("cuda") else [None]
+    print(f"{'batch':>6} {'decode':>7} {'ms/step':>9} {'us/request/step':>16} {'vs batch ' + str(args.batches[0]):>11}"
+          + (f" {'vs eager decode':>16}" if len(modes) > 1 else "")
           + (f" {'model ms':>9} {'engine ms':>10} {'engine share':>13}" if timer else ""), flush=True)
     rows = []
     for n in args.batches:  # each row printed as it is measured: a run cut short still shows what it did
-        r = measure(model, timer, args, n, args.profile and n == max(args.batches))
-        first = rows[0] if rows else r
-        r["per_request_vs_first"] = r["us_per_request_step"] / first["us_per_request_step"]
-        rows.append(r)
-        line = f"{n:>6} {r['ms_per_step']:>9.2f} {r['us_per_request_step']:>16.1f} {r['per_request_vs_first']:>10.2f}x"
-        if timer:
-            line += f" {r['model_ms_per_step']:>9.2f} {r['engine_ms_per_step']:>10.2f} " \
-                    f"{r['engine_ms_per_step'] / r['ms_per_step']:>12.0%}"
-        print(line, flush=True)
+        for mode in modes:
+            r = measure(model, timer, args, n, args.profile and n == max(args.batches), mode)
+            first = next((x for x in rows if x["decode_graphs"] == r["decode_graphs"]), r)
+            r["per_request_vs_first"] = r["us_per_request_step"] / first["us_per_request_step"]
+            rows.append(r)
+            line = (f"{n:>6} {'graph' if r['decode_graphs'] else 'eager':>7} {r['ms_per_step']:>9.2f} "
+                    f"{r['us_per_request_step']:>16.1f} {r['per_request_vs_first']:>10.2f}x")
+            if mode:  # the step with its decode graphed against the eager decode's, same batch
+                r["vs_eager_decode"] = rows[-2]["ms_per_step"] / r["ms_per_step"]
+                line += f" {r['vs_eager_decode']:>15.2f}x"
+            elif len(modes) > 1:
+                line += f" {'':>16}"
+            if timer:
+                line += f" {r['model_ms_per_step']:>9.2f} {r['engine_ms_per_step']:>10.2f} " \
+                        f"{r['engine_ms_per_step'] / r['ms_per_step']:>12.0%}"
+            print(line, flush=True)
     for r in rows:
         if "profile" in r:
             print(f"\nengine functions by own time, batch {r['batch']}:\n{r['profile']}")
