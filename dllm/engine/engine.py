@@ -525,7 +525,6 @@ class Engine:
                     ids[i, len(tokens):len(tokens) + b] = finished[i]
                 ids[i, starts[i]:starts[i] + b] = current[i]
             block_pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(b, device=dev)
-        blocks = current  # the blocks decoded: each request's, or B masks (its block field is replaced after)
 
         # DENOISE steps can be unrolled: k forwards + decodes back to back, one host sync at the end
         # (decoders are branch-free: a finished block just stays finished). k from the masks left.
@@ -549,7 +548,7 @@ class Engine:
                 r.block_steps += k
                 r.steps += k
         else:
-            done, masks_left = self._decode_steps(reqs, ids, blocks, block_pos, slots, offsets, q_lens, lead, b, k,
+            done, masks_left = self._decode_steps(reqs, ids, current, block_pos, slots, offsets, q_lens, lead, b, k,
                                                   graphable, smoothing)
         for i, r in enumerate(reqs):
             r.masks_left = masks_left[i]
@@ -584,7 +583,8 @@ class Engine:
                       slots: list[int], offsets: list[int], q_lens: list[int], lead: int, b: int, k: int,
                       graphable: bool, smoothing: list[int]) -> tuple[list[bool], list[int]]:
         """k forwards of a group (replayed graphs where `graphable`, else eager), each followed by the
-        eager decode of every row; returns the blocks' status (the group's one host sync)."""
+        eager decode of every row's block (`blocks`: the current ones, or B masks for a new block);
+        returns the blocks' status (the group's one host sync)."""
         phase = reqs[0].phase
         if block_pos is None:
             block_pos = torch.arange(lead, lead + b, device=self.device).expand(len(reqs), b)
