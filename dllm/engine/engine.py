@@ -125,7 +125,7 @@ class _DecodeParams:
         self.logprob_index = on_device(self.logprob_rows) if self.logprob_rows else None
         self.top_logprobs = max((reqs[i].config.logprobs for i in self.logprob_rows), default=0)
         # min_tokens: rows whose block still holds positions where no stop token may go, and how many.
-        young = [i for i, r in enumerate(reqs) if r.config.min_tokens > len(r.generated) and r.stop_ids]
+        young = [i for i, r in enumerate(reqs) if r.min_tokens_pending]
         self.min_tokens_index = on_device(young) if young else None
         self.min_tokens_limit = on_device([reqs[i].config.min_tokens - len(reqs[i].generated)
                                            for i in young]) if young else None
@@ -141,7 +141,7 @@ def _decodes_in_graph(r: Request) -> bool:
     c = r.config
     return (c.temperature == 0 and c.decoder in decoders.STATELESS and not c.logit_bias and not c.penalised
             and c.logprobs is None and not c.smoothing and not c.record_trajectory
-            and not (c.min_tokens > len(r.generated) and r.stop_ids))
+            and not r.min_tokens_pending)
 
 
 class _SharedPrefill:

@@ -138,6 +138,11 @@ class Request:
         return self.config.block_size
 
     @property
+    def min_tokens_pending(self) -> bool:
+        """min_tokens still bars stop tokens from some of the next positions (only where it has some)."""
+        return self.config.min_tokens > len(self.generated) and bool(self.stop_ids)
+
+    @property
     def prompt_key(self) -> tuple:
         """What a prefill's prompt K/V depend on: the prompt and the mask block it sees (the block size)."""
         return self.block_size, *self.prompt_ids
