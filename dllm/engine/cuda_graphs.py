@@ -61,17 +61,12 @@ class _Graph:
     logits: torch.Tensor  # [rows, n_logits, vocab] static output
 
 
-def _padding_row(width: int) -> list[float]:
-    """decoders.greedy_row of a padding row: threshold 1, the first decoder, no stop rules, no stop ids."""
-    return [1.0, 0, 0.0, False, False] + [-1] * width
-
-
 @dataclass
 class _StepGraph:
     """A decode step (decoders.greedy_step) on a forward graph's logits, replayed after it."""
 
     graph: torch.cuda.CUDAGraph | None
-    rows: torch.Tensor  # [rows, 5 + stop width] float32 static input (decoders.greedy_row)
+    rows: torch.Tensor  # [rows, GREEDY_ROW_HEAD + stop width] float32 static input (decoders.greedy_row)
     out: torch.Tensor | None  # [rows, B + 2] long static output: new blocks, finished, masks left
 
 
@@ -132,7 +127,7 @@ class GraphedForward:
         (new blocks, finished, masks left), or None if no graph fits. Steps after the first (DENOISE
         forwards only: q_len == n_logits) read the block the step before decoded."""
         key = self._key(ids, offsets, logits_start, n_logits)
-        width = len(rows[0]) - 5
+        width = len(rows[0]) - decoders.GREEDY_ROW_HEAD
         if key is None or width not in STOP_WIDTHS:
             return None
         if steps > 1 and (logits_start, ids.shape[1]) != (0, n_logits):
@@ -142,7 +137,7 @@ class GraphedForward:
         step_key = (key, kinds, width)
         sg = self.steps.get(step_key) or self._capture_step(g, *step_key)
         self._load(key, g, ids, slots, offsets)  # after every capture: a capture runs the decode, which writes g.ids
-        padded = rows + [_padding_row(width)] * (key[0] - len(rows))
+        padded = rows + [decoders.greedy_padding_row(width)] * (key[0] - len(rows))
         if self._last_meta.get(step_key) != padded:  # the same requests' rows: no host->device copy
             sg.rows.copy_(torch.tensor(padded))
             self._last_meta[step_key] = padded
@@ -226,7 +221,8 @@ class GraphedForward:
         unknown = set(kinds) - set(decoders.STATELESS)
         if unknown:
             raise ValueError(f"decode graphs run the decoders {decoders.STATELESS}, not {sorted(unknown)}")
-        sg = _StepGraph(graph=None, rows=torch.tensor([_padding_row(width)] * rows, device=self.device), out=None)
+        padding = torch.tensor([decoders.greedy_padding_row(width)] * rows, device=self.device)
+        sg = _StepGraph(graph=None, rows=padding, out=None)
         feeds_next = start == 0 and q_len == b  # DENOISE: the next unrolled forward reads the new block
 
         def step() -> torch.Tensor:

@@ -224,24 +224,32 @@ def block_finished(blocks: torch.Tensor, mask_token_id: int, stop_ids: torch.Ten
     return done | (early & settled)
 
 
+GREEDY_ROW_HEAD = 5  # a greedy_row's values before its stop ids
+
+
 def greedy_row(config, stop_ids, kinds: tuple[str, ...], width: int) -> list[float]:
-    """One row of `greedy_step`'s parameters [5 + width] from a request's GenerationConfig and stop
-    ids (every value exact in float32: token ids are below 2**24)."""
+    """One row of `greedy_step`'s parameters [GREEDY_ROW_HEAD + width] from a request's GenerationConfig
+    and stop ids (every value exact in float32: token ids are below 2**24)."""
     own = OWN_PARAMETER.get(config.decoder)
     ids = sorted(stop_ids)
     return [config.threshold, kinds.index(config.decoder), getattr(config, own) if own else 0.0,
             config.early_stop, config.stops_last, *ids, *[-1] * (width - len(ids))]
 
 
+def greedy_padding_row(width: int) -> list[float]:
+    """The greedy_row of a padding row: threshold 1, the first decoder, no stop rules, no stop ids."""
+    return [1.0, 0, 0.0, False, False] + [-1] * width
+
+
 def greedy_step(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int, rows: torch.Tensor,
                 kinds: tuple[str, ...]) -> torch.Tensor:
     """One decode step of greedy rows whose every per-row choice is a tensor, so that a CUDA graph can
     hold it with the forward: the same commits as the engine's decode of those rows (candidates,
-    stops_last, the row's decoder, early_stop). `rows` [n, 5 + w] float32 (greedy_row): threshold,
+    stops_last, the row's decoder, early_stop). `rows` [n, GREEDY_ROW_HEAD + w] float32 (greedy_row): threshold,
     decoder (an index into `kinds`, STATELESS ones), its own parameter, early_stop, stops_last, stop
     ids. Returns [n, B + 2] long: the new block, finished (0/1) and masks left."""
     threshold, kind, param = rows[:, 0], rows[:, 1].long(), rows[:, 2]
-    early, last, stop_ids = rows[:, 3] > 0, rows[:, 4] > 0, rows[:, 5:].long()
+    early, last, stop_ids = rows[:, 3] > 0, rows[:, 4] > 0, rows[:, GREEDY_ROW_HEAD:].long()
     x, conf = candidates(logits, mask_token_id)
     masked = block == mask_token_id
     above = torch.zeros_like(early)
