@@ -13,7 +13,9 @@ timed too (synchronous there), so the rest of the step is the engine's own share
 work on the logits, scheduling, bookkeeping); on CUDA the forwards are
 graph replays queued asynchronously and only the step is timed, once with the greedy decode step run
 eagerly after the forward's graph and once replayed as a graph of its own (`decode_graphs`): the ratio is
-the decode graph's gain. `--profile` adds the engine functions that took the most time at the largest
+the decode graph's gain. Batches above the largest graph bucket (64 rows) replay their graphs in
+chunks of 64; for them a third run with no graphs at all gives the chunks' gain over one eager forward
+(`vs no graphs`). `--profile` adds the engine functions that took the most time at the largest
 batch (cProfile).
 """
 
@@ -29,6 +31,9 @@ import time
 import torch
 
 import dllm
+from dllm.engine.cuda_graphs import GraphedForward
+
+MAX_GRAPH_ROWS = GraphedForward.max_rows()
 
 
 def tiny_model(args) -> dllm.LLaDAModelLM:
@@ -39,6 +44,12 @@ def tiny_model(args) -> dllm.LLaDAModelLM:
                            pad_token_id=vocab - 2, max_sequence_length=4096)
     dtype = getattr(torch, args.dtype)
     return dllm.build_model(cfg, device=args.device, dtype=dtype, seed=0)
+
+
+# How a step runs: the engine's defaults (on a CPU: no graphs), and on CUDA the forward's graph with the
+# greedy decode after it eager or graphed (decode_graphs), or no graphs at all.
+MODES = {"default": {}, "eager": {"decode_graphs": False}, "graph": {"decode_graphs": True},
+         "no graphs": {"cuda_graphs": False}}
 
 
 class ForwardTimer:
@@ -57,13 +68,13 @@ class ForwardTimer:
         self.seconds += time.perf_counter() - self._start
 
 
-def measure(model, timer: ForwardTimer | None, args, batch: int, profile: bool, decode_graphs: bool | None) -> dict:
+def measure(model, timer: ForwardTimer | None, args, batch: int, profile: bool, mode: str) -> dict:
     """Steady-state steps of `batch` requests that all run in every step."""
     cfg = dllm.GenerationConfig(block_size=args.block_size, max_new_tokens=args.max_new_tokens, ignore_eos=True)
     # compile_blocks off: on CUDA a step's forward is one graph replay either way, and compiling would take
     # longer than the measurement
     engine = dllm.Engine(model, max_batch_size=batch, max_model_len=args.prompt_len + args.max_new_tokens,
-                         compile_blocks=False, decode_graphs=decode_graphs)
+                         compile_blocks=False, **MODES[mode])
     g = torch.Generator().manual_seed(batch)
     for _ in range(batch):
         engine.add_request(torch.randint(0, args.vocab - 2, (args.prompt_len,), generator=g).tolist(), cfg)
@@ -87,7 +98,7 @@ def measure(model, timer: ForwardTimer | None, args, batch: int, profile: bool, 
     seconds = time.perf_counter() - start
     if min(running) != batch:
         raise SystemExit(f"only {min(running)} of {batch} requests ran in some timed step: raise --max-new-tokens")
-    row = {"batch": batch, "decode_graphs": engine.decode_graphs, "steps": args.steps,
+    row = {"batch": batch, "mode": mode, "decode_graphs": engine.decode_graphs, "steps": args.steps,
            "forwards": engine.total_forwards - forwards,
            "ms_per_step": 1e3 * seconds / args.steps,
            "us_per_request_step": 1e6 * seconds / args.steps / batch}
@@ -124,25 +135,33 @@ def main(argv=None) -> dict:
     model = tiny_model(args)
     timer = ForwardTimer(model) if args.device == "cpu" else None
     # With CUDA graphs the greedy rows' decode step runs eagerly after the forward's graph, or as a graph
-    # of its own (Engine decode_graphs): both, batch by batch, in the same run.
-    modes = [False, True] if args.device.startswith("cuda") else [None]
-    print(f"{'batch':>6} {'decode':>7} {'ms/step':>9} {'us/request/step':>16} {'vs batch ' + str(args.batches[0]):>11}"
-          + (f" {'vs eager decode':>16}" if len(modes) > 1 else "")
+    # of its own (Engine decode_graphs): both, batch by batch, in the same run; batches that replay graphs
+    # in chunks also without graphs.
+    cuda = args.device.startswith("cuda")
+    print(f"{'batch':>6} {'step':>9} {'ms/step':>9} {'us/request/step':>16} {'vs batch ' + str(args.batches[0]):>11}"
+          + (f" {'vs eager decode':>16} {'vs no graphs':>13}" if cuda else "")
           + (f" {'model ms':>9} {'engine ms':>10} {'engine share':>13}" if timer else ""), flush=True)
     rows = []
     for n in args.batches:  # each row printed as it is measured: a run cut short still shows what it did
+        modes = ["default"] if not cuda else (["no graphs"] if n > MAX_GRAPH_ROWS else []) + ["eager", "graph"]
         for mode in modes:
             r = measure(model, timer, args, n, args.profile and n == max(args.batches), mode)
-            first = next((x for x in rows if x["decode_graphs"] == r["decode_graphs"]), r)
+            first = next((x for x in rows if x["mode"] == mode), r)
             r["per_request_vs_first"] = r["us_per_request_step"] / first["us_per_request_step"]
             rows.append(r)
-            line = (f"{n:>6} {'graph' if r['decode_graphs'] else 'eager':>7} {r['ms_per_step']:>9.2f} "
+            line = (f"{n:>6} {mode:>9} {r['ms_per_step']:>9.2f} "
                     f"{r['us_per_request_step']:>16.1f} {r['per_request_vs_first']:>10.2f}x")
-            if mode:  # the step with its decode graphed against the eager decode's, same batch
-                r["vs_eager_decode"] = rows[-2]["ms_per_step"] / r["ms_per_step"]
+            same = {x["mode"]: x for x in rows if x["batch"] == n}
+            if mode == "graph":  # the step with its decode graphed against the eager decode's, same batch
+                r["vs_eager_decode"] = same["eager"]["ms_per_step"] / r["ms_per_step"]
                 line += f" {r['vs_eager_decode']:>15.2f}x"
-            elif len(modes) > 1:
+            elif cuda:
                 line += f" {'':>16}"
+            if "no graphs" in same and mode != "no graphs":  # chunked graph replays against one eager forward
+                r["vs_no_graphs"] = same["no graphs"]["ms_per_step"] / r["ms_per_step"]
+                line += f" {r['vs_no_graphs']:>12.2f}x"
+            elif cuda:
+                line += f" {'':>13}"
             if timer:
                 line += f" {r['model_ms_per_step']:>9.2f} {r['engine_ms_per_step']:>10.2f} " \
                         f"{r['engine_ms_per_step'] / r['ms_per_step']:>12.0%}"

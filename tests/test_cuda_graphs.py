@@ -139,6 +139,28 @@ def test_decode_graphs_commit_what_the_eager_decoders_commit(replaying_on_cpu, m
     assert any(g.finish_reason == "stop" for g in graphed) and any(g.token_ids for g in graphed)
 
 
+def test_a_group_larger_than_the_largest_bucket_replays_graphs_in_chunks(replaying_on_cpu, model, monkeypatch):
+    """With buckets up to 4, a group of 6 rows is a chunk of 4 and a chunk of 2, each a graph replay: only
+    the PREFILL forward runs eagerly. The chunk with the sampling row decodes eagerly, the other in its
+    decode graph; the tokens are those of eager forwards."""
+    monkeypatch.setattr(cuda_graphs, "ROW_BUCKETS", (1, 2, 4))
+    prompts = _prompts(6)
+    settings = [CFG.replace(ignore_eos=True)] * 4 + [CFG.replace(temperature=1.0, seed=2, top_k=5, ignore_eos=True),
+                                                     GREEDY[1].replace(ignore_eos=True)]
+    eager = _engine(model, cuda_graphs=False).generate(prompts, settings)
+    engine = _engine(model, cuda_graphs=True)
+    eager_forwards = []
+    eager_logits = engine._eager_logits
+    monkeypatch.setattr(engine, "_eager_logits", lambda reqs, *a: eager_forwards.append(len(reqs)) or
+                        eager_logits(reqs, *a))
+    graphed = engine.generate(prompts, settings)
+    assert [g.token_ids for g in graphed] == [g.token_ids for g in eager]
+    assert [g.num_forwards for g in graphed] == [g.num_forwards for g in eager]
+    assert eager_forwards == [6]  # the prompts' prefill; every group of 6 after it ran as 4 + 2
+    assert max(key[0] for key in engine.graphs.graphs) == 4
+    assert 0 < engine.graphs.step_replays < engine.graphs.replays
+
+
 def test_a_group_with_a_row_that_samples_decodes_eagerly_after_its_graphed_forward(replaying_on_cpu, model):
     engine = _engine(model, cuda_graphs=True)
     engine.generate(_prompts(2), [CFG.replace(ignore_eos=True), CFG.replace(temperature=1.0, seed=1, ignore_eos=True)])

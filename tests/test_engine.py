@@ -9,7 +9,7 @@ import torch
 
 import dllm
 from dllm import GenerationConfig
-from dllm.engine import PREEMPTION_MODES, Phase
+from dllm.engine import PREEMPTION_MODES, Phase, cuda_graphs
 from reference_llada import ReferenceLLaDA
 
 B = 8
@@ -1241,11 +1241,14 @@ def test_decoding_does_not_sync_with_the_host_on_cuda(confident_model):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("unroll", [1, 4])
-def test_decode_graphs_on_cuda_commit_what_the_eager_decoders_commit(talkative_model, unroll):
+@pytest.mark.parametrize("unroll,buckets", [(1, None), (4, None), (1, (1, 2, 4))])
+def test_decode_graphs_on_cuda_commit_what_the_eager_decoders_commit(talkative_model, monkeypatch, unroll, buckets):
     """Greedy rows of every stateless decoder (a group's rows each choosing their rule in the graph) decode
     the same tokens with their decode step replayed as a graph as with the decoders run eagerly after the
-    forward's graph; the decode graphs read and write the device's buffers only."""
+    forward's graph; the decode graphs read and write the device's buffers only. With buckets up to 4, the
+    group of 5 replays as a chunk of 4 and one of 1: every forward but the prefill is a replay."""
+    if buckets is not None:
+        monkeypatch.setattr(cuda_graphs, "ROW_BUCKETS", buckets)
     model = copy.deepcopy(talkative_model).to("cuda", torch.bfloat16)
     settings = [CFG.replace(stops_last=True), CFG.replace(decoder="factor", factor=2.0, early_stop=True),
                 CFG.replace(decoder="hierarchical", threshold=0.95, low_threshold=0.5),
@@ -1259,6 +1262,8 @@ def test_decode_graphs_on_cuda_commit_what_the_eager_decoders_commit(talkative_m
     assert engine.graphs.step_replays == engine.graphs.replays > 0
     assert [g.token_ids for g in graphed] == [g.token_ids for g in eager]
     assert [g.num_forwards for g in graphed] == [g.num_forwards for g in eager]
+    if buckets is not None:
+        assert engine.total_forwards - engine.graphs.replays == 1  # the prompts' prefill
 
 
 @pytest.mark.gpu

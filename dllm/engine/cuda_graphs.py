@@ -5,7 +5,8 @@ the pool-attention kernel (`dllm.kernels.pool_attention`) nothing in the forward
 cache length on the host, so one graph per (row bucket, query length, logits window) serves the
 whole generation: a replay costs one launch instead of ~15 per layer.
 
-Rows are padded up to a bucket (1, 2, 4, ..., 64). Padding rows point at a scratch slot of the
+Rows are padded up to a bucket (1, 2, 4, ..., 64); the engine runs a larger group as chunks of 64
+rows, a replay each. Padding rows point at a scratch slot of the
 pool, whose page-table row maps only a page no request owns, so whatever they write is harmless.
 The page table is read at every replay, so pages handed to a request between steps need no new
 capture. Graphs are captured lazily, the first time a shape is used, into one shared memory pool.
@@ -104,6 +105,11 @@ class GraphedForward:
         return next((b for b in ROW_BUCKETS if b >= rows), None)
 
     @staticmethod
+    def max_rows() -> int:
+        """The largest group one graph replays (Engine runs larger groups as chunks of this many)."""
+        return ROW_BUCKETS[-1]
+
+    @staticmethod
     def stop_width(stop_ids: int) -> int | None:
         return next((w for w in STOP_WIDTHS if w >= stop_ids), None)
 
@@ -185,7 +191,7 @@ class GraphedForward:
         """Capture the DENOISE and COMMIT graphs of every row bucket up to max_rows now, with the decode
         steps of groups that all use one of `step_decoders` (and at most STOP_WIDTHS[0] stop ids), so that
         no capture (or compile) lands inside serving; returns how many forward graphs exist."""
-        top = self.bucket(max_rows) or ROW_BUCKETS[-1]
+        top = self.bucket(max_rows) or self.max_rows()
         for rows in ROW_BUCKETS:
             if rows > top:
                 break
