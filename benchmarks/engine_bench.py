@@ -11,8 +11,13 @@ Reports per system: output tokens (before the first EOS), forwards (NFE), TPF, w
 and the TPS speedup over LLaDA vanilla measured in this run. `--logprobs K` adds, per decoder, the
 same decoding returning each token's log-probability and K alternatives (GenerationConfig.logprobs):
 its TPS against the row above is the cost of logprobs. `--top-p P` adds, per decoder, sampled decoding
-(temperature 1), then with top_p P (which sorts the whole vocabulary at every block position), then with
-top_p P and top_k 50 (which ranks 50): their TPS against the plain sampled row is the cost of narrowing.
+(temperature 1), then with top_p P (which ranks the engine's `nucleus_candidates` most likely tokens, and the
+whole vocabulary only at positions whose nucleus is wider), the same ranking the whole vocabulary at every
+block position (nucleus_candidates 0, as before 2026-12-06), then with top_p P and top_k 50 (which ranks 50):
+their TPS against the plain sampled row is the cost of narrowing, and the first two's ratio what ranking a few
+candidates first saves. A random model's distributions are nearly flat, its nucleus most of the vocabulary;
+`--head-scale S` multiplies its LM head by S, so that they are as peaked as a trained model's (the run prints the
+nucleus's median size at the first block's positions).
 `--penalties` adds, per decoder, the same greedy decoding with presence, frequency and repetition penalties
 (per-row token counts over the vocabulary, updated on the device each step): its TPS against the plain row is
 their cost. `--samples N` adds N sampled answers per prompt decoded together (an OpenAI `n`), once with the engine's
@@ -43,6 +48,7 @@ import torch
 
 import dllm
 from dllm.baselines import fast_dllm_generate, llada_generate
+from dllm.engine.decoders import NUCLEUS_CANDIDATES
 
 
 def build_random_model(args) -> dllm.LLaDAModelLM:
@@ -63,6 +69,21 @@ def load_prompts(args, model, tokenizer) -> list[list[int]]:
     return [torch.randint(0, hi, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_prompts)]
 
 
+WHOLE_VOCABULARY_MARK = ", whole vocabulary ranked)"
+WHOLE_VOCABULARY = "dllm-var engine ({decoder}, sampled, top_p {top_p}" + WHOLE_VOCABULARY_MARK
+
+
+def nucleus_size(model, prompt: list[int], args) -> float:
+    """Median tokens in the top_p nucleus (temperature 1) at the positions of a first block of masks."""
+    device = model.embedding_weight.device
+    ids = torch.tensor([prompt + [model.config.mask_token_id] * args.block_size], device=device)
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt):].float()
+    probs = torch.softmax(logits, -1).sort(-1, descending=True).values
+    sizes = ((probs.cumsum(-1) - probs) < args.top_p).sum(-1)
+    return sizes.float().median().item()
+
+
 def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -80,7 +101,12 @@ def run(args) -> list[dict]:
         tokenizer = dllm.load_tokenizer(args.model)
     else:
         model, tokenizer = build_random_model(args).to(args.device, dtype), None
+        with torch.no_grad():
+            model.model.transformer["ff_out"].weight.mul_(args.head_scale)
     prompts = load_prompts(args, model, tokenizer)
+    if args.top_p is not None:
+        print(f"nucleus at top_p {args.top_p}, temperature 1: median {nucleus_size(model, prompts[0], args):.0f} "
+              f"of {model.config.embedding_size} tokens at the first block's positions", flush=True)
     b, cap = args.block_size, args.max_new_tokens
     cap = -(-cap // b) * b
     # Every variant decodes the same prompts: no prefix caching, or the later ones would skip their prefills.
@@ -109,12 +135,14 @@ def run(args) -> list[dict]:
             sampled = cfg.replace(temperature=1.0, seed=0)
             variants += [(f"dllm-var engine ({decoder}, sampled)", sampled),
                          (f"dllm-var engine ({decoder}, sampled, top_p {args.top_p})", sampled.replace(top_p=args.top_p)),
+                         (WHOLE_VOCABULARY.format(decoder=decoder, top_p=args.top_p), sampled.replace(top_p=args.top_p)),
                          (f"dllm-var engine ({decoder}, sampled, top_p {args.top_p}, top_k 50)",
                           sampled.replace(top_p=args.top_p, top_k=50))]
         if args.penalties:
             variants.append((f"dllm-var engine ({decoder}, presence, frequency and repetition penalties)",
                              cfg.replace(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)))
         for name, config in variants:
+            engine.nucleus_candidates = 0 if name.endswith(WHOLE_VOCABULARY_MARK) else args.nucleus_candidates
             gens, secs = decode(config)
             record(name, [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(prompts))
     for share in (True, False) if args.samples else ():
@@ -221,6 +249,10 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--nucleus-candidates", type=int, default=NUCLEUS_CANDIDATES,
+                   help="tokens a top_p without top_k ranks first (Engine.nucleus_candidates)")
+    p.add_argument("--head-scale", type=float, default=1.0,
+                   help="multiply the random model's LM head by this (peaked distributions, as a trained model's)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     results = run(args)

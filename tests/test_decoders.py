@@ -162,6 +162,39 @@ def test_sampling_floor_keeps_min_p_then_the_top_k_then_the_nucleus():
     assert (logits[:1] >= wide[..., None]).all()
 
 
+def _nucleus_rows(widths: list[list[bool]], vocab: int = 3000) -> torch.Tensor:
+    """Logits [rows, positions, vocab]: a wide nucleus where True (nearly flat, ~90 % of the vocabulary at
+    top_p 0.9), a narrow one where False (a handful of tokens), as a trained model's mostly are."""
+    g = torch.Generator().manual_seed(1)
+    scale = T([[0.05 if wide else 8.0 for wide in row] for row in widths])
+    return torch.randn(len(widths), len(widths[0]), vocab, generator=g) * scale[..., None]
+
+
+def test_a_top_p_without_top_k_ranks_a_few_tokens_and_the_whole_vocabulary_only_where_its_nucleus_is_wide():
+    """Open nuclei (top_p, no top_k) are looked for among the `ranked` most likely tokens; the positions
+    whose nucleus reaches past them are found by their mass and ranked again over the whole vocabulary:
+    the floors are those of ranking the whole vocabulary everywhere, position by position."""
+    wide = [[False, False, False, False], [True, False, False, True], [False] * 4, [True] * 4]
+    logits = _nucleus_rows(wide)
+    # (temperature, top_k, top_p, min_p): open nuclei, a top_k with a nucleus, an open nucleus after min_p
+    rows = [(1.0, 0, 0.9, 0.0), (0.8, 0, 0.9, 0.0), (1.0, 40, 0.8, 0.0), (1.0, 0, 0.9, 1e-4)]
+    temperature, top_k, top_p, min_p = (T(list(col)) for col in zip(*rows))
+    top_k = top_k.long()
+    lowest = logits.amax(-1) + temperature[:, None] * torch.log(min_p)[:, None]
+    _, short = decoders._ranked_floor(logits, temperature, top_k, top_p, lowest, 64, True, check=True)
+    assert short.tolist() == wide  # row 3: min_p keeps too many tokens for 64 to hold the nucleus
+
+    everywhere = decoders.sampling_floor(logits, temperature, top_k, top_p, min_p, ranked=3000, nucleus=True)
+    for part in [slice(None), slice(3, 4), slice(0, 1)]:  # 6 of 16 positions wide, all of them, none
+        sub = (logits[part], temperature[part], top_k[part], top_p[part], min_p[part])
+        floor = decoders.sampling_floor(*sub, ranked=64, nucleus=True, open_nucleus=True)
+        assert torch.equal(floor, everywhere[part])
+    for i, j in [(0, 0), (1, 0), (1, 1), (2, 2), (3, 1)]:
+        t, k, p, mp = rows[i]
+        kept = {v for v in range(3000) if logits[i, j, v] >= everywhere[i, j]}
+        assert kept == _kept_by_definition(logits[i, j], t, k, p, mp), (i, j)
+
+
 def test_candidates_sample_only_above_the_floor_and_keep_the_unfiltered_confidence():
     logits = T([[[3.0, 2.0, 0.0, 0.0]]])
     x, _ = decoders.candidates(logits, 3, T([0]), T([1.0]), T([[0.999]]))  # the draw's end of the CDF: token 2

@@ -62,35 +62,76 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tenso
     return x.clamp(max=logits.shape[-1] - 1)
 
 
+# Tokens ranked first for a top_p without a top_k: a trained model's nucleus is almost always far smaller.
+# Positions whose nucleus reaches past them are ranked again over the whole vocabulary.
+NUCLEUS_CANDIDATES = 1024
+# How far the ranked tokens' mass must clear top_p for the unranked rest to be surely outside the nucleus
+# (float32 sums over a vocabulary of ~10^5 differ by far less).
+NUCLEUS_SLACK = 1e-4
+
+
 def sampling_floor(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                   min_p: torch.Tensor, ranked: int, nucleus: bool) -> torch.Tensor:
+                   min_p: torch.Tensor, ranked: int, nucleus: bool, open_nucleus: bool = False) -> torch.Tensor:
     """The lowest logit a sampled candidate may have, per position: [n, B] (-inf = no limit).
 
     logits [n, B, V] (MASK already excluded); per row [n]: temperature > 0, top_k (0 = every token),
     top_p (1 = off), min_p (0 = off). In vLLM's order: the tokens with p >= min_p * p_max, of them the
     top_k most likely, and of those the smallest most-likely-first set whose tempered probabilities
-    (renormalised over what is left) reach top_p. Host-known, so no sync: `nucleus`, whether a row has
-    top_p < 1; `ranked`, how many tokens to rank: the largest top_k, or V where a row has top_p < 1
-    and no top_k (only that case sorts the whole vocabulary).
+    (renormalised over what is left) reach top_p. Host-known, so no sync: `ranked`, how many tokens to
+    rank (at least every row's top_k); `nucleus`, whether a row has top_p < 1; `open_nucleus`, whether a
+    row has top_p < 1 and no top_k. Such a row's nucleus is found among the `ranked` most likely tokens
+    where their tempered mass reaches top_p (checked against the whole vocabulary's), and by ranking the
+    whole vocabulary at the positions where it does not: finding those costs one host sync.
     """
     n, b, v = logits.shape
-    none = torch.full((n, b), float("-inf"), device=logits.device)
     # p >= min_p * p_max  <=>  logit >= max logit + T log(min_p)  (log 0 = -inf: no limit)
-    floor = logits.amax(-1) + temperature[:, None] * torch.log(min_p)[:, None]
+    lowest = logits.amax(-1) + temperature[:, None] * torch.log(min_p)[:, None]
     if not ranked:
-        return floor
+        return lowest
     ranked = min(ranked, v)  # a top_k above the vocabulary keeps every token
+    check = open_nucleus and ranked < v
+    floor, short = _ranked_floor(logits, temperature, top_k, top_p, lowest, ranked, nucleus, check)
+    if short is None:
+        return floor
+    where = short.nonzero(as_tuple=True)  # the host sync
+    if not len(where[0]):
+        return floor
+    if 2 * len(where[0]) > n * b:  # most positions: rank them all (no larger than that, in memory)
+        return _ranked_floor(logits, temperature, top_k, top_p, lowest, v, nucleus, False)[0]
+    rows = where[0]
+    again, _ = _ranked_floor(logits[where][:, None], temperature[rows], top_k[rows], top_p[rows],
+                             lowest[where][:, None], v, nucleus, False)
+    return floor.index_put(where, again[:, 0])
+
+
+def _ranked_floor(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  lowest: torch.Tensor, ranked: int, nucleus: bool,
+                  check: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sampling_floor over the `ranked` most likely tokens, from the min_p floor `lowest` [n, B]. With
+    `check`, also the positions [n, B] of rows without a top_k whose nucleus may reach past them (their
+    floor here is then wrong)."""
+    n, b, _ = logits.shape
+    none = torch.full((n, b), float("-inf"), device=logits.device)
     top = logits.topk(ranked, dim=-1).values  # sorted, most likely first
     k = torch.where(top_k > 0, top_k.clamp(max=ranked), ranked)
     kth = top.gather(-1, (k - 1)[:, None, None].expand(n, b, 1)).squeeze(-1)
-    floor = torch.maximum(floor, torch.where((top_k > 0)[:, None], kth, none))
-    if nucleus:  # over the tokens kept so far: all of them are among the `ranked`
+    floor = torch.maximum(lowest, torch.where((top_k > 0)[:, None], kth, none))
+    short = None
+    if nucleus:  # over the tokens kept so far
         kept = (torch.arange(ranked, device=logits.device)[None, None, :] < k[:, None, None]) & (top >= floor[..., None])
-        p = torch.softmax((top / temperature[:, None, None]).masked_fill(~kept, float("-inf")), dim=-1)
+        scaled = (top / temperature[:, None, None]).masked_fill(~kept, float("-inf"))
+        if check:  # rows without a top_k: their tokens' probabilities are over the whole vocabulary kept
+            whole = (logits / temperature[:, None, None]).masked_fill(logits < floor[..., None], float("-inf"))
+            open_rows = ((top_k == 0) & (top_p < 1))[:, None]
+            log_z = torch.where(open_rows, torch.logsumexp(whole, -1), torch.logsumexp(scaled, -1))
+            p = torch.exp(scaled - log_z[..., None])
+            short = open_rows & (p.sum(-1) < top_p[:, None] + NUCLEUS_SLACK)
+        else:
+            p = torch.softmax(scaled, dim=-1)
         size = (kept & (torch.cumsum(p, -1) - p < top_p[:, None, None])).sum(-1)  # >= 1: the top token
         nucleus_floor = top.gather(-1, (size - 1)[..., None]).squeeze(-1)
         floor = torch.maximum(floor, torch.where((top_p < 1)[:, None], nucleus_floor, none))
-    return floor
+    return floor, short
 
 
 def _dense(token_ids: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ with REBUILD forwards that write them again as steps 1 and 4 first did; see dllm
 Every running request takes part in every step; requests whose next forward has the same shape
 share it. The host syncs once per forward group (to learn which blocks are finished): the decoders'
 per-request parameters reach the device before the forward is launched (`_DecodeParams`), so the
-host queues forward and decode without waiting for the GPU in between.
+host queues forward and decode without waiting for the GPU in between. (A group with a top_p row
+without top_k syncs once more in its decode, to find wide nuclei: see decoders.sampling_floor.)
 
 On CUDA the cache is read by the pool-attention kernel and DENOISE / COMMIT forwards (fixed
 shapes) replay CUDA graphs (`cuda_graphs.py`); PREFILL (any prompt length) runs eagerly. A group
@@ -71,8 +72,12 @@ class _DecodeParams:
             self.narrowing = [on_device([getattr(c, x) for c in cfgs])
                               for x in ("temperature", "top_k", "top_p", "min_p")]
             self.nucleus = any(c.top_p < 1 for c in cfgs)
-            self.ranked = engine.config.embedding_size if any(c.top_p < 1 and not c.top_k for c in cfgs) \
-                else max(c.top_k for c in cfgs)
+            self.open_nucleus = any(c.top_p < 1 and not c.top_k for c in cfgs)  # ranked, then checked
+            self.ranked = max(c.top_k for c in cfgs)
+            if self.open_nucleus:
+                self.ranked = max(self.ranked, engine.nucleus_candidates or engine.config.embedding_size)
+            # finding the positions whose nucleus is wider than the ranked tokens reads them on the host
+            self.nucleus_syncs = int(self.open_nucleus and self.ranked < engine.config.embedding_size)
         biased = [i for i, r in enumerate(reqs) if r.config.logit_bias]
         self.bias_index = on_device(biased) if biased else None
         if biased:
@@ -304,11 +309,15 @@ class Engine:
         if max_unroll < 1 or expected_tpf <= 0:
             raise ValueError(f"need max_unroll >= 1 and expected_tpf > 0, got {max_unroll}, {expected_tpf}")
         self.max_unroll, self.expected_tpf = max_unroll, expected_tpf
+        # top_p without top_k: tokens ranked before the whole vocabulary is (0: the whole vocabulary at once)
+        self.nucleus_candidates = decoders.NUCLEUS_CANDIDATES
         self._requests: dict[str, Request] = {}
         self._outputs: list[RequestOutput] = []
         self._ids = itertools.count()
         self.total_forwards = 0
-        self.host_syncs = 0  # block-status reads: one per forward group, or per unrolled run of steps
+        # block-status reads: one per forward group, or per unrolled run of steps; and a decode's search for
+        # wide nuclei (top_p without top_k, decoders.sampling_floor)
+        self.host_syncs = 0
 
     def _plan_pool(self, utilization: float, block_size: int, options: dict) -> "memory.MemoryPlan":
         """gpu_memory_utilization: measure what a throwaway engine with a small pool reaches at its
@@ -328,6 +337,9 @@ class Engine:
         # The model is prepared already (compiled, fused): the probe only decodes with it. Every row runs.
         probe = Engine(self.model, self.tokenizer, compile_blocks=False, share_prefills=False, prefix_caching=False,
                        kv_cache_tokens=load.pool_tokens(options["page_size"]), **options)
+        # Its top_p rows rank the whole vocabulary at every position, which a served request's do where its
+        # nucleus is wide: the decoders' largest working set, whatever this model's distributions are.
+        probe.nucleus_candidates = 0
         # A full batch eagerly (block sizes without graphs), then everything through the graphs: the eager
         # round's memory stays cached meanwhile, so the peak adds the two up as a server's steady state does.
         probe.warmup([])
@@ -763,7 +775,9 @@ class Engine:
             if params.narrowed_index is not None:
                 idx = params.narrowed_index
                 narrowed = decoders.sampling_floor(decoders.without_mask(logits[idx], self.mask_id), *params.narrowing,
-                                                   ranked=params.ranked, nucleus=params.nucleus)
+                                                   ranked=params.ranked, nucleus=params.nucleus,
+                                                   open_nucleus=params.open_nucleus)
+                self.host_syncs += params.nucleus_syncs
                 floor = torch.full((len(params.sampled_rows), b), float("-inf"), device=dev).index_copy(
                     0, params.narrowed_among_sampled, narrowed)
             x, conf = decoders.candidates(logits, self.mask_id, params.sampled_index, params.temperatures, uniform, floor)

@@ -6,8 +6,8 @@ The pool gets what is left of `utilization x total` once everything else is coun
 - the peak of a probe: a throwaway engine with a small pool runs the largest forwards this engine will
   run, at the engine's max_block_size B: the CUDA graphs of every batch bucket for B, a full prefill
   forward (`max_prefill_tokens`, or one `max_model_len` prompt), and `max_batch_size` requests decoded
-  together with the largest decoder working set (top-p sampling sorts the vocabulary at every block
-  position, plus logprobs), once eagerly and then through the graphs. Its peak of reserved torch
+  together with the largest decoder working set (top-p sampling ranking the whole vocabulary at every
+  block position, as served requests do where their nucleus is wide, plus logprobs), once eagerly and then through the graphs. Its peak of reserved torch
   memory, less its own pool, is the room set aside for activations, logits work and graph memory pools.
 
 Measured, not estimated: what the probe ran is covered, which is why the engine refuses blocks larger
