@@ -4,16 +4,16 @@
 # timeout_s 600. No wheels are needed (torch, triton, transformers and pytest are on the box).
 #
 #   1. the CUDA tests (@pytest.mark.gpu): the paged kernel in bf16, graph replay = eager, greedy decode steps
-#      replayed as graphs = decoded eagerly, no host sync while decoding, preemption under CUDA graphs (swapped
-#      through pinned memory, or rebuilt), a pool sized by gpu_memory_utilization keeping the device within that
-#      share;
+#      replayed as graphs = decoded eagerly (groups above the largest bucket in chunks), no host sync while
+#      decoding, preemption under CUDA graphs (swapped through pinned memory, or rebuilt), a pool sized by
+#      gpu_memory_utilization keeping the device within that share;
 #   2. the attention launch over a shuffled page table against SDPA on dense keys (LLaDA-8B's heads);
 #   3. the graphed DENOISE / COMMIT steps at LLaDA-8B's shape against the HBM roofline, and whole engine steps
 #      with the decode step eager and graphed;
 #   4. the same K/V pool as slots of max_model_len, paged and reserved, paged on demand with preempted requests
 #      swapped or recomputed (a 0.3B model);
 #   5. the engine's own cost per step at 1, 64 and 256 concurrent requests (a model too small to hide it), with
-#      the decode step eager and graphed.
+#      the decode step eager and graphed, and at 256 (chunks of the 64-row graphs) against no graphs at all.
 #
 # Each stage has its own time limit, so a slow one cannot starve the next; logs and JSON go to $OUT.
 set -uo pipefail
