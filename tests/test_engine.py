@@ -786,12 +786,13 @@ def test_top_p_ranks_a_few_candidates_first_and_samples_what_ranking_the_whole_v
                 hot.replace(seed=3, top_p=0.8, top_k=4), CFG.replace(ignore_eos=True)]
     answers, syncs = [], []
     for candidates in (0, 3):
-        engine = _engine(talkative_model)
-        engine.nucleus_candidates = candidates
+        engine = _engine(talkative_model, nucleus_candidates=candidates)
         answers.append([g.token_ids for g in engine.generate(_prompts(4), settings)])
         syncs.append(engine.stats()["host_syncs"] / engine.stats()["total_forwards"])
     assert answers[0] == answers[1]
     assert syncs[0] == 1 and syncs[1] > 1  # finding the wide nuclei reads them on the host
+    with pytest.raises(ValueError, match="nucleus_candidates must be >= 0"):
+        _engine(talkative_model, nucleus_candidates=-1)
     assert len({tuple(a) for a in answers[0][:2]}) == 2 and all(len(a) == CFG.max_new_tokens for a in answers[0])
 
 

@@ -238,6 +238,9 @@ class Engine:
                         masks' logits are what the prefill would have given. An ended request's prompt
                         pages stay cached until the pool needs them (least recently used first).
                         Requests of the dllm-var cache policy only (the others recompute committed K/V).
+    nucleus_candidates: tokens ranked first for a top_p without top_k; the whole vocabulary is ranked
+                        only at positions whose nucleus is wider (found with a host sync). Same draws
+                        as ranking the whole vocabulary everywhere, which 0 does (decoders.sampling_floor).
     """
 
     def __init__(self, model: LLaDAModelLM, tokenizer=None, *, max_batch_size: int = 8,
@@ -249,7 +252,7 @@ class Engine:
                  page_size: int = DEFAULT_PAGE_SIZE, page_allocation: str = "on_demand",
                  preemption_mode: str = "swap", swap_space: float | None = 4.0,
                  gpu_memory_utilization: float | None = None,
-                 max_block_size: int | None = None) -> None:
+                 max_block_size: int | None = None, nucleus_candidates: int = decoders.NUCLEUS_CANDIDATES) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -309,8 +312,9 @@ class Engine:
         if max_unroll < 1 or expected_tpf <= 0:
             raise ValueError(f"need max_unroll >= 1 and expected_tpf > 0, got {max_unroll}, {expected_tpf}")
         self.max_unroll, self.expected_tpf = max_unroll, expected_tpf
-        # top_p without top_k: tokens ranked before the whole vocabulary is (0: the whole vocabulary at once)
-        self.nucleus_candidates = decoders.NUCLEUS_CANDIDATES
+        if nucleus_candidates < 0:
+            raise ValueError(f"nucleus_candidates must be >= 0 (0: rank the whole vocabulary), got {nucleus_candidates}")
+        self.nucleus_candidates = nucleus_candidates
         self._requests: dict[str, Request] = {}
         self._outputs: list[RequestOutput] = []
         self._ids = itertools.count()
@@ -335,11 +339,10 @@ class Engine:
         weights = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         # The model is prepared already (compiled, fused): the probe only decodes with it. Every row runs.
-        probe = Engine(self.model, self.tokenizer, compile_blocks=False, share_prefills=False, prefix_caching=False,
-                       kv_cache_tokens=load.pool_tokens(options["page_size"]), **options)
-        # Its top_p rows rank the whole vocabulary at every position, which a served request's do where its
+        # Its top_p rows rank the whole vocabulary at every position, as a served request's do where its
         # nucleus is wide: the decoders' largest working set, whatever this model's distributions are.
-        probe.nucleus_candidates = 0
+        probe = Engine(self.model, self.tokenizer, compile_blocks=False, share_prefills=False, prefix_caching=False,
+                       kv_cache_tokens=load.pool_tokens(options["page_size"]), nucleus_candidates=0, **options)
         # A full batch eagerly (block sizes without graphs), then everything through the graphs: the eager
         # round's memory stays cached meanwhile, so the peak adds the two up as a server's steady state does.
         probe.warmup([])
