@@ -62,8 +62,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tenso
     return x.clamp(max=logits.shape[-1] - 1)
 
 
-# Tokens ranked first for a top_p without a top_k: a trained model's nucleus is almost always far smaller.
-# Positions whose nucleus reaches past them are ranked again over the whole vocabulary.
+# Tokens ranked first for a top_p without a top_k (a confident position's nucleus is far smaller than the
+# vocabulary). Positions whose nucleus reaches past them are ranked again over the whole vocabulary.
 NUCLEUS_CANDIDATES = 1024
 # How far the ranked tokens' mass must clear top_p for the unranked rest to be surely outside the nucleus
 # (float32 sums over a vocabulary of ~10^5 differ by far less).
