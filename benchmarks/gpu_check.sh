@@ -6,7 +6,8 @@
 #   1. the CUDA tests (@pytest.mark.gpu): the paged kernel in bf16, graph replay = eager, greedy decode steps
 #      replayed as graphs = decoded eagerly (groups above the largest bucket in chunks), no host sync while
 #      decoding, preemption under CUDA graphs (swapped through pinned memory, or rebuilt), a pool sized by
-#      gpu_memory_utilization keeping the device within that share;
+#      gpu_memory_utilization keeping the device within that share, top_p's candidates drawing what ranking the
+#      whole vocabulary draws;
 #   2. the attention launch over a shuffled page table against SDPA on dense keys (LLaDA-8B's heads);
 #   3. the graphed DENOISE / COMMIT steps at LLaDA-8B's shape against the HBM roofline, and whole engine steps
 #      with the decode step eager and graphed;

@@ -777,16 +777,19 @@ def test_sampling_narrowed_to_the_most_likely_token_is_greedy_decoding(confident
     assert [(g.token_ids, g.num_forwards) for g in narrow] == [(g.token_ids, g.num_forwards) for g in greedy]
 
 
-def test_top_p_ranks_a_few_candidates_first_and_samples_what_ranking_the_whole_vocabulary_samples(talkative_model):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_top_p_ranks_a_few_candidates_first_and_samples_what_ranking_the_whole_vocabulary_samples(talkative_model,
+                                                                                                   device):
     """Open nuclei (top_p without top_k) are looked for among the engine's first `nucleus_candidates`
     tokens, and ranked over the whole vocabulary where they reach past them: the same draws as ranking
     the whole vocabulary every time (nucleus_candidates 0), in a group with a top_k row and a greedy one."""
+    talkative_model = copy.deepcopy(talkative_model).to(device)
     hot = CFG.replace(temperature=1.5, ignore_eos=True)
     settings = [hot.replace(seed=1, top_p=0.9), hot.replace(seed=2, top_p=0.5, min_p=0.01),
                 hot.replace(seed=3, top_p=0.8, top_k=4), CFG.replace(ignore_eos=True)]
     answers, syncs = [], []
     for candidates in (0, 3):
-        engine = _engine(talkative_model, nucleus_candidates=candidates)
+        engine = _engine(talkative_model, nucleus_candidates=candidates, compile_blocks=False)  # test time
         answers.append([g.token_ids for g in engine.generate(_prompts(4), settings)])
         syncs.append(engine.stats()["host_syncs"] / engine.stats()["total_forwards"])
     assert answers[0] == answers[1]
