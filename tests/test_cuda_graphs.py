@@ -161,6 +161,31 @@ def test_a_group_larger_than_the_largest_bucket_replays_graphs_in_chunks(replayi
     assert 0 < engine.graphs.step_replays < engine.graphs.replays
 
 
+def test_a_chunked_group_launches_a_few_ops_per_chunk_where_one_eager_forward_launches_hundreds(
+        replaying_on_cpu, model, monkeypatch):
+    """What a DENOISE step of 6 greedy rows costs the host besides its replays with buckets up to 4: per
+    chunk the block stack, its copy in and the clone out. One eager forward and decode of the whole group
+    (as before chunking) launches every layer's kernels: >10x as many with this two-layer model."""
+    monkeypatch.setattr(cuda_graphs, "ROW_BUCKETS", (1, 2, 4))
+
+    def ops_per_step(chunked: bool) -> float:
+        engine = _engine(model, cuda_graphs=True)
+        if not chunked:
+            monkeypatch.setattr(engine, "_graph_sized", lambda group: [group])
+        for prompt in _prompts(6):
+            engine.add_request(prompt, CFG.replace(threshold=1.0, ignore_eos=True, max_new_tokens=64))
+        for _ in range(3):  # prefill, then DENOISE steps (threshold 1: one position per step)
+            engine.step()
+        counter = OpsOutsideGraphs(monkeypatch)
+        with counter:
+            for _ in range(4):
+                engine.step()
+        return counter.count / 4
+
+    chunked, whole = ops_per_step(True), ops_per_step(False)
+    assert chunked <= 2 * 3 and whole >= 10 * chunked, (chunked, whole)  # measured: 6 and 266
+
+
 def test_a_group_with_a_row_that_samples_decodes_eagerly_after_its_graphed_forward(replaying_on_cpu, model):
     engine = _engine(model, cuda_graphs=True)
     engine.generate(_prompts(2), [CFG.replace(ignore_eos=True), CFG.replace(temperature=1.0, seed=1, ignore_eos=True)])
