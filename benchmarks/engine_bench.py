@@ -16,8 +16,8 @@ whole vocabulary only at positions whose nucleus is wider), the same ranking the
 block position (nucleus_candidates 0, as before 2026-12-06), then with top_p P and top_k 50 (which ranks 50):
 their TPS against the plain sampled row is the cost of narrowing, and the first two's ratio what ranking a few
 candidates first saves. A random model's distributions are nearly flat, its nucleus most of the vocabulary;
-`--head-scale S` multiplies its LM head by S, so that they are as peaked as a trained model's (the run prints the
-nucleus's median size at the first block's positions).
+`--head-scale S` multiplies its LM head by S, so that they are peaked (the run prints the nucleus's median size at
+the first block's positions).
 `--penalties` adds, per decoder, the same greedy decoding with presence, frequency and repetition penalties
 (per-row token counts over the vocabulary, updated on the device each step): its TPS against the plain row is
 their cost. `--samples N` adds N sampled answers per prompt decoded together (an OpenAI `n`), once with the engine's
@@ -67,10 +67,6 @@ def load_prompts(args, model, tokenizer) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     hi = min(model.config.vocab_size, model.config.mask_token_id) - 2
     return [torch.randint(0, hi, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_prompts)]
-
-
-WHOLE_VOCABULARY_MARK = ", whole vocabulary ranked)"
-WHOLE_VOCABULARY = "dllm-var engine ({decoder}, sampled, top_p {top_p}" + WHOLE_VOCABULARY_MARK
 
 
 def nucleus_size(model, prompt: list[int], args) -> float:
@@ -125,6 +121,7 @@ def run(args) -> list[dict]:
         return timed(lambda: engine.generate(prompts, cfg))
 
     engine.generate(prompts[:1], dllm.GenerationConfig(block_size=b, max_new_tokens=b))  # warm-up
+    ranked_whole = set()  # variants decoded with nucleus_candidates 0: the whole vocabulary ranked for top_p
     for decoder in args.decoders:
         cfg = dllm.GenerationConfig(block_size=b, max_new_tokens=cap, threshold=args.threshold, decoder=decoder)
         variants = [(f"dllm-var engine ({decoder})", cfg)]
@@ -133,16 +130,18 @@ def run(args) -> list[dict]:
                              cfg.replace(logprobs=args.logprobs)))
         if args.top_p is not None:
             sampled = cfg.replace(temperature=1.0, seed=0)
+            whole_vocabulary = f"dllm-var engine ({decoder}, sampled, top_p {args.top_p}, whole vocabulary ranked)"
+            ranked_whole.add(whole_vocabulary)
             variants += [(f"dllm-var engine ({decoder}, sampled)", sampled),
                          (f"dllm-var engine ({decoder}, sampled, top_p {args.top_p})", sampled.replace(top_p=args.top_p)),
-                         (WHOLE_VOCABULARY.format(decoder=decoder, top_p=args.top_p), sampled.replace(top_p=args.top_p)),
+                         (whole_vocabulary, sampled.replace(top_p=args.top_p)),
                          (f"dllm-var engine ({decoder}, sampled, top_p {args.top_p}, top_k 50)",
                           sampled.replace(top_p=args.top_p, top_k=50))]
         if args.penalties:
             variants.append((f"dllm-var engine ({decoder}, presence, frequency and repetition penalties)",
                              cfg.replace(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)))
         for name, config in variants:
-            engine.nucleus_candidates = 0 if name.endswith(WHOLE_VOCABULARY_MARK) else args.nucleus_candidates
+            engine.nucleus_candidates = 0 if name in ranked_whole else args.nucleus_candidates
             gens, secs = decode(config)
             record(name, [g.token_ids for g in gens], sum(g.num_forwards for g in gens), secs, len(prompts))
     for share in (True, False) if args.samples else ():
@@ -252,7 +251,7 @@ def main(argv=None) -> None:
     p.add_argument("--nucleus-candidates", type=int, default=NUCLEUS_CANDIDATES,
                    help="tokens a top_p without top_k ranks first (Engine.nucleus_candidates)")
     p.add_argument("--head-scale", type=float, default=1.0,
-                   help="multiply the random model's LM head by this (peaked distributions, as a trained model's)")
+                   help="multiply the random model's LM head by this (more peaked distributions, smaller nuclei)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     results = run(args)
