@@ -133,7 +133,8 @@ def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_prefi
     engine_bench.main(["--device", "cpu", "--dtype", "float32", "--num-prompts", "2", "--prompt-len", "8",
                        "--block-size", "8", "--fast-block", "8", "--max-new-tokens", "32", "--d-model", "64",
                        "--layers", "1", "--heads", "2", "--vocab", "128", "--vanilla-gen-lengths", "16",
-                       "--logprobs", "3", "--top-p", "0.9", "--nucleus-candidates", "16", "--penalties", "--samples", "3", "--prefix-caching",
+                       "--logprobs", "3", "--top-p", "0.9", "--nucleus-candidates", "16", "--penalties",
+                       "--samples", "3", "--prefix-caching",
                        "--kv-cache-tokens", "64", "--pool-max-model-len", "64", "--json", str(out)])
     rows = {r["system"]: r for r in json.loads(out.read_text())["results"]}
     plain, with_lp = rows["dllm-var engine (threshold)"], rows["dllm-var engine (threshold, logprobs 3)"]
@@ -142,7 +143,8 @@ def test_engine_bench_compares_logprobs_sampling_penalties_shared_prefills_prefi
                  "dllm-var engine (threshold, sampled, top_p 0.9, top_k 50)",
                  "dllm-var engine (threshold, presence, frequency and repetition penalties)"):
         assert rows[name]["tokens"] > 0 and rows[name]["forwards"] > 0
-    few, whole = (rows[f"dllm-var engine (threshold, sampled, top_p 0.9{how})"] for how in ("", ", whole vocabulary ranked"))
+    few, whole = (rows[f"dllm-var engine (threshold, sampled, top_p 0.9{how})"]
+                  for how in ("", ", whole vocabulary ranked"))
     assert (few["tokens"], few["forwards"]) == (whole["tokens"], whole["forwards"])  # the same draws
     shared, apart = (rows[f"dllm-var engine (3 samples per prompt, {how})"] for how in ("shared prefill",
                                                                                         "every row prefilled"))

@@ -139,6 +139,20 @@ def test_decode_graphs_commit_what_the_eager_decoders_commit(replaying_on_cpu, m
     assert any(g.finish_reason == "stop" for g in graphed) and any(g.token_ids for g in graphed)
 
 
+def _ops_per_denoise_step(engine, requests: int, monkeypatch) -> float:
+    """Ops launched outside graph replays per step, in DENOISE steps of `requests` greedy answers that never
+    end (threshold 1: one position per step), after their prefill and first steps."""
+    for prompt in _prompts(requests):
+        engine.add_request(prompt, CFG.replace(threshold=1.0, ignore_eos=True, max_new_tokens=64))
+    for _ in range(3):
+        engine.step()
+    counter = OpsOutsideGraphs(monkeypatch)
+    with counter:
+        for _ in range(4):
+            engine.step()
+    return counter.count / 4
+
+
 def test_a_group_larger_than_the_largest_bucket_replays_graphs_in_chunks(replaying_on_cpu, model, monkeypatch):
     """With buckets up to 4, a group of 6 rows is a chunk of 4 and a chunk of 2, each a graph replay: only
     the PREFILL forward runs eagerly. The chunk with the sampling row decodes eagerly, the other in its
@@ -172,15 +186,7 @@ def test_a_chunked_group_launches_a_few_ops_per_chunk_where_one_eager_forward_la
         engine = _engine(model, cuda_graphs=True)
         if not chunked:
             monkeypatch.setattr(engine, "_graph_sized", lambda group: [group])
-        for prompt in _prompts(6):
-            engine.add_request(prompt, CFG.replace(threshold=1.0, ignore_eos=True, max_new_tokens=64))
-        for _ in range(3):  # prefill, then DENOISE steps (threshold 1: one position per step)
-            engine.step()
-        counter = OpsOutsideGraphs(monkeypatch)
-        with counter:
-            for _ in range(4):
-                engine.step()
-        return counter.count / 4
+        return _ops_per_denoise_step(engine, 6, monkeypatch)
 
     chunked, whole = ops_per_step(True), ops_per_step(False)
     assert chunked <= 2 * 3 and whole >= 10 * chunked, (chunked, whole)  # measured: 6 and 266
@@ -195,18 +201,8 @@ def test_a_group_with_a_row_that_samples_decodes_eagerly_after_its_graphed_forwa
 def test_a_graphed_greedy_step_launches_a_few_ops_besides_its_two_replays(replaying_on_cpu, model, monkeypatch):
     """What a DENOISE step costs the host besides the replays: the group's inputs in, the new blocks and
     their status out (one read). Decoding eagerly after the graphed forward launches >10x as many."""
-    def ops_per_step(decode_graphs: bool) -> float:
-        engine = _engine(model, cuda_graphs=True, decode_graphs=decode_graphs)
-        engine.add_request(_prompts(1)[0], CFG.replace(threshold=1.0, ignore_eos=True, max_new_tokens=64))
-        for _ in range(3):  # prefill, then DENOISE steps (threshold 1: one position per step)
-            engine.step()
-        counter = OpsOutsideGraphs(monkeypatch)
-        with counter:
-            for _ in range(4):
-                engine.step()
-        return counter.count / 4
-
-    graphed, eager = ops_per_step(True), ops_per_step(False)
+    graphed, eager = (_ops_per_denoise_step(_engine(model, cuda_graphs=True, decode_graphs=decode), 1, monkeypatch)
+                      for decode in (True, False))
     assert graphed <= 3 and eager >= 10 * graphed, (graphed, eager)  # the block's stack, its copy in, its clone out
 
 

@@ -164,7 +164,7 @@ def test_sampling_floor_keeps_min_p_then_the_top_k_then_the_nucleus():
 
 def _nucleus_rows(widths: list[list[bool]], vocab: int = 3000) -> torch.Tensor:
     """Logits [rows, positions, vocab]: a wide nucleus where True (nearly flat, ~90 % of the vocabulary at
-    top_p 0.9), a narrow one where False (a handful of tokens), as a trained model's mostly are."""
+    top_p 0.9), a narrow one where False (a handful of tokens)."""
     g = torch.Generator().manual_seed(1)
     scale = T([[0.05 if wide else 8.0 for wide in row] for row in widths])
     return torch.randn(len(widths), len(widths[0]), vocab, generator=g) * scale[..., None]
@@ -180,7 +180,7 @@ def test_a_top_p_without_top_k_ranks_a_few_tokens_and_the_whole_vocabulary_only_
     rows = [(1.0, 0, 0.9, 0.0), (0.8, 0, 0.9, 0.0), (1.0, 40, 0.8, 0.0), (1.0, 0, 0.9, 1e-4)]
     temperature, top_k, top_p, min_p = (T(list(col)) for col in zip(*rows))
     top_k = top_k.long()
-    lowest = logits.amax(-1) + temperature[:, None] * torch.log(min_p)[:, None]
+    lowest = decoders.min_p_floor(logits, temperature, min_p)
     _, short = decoders._ranked_floor(logits, temperature, top_k, top_p, lowest, 64, True, check=True)
     assert short.tolist() == wide  # row 3: min_p keeps too many tokens for 64 to hold the nucleus
 

@@ -84,8 +84,7 @@ def sampling_floor(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     whole vocabulary at the positions where it does not: finding those costs one host sync.
     """
     n, b, v = logits.shape
-    # p >= min_p * p_max  <=>  logit >= max logit + T log(min_p)  (log 0 = -inf: no limit)
-    lowest = logits.amax(-1) + temperature[:, None] * torch.log(min_p)[:, None]
+    lowest = min_p_floor(logits, temperature, min_p)
     if not ranked:
         return lowest
     ranked = min(ranked, v)  # a top_k above the vocabulary keeps every token
@@ -102,6 +101,12 @@ def sampling_floor(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     again, _ = _ranked_floor(logits[where][:, None], temperature[rows], top_k[rows], top_p[rows],
                              lowest[where][:, None], v, nucleus, False)
     return floor.index_put(where, again[:, 0])
+
+
+def min_p_floor(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """[n, B]: the lowest logit whose tempered probability is at least min_p [n] times the top one's."""
+    # p >= min_p * p_max  <=>  logit >= max logit + T log(min_p)  (log 0 = -inf: no limit)
+    return logits.amax(-1) + temperature[:, None] * torch.log(min_p)[:, None]
 
 
 def _ranked_floor(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
