@@ -32,8 +32,8 @@ import dllm
 
 from .engine_loop import EngineLoop
 from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_logprobs, completion_logprobs,
-                       logit_bias_ids, logprobs_wanted, new_id, now, reject_unsupported, usage)
+                       DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation, chat_logprobs,
+                       completion_logprobs, logit_bias_ids, logprobs_wanted, new_id, now, reject_unsupported, usage)
 from .router import PromptAffinityRouter
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
@@ -340,9 +340,8 @@ class OpenAIIngress:
         if req.max_completion_tokens is not None and req.max_tokens is None:
             req.max_tokens = req.max_completion_tokens
         self._check_common(req)
-        if not req.messages:
-            raise APIError(400, "'messages' must hold at least one message", param="messages", code="invalid_value")
-        return await self._run(req, [self._chat_ids(req.messages)], chat=True)
+        ids = self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message)
+        return await self._run(req, [ids], chat=True)
 
     @api.post("/v1/loglikelihood")
     async def loglikelihood(self, req: LoglikelihoodRequest) -> dict:
@@ -376,7 +375,7 @@ class OpenAIIngress:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give either 'prompt' or 'messages'", param="prompt", code="invalid_value")
         ids = self._ids(req.prompt, "prompt") if req.prompt is not None \
-            else self._chat_ids(req.messages, req.add_generation_prompt)
+            else self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     @api.post("/detokenize")
@@ -384,9 +383,17 @@ class OpenAIIngress:
         self._check_model(req.model)
         return {"prompt": self.tokenizer.decode(self._checked_ids(req.tokens, param="tokens"))}
 
-    def _chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        text = self.tokenizer.apply_chat_template([m.model_dump(include={"role", "content"}) for m in messages],
-                                                  tokenize=False, add_generation_prompt=add_generation_prompt)
+    def _chat_ids(self, messages, add_generation_prompt: bool, continue_final_message: bool) -> list[int]:
+        """The prompt's token ids: the messages in the model's chat template; with continue_final_message
+        the text ends with the final message's content, left open (no end-of-turn token after it)."""
+        conversation = chat_conversation(messages, add_generation_prompt, continue_final_message)
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message)
+        except ValueError as e:  # e.g. a template that does not reproduce the final message's text
+            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages",
+                           code="invalid_value") from e
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ----- shared request path ----------------------------------------------------------------

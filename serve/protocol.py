@@ -77,7 +77,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    # a string, or OpenAI's content parts ([{"type": "text", "text": ...}, ...]: see message_text)
+    content: str | list[dict[str, Any]]
 
 
 class ChatCompletionRequest(_Common):
@@ -88,6 +89,10 @@ class ChatCompletionRequest(_Common):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    # vLLM's extras: the template's opening of the answer, or (instead) the final message left open so
+    # that the answer continues it (an assistant message started by the client)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class TokenizeRequest(BaseModel):
@@ -98,6 +103,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class LoglikelihoodRequest(BaseModel):
@@ -140,6 +146,40 @@ def reject_unsupported(req: _Common) -> None:
             raise APIError(400, message, param=param, code="unsupported_parameter")
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+
+
+def message_text(message: ChatMessage, index: int) -> str:
+    """A message's content as the chat template reads it: the string, or its text parts joined by
+    newlines (as vLLM joins them). Other parts (images, audio, files) are refused: the model reads text."""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for j, part in enumerate(message.content):
+        kind = part.get("type")
+        if kind != "text":
+            raise APIError(400, f"messages[{index}].content[{j}] is a part of type {kind!r}; only 'text' parts are "
+                                "supported: this model reads text only", param="messages", code="invalid_value")
+        if not isinstance(part.get("text"), str):
+            raise APIError(400, f"messages[{index}].content[{j}] needs a 'text' string", param="messages",
+                           code="invalid_value")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def chat_conversation(messages: list[ChatMessage], add_generation_prompt: bool,
+                      continue_final_message: bool) -> list[dict[str, str]]:
+    """The messages as a chat template takes them, with the two templating options checked."""
+    if not messages:
+        raise APIError(400, "'messages' must hold at least one message", param="messages", code="invalid_value")
+    if continue_final_message and add_generation_prompt:
+        raise APIError(400, "continue_final_message needs add_generation_prompt: false (a generation prompt opens a "
+                            "new message after the final one)", param="continue_final_message",
+                       code="invalid_value")
+    conversation = [{"role": m.role, "content": message_text(m, i)} for i, m in enumerate(messages)]
+    if continue_final_message and not conversation[-1]["content"].strip():
+        raise APIError(400, "continue_final_message needs a final message with text to continue",
+                       param="continue_final_message", code="invalid_value")
+    return conversation
 
 
 def logit_bias_ids(req: _Common) -> dict[int, float] | None:

@@ -320,6 +320,36 @@ def test_tokenize_and_detokenize(server, model_dir):
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param
 
 
+def test_chat_text_parts_and_a_continued_final_message(server, client, model_dir):
+    """OpenAI's content parts read as their texts joined by newlines (as vLLM joins them); with
+    continue_final_message (and no generation prompt) the answer continues the client's assistant
+    message: the prompt is the generation prompt + that text, and the answer is the engine's for it."""
+    tok = dllm.load_tokenizer(model_dir)
+
+    def tokens(body):
+        return httpx.post(f"{server}/tokenize", json={"model": "tiny", **body}).json()["tokens"]
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": "sort:"}, {"type": "text", "text": "dcba =>"}]}]
+    joined = [{"role": "user", "content": "sort:\ndcba =>"}]
+    assert tokens({"messages": parts}) == tokens({"messages": joined})
+    answers = [client.chat.completions.create(model="tiny", messages=m, max_tokens=24).choices[0].message.content
+               for m in (parts, joined)]
+    assert answers[0] == answers[1]
+
+    user = [{"role": "user", "content": "sort: dcba =>"}]
+    started = user + [{"role": "assistant", "content": "ab"}]
+    opened = tok(tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True) + "ab",
+                 add_special_tokens=False)["input_ids"]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    assert tokens({"messages": started, **options}) == opened
+    out = client.chat.completions.create(model="tiny", messages=started, max_tokens=40, extra_body=options)
+    engine = dllm.Engine(dllm.load_model(model_dir), tok, max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
+    direct = engine.generate([opened], cfg)[0]
+    assert out.choices[0].message.content == direct.text
+    assert out.usage.prompt_tokens == len(opened)
+
+
 def test_sse_wire_format_ends_with_done_and_can_report_usage(server):
     with httpx.stream("POST", f"{server}/v1/completions", json={
             "model": "tiny", "prompt": "add 1+2 =>", "stream": True, "max_tokens": 24,
@@ -404,6 +434,14 @@ def test_invalid_chat_requests_and_bad_json(server):
     for body, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")]:
         r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": msgs, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param
+    continued = {"continue_final_message": True, "add_generation_prompt": False}
+    for messages, body, param in [
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], {}, "messages"),
+            ([{"role": "user", "content": [{"type": "text"}]}], {}, "messages"),
+            (msgs + [{"role": "assistant", "content": "a"}], {"continue_final_message": True}, "continue_final_message"),
+            (msgs + [{"role": "assistant", "content": " "}], continued, "continue_final_message")]:
+        r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": messages, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.get(f"{server}/v1/nothing")
