@@ -33,7 +33,8 @@ import dllm
 from .engine_loop import EngineLoop
 from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation, chat_logprobs,
-                       completion_logprobs, logit_bias_ids, logprobs_wanted, new_id, now, reject_unsupported, usage)
+                       completion_logprobs, logit_bias_ids, logprobs_wanted, message_text, new_id, now,
+                       reject_unsupported, usage)
 from .router import PromptAffinityRouter
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
@@ -341,7 +342,9 @@ class OpenAIIngress:
             req.max_tokens = req.max_completion_tokens
         self._check_common(req)
         ids = self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message)
-        return await self._run(req, [ids], chat=True)
+        last = req.messages[-1]
+        echo = [message_text(last, len(req.messages) - 1)] if req.echo and last.role == "assistant" else None
+        return await self._run(req, [ids], chat=True, echo=echo)
 
     @api.post("/v1/loglikelihood")
     async def loglikelihood(self, req: LoglikelihoodRequest) -> dict:

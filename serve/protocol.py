@@ -93,6 +93,7 @@ class ChatCompletionRequest(_Common):
     # that the answer continues it (an assistant message started by the client)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    echo: bool = False  # vLLM's extra: the answer starts with the final message's text if it is the assistant's
 
 
 class TokenizeRequest(BaseModel):
@@ -140,7 +141,9 @@ def reject_unsupported(req: _Common) -> None:
     if isinstance(req, ChatCompletionRequest):
         checks += [("tools", bool(req.tools), "tools / function calling are not supported"),
                    ("response_format", req.response_format not in (None, {"type": "text"}),
-                    "response_format other than text is not supported")]
+                    "response_format other than text is not supported"),
+                   ("logprobs", req.echo and req.logprobs,
+                    "logprobs with echo are not supported: the echoed text is the client's, with no log-probabilities")]
     for param, bad, message in checks:
         if bad:
             raise APIError(400, message, param=param, code="unsupported_parameter")

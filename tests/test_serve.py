@@ -348,6 +348,13 @@ def test_chat_text_parts_and_a_continued_final_message(server, client, model_dir
     direct = engine.generate([opened], cfg)[0]
     assert out.choices[0].message.content == direct.text
     assert out.usage.prompt_tokens == len(opened)
+    echo = {**options, "echo": True}  # the answer as a whole: the client's start, then the engine's text
+    out = client.chat.completions.create(model="tiny", messages=started, max_tokens=40, extra_body=echo)
+    assert out.choices[0].message.content == "ab" + direct.text
+    chunks = list(client.chat.completions.create(model="tiny", messages=started, max_tokens=40, extra_body=echo,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.content == "ab"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ab" + direct.text
 
 
 def test_sse_wire_format_ends_with_done_and_can_report_usage(server):
@@ -439,7 +446,9 @@ def test_invalid_chat_requests_and_bad_json(server):
             ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], {}, "messages"),
             ([{"role": "user", "content": [{"type": "text"}]}], {}, "messages"),
             (msgs + [{"role": "assistant", "content": "a"}], {"continue_final_message": True}, "continue_final_message"),
-            (msgs + [{"role": "assistant", "content": " "}], continued, "continue_final_message")]:
+            (msgs + [{"role": "assistant", "content": " "}], continued, "continue_final_message"),
+            (msgs + [{"role": "assistant", "content": "a"}], {**continued, "echo": True, "logprobs": True},
+             "logprobs")]:
         r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": messages, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
