@@ -14,7 +14,7 @@ import torch
 
 import dllm
 from train.config import ConfigError, TrainConfig
-from train.loop import DS_STATE_DIR, FAULT_MARKER
+from train.loop import DS_STATE_DIR, EVAL_SEED, FAULT_MARKER
 from train.schedule import learning_rate, run_progress
 from train.sft import final_model_dir, main, run_training
 
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 SEQ = 64
 
 
-def _write_packed(root, tokenizer, eos_pad: int = 0, word_lengths=(1, 5), prompt="reverse: {} =>", n=400):
+def _write_packed(root, tokenizer, eos_pad: int = 0, word_lengths=(1, 5), prompt="reverse: {} =>", n=400, seed=0):
     """A reverse task packed the dLLM-Var way and written as the pipeline writes it."""
-    rng = random.Random(0)
+    rng = random.Random(seed)
     enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     eos = tokenizer.eos_token_id
     samples = []
@@ -155,6 +155,60 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_finishes(ray_loca
     assert [h["step"] for h in state["history"]] == [5, 10, 15, 20]
 
 
+def _held_out_loss(model_dir, data_dir, cfg) -> float:
+    """What eval_loss means, computed here in one process: the masked cross-entropy over the held-out
+    rows, noised by the run's objective in micro-batches whose noise is seeded by their first row."""
+    model = dllm.load_model(model_dir)
+    table = pq.read_table(str(data_dir / "part-0.parquet"))
+    ids, prompt, seg = (torch.tensor(table.column(c).to_pylist()) for c in ("input_ids", "prompt_mask", "segment_ids"))
+    ce_sum = weight = 0.0
+    with torch.no_grad():
+        for lo in range(0, len(ids), cfg.micro_batch_size):
+            rows = slice(lo, lo + cfg.micro_batch_size)
+            noised = dllm.noise_batch(ids[rows], prompt[rows].bool(), seg[rows],
+                                      mask_token_id=model.config.mask_token_id,
+                                      terminal_token_ids=model.config.stop_token_ids, t_min=cfg.t_min,
+                                      t_max=cfg.t_max, tail_mask_prob=cfg.tail_mask_prob,
+                                      generator=torch.Generator().manual_seed(EVAL_SEED + lo))
+            logits = model(noised.input_ids)
+            n = int(noised.loss_mask.sum())
+            ce_sum += float(dllm.diffusion_loss(logits, noised.targets, noised.loss_mask)) * n
+            weight += n
+    return ce_sum / weight
+
+
+def test_held_out_rows_are_scored_at_each_checkpoint_on_the_same_noise(ray_local, packed_data, char_tokenizer,
+                                                                        tmp_path):
+    """eval_data is scored at every checkpoint and at the end, by both workers together (rows split
+    between them, the last micro-batch partial): each reported eval_loss is the checkpoint's masked
+    cross-entropy on the held-out rows, on the same noise at both evaluations."""
+    held = _write_packed(tmp_path, char_tokenizer, n=70, seed=1) / "data"
+    n_rows = pq.read_table(str(held / "part-0.parquet")).num_rows
+    assert n_rows % 8  # 2 workers x 4 rows: the last batch leaves one worker short
+    cfg = _config(packed_data, "held-out", max_steps=20, eval_data=str(held))
+    result = run_training(cfg)
+    assert result.error is None
+    history = _history(result)["history"]
+    assert [h["step"] for h in history if "eval_loss" in h] == [10, 20]  # with the checkpoints only
+    assert result.metrics["eval_rows"] == n_rows
+    assert len(result.best_checkpoints) == 2
+    for checkpoint, metrics in result.best_checkpoints:
+        expected = _held_out_loss(Path(checkpoint.path) / "hf", held, cfg)
+        assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    first, last = (h["eval_loss"] for h in history if "eval_loss" in h)
+    assert last < first  # the same noise both times: the model's progress alone
+
+    # eval_every: every 5 steps, and the end of an epochs-bounded run (its final checkpoint) too
+    cfg = _config(packed_data, "held-out-every", max_steps=None, epochs=1, eval_data=str(held), eval_every=5,
+                  checkpoint_every=100)
+    result = run_training(cfg)
+    assert result.error is None
+    state = _history(result)
+    assert [h["step"] for h in state["history"] if "eval_loss" in h] == [5, 10] and state["step"] > 10
+    assert result.metrics["step"] == state["step"] and result.metrics["eval_rows"] == n_rows
+    assert result.metrics["eval_loss"] == pytest.approx(_held_out_loss(final_model_dir(result), held, cfg), rel=1e-4)
+
+
 def test_the_rate_warms_up_then_decays_over_whichever_budget_ends_first():
     rate = dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert learning_rate(schedule="cosine", step=5, progress=0.0, **rate) == pytest.approx(0.5)  # warming up
@@ -189,6 +243,10 @@ def test_config_errors_are_clear(tmp_path, capsys):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, pad_eos_weight=2)
     with pytest.raises(ConfigError, match="tail_eos needs tail_mask_prob"):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, tail_eos=True)
+    with pytest.raises(ConfigError, match="eval_every needs eval_data"):
+        TrainConfig(run_name="x", data="d", model="m", max_steps=1, eval_every=5)
+    with pytest.raises(ConfigError, match=r"eval_every=0 is invalid; expected an integer >= 1"):
+        TrainConfig(run_name="x", data="d", model="m", max_steps=1, eval_data="e", eval_every=0)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("run_name: x\ndata: d\nmodel: m\nmax_steps: 1\nbogus: 2\n")
     assert main(["--config", str(cfg)]) == 2

@@ -2,6 +2,7 @@
 fine-tune on compressed transitions through the train package (Ray Train + DeepSpeed)."""
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,11 +49,14 @@ def test_fine_tuning_on_compressed_transitions_runs_as_a_train_job(recorded, cha
     root, ckpt, _ = recorded
     cfg = TrainConfig(run_name="td", model=str(ckpt), data=str(root / "out"), objective="trajectory",
                       storage_path=str(root / "runs"), micro_batch_size=2, num_workers=2, precision="fp32",
-                      lr=1e-3, warmup_steps=1, max_steps=4, checkpoint_every=4, log_every=2)
+                      lr=1e-3, warmup_steps=1, max_steps=4, checkpoint_every=4, log_every=2,
+                      eval_data=str(root / "out"))  # scored as compressed transitions too
     result = run_training(cfg)
     model = dllm.load_model(final_model_dir(result))
     state = json.loads((final_model_dir(result) / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["samples_seen"] == 4 * 2 * 2
+    rows = sum(pq.read_metadata(str(f)).num_rows for f in (root / "out").glob("*.parquet"))
+    assert result.metrics["eval_rows"] == rows and math.isfinite(result.metrics["eval_loss"])
     gens = dllm.Engine(model, char_tokenizer).generate(["abc"], CFG)
     assert gens[0].finish_reason in ("stop", "length")
 

@@ -34,10 +34,15 @@ class TrainConfig:
     Rate: `warmup_steps` linear warm-up, then `lr_schedule` (see train.schedule); a cosine decay
     spans the whole budget, which `time_limit_s` ends early when it runs out first.
     Batch: each optimizer step sees num_workers * micro_batch_size * grad_accum rows.
+    Validation: `eval_data` (held-out rows in the format of `data`) is scored at every checkpoint and
+    at the end, or every `eval_every` steps and at the end: `eval_loss`, the masked cross-entropy on
+    noise that is the same at every evaluation (and in every run with the same micro_batch_size).
     """
 
     run_name: str
     data: str
+    eval_data: str | None = None
+    eval_every: int | None = None  # steps between evaluations (default: with the checkpoints)
     model: str | None = None
     model_config: dict[str, Any] | None = None
     tokenizer: str | None = None
@@ -93,10 +98,12 @@ class TrainConfig:
                      "cpus_per_worker", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
-        for name in ("max_steps", "epochs"):
+        for name in ("max_steps", "epochs", "eval_every"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(name, "an integer >= 1")
+        if self.eval_every is not None and self.eval_data is None:
+            raise ConfigError("train config: eval_every needs eval_data (held-out rows in the format of 'data')")
         if self.precision not in PRECISIONS:
             bad("precision", f"one of {list(PRECISIONS)}")
         if self.objective not in OBJECTIVES:

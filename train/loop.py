@@ -29,6 +29,7 @@ DS_STATE_DIR = "deepspeed"  # inside a Ray Train checkpoint: DeepSpeed's resumab
 HF_DIR = "hf"  # inside a Ray Train checkpoint: a checkpoint directory dllm.load_model reads
 DS_TAG = "state"
 FAULT_MARKER = "injected-fault-done"
+EVAL_SEED = 7_919  # + a held-out micro-batch's first row index: its noise, the same at every evaluation
 
 
 def build_model(cfg: TrainConfig, tokenizer) -> dllm.LLaDAModelLM:
@@ -134,6 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"[train] resumed at step {state['step']} (samples seen {state['samples_seen']})", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if cfg.eval_data else None
     rows_per_micro = world * cfg.micro_batch_size
     micro_per_epoch = None
     total_steps = cfg.max_steps
@@ -176,48 +178,77 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 (hf / "trainer_state.json").write_text(json.dumps({"config": cfg.to_dict(), **state}, indent=2))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
+    def batches_of(data, drop_last: bool):
+        if cfg.objective == "trajectory":
+            return data.iter_batches(batch_size=rows_per_micro, drop_last=drop_last, batch_format="numpy")
+        return data.iter_torch_batches(batch_size=rows_per_micro, drop_last=drop_last,
+                                       dtypes={"input_ids": torch.long, "prompt_mask": torch.bool,
+                                               "segment_ids": torch.int32})
+
+    def noised_rows(batch, lo: int, hi: int, gen: torch.Generator):
+        """Rows lo:hi of a batch as the objective's inputs on the device: (NoisedBatch, the attention mask
+        or None, the number of samples they hold)."""
+        if cfg.objective == "trajectory":
+            trajs = [Trajectory.from_row({c: batch[c][i] for c in ROW_COLUMNS}) for i in range(lo, hi)]
+            noised = transition_batch(trajs, mask_token_id=config.mask_token_id,
+                                      pad_token_id=config.pad_token_id or 0, generator=gen)
+            noised = dataclasses.replace(noised, input_ids=noised.input_ids.to(device),
+                                         targets=noised.targets.to(device), loss_mask=noised.loss_mask.to(device),
+                                         segment_ids=noised.segment_ids.to(device))
+            return noised, None, len(trajs)
+        ids = batch["input_ids"][lo:hi].to(device)
+        prompt = batch["prompt_mask"][lo:hi].to(device)
+        seg = batch["segment_ids"][lo:hi].to(device)
+        if cfg.seq_len and ids.shape[1] != cfg.seq_len:
+            raise ValueError(f"packed rows have {ids.shape[1]} tokens but the config says seq_len={cfg.seq_len}")
+        noised = dllm.noise_batch(ids, prompt, seg, mask_token_id=config.mask_token_id,
+                                  terminal_token_ids=stop_tokens, t_min=cfg.t_min, t_max=cfg.t_max,
+                                  tail_mask_prob=cfg.tail_mask_prob, generator=gen,
+                                  tail_target_id=config.eos_token_id if cfg.tail_eos else None,
+                                  pad_eos_weight=cfg.pad_eos_weight)
+        mask = dllm.document_attention_mask(noised.segment_ids) if cfg.document_mask else None
+        return noised, mask, seg.amax(1).sum()  # sample pieces: each row's segments are numbered 1, 2, ...
+
+    def evaluate() -> dict:
+        """The held-out rows' masked cross-entropy (weighted as pad_eos_weight says, over every masked
+        position; the objective's loss under loss_weighting "mean"), each rank scoring its slices. A
+        micro-batch's noise is seeded by its first row's index in the data: the same at every evaluation."""
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # weighted CE, weight, rows
+        head = engine.module.model.transformer["ff_out"]
+        with torch.no_grad():
+            for k, batch in enumerate(batches_of(eval_shard, drop_last=False)):
+                lo = rank * cfg.micro_batch_size
+                hi = min(lo + cfg.micro_batch_size, len(batch[next(iter(batch))]))
+                if lo >= hi:
+                    continue  # the last, partial batch has no rows for this rank
+                noised, mask, _ = noised_rows(batch, lo, hi, torch.Generator().manual_seed(
+                    EVAL_SEED + k * rows_per_micro + lo))
+                hidden = engine(noised.input_ids, attention_mask=mask, return_hidden=True)
+                loss = dllm.diffusion_loss_from_hidden(hidden, head, noised.targets, noised.loss_mask,
+                                                       weights=noised.weights)
+                weight = noised.loss_mask.sum() if noised.weights is None else noised.weights[noised.loss_mask].sum()
+                sums += torch.stack([loss.double() * weight, weight.double(),
+                                     torch.tensor(hi - lo, dtype=torch.float64, device=device)])
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        ce, weight, rows = sums.tolist()
+        return {"eval_loss": ce / weight if weight else float("nan"), "eval_rows": int(rows)}
+
     epoch = 0  # a resumed run skips whole epochs below until it reaches its micro-step
     done = False
     while not done:
         seen_this_epoch = 0
         skip = state["micro_steps"] - (epoch * micro_per_epoch if micro_per_epoch else 0)
-        if cfg.objective == "trajectory":
-            batches = shard.iter_batches(batch_size=rows_per_micro, drop_last=True, batch_format="numpy")
-        else:
-            batches = shard.iter_torch_batches(batch_size=rows_per_micro, drop_last=True,
-                                               dtypes={"input_ids": torch.long, "prompt_mask": torch.bool,
-                                                       "segment_ids": torch.int32})
-        for batch in batches:
+        for batch in batches_of(shard, drop_last=True):
             seen_this_epoch += 1
             if seen_this_epoch <= skip:
                 continue  # consumed before the checkpoint this run resumed from
             lo = rank * cfg.micro_batch_size
             # Noise depends only on (seed, micro step, rank): identical after a resume.
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["micro_steps"] * 997 + rank)
-            mask = None
-            if cfg.objective == "trajectory":
-                trajs = [Trajectory.from_row({c: batch[c][i] for c in ROW_COLUMNS})
-                         for i in range(lo, lo + cfg.micro_batch_size)]
-                noised = transition_batch(trajs, mask_token_id=config.mask_token_id,
-                                          pad_token_id=config.pad_token_id or 0, generator=gen)
-                noised = dataclasses.replace(noised, input_ids=noised.input_ids.to(device),
-                                             targets=noised.targets.to(device), loss_mask=noised.loss_mask.to(device),
-                                             segment_ids=noised.segment_ids.to(device))
-                ids = noised.input_ids
-                pending[1] += len(trajs)
-            else:
-                ids = batch["input_ids"][lo:lo + cfg.micro_batch_size].to(device)
-                prompt = batch["prompt_mask"][lo:lo + cfg.micro_batch_size].to(device)
-                seg = batch["segment_ids"][lo:lo + cfg.micro_batch_size].to(device)
-                if cfg.seq_len and ids.shape[1] != cfg.seq_len:
-                    raise ValueError(f"packed rows have {ids.shape[1]} tokens but the config says seq_len={cfg.seq_len}")
-                noised = dllm.noise_batch(ids, prompt, seg, mask_token_id=config.mask_token_id,
-                                          terminal_token_ids=stop_tokens, t_min=cfg.t_min, t_max=cfg.t_max,
-                                          tail_mask_prob=cfg.tail_mask_prob, generator=gen,
-                                          tail_target_id=config.eos_token_id if cfg.tail_eos else None,
-                                          pad_eos_weight=cfg.pad_eos_weight)
-                mask = dllm.document_attention_mask(noised.segment_ids) if cfg.document_mask else None
-                pending[1] += seg.amax(1).sum()  # sample pieces: each row's segments are numbered 1, 2, ...
+            noised, mask, samples = noised_rows(batch, lo, lo + cfg.micro_batch_size, gen)
+            ids = noised.input_ids
+            pending[1] += samples
             hidden = engine(noised.input_ids, attention_mask=mask, return_hidden=True)
             loss = dllm.diffusion_loss_from_hidden(hidden, engine.module.model.transformer["ff_out"], noised.targets,
                                                    noised.loss_mask, noised.t, cfg.loss_weighting, noised.segment_ids,
@@ -248,18 +279,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             last = (total_steps is not None and step >= total_steps) or (
                 cfg.time_limit_s is not None and state["elapsed"] >= cfg.time_limit_s)
-            if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
+            saving = step % cfg.checkpoint_every == 0 or last
+            evaluating = eval_shard is not None and (last or (step % cfg.eval_every == 0 if cfg.eval_every else saving))
+            if step % cfg.log_every == 0 or saving or evaluating:
                 now, mean_loss = time.time(), drain_pending()  # before samples_seen is read: it adds the pending ones
                 metrics = {"step": step, "loss": mean_loss, "lr": engine.get_lr()[0],
                            "tokens_per_s": tokens_log / max(1e-9, now - t_log), "samples_seen": state["samples_seen"],
                            "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed"], "epoch": epoch}
-                t_log, tokens_log = now, 0
-                state["history"].append({k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s")})
+                if evaluating:
+                    metrics.update(evaluate())
+                t_log, tokens_log = time.time(), 0  # the next window's tokens/s leaves the evaluation out
+                state["history"].append({k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s", "eval_loss")
+                                         if k in metrics})
                 if rank == 0:
-                    print(f"[train] step {step}{'/' + str(total_steps) if total_steps else ''} loss {metrics['loss']:.4f} "
-                          f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s "
-                          f"elapsed {metrics['elapsed_s']:.0f}s", flush=True)
-                if step % cfg.checkpoint_every == 0 or last:
+                    of = f"/{total_steps}" if total_steps else ""
+                    held_out = f" eval_loss {metrics['eval_loss']:.4f}" if evaluating else ""
+                    print(f"[train] step {step}{of} loss {metrics['loss']:.4f}{held_out} lr {metrics['lr']:.2e} "
+                          f"{metrics['tokens_per_s']:.0f} tok/s elapsed {metrics['elapsed_s']:.0f}s", flush=True)
+                if saving:
                     save_checkpoint(metrics)
                 else:
                     ray.train.report(metrics)
@@ -278,5 +315,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if state["step"] % cfg.checkpoint_every:  # the final state, unless just saved
                 drain_pending()
                 save_checkpoint({"step": state["step"], "epoch": epoch, "samples_seen": state["samples_seen"],
-                                 "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed"]})
+                                 "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed"],
+                                 **(evaluate() if eval_shard is not None else {})})
             break

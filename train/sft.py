@@ -38,20 +38,30 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _read_rows(ray, path: str, objective: str):
+    """A parquet directory of training rows, checked for the columns the objective reads."""
+    data = ray.data.read_parquet(path, file_extensions=["parquet"])
+    columns = set(data.schema().names)
+    missing = [c for c in REQUIRED_COLUMNS[objective] if c not in columns]
+    if missing:
+        raise ConfigError(f"{path} lacks column(s) {missing} for objective {objective!r}: {MAKERS[objective]} first")
+    return data
+
+
 def run_training(cfg: TrainConfig, address: str | None = None):
     """Build and fit the TorchTrainer; returns Ray Train's Result."""
     ray = ensure_ray(address, quiet=False)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    data = ray.data.read_parquet(cfg.data, file_extensions=["parquet"])
-    columns = set(data.schema().names)
-    missing = [c for c in REQUIRED_COLUMNS[cfg.objective] if c not in columns]
-    if missing:
-        raise ConfigError(f"{cfg.data} lacks column(s) {missing} for objective {cfg.objective!r}: "
-                          f"{MAKERS[cfg.objective]} first")
+    data = _read_rows(ray, cfg.data, cfg.objective)
     if cfg.materialize_data:
         data = data.materialize()  # each epoch then iterates blocks in memory instead of re-reading files
+    datasets = {"train": data}
+    if cfg.eval_data:
+        datasets["eval"] = _read_rows(ray, cfg.eval_data, cfg.objective).materialize()  # read at every evaluation
+        if datasets["eval"].count() == 0:
+            raise ConfigError(f"eval_data {cfg.eval_data} holds no rows")
     storage = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
     cfg.storage_path = storage
     # Train's print patch would echo each worker line twice on the driver (its log + the stream it tees to).
@@ -67,7 +77,7 @@ def run_training(cfg: TrainConfig, address: str | None = None):
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": env}),
-        datasets={"train": data},
+        datasets=datasets,
         # Every worker walks the same deterministic row order and takes its own slice (exact resume).
         dataset_config=DataConfig(datasets_to_split=[]),
     )
