@@ -15,8 +15,9 @@ Timed per context length (random bf16 weights; CUDA events, median of many):
 - forward, CUDA graph (what the engine replays): the DENOISE step [B] and the COMMIT step [2B]
 - one full engine step (forward + decoder + block bookkeeping + the host sync); with CUDA graphs, the
   decoder run eagerly and replayed as a graph (Engine decode_graphs) in the same run
-each with eager blocks, compiled blocks, and compiled blocks with fused Q/K/V and gate/up matrices
-(on a CPU: eager, unfused and fused); then Hugging Face's LlamaForCausalLM of the same shape, `generate` with a static cache and its
+each with eager blocks, compiled blocks, compiled blocks with fused Q/K/V and gate/up matrices, and
+compiled blocks with FP8 weights (Engine quantization="fp8": its roofline counts one byte per projection
+weight; the table ends with its speedup over the bf16 step) (on a CPU: eager, fused, FP8); then Hugging Face's LlamaForCausalLM of the same shape, `generate` with a static cache and its
 automatic torch.compile, per generated token; and the ratio block step / AR token.
 `--profile` writes a torch.profiler table of one eager step (where the time goes).
 """
@@ -79,7 +80,7 @@ def hbm_bandwidth_gbs(device) -> float:
 
 def weight_bytes_per_step(model: dllm.LLaDAModelLM) -> int:
     emb = model.embedding_weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # FP8: buffers
     return total - emb.numel() * emb.element_size()  # the embedding is only gathered
 
 
@@ -109,7 +110,8 @@ def step_rows(model, engine, ctx: int, block: int, bw: float, args, label: str) 
     def add(name, ms, q_tokens):
         roof_bytes = w_bytes + kv_bytes(cfg, ctx + q_tokens)
         roof_ms = roof_bytes / (bw * 1e9) * 1e3
-        rows.append({"context": ctx, "step": f"{name} [{label}]", "ms": ms, "roofline_ms": roof_ms, "efficiency": roof_ms / ms})
+        rows.append({"context": ctx, "step": f"{name} [{label}]", "ms": ms, "roofline_ms": roof_ms,
+                     "efficiency": roof_ms / ms, "name": name, "variant": label})
 
     with torch.inference_mode():
         kernel_ok = model.enable_pool_kernel()
@@ -216,6 +218,22 @@ def hf_llama_rows(cfg: dllm.LLaDAConfig, ctx: int, args) -> list[dict]:
              "tokens_per_s": 1e3 / ms, "first_call_s": compile_s}]
 
 
+def fp8_speedups(rows: list[dict]) -> list[dict]:
+    """Per context and step: ms of the unquantised variant the FP8 one differs from only by its
+    weights (compiled, or eager on a CPU) over ms with FP8 weights, measured in the same run."""
+    out = []
+    for r in rows:
+        if not r["variant"].endswith(", FP8 weights"):
+            continue
+        base_variant = r["variant"].removesuffix(", FP8 weights")
+        base = next((b for b in rows if b["variant"] == base_variant and b["name"] == r["name"]
+                     and b["context"] == r["context"]), None)
+        if base is not None:
+            out.append({"context": r["context"], "step": r["name"], "against": base_variant,
+                        "speedup": base["ms"] / r["ms"]})
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=["llada-8b", "small"], default="llada-8b")
@@ -226,8 +244,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--hf", action="store_true", help="also time the HF autoregressive Llama of the same shape")
     p.add_argument("--hf-tokens", type=int, default=128, help="tokens per HF generate call")
-    p.add_argument("--variants", nargs="+", choices=["eager", "compiled", "fused"],
-                   help="block functions to time (default: all three)")
+    p.add_argument("--variants", nargs="+", choices=["eager", "compiled", "fused", "fp8"],
+                   help="block functions to time (default: all four)")
     p.add_argument("--profile", help="write torch.profiler tables of eager steps to PROFILE.{eager,compiled}.txt")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
@@ -251,27 +269,36 @@ def main(argv=None) -> None:
                 json.dump(result, f, indent=2)
 
     # Eager blocks (~50 small kernels per layer), torch.compile'd blocks, then the same with one Q/K/V and
-    # one gate/up matmul per block (fusing is one-way on a model, so it comes last).
-    variants = [("eager blocks", False, False), ("compiled blocks", True, False), ("compiled blocks, fused QKV+gate/up", True, True)]
-    if dev.type != "cuda":  # nothing compiles for graphs on a CPU: eager with and without fusion
-        variants = [("eager blocks", False, False), ("eager blocks, fused QKV+gate/up", False, True)]
-    kinds = {"eager blocks": "eager", "compiled blocks": "compiled"}  # the rest: "fused"
-    variants = [v for v in variants if args.variants is None or kinds.get(v[0], "fused") in args.variants]
-    for label, compiled, fused in variants:
+    # one gate/up matmul per block, then with FP8 weights (fusing and quantising are one-way on a model, so
+    # they come last). (label, kind, compiled, fused, quantization)
+    variants = [("eager blocks", "eager", False, False, None), ("compiled blocks", "compiled", True, False, None),
+                ("compiled blocks, fused QKV+gate/up", "fused", True, True, None),
+                ("compiled blocks, FP8 weights", "fp8", True, False, "fp8")]
+    if dev.type != "cuda":  # nothing compiles for graphs on a CPU: eager, fused, FP8
+        variants = [("eager blocks", "eager", False, False, None),
+                    ("eager blocks, fused QKV+gate/up", "fused", False, True, None),
+                    ("eager blocks, FP8 weights", "fp8", False, False, "fp8")]
+    variants = [v for v in variants if args.variants is None or v[1] in args.variants]
+    for label, _, compiled, fused, quantization in variants:
         engine = dllm.Engine(model, max_batch_size=1, max_model_len=max_ctx + 3 * args.block, compile_blocks=compiled,
-                             fuse_projections=fused)
+                             fuse_projections=fused, quantization=quantization)
         t0 = time.perf_counter()
         for ctx in args.contexts:
             rows += step_rows(model, engine, ctx, args.block, bw, args, label)
         print(f"{label}: measured in {time.perf_counter() - t0:.0f}s (compiles included)", flush=True)
         if args.profile:
-            slug = label.split()[0] + ("-fused" if fused else "")
+            slug = label.split()[0] + ("-fused" if fused else "") + (f"-{quantization}" if quantization else "")
             profile_step(model, engine, max_ctx, args.block, f"{args.profile}.{slug}.txt")
         del engine
         save()
     print(f"\n{'context':>7}  {'step':60} {'ms':>8} {'roofline ms':>11} {'of roofline':>11}")
     for r in rows:
         print(f"{r['context']:7d}  {r['step']:60} {r['ms']:8.3f} {r['roofline_ms']:11.3f} {r['efficiency']:10.0%}")
+    result["fp8_speedup"] = fp8_speedups(rows)
+    if result["fp8_speedup"]:
+        print(f"\nFP8 weights against the same step in the model's dtype ({result['fp8_speedup'][0]['against']}):")
+        for r in result["fp8_speedup"]:
+            print(f"{r['context']:7d}  {r['step']:60} {r['speedup']:7.2f}x")
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from .config import LLaDAConfig
 from .model import LLaDAModelLM
+from .quantization import is_quantized
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -102,6 +103,9 @@ def save_pretrained(model: LLaDAModelLM, tokenizer, path: str | os.PathLike, *, 
     Weights above `max_shard_bytes` are split into `model-0000i-of-0000n.safetensors` shards with
     an index, as LLaDA-8B ships. `dtype` converts the saved tensors (default: as they are).
     """
+    if is_quantized(model):
+        raise CheckpointError("this model's projections are FP8 (quantized for inference): a LLaDA checkpoint holds "
+                              "the unquantized weights; save the model before quantize_fp8 / Engine(quantization=)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}

@@ -19,13 +19,14 @@ import sys
 
 from .engine.config import DECODERS
 from .engine.scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES
+from .quantization import QUANTIZATIONS
 
 
 def _generate(args) -> int:
     import dllm
 
     model, tok = _load(args)
-    engine = dllm.Engine(model, tok, max_batch_size=max(1, len(args.prompt)))
+    engine = dllm.Engine(model, tok, max_batch_size=max(1, len(args.prompt)), quantization=args.quantization)
     config = dllm.GenerationConfig(block_size=args.block_size, threshold=args.threshold,
                                    max_new_tokens=args.max_new_tokens, decoder=args.decoder,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -71,8 +72,8 @@ def serve_app_args(args) -> dict:
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
     for key in ("name", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization", "max_block_size",
-                "page_allocation", "preemption_mode", "swap_space", "num_gpus", "min_replicas", "max_replicas",
-                "num_replicas", "api_keys"):
+                "page_allocation", "preemption_mode", "swap_space", "quantization", "num_gpus", "min_replicas",
+                "max_replicas", "num_replicas", "api_keys"):
         value = getattr(args, key)
         if value is not None:
             app_args[key] = value
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--swap-space", type=float,
                    help="GiB of host memory swapped K/V may take per replica (default 4); beyond it preempted requests "
                         "are recomputed")
+    s.add_argument("--quantization", choices=QUANTIZATIONS,
+                   help="fp8: the block projections' weights in FP8 E4M3 (per-channel scales, inputs quantised per "
+                        "token), half the bytes a bf16 decode step reads for them; the checkpoint stays as it is "
+                        "(GPUs of compute capability >= 8.9, or CPU)")
     s.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 if the cluster has GPUs, else 0)")
     s.add_argument("--num-replicas", type=int)
     s.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
@@ -161,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (decoded together)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    g.add_argument("--quantization", choices=QUANTIZATIONS, help="fp8: FP8 weights for the block projections")
     g.add_argument("--block-size", type=int, default=64)
     g.add_argument("--threshold", type=float, default=0.9)
     g.add_argument("--max-new-tokens", type=int, default=256)

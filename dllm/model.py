@@ -26,6 +26,7 @@ from torch import nn
 from .config import LLaDAConfig
 
 from .kernels import pool_attention as _pool
+from .quantization import Fp8Linear, Fp8Weight, fp8_linear
 
 try:  # flash-attn is optional and CUDA-only; SDPA is the default everywhere.
     from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
@@ -125,6 +126,9 @@ class LLaDABlock(nn.Module):
         """Keep Q/K/V in one [q+2kv, d] matrix and gate/up in one [2h, d] matrix, so inference runs two
         matmuls where it ran five. The checkpoint-named parameters become views into them: no extra
         memory, the same state_dict, and in-place loads still land in the fused matrices."""
+        if any(type(getattr(self, n)) is not nn.Linear for n in ("q_proj", "k_proj", "v_proj", "ff_proj", "up_proj")):
+            raise ValueError("fuse_projections needs the blocks' plain nn.Linear projections (not FP8 or swapped-in "
+                             "training linears)")
         with torch.no_grad():
             qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
             gate_up = torch.cat([self.ff_proj.weight, self.up_proj.weight])
@@ -187,13 +191,22 @@ def _gather_pages(pool: torch.Tensor, page_table: torch.Tensor, slots: torch.Ten
 
 def _linear(module: nn.Module):
     """What a block function multiplies by: a plain Linear's weight (so one compiled function serves
-    every layer), or the module itself where a training recipe swapped in its own linear (torchao's
-    Float8Linear for FP8 training: its forward must run, not a matmul with its weight)."""
-    return module.weight if type(module) is nn.Linear else module
+    every layer), an FP8 layer's tensors (Fp8Weight, likewise), or the module itself where a training
+    recipe swapped in its own linear (torchao's Float8Linear for FP8 training: its forward must run,
+    not a matmul with its weight)."""
+    if type(module) is nn.Linear:
+        return module.weight
+    return module.packed if isinstance(module, Fp8Linear) else module
 
 
 def _apply(h, w):
-    return F.linear(h, w) if isinstance(w, torch.Tensor) else w(h)
+    if isinstance(w, torch.Tensor):
+        return F.linear(h, w)
+    return fp8_linear(h, *w) if isinstance(w, Fp8Weight) else w(h)
+
+
+def _in_features(w) -> int:
+    return (w if isinstance(w, torch.Tensor) else w.weight).shape[1]
 
 
 def _project(h, weights, sizes):
@@ -233,7 +246,7 @@ def block_output(x, attn, wo, norm_w, w_gate_up, w_down, eps: float):
     b, q_len, _ = x.shape
     x = x + _apply(attn.reshape(b, q_len, -1), wo)
     h = rms_norm(x, norm_w, eps)
-    hidden = (w_down if isinstance(w_down, torch.Tensor) else w_down.weight).shape[1]
+    hidden = _in_features(w_down)
     gate, up = _project(h, w_gate_up, (hidden, hidden))
     return x + _apply(F.silu(gate) * up, w_down)
 

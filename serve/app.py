@@ -29,6 +29,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dllm
+from dllm.quantization import QUANTIZATIONS
 
 from .engine_loop import EngineLoop
 from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -68,7 +69,8 @@ class EngineServer:
     def __init__(self, model: str, max_batch_size: int = 16, max_model_len: int | None = None,
                  dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
                  page_allocation: str = "on_demand", preemption_mode: str = "swap", swap_space: float = 4.0,
-                 gpu_memory_utilization: float | None = None, max_block_size: int | None = None) -> None:
+                 gpu_memory_utilization: float | None = None, max_block_size: int | None = None,
+                 quantization: str | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
         self.model_dir = model
@@ -78,7 +80,7 @@ class EngineServer:
                                   prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens,
                                   page_allocation=page_allocation, preemption_mode=preemption_mode,
                                   swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization,
-                                  max_block_size=max_block_size)
+                                  max_block_size=max_block_size, quantization=quantization)
         if self.engine.memory_plan is not None:
             logging.getLogger("ray.serve").info("gpu_memory_utilization: %s", self.engine.memory_plan)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
@@ -106,6 +108,7 @@ class EngineServer:
 
     def info(self) -> dict:
         return {"defaults": self.defaults, "max_model_len": self.engine.max_model_len, "aborted": self.loop.aborted,
+                "quantization": self.engine.quantization,
                 "pid": os.getpid(), **self.engine.stats(),
                 "memory_plan": self.engine.memory_plan.as_dict() if self.engine.memory_plan is not None else None}
 
@@ -619,7 +622,8 @@ def build_app(args: dict[str, Any]):
     max_block_size (requests with larger blocks get a 400; with gpu_memory_utilization it defaults to the decoding
     block size), page_allocation (on_demand, the default: pages as answers grow, preempting when the pool runs out;
     or reserve), preemption_mode (swap, the default: a preempted request's K/V through host memory, up to swap_space
-    GiB, default 4; or recompute: rebuilt by forwards), dtype, prefix_caching (true / false, default true), routing
+    GiB, default 4; or recompute: rebuilt by forwards), dtype, quantization (fp8: FP8 weights for the block
+    projections, see dllm.quantization; default none), prefix_caching (true / false, default true), routing
     (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys (comma separated), num_gpus (default 1
     when the cluster has GPUs, else 0), num_cpus, min_replicas / max_replicas / target_ongoing_requests /
     upscale_delay_s / downscale_delay_s (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests,
@@ -697,6 +701,10 @@ def build_app(args: dict[str, Any]):
         api_keys = [k for k in api_keys.split(",") if k]
     ingress_cpus = float(args.pop("ingress_num_cpus", 0.5))
     dtype = args.pop("dtype", None)
+    quantization = args.pop("quantization", None)
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"build_app: quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)} "
+                         "(or leave it out for the weights as loaded)")
     prefix_caching = _flag(args.pop("prefix_caching", True), "prefix_caching")
     if args:
         raise ValueError(f"build_app: unknown argument(s) {sorted(args)}")
@@ -704,7 +712,8 @@ def build_app(args: dict[str, Any]):
     engine = serve.deployment(EngineServer, name="EngineServer").options(**engine_opts).bind(
         model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching,
         kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation, preemption_mode=preemption_mode,
-        swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size)
+        swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size,
+        quantization=quantization)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import (ablation_bench, engine_bench, likelihood_bench, objective_bench, serve_bench, step_overhead_bench,
-                        trained_compare)
+from benchmarks import (ablation_bench, decode_step_bench, engine_bench, likelihood_bench, objective_bench, serve_bench,
+                        step_overhead_bench, trained_compare)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,11 +94,12 @@ def test_ablation_bench_has_a_row_per_decoder_threshold_policy_and_stop_order(tm
     ablation_bench.main(["--model", str(tiny_checkpoint), "--prompts-jsonl", str(prompts), "--device", "cpu",
                          "--dtype", "float32", "--block-size", "8", "--max-new-tokens", "16", "--decoders", "threshold",
                          "fixed_k", "hierarchical", "--thresholds", "0.9", "0.5", "--policies", "dllm-var",
-                         "--json", str(out)])
+                         "--quantizations", "fp8", "none", "--json", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert [(r["decoder"], r["threshold"], r["stop_order"]) for r in rows] == [
-        (decoder, tau, order) for decoder, tau in [("threshold", 0.9), ("threshold", 0.5), ("fixed_k", None),
-                                                   ("hierarchical", 0.9), ("hierarchical", 0.5)]
+    assert [(r["quantization"], r["decoder"], r["threshold"], r["stop_order"]) for r in rows] == [
+        (weights, decoder, tau, order) for weights in ("none", "fp8")  # unquantised first: quantising is one-way
+        for decoder, tau in [("threshold", 0.9), ("threshold", 0.5), ("fixed_k", None), ("hierarchical", 0.9),
+                             ("hierarchical", 0.5)]
         for order in ("last", "confidence")]  # fixed_k has no threshold
     assert rows[0]["tps_vs_default"] == 1.0 and all(r["prompts"] == 3 for r in rows)
 
@@ -221,3 +222,19 @@ def test_step_overhead_bench_times_every_request_in_every_step_and_splits_model_
     with pytest.raises(SystemExit, match="requests ran"):  # answers that end before the timed steps do
         step_overhead_bench.main(["--device", "cpu", "--batches", "2", "--steps", "8", "--warmup", "1",
                                   "--block-size", "4", "--max-new-tokens", "8"])
+
+
+def test_decode_step_bench_counts_one_byte_per_fp8_weight_in_the_roofline_and_compares_fp8_with_bf16(tmp_path):
+    out = tmp_path / "step.json"
+    decode_step_bench.main(["--shape", "small", "--device", "cpu", "--dtype", "float32", "--contexts", "64",
+                            "--block", "16", "--iters", "2", "--variants", "eager", "fp8", "--json", str(out)])
+    result = json.loads(out.read_text())
+    step = {r["variant"]: r for r in result["steps"] if r["name"].startswith("engine.step")}
+    fp32, fp8 = step["eager blocks"], step["eager blocks, FP8 weights"]
+    cfg = decode_step_bench.small_config()
+    projections = cfg.n_layers * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.mlp_hidden_size)  # square K/V heads
+    scales = cfg.n_layers * (4 * cfg.d_model + 2 * cfg.mlp_hidden_size + cfg.d_model) * 4
+    saved_s = (fp32["roofline_ms"] - fp8["roofline_ms"]) / 1e3
+    assert saved_s * result["bandwidth_gbs"] * 1e9 == pytest.approx(3 * projections - scales, rel=1e-6)
+    [speedup] = [r for r in result["fp8_speedup"] if r["step"].startswith("engine.step")]
+    assert speedup["against"] == "eager blocks" and speedup["speedup"] == pytest.approx(fp32["ms"] / fp8["ms"])

@@ -73,6 +73,7 @@ def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint)
      False, "power_of_two", {"kv_cache_tokens": 4096, "page_allocation": "reserve"}),
     (["--preemption-mode", "recompute"], True, "prompt_affinity", {"preemption_mode": "recompute"}),
     (["--swap-space", "16"], True, "prompt_affinity", {"swap_space": 16.0}),
+    (["--quantization", "fp8"], True, "prompt_affinity", {"quantization": "fp8"}),
     (["--gpu-memory-utilization", "0.85", "--max-block-size", "128"], True, "prompt_affinity",
      {"gpu_memory_utilization": 0.85, "max_block_size": 128})])
 def test_serve_flags_become_the_app_builders_keys(flags, cached, routing, extra):

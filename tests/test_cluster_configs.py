@@ -112,6 +112,13 @@ def test_page_allocation_is_checked_when_the_app_is_built():
         build_app({"model": "/models/x", "page_allocation": "lazy"})
 
 
+def test_quantization_is_checked_when_the_app_is_built():
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match="quantization='int8' is not one of fp8"):
+        build_app({"model": "/models/x", "quantization": "int8"})
+
+
 def test_preemption_mode_is_checked_when_the_app_is_built():
     from serve.app import build_app
 

@@ -153,6 +153,18 @@ def _ops_per_denoise_step(engine, requests: int, monkeypatch) -> float:
     return counter.count / 4
 
 
+def test_an_fp8_models_replayed_graphs_decode_what_its_eager_forwards_decode(replaying_on_cpu, model):
+    """quantization="fp8": the graphs capture the FP8 projections (per-token input scales computed on
+    the device), greedy groups with their decode step, a sampling row without; padded rows too (3 -> 4)."""
+    settings = [GREEDY[0], GREEDY[2], CFG.replace(temperature=1.0, seed=3, top_k=5)]
+    eager = _engine(copy.deepcopy(model), cuda_graphs=False, quantization="fp8").generate(_prompts(3), settings)
+    engine = _engine(copy.deepcopy(model), cuda_graphs=True, quantization="fp8")
+    graphed = engine.generate(_prompts(3), settings)
+    assert engine.quantization == "fp8" and engine.graphs.step_replays > 0
+    assert [g.token_ids for g in graphed] == [g.token_ids for g in eager]
+    assert [g.num_forwards for g in graphed] == [g.num_forwards for g in eager]
+
+
 def test_a_group_larger_than_the_largest_bucket_replays_graphs_in_chunks(replaying_on_cpu, model, monkeypatch):
     """With buckets up to 4, a group of 6 rows is a chunk of 4 and a chunk of 2, each a graph replay: only
     the PREFILL forward runs eagerly. The chunk with the sampling row decodes eagerly, the other in its

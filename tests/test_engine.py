@@ -1289,6 +1289,26 @@ def test_decode_graphs_on_cuda_commit_what_the_eager_decoders_commit(talkative_m
 
 
 @pytest.mark.gpu
+def test_an_fp8_model_on_cuda_decodes_under_graphs_and_compiled_blocks_what_it_decodes_eagerly(talkative_model):
+    """quantization="fp8" on the tensor cores (torch._scaled_mm, per-token input scales on the device):
+    captured in CUDA graphs with the compiled block functions, the same tokens as eager FP8 forwards."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmuls need compute capability >= 8.9")
+    settings = [CFG.replace(stops_last=True), CFG.replace(decoder="hierarchical", threshold=0.95, low_threshold=0.5),
+                CFG.replace(temperature=1.0, seed=3, top_k=5)]
+    prompts = _prompts(len(settings))
+    bf16 = copy.deepcopy(talkative_model).to("cuda", torch.bfloat16)
+    eager = _engine(copy.deepcopy(bf16), cuda_graphs=False, compile_blocks=False, quantization="fp8")
+    expected = eager.generate(prompts, settings)
+    engine = _engine(copy.deepcopy(bf16), cuda_graphs=True, compile_blocks=True, quantization="fp8")
+    graphed = engine.generate(prompts, settings)
+    assert engine.graphs.replays > 0 and engine.graphs.step_replays > 0
+    assert [g.token_ids for g in graphed] == [g.token_ids for g in expected]
+    assert [g.num_forwards for g in graphed] == [g.num_forwards for g in expected]
+    assert any(g.token_ids for g in graphed)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", PREEMPTION_MODES)
 def test_preemption_on_cuda_resumes_under_graphs_with_the_same_answers(talkative_model, rebuild_replays, mode):
     """CUDA graphs read the page table at every replay: a resumed request's new slot and pages need no

@@ -53,7 +53,7 @@ def server(ray_local, model_dir, endless_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": str(model_dir), **APP_ARGS}), name="main", route_prefix="/")
     serve.run(build_app({"model": str(model_dir), **APP_ARGS, "api_keys": "k1,k2", "kv_cache_tokens": 512,
-                         "preemption_mode": "recompute"}),
+                         "preemption_mode": "recompute", "quantization": "fp8"}),  # FP8 weights
               name="secure", route_prefix="/secure")  # a pool of a quarter of max_batch_size x max_model_len
     serve.run(build_app({"model": str(endless_dir), **APP_ARGS}), name="endless", route_prefix="/endless")
     yield f"http://127.0.0.1:{port}"
@@ -626,7 +626,8 @@ def test_a_replica_short_of_kv_pages_preempts_and_answers_the_same(server, model
     """The secure app's pool holds 512 tokens, a quarter of 8 x 256: eight answers of 48 tokens after
     prompts of ~40 outgrow it, so the newest are preempted and resumed, their K/V rebuilt by forwards
     (the app's preemption_mode=recompute: nothing goes to host memory). Every answer is the one the
-    engine gives alone, and the preemptions, the rebuilt positions and the swapped bytes reach Prometheus."""
+    engine gives alone (with the app's FP8 weights), and the preemptions, the rebuilt positions and the
+    swapped bytes reach Prometheus."""
     import ray
 
     secure = openai.OpenAI(base_url=f"{server}/secure/v1", api_key="k1", max_retries=0, timeout=CLIENT_TIMEOUT_S)
@@ -635,8 +636,9 @@ def test_a_replica_short_of_kv_pages_preempts_and_answers_the_same(server, model
     out = secure.completions.create(model="tiny", prompt=prompts, max_tokens=48, extra_body={"ignore_eos": True})
     after = _engine_info("secure")
     assert after["preemptions"] > before["preemptions"] and after["rebuilt_tokens"] > before["rebuilt_tokens"]
-    assert after["swapped_bytes"] == 0
-    engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
+    assert after["swapped_bytes"] == 0 and after["quantization"] == "fp8"
+    engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256,
+                         quantization="fp8")
     cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=48, early_stop=True, stops_last=True, ignore_eos=True)
     alone = [engine.generate([p], cfg)[0].text for p in prompts]
     assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == alone
