@@ -74,6 +74,17 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.scale)
 
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(dtype) casts every floating buffer, E4M3 included: keep the weight in E4M3 and the
+        # scales in float32 (the dtypes _scaled_mm takes), and let device moves through.
+        weight, scale = self.weight, self.scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != FP8:
+            self.weight = weight.to(self.weight.device)
+        if self.scale.dtype != torch.float32:
+            self.scale = scale.to(self.scale.device)
+        return self
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=float8_e4m3fn"
 

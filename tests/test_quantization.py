@@ -63,6 +63,10 @@ def test_quantising_a_model_stores_its_block_projections_in_one_byte_and_keeps_i
     assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.999
     assert (before.argmax(-1) == after.argmax(-1)).float().mean() >= 0.9
     assert dllm.quantize_fp8(quantized) == 0  # already quantised: nothing more to do
+    quantized.to(torch.float32)  # a dtype change leaves the FP8 weights and their scales as they are
+    assert all(m.weight.dtype == FP8 and m.scale.dtype == torch.float32 for m in projections)
+    with torch.no_grad():
+        assert torch.allclose(quantized(ids).float(), after, rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="fuse_projections needs"):
         quantized.fuse_projections()
     with pytest.raises(dllm.CheckpointError, match="unquantized weights"):
