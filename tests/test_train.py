@@ -253,6 +253,24 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
 
 
+def test_ray_trains_line_per_report_is_kept_out_of_the_workers_log():
+    """Ray Train logs each worker's every report (its metrics dict) at INFO; the worker raises that
+    logger to WARNING. The logger checked is the one Ray's report path uses."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from train.loop import quiet_report_log
+
+    assert context.logger is logging.getLogger(context.__file__)
+    level = context.logger.level
+    try:
+        quiet_report_log()
+        assert not context.logger.isEnabledFor(logging.INFO) and context.logger.isEnabledFor(logging.WARNING)
+    finally:
+        context.logger.setLevel(level)
+
+
 _GATHER_AFTER_ENGINE = """
 import os, warnings, torch, dllm
 from benchmarks.fp8_train_bench import init_single_process_group

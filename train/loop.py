@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -107,10 +108,23 @@ def _skip_cpu_shm_build() -> None:
         deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
 
 
+def quiet_report_log() -> None:
+    """Ray Train logs every ray.train.report of every worker at INFO, the whole metrics dict on one long
+    line: two per logged step with two workers, burying the training log (rank 0's progress line says
+    the same). Its logger is named after its module's file; a Ray without that module logs as before."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """loop_config: {"config": TrainConfig as a dict, "dataset_rows": rows in the training data}."""
     import ray.train
     from ray.train import Checkpoint
+
+    quiet_report_log()
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
