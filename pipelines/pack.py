@@ -12,6 +12,10 @@ output + EOS); with it, the tokenizer's chat template wraps the prompt and the r
 EOT. --eos-pad N follows each response with 0-N extra EOS tokens (dllm.eos_padded; the count drawn
 from the record's file name, line and turn, so every run writes the same rows).
 
+--holdout-fraction F --holdout-output DIR sets a fraction of the records aside as held-out rows (the
+train config's `eval_data`), packed the same way into their own directory. A record's side is drawn
+from its file name and line, so every run splits alike; all samples of a record fall on one side.
+
 Output: parquet rows of `seq_len` tokens with `input_ids`, `prompt_mask`, `segment_ids` (what
 `train` reads), and `stats.json`: records and samples read, samples packed / dropped by reason (with the first few bad
 lines by file and line), tokens in and out, packing efficiency, rows written. Re-running overwrites
@@ -27,6 +31,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -60,6 +65,8 @@ class PackOptions:
     examples_shown: int = 5
     eos_pad: int = 0  # the most extra EOS tokens after each response (0 = none)
     all_turns: bool = False  # chat records: a sample per assistant turn (default: the last turn only)
+    holdout_fraction: float = 0.0  # records set aside as held-out rows, packed into holdout_output
+    holdout_output: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in PACK_MODES:
@@ -70,6 +77,23 @@ class PackOptions:
             raise PipelineError(f"--eos-pad is the most extra EOS tokens per response: >= 0 (0 = none), got {self.eos_pad}")
         if self.max_sample_len is None:
             self.max_sample_len = self.seq_len
+        if not 0 <= self.holdout_fraction < 1:
+            raise PipelineError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}")
+        if (self.holdout_fraction > 0) != (self.holdout_output is not None):
+            raise PipelineError("--holdout-fraction and --holdout-output go together: the fraction of records held "
+                                "out, and the directory their rows are written to")
+        if self.holdout_output is not None:
+            out, held = (os.path.normpath(d).rstrip("/") for d in (self.output, self.holdout_output))
+            if held == out or held.startswith(out + "/") or out.startswith(held + "/"):
+                raise PipelineError(f"--holdout-output {self.holdout_output} must lie outside --output {self.output} "
+                                    "(and not contain it): training reads every parquet file under its directory")
+
+
+def held_out(source: str, position: int, fraction: float) -> bool:
+    """Whether the record at line `position` of `source` is held out: drawn from its file name and line
+    with crc32 (not Python's per-process salted hash), so every run and every mount splits alike."""
+    key = f"{os.path.basename(str(source))}:{position}"
+    return fraction > 0 and zlib.crc32(key.encode()) / 2**32 < fraction
 
 
 # ----- stage 1: files -> records (one per line / row), malformed ones kept as errors ------------
@@ -127,7 +151,8 @@ class Tokenize:
     with its error kind. A chat record gives a sample per assistant turn with `all_turns`."""
 
     def __init__(self, tokenizer_dir: str, chat_template: bool, max_sample_len: int, eos_pad: int = 0,
-                 all_turns: bool = False) -> None:
+                 all_turns: bool = False, holdout_fraction: float = 0.0) -> None:
+        self.holdout_fraction = holdout_fraction
         self.tok = dllm.load_tokenizer(tokenizer_dir)
         self.chat = chat_template
         self.max_len = max_sample_len
@@ -208,9 +233,12 @@ class Tokenize:
 
     def __call__(self, batch: dict) -> pa.Table:
         sources, positions, turns, prompts, responses, padding, kinds, errors = [], [], [], [], [], [], [], []
+        holdout = []
         for rec, kind, err, source, position in zip(batch["record"], batch["error_kind"], batch["error"],
                                                     batch["source"], batch["position"]):
+            aside = held_out(source, int(position), self.holdout_fraction)
             for turn, (p, r, k, e) in enumerate(self._rows(rec, kind, err)):
+                holdout.append(aside)
                 n = len(r)
                 if not k and self.eos_pad:  # keyed by file name, line (and turn): the same on every run and mount
                     key = f"{os.path.basename(str(source))}:{position}" + (f":{turn}" if turn else "")
@@ -232,12 +260,14 @@ class Tokenize:
             "eos_padding": pa.array(padding, type=pa.int64()),
             "error_kind": pa.array(kinds),
             "error": pa.array(errors),
+            "held_out": pa.array(holdout, type=pa.bool_()),
         })
 
 
 def summarize_batch(batch: pa.Table, keep: int) -> dict:
     """Per-batch counts for stats.json (reduced on the driver; no shuffle needed)."""
     kinds = batch.column("error_kind").to_pylist()
+    aside = batch.column("held_out").to_pylist()
     counts: dict[str, int] = {}
     bad = []
     for i, kind in enumerate(kinds):
@@ -247,9 +277,14 @@ def summarize_batch(batch: pa.Table, keep: int) -> dict:
                         batch.column("error")[i].as_py()))
     tokens = sum(len(p) + len(r) for p, r, k in zip(batch.column("prompt_ids").to_pylist(),
                                                     batch.column("response_ids").to_pylist(), kinds) if not k)
+    held_tokens = sum(len(p) + len(r) for p, r, k, a in zip(batch.column("prompt_ids").to_pylist(),
+                                                            batch.column("response_ids").to_pylist(), kinds, aside)
+                      if a and not k)
     padding = sum(batch.column("eos_padding").to_pylist())
     records = batch.column("turn").to_pylist().count(0)  # a record's first sample (or its error row)
     return {"tokens": np.array([tokens]), "eos_padding": np.array([padding]), "records": np.array([records]),
+            "held_out_samples": np.array([sum(a and not k for a, k in zip(aside, kinds))]),
+            "held_out_tokens": np.array([held_tokens]),
             "dropped": np.array([json.dumps(counts)]),
             "examples": np.array([json.dumps(sorted(bad)[:keep])])}
 
@@ -339,9 +374,11 @@ def run_pack(opts: PackOptions) -> dict:
         raise PipelineError(f"cannot load the tokenizer from {opts.tokenizer}: {e}") from e
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     _check_output(opts.output)
+    if opts.holdout_output is not None:
+        _check_output(opts.holdout_output)
 
     ray = ensure_ray(opts.address)
-    from ray.data import ActorPoolStrategy, DataContext, SaveMode
+    from ray.data import ActorPoolStrategy, DataContext
     from ray.data.expressions import col
 
     ctx = DataContext.get_current()
@@ -355,7 +392,7 @@ def run_pack(opts: PackOptions) -> dict:
     tokenized = records.map_batches(
         Tokenize, fn_constructor_kwargs={"tokenizer_dir": str(opts.tokenizer), "chat_template": opts.chat_template,
                                           "max_sample_len": opts.max_sample_len, "eos_pad": opts.eos_pad,
-                                          "all_turns": opts.all_turns},
+                                          "all_turns": opts.all_turns, "holdout_fraction": opts.holdout_fraction},
         batch_size=256, compute=ActorPoolStrategy(min_size=1, max_size=pool), batch_format="numpy",
     ).materialize()
     samples_read = tokenized.count()  # samples, and bad records (a row each)
@@ -363,18 +400,53 @@ def run_pack(opts: PackOptions) -> dict:
         raise PipelineError(f"the input {paths} holds no records")
 
     dropped = {k: 0 for k in ERROR_KINDS}
-    bad_rows, tokens_in, eos_padding, records_read = [], 0, 0, 0
+    bad_rows, tokens_in, eos_padding, records_read, held_samples, held_tokens = [], 0, 0, 0, 0, 0
     for part in tokenized.map_batches(summarize_batch, batch_format="pyarrow", batch_size=4096,
                                       fn_kwargs={"keep": opts.examples_shown}).take_all():
         tokens_in += part["tokens"]
         eos_padding += part["eos_padding"]
         records_read += int(part["records"])
+        held_samples += int(part["held_out_samples"])
+        held_tokens += int(part["held_out_tokens"])
         for kind, n in json.loads(part["dropped"]).items():
             dropped[kind] += n
         bad_rows += json.loads(part["examples"])
     examples = [f"{src}:{pos}: {err}" for src, pos, err in sorted(bad_rows)[: opts.examples_shown]]
 
     good = tokenized.filter(expr=col("error_kind") == "")  # expressions run vectorised, not per row in Python
+    rows_written, tokens_out = _pack_and_write(ray, good.filter(expr=~col("held_out")), opts.output, opts, pad_id)
+    held = None
+    if opts.holdout_output is not None:
+        held_rows, held_out_tokens = _pack_and_write(ray, good.filter(expr=col("held_out")), opts.holdout_output,
+                                                     opts, pad_id)
+        held = {"output": opts.holdout_output, "fraction": opts.holdout_fraction, "samples": held_samples,
+                "rows_written": held_rows, "tokens": held_out_tokens}
+        if held_out_tokens != held_tokens:
+            raise RuntimeError(f"held-out token count not conserved: {held_tokens} in, {held_out_tokens} out")
+    stats = {
+        "inputs": paths, "output": opts.output, "mode": opts.mode, "seq_len": opts.seq_len,
+        "chat_template": opts.chat_template, "records_read": records_read, "samples_read": samples_read,
+        "samples_packed": samples_read - sum(dropped.values()) - held_samples, "dropped": dropped,
+        "dropped_examples": examples, "tokens_in": tokens_in, "eos_padding_tokens": int(eos_padding),
+        "tokens_out": tokens_out,
+        "rows_written": rows_written,
+        "packing_efficiency": tokens_out / max(1, rows_written * opts.seq_len),
+        "held_out": held,
+        "seconds": round(time.time() - t0, 2), "options": asdict(opts),
+    }
+    if tokens_in - held_tokens != tokens_out:  # a bug, never a data problem: refuse to report success
+        raise RuntimeError(f"token count not conserved: {tokens_in - held_tokens} in, {tokens_out} out")
+    _write_stats(opts.output, stats)
+    if held is not None:
+        _write_stats(opts.holdout_output, stats)
+    return stats
+
+
+def _pack_and_write(ray, good, output: str, opts: PackOptions, pad_id: int) -> tuple[int, int]:
+    """Pack the samples of `good` into rows and write them to `output` (overwritten); returns (rows, tokens)."""
+    from ray.data import SaveMode
+    from ray.data.expressions import col
+
     packed = good.map_batches(pack_batch, batch_size=opts.pack_batch_size, batch_format="pyarrow",
                               fn_kwargs={"seq_len": opts.seq_len, "mode": opts.mode, "pad_token_id": pad_id}).materialize()
     rows = packed.filter(expr=~col("is_tail")).select_columns(["input_ids", "prompt_mask", "segment_ids"])
@@ -385,27 +457,10 @@ def run_pack(opts: PackOptions) -> dict:
         last_ds = ray.data.from_arrow(rows_table(last, []).select(["input_ids", "prompt_mask", "segment_ids"]))
         rows = rows.union(last_ds) if rows.count() else last_ds
     rows = rows.materialize()
-    rows.write_parquet(opts.output, mode=SaveMode.OVERWRITE)
-
-    def total(column_fn):
-        return int(sum(column_fn(b) for b in rows.iter_batches(batch_format="pyarrow", batch_size=1024)))
-
-    rows_written = rows.count()
-    tokens_out = total(lambda b: np.count_nonzero(np.concatenate(b.column("segment_ids").to_numpy(zero_copy_only=False))))
-    stats = {
-        "inputs": paths, "output": opts.output, "mode": opts.mode, "seq_len": opts.seq_len,
-        "chat_template": opts.chat_template, "records_read": records_read, "samples_read": samples_read,
-        "samples_packed": samples_read - sum(dropped.values()), "dropped": dropped,
-        "dropped_examples": examples, "tokens_in": tokens_in, "eos_padding_tokens": int(eos_padding),
-        "tokens_out": tokens_out,
-        "rows_written": rows_written,
-        "packing_efficiency": tokens_out / max(1, rows_written * opts.seq_len),
-        "seconds": round(time.time() - t0, 2), "options": asdict(opts),
-    }
-    if tokens_in != tokens_out:  # a bug, never a data problem: refuse to report success
-        raise RuntimeError(f"token count not conserved: {tokens_in} in, {tokens_out} out")
-    _write_stats(opts.output, stats)
-    return stats
+    rows.write_parquet(output, mode=SaveMode.OVERWRITE)
+    tokens = sum(int(np.count_nonzero(np.concatenate(b.column("segment_ids").to_numpy(zero_copy_only=False))))
+                 for b in rows.iter_batches(batch_format="pyarrow", batch_size=1024))
+    return rows.count(), tokens
 
 
 def _write_stats(output: str, stats: dict) -> None:
@@ -427,6 +482,10 @@ def summary(stats: dict) -> str:
     lines = [f"read {read}, packed {stats['samples_packed']} into {stats['rows_written']} "
              f"rows of {stats['seq_len']} ({stats['packing_efficiency']:.2%} real tokens, {stats['tokens_out']} tokens) "
              f"in {stats['seconds']}s -> {stats['output']}"]
+    if stats["held_out"]:
+        h = stats["held_out"]
+        lines.append(f"held out {h['samples']} samples ({h['fraction']:.0%} of the records) in {h['rows_written']} rows "
+                     f"-> {h['output']}")
     if stats["eos_padding_tokens"]:
         lines.append(f"EOS padding: {stats['eos_padding_tokens']} extra EOS tokens (0-{stats['options']['eos_pad']} "
                      f"per response)")
@@ -458,6 +517,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--all-turns", action="store_true",
                    help="chat records: train every assistant turn, each with the conversation before it as its prompt "
                         "(default: the last turn only)")
+    p.add_argument("--holdout-fraction", type=float, default=0.0,
+                   help="fraction of the records set aside as held-out rows (the train config's eval_data), each "
+                        "record's side drawn from its file name and line (default 0: none)")
+    p.add_argument("--holdout-output", help="directory for the held-out rows (with --holdout-fraction; outside --output)")
     p.add_argument("--num-tokenizers", type=int, default=2, help="tokenizer actors in the pool")
     p.add_argument("--pack-batch-size", type=int, default=4096, help="samples packed together per task")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -468,7 +531,8 @@ def options_from_args(args: argparse.Namespace) -> PackOptions:
     return PackOptions(inputs=args.input, output=args.output, tokenizer=args.tokenizer, seq_len=args.seq_len,
                        mode=args.mode, chat_template=args.chat_template, max_sample_len=args.max_sample_len,
                        num_tokenizers=args.num_tokenizers, pack_batch_size=args.pack_batch_size, address=args.address,
-                       eos_pad=args.eos_pad, all_turns=args.all_turns)
+                       eos_pad=args.eos_pad, all_turns=args.all_turns, holdout_fraction=args.holdout_fraction,
+                       holdout_output=args.holdout_output)
 
 
 def main(argv=None) -> int:

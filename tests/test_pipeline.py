@@ -186,6 +186,48 @@ def test_multi_turn_chats_give_the_last_turn_or_every_turn(ray_local, tmp_path, 
     assert stats["samples_packed"] == len(expected) and stats["dropped"]["too_long"] == 1
 
 
+def test_held_out_records_are_packed_apart_the_same_way_on_every_run(ray_local, tmp_path, tokenizer_dir,
+                                                                       char_tokenizer):
+    """--holdout-fraction: a record's side comes from its file name and line; every good sample lands in
+    exactly one of the two outputs (a chat record's turns together), each packed as the training rows are,
+    and the token counts add up."""
+    src = tmp_path / "data.jsonl"
+    good = [_alpaca(i) for i in range(80)]
+    chat = {"messages": [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "ba"},
+                         {"role": "user", "content": "abc"}, {"role": "assistant", "content": "cba"}]}
+    src.write_text("\n".join([json.dumps(g) for g in good] + [json.dumps(chat), "{broken"]) + "\n")
+    out, held = tmp_path / "packed", tmp_path / "heldout"
+    opts = PackOptions(inputs=[str(src)], output=str(out), tokenizer=str(tokenizer_dir), seq_len=48, mode="no_split",
+                       num_tokenizers=1, pack_batch_size=16, all_turns=True, holdout_fraction=0.25,
+                       holdout_output=str(held))
+    stats = run_pack(opts)
+    train, heldout = _samples_in_rows(_read_rows(out)), _samples_in_rows(_read_rows(held))
+    enc = lambda t: tuple(char_tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    eos = char_tokenizer.eos_token_id
+    expected = [(enc(g["instruction"] + g["input"]), enc(g["output"]) + (eos,)) for g in good]
+    expected += [(enc("ab"), enc("ba") + (eos,)), (enc("abbaabc"), enc("cba") + (eos,))]
+    assert sorted(train + heldout) == sorted(expected)  # each good sample once, on one side
+    turns = [(enc("ab"), enc("ba") + (eos,)), (enc("abbaabc"), enc("cba") + (eos,))]
+    assert all(t in train for t in turns) or all(t in heldout for t in turns)  # a record's turns together
+    assert 10 <= len(heldout) <= 32  # about a quarter of 81 records
+    assert stats["held_out"]["samples"] == len(heldout) and stats["samples_packed"] == len(train)
+    assert stats["tokens_in"] == stats["tokens_out"] + stats["held_out"]["tokens"]
+    assert stats["held_out"]["rows_written"] == len(_read_rows(held)) and stats["dropped"]["malformed_json"] == 1
+    assert json.loads((held / "stats.json").read_text())["held_out"] == stats["held_out"]
+    run_pack(opts)  # the same split again
+    assert sorted(_samples_in_rows(_read_rows(held))) == sorted(heldout)
+
+
+def test_holdout_options_are_checked():
+    base = dict(inputs=["d.jsonl"], output="/data/packed", tokenizer="tok")
+    with pytest.raises(PipelineError, match=r"--holdout-fraction must be in \[0, 1\), got 1.0"):
+        PackOptions(**base, holdout_fraction=1.0, holdout_output="/data/heldout")
+    with pytest.raises(PipelineError, match="go together"):
+        PackOptions(**base, holdout_fraction=0.1)
+    with pytest.raises(PipelineError, match="must lie outside --output"):
+        PackOptions(**base, holdout_fraction=0.1, holdout_output="/data/packed/heldout")
+
+
 def test_fails_fast_on_no_input_no_tokenizer_or_unwritable_output(tmp_path, tokenizer_dir, capsys):
     with pytest.raises(PipelineError, match="no input files"):
         run_pack(PackOptions(inputs=[str(tmp_path / "none*.jsonl")], output=str(tmp_path / "o"), tokenizer=str(tokenizer_dir)))
