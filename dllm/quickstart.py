@@ -28,6 +28,7 @@ QUICK_TASKS = ["dedupe", "repeat", "reverse", "sort", "spell"]
 # letters, 35 % at 6 with 11 min, 7 % with the tasks' own 12-14 letters and 8 min).
 QUICK_MAX_WORD_LEN = 5
 QUICK_SEQ_LEN = 64  # a few samples per row: a model trained from scratch finds its sample faster
+QUICK_EVAL_EVERY = 500  # steps between validation losses on the packed held-out prompts (and at the end)
 QUICK_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 384,
                "max_sequence_length": 512, "rope_theta": 10000.0}
 
@@ -85,7 +86,8 @@ def _configs(args, work: Path, gpu: bool):
                         warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
                         time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
                         tail_mask_prob=args.tail_mask, tail_eos=tail_eos, document_mask=args.document_mask,
-                        pad_eos_weight=args.pad_eos_weight)
+                        pad_eos_weight=args.pad_eos_weight, eval_data=str(work / "packed-heldout"),
+                        eval_every=QUICK_EVAL_EVERY)
     return pack, train
 
 
@@ -126,6 +128,9 @@ def run_quickstart(args) -> int:
     print(f"Ray dashboard: {dashboard_url() or 'not available'}")
     stats = run_pack(dataclasses.replace(pack_options, inputs=[str(train_path)]))
     print(summary(stats))
+    # the held-out prompts packed alike: the training job's eval_data (a validation loss as it trains)
+    held_stats = run_pack(dataclasses.replace(pack_options, inputs=[str(held_path)], output=cfg.eval_data))
+    print(summary(held_stats))
 
     stage(f"Ray Train + DeepSpeed ZeRO-2: dLLM-Var SFT for up to {args.minutes:g} min")
     from train.sft import final_model_dir, run_training
@@ -136,8 +141,9 @@ def run_quickstart(args) -> int:
         return 1
     model_dir = final_model_dir(result)
     history = json.loads((model_dir / "trainer_state.json").read_text())["history"]
-    print(f"trained {history[-1]['step']} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}; "
-          f"checkpoint {model_dir}")
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    print(f"trained {history[-1]['step']} steps, loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
+          f"held-out loss {evals[0]:.3f} -> {evals[-1]:.3f}; checkpoint {model_dir}")
 
     stage("Ray Serve: held-out prompts through the OpenAI-compatible API")
     report = evaluate_over_http(model_dir, held_path, args)
@@ -148,6 +154,7 @@ def run_quickstart(args) -> int:
     report["speedup_tps_vs_vanilla"] = report["served"]["tokens_per_s"] / van if van > 0 else None
     report["elapsed_s"] = time.time() - t0
     report["train"] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+                       "first_eval_loss": evals[0], "last_eval_loss": evals[-1],
                        "tail_mask_prob": args.tail_mask, "tail_eos": cfg.tail_eos, "document_mask": args.document_mask,
                        "eos_pad": args.eos_pad, "pad_eos_weight": args.pad_eos_weight, "minutes": args.minutes}
     (work / "report.json").write_text(json.dumps(report, indent=2))

@@ -86,6 +86,8 @@ def test_quickstart_runs_every_stage_end_to_end(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["prompts"] == 12
     assert report["train"]["tail_eos"] and report["train"]["document_mask"]  # the quickstart's objective
+    assert report["train"]["last_eval_loss"] > 0  # the held-out prompts, packed, scored as it trained
+    assert "held-out loss" in out.stdout
     served = report["served"]
     # 18 s of training: the model may answer every prompt with a bare EOS (0 tokens, TPF 0); what must
     # hold is that every prompt went through the HTTP API and was measured.
