@@ -25,14 +25,17 @@ def _generate(*args) -> subprocess.CompletedProcess:
     return _dllm("generate", *args)
 
 
-def test_generate_prints_what_the_engine_decodes(checkpoint):
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_generate_prints_what_the_engine_decodes(checkpoint, quantization):
     prompts = ["reverse: abcd =>", "sort: ba =>"]
     out = _generate("--model", str(checkpoint), "--prompt", prompts[0], "--prompt", prompts[1], "--block-size", "8",
-                    "--max-new-tokens", "32", "--temperature", "1.0", "--top-k", "5", "--top-p", "0.95", "--seed", "4",
-                    "--stop", "vv", "--frequency-penalty", "0.5", "--repetition-penalty", "1.2")
+                    "--max-new-tokens", "32", "--temperature", "1.0", "--top-k", "5", "--top-p", "0.95", "--seed", "6",
+                    "--stop", "vv", "--frequency-penalty", "0.5", "--repetition-penalty", "1.2",
+                    *(["--quantization", quantization] if quantization else []))
     assert out.returncode == 0, out.stderr
-    engine = dllm.Engine(dllm.load_model(checkpoint), dllm.load_tokenizer(checkpoint), max_batch_size=2)
-    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=32, temperature=1.0, top_k=5, top_p=0.95, seed=4,
+    engine = dllm.Engine(dllm.load_model(checkpoint), dllm.load_tokenizer(checkpoint), max_batch_size=2,
+                         quantization=quantization)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=32, temperature=1.0, top_k=5, top_p=0.95, seed=6,
                                 stop=["vv"], early_stop=True, frequency_penalty=0.5, repetition_penalty=1.2)
     gens = engine.generate(prompts, cfg)
     assert any(g.text for g in gens)
@@ -45,6 +48,8 @@ def test_generate_refuses_bad_settings_with_a_message(checkpoint):
     assert out.returncode == 2 and "invalid choice: 'beam'" in out.stderr
     out = _generate("--model", str(checkpoint), "--prompt", "x", "--threshold", "0")
     assert out.returncode == 2 and "threshold" in out.stderr and "Traceback" not in out.stderr
+    out = _generate("--model", str(checkpoint), "--prompt", "x", "--quantization", "int4")
+    assert out.returncode == 2 and "invalid choice: 'int4'" in out.stderr
 
 
 def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint):
