@@ -17,6 +17,8 @@ twin, on the synthetic variable-length tasks (issue 7, goals 3 and 4).
    and torch.compile. Speedups are TPS ratios measured in this run.
 4. Continuous batching: the engine under 1, 8, 32 and 64 concurrent requests (closed loop),
    output tokens/s and p50/p99 latency.
+   With --fp8-decoders D ...: the engine again with FP8 weights (Engine quantization="fp8") for those
+   decoders, beside the rows in the model's dtype.
 5. With --td-steps N: trajectory compression (dllm.trajectory): gold trajectories of training prompts,
    N steps of compressed-transition fine-tuning, and the engine's TPF / exact match after it.
 """
@@ -427,6 +429,8 @@ def main(argv=None) -> None:
     p.add_argument("--minutes", type=float, default=3.0, help="training time of the dLLM-Var model; the twin gets its steps")
     add_objective_arguments(p)
     p.add_argument("--decoders", nargs="+", default=["threshold", "factor", "credit", "hierarchical"])
+    p.add_argument("--fp8-decoders", nargs="*", default=[], choices=list(dllm.engine.DECODERS),
+                   help="also decode with FP8 weights (a quantised copy of the model) with these decoders")
     p.add_argument("--vanilla-prompts", type=int, nargs=2, default=[8, 2], help="prompts for gen 256 and gen 1024")
     p.add_argument("--vanilla-lengths", type=int, nargs=2, default=[256, 1024])
     p.add_argument("--fast-prompts", type=int, default=24, help="prompts for Fast-dLLM style")
@@ -498,6 +502,18 @@ def main(argv=None) -> None:
                                      held[:max(args.fast_prompts, batch)], batch))
         print(systems[-1], flush=True)
     save()
+    if args.fp8_decoders:  # a quantised copy: trajectory compression below fine-tunes the model itself
+        fp8_engine = dllm.Engine(copy.deepcopy(model), tok, max_batch_size=64, max_model_len=256,
+                                 prefix_caching=False, quantization="fp8")
+        fp8_engine.warmup([args.block])
+        for batch in (1, 16):
+            for decoder in args.fp8_decoders:
+                r = eval_engine(fp8_engine, tok, held, decoder, batch, args)
+                r["system"] = f"engine ({decoder}, FP8 weights)"
+                systems.append(r)
+                print(r, flush=True)
+        save()
+        del fp8_engine
     for c in args.concurrency:
         result["batching"].append(closed_loop(engine, tok, held, c, max(2 * c, 64), args))
         print(result["batching"][-1], flush=True)

@@ -30,13 +30,15 @@ def test_trained_compare_trains_each_model_and_evaluates_in_separate_runs(tmp_pa
     assert json.loads((work / "autoregressive" / "training.json").read_text())["steps"] == dllm_steps
 
     weights = {k: (work / k / "model.safetensors").stat().st_mtime_ns for k in ("dllm-var", "autoregressive")}
-    trained_compare.main(TINY + ["--work-dir", str(work), "--json", str(out)])
+    trained_compare.main(TINY + ["--work-dir", str(work), "--fp8-decoders", "threshold", "--json", str(out)])
     result = json.loads(out.read_text())
     assert [t["steps"] for t in result["training"]] == [dllm_steps, dllm_steps]  # loaded, not retrained
     assert {k: (work / k / "model.safetensors").stat().st_mtime_ns for k in weights} == weights
     systems = {s["system"] for s in result["systems"]}
     assert "engine (threshold)" in systems and any(s.startswith("autoregressive") for s in systems)
     assert "engine (threshold, stop tokens by confidence)" in systems  # the paper's decoding, for comparison
+    fp8 = [s for s in result["systems"] if s["system"] == "engine (threshold, FP8 weights)"]
+    assert [s["batch"] for s in fp8] == [1, 16] and all(s["prompts"] == 4 for s in fp8)
 
 
 def test_objective_bench_scores_each_model_during_training(tmp_path):
