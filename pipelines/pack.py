@@ -89,11 +89,16 @@ class PackOptions:
                                     "(and not contain it): training reads every parquet file under its directory")
 
 
+def record_key(source: str, position: int) -> str:
+    """A record's stable name, its file name and line: what EOS padding and the held-out split draw from,
+    so that every run and every mount of the same files writes the same rows."""
+    return f"{os.path.basename(str(source))}:{position}"
+
+
 def held_out(source: str, position: int, fraction: float) -> bool:
-    """Whether the record at line `position` of `source` is held out: drawn from its file name and line
-    with crc32 (not Python's per-process salted hash), so every run and every mount splits alike."""
-    key = f"{os.path.basename(str(source))}:{position}"
-    return fraction > 0 and zlib.crc32(key.encode()) / 2**32 < fraction
+    """Whether the record at line `position` of `source` is held out: drawn from its record_key with
+    crc32 (not Python's per-process salted hash)."""
+    return fraction > 0 and zlib.crc32(record_key(source, position).encode()) / 2**32 < fraction
 
 
 # ----- stage 1: files -> records (one per line / row), malformed ones kept as errors ------------
@@ -241,7 +246,7 @@ class Tokenize:
                 holdout.append(aside)
                 n = len(r)
                 if not k and self.eos_pad:  # keyed by file name, line (and turn): the same on every run and mount
-                    key = f"{os.path.basename(str(source))}:{position}" + (f":{turn}" if turn else "")
+                    key = record_key(source, position) + (f":{turn}" if turn else "")
                     r = dllm.eos_padded(r, self.eos, self.eos_pad, key=key, room=self.max_len - len(p) - len(r))
                 sources.append(str(source))
                 positions.append(int(position))
@@ -275,11 +280,10 @@ def summarize_batch(batch: pa.Table, keep: int) -> dict:
             counts[kind] = counts.get(kind, 0) + 1
             bad.append((batch.column("source")[i].as_py(), batch.column("position")[i].as_py(),
                         batch.column("error")[i].as_py()))
-    tokens = sum(len(p) + len(r) for p, r, k in zip(batch.column("prompt_ids").to_pylist(),
-                                                    batch.column("response_ids").to_pylist(), kinds) if not k)
-    held_tokens = sum(len(p) + len(r) for p, r, k, a in zip(batch.column("prompt_ids").to_pylist(),
-                                                            batch.column("response_ids").to_pylist(), kinds, aside)
-                      if a and not k)
+    lengths = [len(p) + len(r) for p, r in zip(batch.column("prompt_ids").to_pylist(),
+                                               batch.column("response_ids").to_pylist())]
+    tokens = sum(n for n, k in zip(lengths, kinds) if not k)
+    held_tokens = sum(n for n, k, a in zip(lengths, kinds, aside) if a and not k)
     padding = sum(batch.column("eos_padding").to_pylist())
     records = batch.column("turn").to_pylist().count(0)  # a record's first sample (or its error row)
     return {"tokens": np.array([tokens]), "eos_padding": np.array([padding]), "records": np.array([records]),

@@ -88,7 +88,7 @@ def sampling_floor(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     if not ranked:
         return lowest
     ranked = min(ranked, v)  # a top_k above the vocabulary keeps every token
-    check = open_nucleus and ranked < v
+    check = checks_wide_nuclei(open_nucleus, ranked, v)
     floor, short = _ranked_floor(logits, temperature, top_k, top_p, lowest, ranked, nucleus, check)
     if short is None:
         return floor
@@ -101,6 +101,13 @@ def sampling_floor(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     again, _ = _ranked_floor(logits[where][:, None], temperature[rows], top_k[rows], top_p[rows],
                              lowest[where][:, None], v, nucleus, False)
     return floor.index_put(where, again[:, 0])
+
+
+def checks_wide_nuclei(open_nucleus: bool, ranked: int, vocab: int) -> bool:
+    """Whether sampling_floor looks for positions whose nucleus is wider than the `ranked` tokens (the
+    one host sync it may take): a row has top_p without top_k, and fewer tokens than the vocabulary
+    are ranked."""
+    return open_nucleus and ranked < vocab
 
 
 def min_p_floor(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -77,8 +77,8 @@ class _DecodeParams:
             self.ranked = max(c.top_k for c in cfgs)
             if self.open_nucleus:
                 self.ranked = max(self.ranked, engine.nucleus_candidates or engine.config.embedding_size)
-            # finding the positions whose nucleus is wider than the ranked tokens reads them on the host
-            self.nucleus_syncs = int(self.open_nucleus and self.ranked < engine.config.embedding_size)
+            self.nucleus_syncs = int(decoders.checks_wide_nuclei(self.open_nucleus, self.ranked,
+                                                                 engine.config.embedding_size))
         biased = [i for i, r in enumerate(reqs) if r.config.logit_bias]
         self.bias_index = on_device(biased) if biased else None
         if biased:
