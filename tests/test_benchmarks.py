@@ -39,6 +39,24 @@ def test_trained_compare_trains_each_model_and_evaluates_in_separate_runs(tmp_pa
     assert "engine (threshold, stop tokens by confidence)" in systems  # the paper's decoding, for comparison
     fp8 = [s for s in result["systems"] if s["system"] == "engine (threshold, FP8 weights)"]
     assert [s["batch"] for s in fp8] == [1, 16] and all(s["prompts"] == 4 for s in fp8)
+    # the issue's comparison comes first (a device call cut short keeps it), each row with its ratio to the twin
+    assert [(s["system"].split(" (")[0], s["batch"]) for s in result["systems"][:3]] == [
+        ("engine", 1), ("engine", 1), ("autoregressive twin", 1)]
+    assert result["systems"][0]["speedup_vs_ar"] == result["systems"][0]["tps"] / result["systems"][2]["tps"]
+
+
+def test_trained_compare_writes_its_json_after_every_row(tmp_path, monkeypatch):
+    out, snapshots = tmp_path / "result.json", []
+    real_eval_engine = trained_compare.eval_engine
+
+    def eval_engine(*args, **kwargs):  # what a time limit arriving now would leave on disk
+        snapshots.append(json.loads(out.read_text()))
+        return real_eval_engine(*args, **kwargs)
+
+    monkeypatch.setattr(trained_compare, "eval_engine", eval_engine)
+    trained_compare.main(TINY + ["--json", str(out)])
+    assert [t["kind"] for t in snapshots[0]["training"]] == ["dllm-var", "autoregressive"]  # both trained first
+    assert [len(s["systems"]) for s in snapshots] == [0, 1, 3, 4]  # the twin's batch-1 row before batch 16
 
 
 def test_objective_bench_scores_each_model_during_training(tmp_path):
@@ -240,3 +258,20 @@ def test_decode_step_bench_counts_one_byte_per_fp8_weight_in_the_roofline_and_co
     assert saved_s * result["bandwidth_gbs"] * 1e9 == pytest.approx(3 * projections - scales, rel=1e-6)
     [speedup] = [r for r in result["fp8_speedup"] if r["step"].startswith("engine.step")]
     assert speedup["against"] == "eager blocks" and speedup["speedup"] == pytest.approx(fp32["ms"] / fp8["ms"])
+
+
+def test_each_gpu_check_plan_fits_one_device_call():
+    """A device session has 15 minutes, start included: each plan must end inside one call's 600 s, its stages'
+    time limits plus the 5 s each may take to die after them."""
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    plans, plan = {}, None
+    for line in script.read_text().splitlines():
+        if line.endswith(")") and line[:-1].isalnum():
+            plan = plans.setdefault(line[:-1], [])
+        elif line.strip().startswith("stage ") and plan is not None:
+            plan.append(int(line.split()[2]))
+    assert set(plans) == {"trained", "pool", "fp8"}
+    for name, limits in plans.items():
+        assert limits and sum(limits) + 5 * len(limits) <= 595, (name, limits)
+    refused = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "choose trained, pool or fp8" in refused.stderr
