@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .engine.config import DECODERS
+from .engine.config import CACHE_POLICIES, DECODERS
 from .engine.scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES
 from .quantization import QUANTIZATIONS
 
@@ -67,6 +67,9 @@ def _score(args) -> int:
     return 0
 
 
+SERVE_DECODING_FLAGS = ("decoder", "block_size", "threshold", "max_tokens", "cache_policy")
+
+
 def serve_app_args(args) -> dict:
     """`dllm serve` flags -> serve.app:build_app keys (only those given: build_app has the defaults)."""
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
@@ -77,6 +80,13 @@ def serve_app_args(args) -> dict:
         value = getattr(args, key)
         if value is not None:
             app_args[key] = value
+    for key in ("dtype", "chat_template"):
+        if getattr(args, key) is not None:
+            app_args[key] = getattr(args, key)
+    # the replicas' decoding defaults (DEFAULT_DECODING's keys), for requests that name none
+    decoding = {key: getattr(args, key) for key in SERVE_DECODING_FLAGS if getattr(args, key) is not None}
+    if decoding:
+        app_args["decoding"] = decoding
     return app_args
 
 
@@ -149,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: the block projections' weights in FP8 E4M3 (per-channel scales, inputs quantised per "
                         "token), half the bytes a bf16 decode step reads for them; the checkpoint stays as it is "
                         "(GPUs of compute capability >= 8.9, or CPU)")
+    s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="the weights' dtype on the replicas (default: bfloat16 on a GPU, float32 on a CPU)")
+    s.add_argument("--chat-template",
+                   help="a Jinja chat template, or a file holding one, in place of the checkpoint's (read here; it "
+                        "travels with the app to every replica)")
+    decoding = s.add_argument_group("decoding defaults", "for requests that do not choose (each is also a request "
+                                    "field); defaults: decoder threshold, block size 64, threshold 0.9, 256 tokens")
+    decoding.add_argument("--decoder", choices=DECODERS)
+    decoding.add_argument("--block-size", type=int, help="positions decoded together (the CUDA graphs' shape)")
+    decoding.add_argument("--threshold", type=float, help="confidence at which a position commits")
+    decoding.add_argument("--max-tokens", type=int, help="answer length when a request gives no max_tokens")
+    decoding.add_argument("--cache-policy", choices=CACHE_POLICIES)
     s.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 if the cluster has GPUs, else 0)")
     s.add_argument("--num-replicas", type=int)
     s.add_argument("--min-replicas", type=int, help="autoscaling lower bound")

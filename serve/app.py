@@ -19,8 +19,10 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +44,8 @@ from .router import PromptAffinityRouter
 # the content left of it (answers are not cut short); see GenerationConfig.
 DEFAULT_DECODING = {"block_size": 64, "threshold": 0.9, "decoder": "threshold", "max_tokens": 256, "early_stop": True,
                     "stops_last": True, "cache_policy": "dllm-var"}
+# The dtypes a replica may load the weights in (default: bfloat16 on a GPU, float32 on a CPU).
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _decoding_defaults(user_config: dict | None) -> dict:
@@ -299,13 +303,16 @@ async def _merged(streams: list):
 class OpenAIIngress:
     def __init__(self, engine, model: str, served_model_name: str | None = None, max_model_len: int | None = None,
                  max_tokens_cap: int = 1024, api_keys: list[str] | None = None,
-                 default_block_size: int = DEFAULT_DECODING["block_size"], max_block_size: int | None = None) -> None:
+                 default_block_size: int = DEFAULT_DECODING["block_size"], max_block_size: int | None = None,
+                 chat_template: str | None = None) -> None:
         self.engine = engine
         self.max_block_size = max_block_size  # the replicas refuse larger blocks: a 400 before any stream starts
         # The replicas' block size when a request names none (the app's decoding defaults; a change to them
         # redeploys this ingress with the new value), so the context check matches what they will decode.
         self.default_block_size = default_block_size
         self.tokenizer = dllm.load_tokenizer(model)
+        if chat_template is not None:  # the operator's, in place of the checkpoint's
+            self.tokenizer.chat_template = chat_template
         config = dllm.LLaDAConfig.from_file(os.path.join(model, "config.json"))
         self.max_model_len = max_model_len or config.max_sequence_length
         self.max_tokens_cap = max_tokens_cap
@@ -397,7 +404,8 @@ class OpenAIIngress:
             text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt,
                                                       continue_final_message=continue_final_message)
-        except ValueError as e:  # e.g. a template that does not reproduce the final message's text
+        except (ValueError, jinja2.TemplateError) as e:  # e.g. a final message the template does not reproduce,
+            # or the template's own raise_exception (say, roles out of the order it accepts)
             raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages",
                            code="invalid_value") from e
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -602,6 +610,24 @@ def _gpus_available() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def _chat_template(value: str) -> str:
+    """The app's `chat_template` (vLLM's --chat-template): a file's path, read here so that the template travels
+    with the app to every replica, or the Jinja template itself. Syntax errors fail here, before any replica starts."""
+    path = Path(os.path.expanduser(value))
+    if path.is_file():
+        text = path.read_text()
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise ValueError(f"build_app: chat_template={value!r} is neither a file nor a Jinja template "
+                         "(a template holds '{{' or '{%')")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"build_app: the chat template does not parse: {e} (line {e.lineno})") from e
+    return text
+
+
 def _flag(value, name: str) -> bool:
     """A boolean argument, from YAML (a bool) or from `serve run key=value` (a string)."""
     if isinstance(value, bool):
@@ -627,7 +653,8 @@ def build_app(args: dict[str, Any]):
     (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys (comma separated), num_gpus (default 1
     when the cluster has GPUs, else 0), num_cpus, min_replicas / max_replicas / target_ongoing_requests /
     upscale_delay_s / downscale_delay_s (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests,
-    decoding (dict of decoding defaults), tensor_parallel_size (only 1).
+    decoding (dict of decoding defaults), chat_template (a Jinja template or a file holding one, in place of the
+    checkpoint's), tensor_parallel_size (only 1). dtype is one of DTYPES.
     """
     args = dict(args)
     if "model" not in args:
@@ -701,6 +728,10 @@ def build_app(args: dict[str, Any]):
         api_keys = [k for k in api_keys.split(",") if k]
     ingress_cpus = float(args.pop("ingress_num_cpus", 0.5))
     dtype = args.pop("dtype", None)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"build_app: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    chat_template = args.pop("chat_template", None)
+    chat_template = _chat_template(str(chat_template)) if chat_template is not None else None
     quantization = args.pop("quantization", None)
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"build_app: quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)} "
@@ -718,4 +749,4 @@ def build_app(args: dict[str, Any]):
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,
                         max_tokens_cap=max_tokens_cap, api_keys=api_keys, default_block_size=decoding["block_size"],
-                        max_block_size=max_block_size)
+                        max_block_size=max_block_size, chat_template=chat_template)

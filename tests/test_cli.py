@@ -80,7 +80,12 @@ def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint)
     (["--swap-space", "16"], True, "prompt_affinity", {"swap_space": 16.0}),
     (["--quantization", "fp8"], True, "prompt_affinity", {"quantization": "fp8"}),
     (["--gpu-memory-utilization", "0.85", "--max-block-size", "128"], True, "prompt_affinity",
-     {"gpu_memory_utilization": 0.85, "max_block_size": 128})])
+     {"gpu_memory_utilization": 0.85, "max_block_size": 128}),
+    (["--decoder", "hierarchical", "--block-size", "32", "--threshold", "0.8", "--max-tokens", "512", "--dtype",
+      "float16"], True, "prompt_affinity",  # the replicas' decoding defaults
+     {"decoding": {"decoder": "hierarchical", "block_size": 32, "threshold": 0.8, "max_tokens": 512}, "dtype": "float16"}),
+    (["--chat-template", "{{ messages[0].content }}", "--cache-policy", "vicinity"], True, "prompt_affinity",
+     {"chat_template": "{{ messages[0].content }}", "decoding": {"cache_policy": "vicinity"}})])
 def test_serve_flags_become_the_app_builders_keys(flags, cached, routing, extra):
     from ray.serve import Application
 

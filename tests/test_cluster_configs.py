@@ -148,3 +148,23 @@ def test_max_block_size_is_the_decoding_block_size_a_memory_sized_replica_probes
     assert engine_kwargs(build_app({"model": "/models/x"}))["max_block_size"] is None
     with pytest.raises(ValueError, match="decoding block_size 64 is larger than max_block_size 32"):
         build_app({"model": "/models/x", "max_block_size": 32})
+
+
+def test_dtype_and_chat_template_are_checked_when_the_app_is_built(tmp_path):
+    from serve.app import build_app
+
+    def ingress_kwargs(app):
+        return app._bound_deployment.init_kwargs
+
+    with pytest.raises(ValueError, match="dtype='fp4' is not one of bfloat16, float16, float32"):
+        build_app({"model": "/models/x", "dtype": "fp4"})
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    assert ingress_kwargs(build_app({"model": "/models/x", "chat_template": template}))["chat_template"] == template
+    path = tmp_path / "chat.jinja"
+    path.write_text(template)  # a file is read where the app is built: its text travels to the replicas
+    assert ingress_kwargs(build_app({"model": "/models/x", "chat_template": str(path)}))["chat_template"] == template
+    assert ingress_kwargs(build_app({"model": "/models/x"}))["chat_template"] is None  # the checkpoint's own
+    with pytest.raises(ValueError, match="chat_template='/no/such/template.jinja' is neither a file nor a Jinja"):
+        build_app({"model": "/models/x", "chat_template": "/no/such/template.jinja"})
+    with pytest.raises(ValueError, match="the chat template does not parse: .* \\(line 1\\)"):
+        build_app({"model": "/models/x", "chat_template": "{% for m in messages %}{{ m.content }}"})

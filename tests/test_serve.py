@@ -55,9 +55,17 @@ def server(ray_local, model_dir, endless_dir):
     serve.run(build_app({"model": str(model_dir), **APP_ARGS, "api_keys": "k1,k2", "kv_cache_tokens": 512,
                          "preemption_mode": "recompute", "quantization": "fp8"}),  # FP8 weights
               name="secure", route_prefix="/secure")  # a pool of a quarter of max_batch_size x max_model_len
-    serve.run(build_app({"model": str(endless_dir), **APP_ARGS}), name="endless", route_prefix="/endless")
+    template = endless_dir.parent / "chat.jinja"  # the operator's template, which demands a system message
+    template.write_text(SYSTEM_FIRST_TEMPLATE)
+    serve.run(build_app({"model": str(endless_dir), **APP_ARGS, "chat_template": str(template)}), name="endless",
+              route_prefix="/endless")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+SYSTEM_FIRST_TEMPLATE = ("{% if messages[0].role != 'system' %}{{ raise_exception('a system message must come first') }}"
+                         "{% endif %}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 @pytest.fixture()
@@ -355,6 +363,24 @@ def test_chat_text_parts_and_a_continued_final_message(server, client, model_dir
                                                  stream=True))
     assert chunks[0].choices[0].delta.content == "ab"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ab" + direct.text
+
+
+def test_an_operators_chat_template_replaces_the_checkpoints(server, endless_dir):
+    """The "endless" app serves SYSTEM_FIRST_TEMPLATE (given as a file when the app was built): chat prompts are
+    its rendering, and the exception the template raises is the client's 400, not a server error."""
+    tok = dllm.load_tokenizer(endless_dir)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort: cba =>"}]
+    r = httpx.post(f"{server}/endless/tokenize", json={"model": "tiny", "messages": messages})
+    assert r.json()["tokens"] == tok("<system>be brief<user>sort: cba =><assistant>",
+                                     add_special_tokens=False)["input_ids"]
+    chat = httpx.post(f"{server}/endless/v1/chat/completions", timeout=CLIENT_TIMEOUT_S,
+                      json={"model": "tiny", "messages": messages, "max_tokens": 4, "block_size": 4})
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(r.json()["tokens"])
+    refused = httpx.post(f"{server}/endless/v1/chat/completions", timeout=CLIENT_TIMEOUT_S,
+                         json={"model": "tiny", "messages": messages[1:], "max_tokens": 4})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "messages"
+    assert "a system message must come first" in refused.json()["error"]["message"]
 
 
 def test_sse_wire_format_ends_with_done_and_can_report_usage(server):
