@@ -29,6 +29,8 @@
 #
 # Each stage has its own time limit, so a slow one cannot starve the next; logs and JSON go to $OUT.
 set -uo pipefail
+plan="${1:-pool}"
+case "$plan" in trained | pool | fp8) ;; *) echo "unknown plan '$plan': choose trained, pool or fp8" >&2; exit 2 ;; esac
 out="${OUT:-gpu_check_out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -43,8 +45,6 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, its 
   echo "=== $name: exit $rc"
 }
 
-plan="${1:-pool}"
-case "$plan" in trained | pool | fp8) ;; *) echo "unknown plan '$plan': choose trained, pool or fp8" >&2; exit 2 ;; esac
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$plan" in
 trained)

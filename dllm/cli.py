@@ -5,6 +5,7 @@
     dllm pack ...              Ray Data tokenise + pack (same as python -m pipelines.pack)
     dllm train ...             Ray Train + DeepSpeed SFT (same as python -m train.sft)
     dllm serve --model DIR     Ray Serve OpenAI-compatible server
+    dllm batch ...             answer a dataset with engine replicas on Ray Data (python -m pipelines.generate)
     dllm generate --model DIR  decode prompts with the engine, no Ray
     dllm score --model DIR     rank continuations of a prompt by log-likelihood (ELBO), no Ray
 
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pack = sub.add_parser("pack", help="Ray Data tokenise + pack (python -m pipelines.pack)", add_help=False)
     pack.set_defaults(func=lambda a, rest: __import__("pipelines.pack", fromlist=["main"]).main(rest))
+    batch = sub.add_parser("batch", help="answer a dataset with engine replicas on Ray Data (python -m pipelines.generate)",
+                           add_help=False)
+    batch.set_defaults(func=lambda a, rest: __import__("pipelines.generate", fromlist=["main"]).main(rest))
     train = sub.add_parser("train", help="Ray Train + DeepSpeed SFT (python -m train.sft)", add_help=False)
     train.set_defaults(func=lambda a, rest: __import__("train.sft", fromlist=["main"]).main(rest))
 
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("pack", "train"):
+    if rest and args.command not in ("pack", "batch", "train"):  # their own parsers read the rest
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args, rest) or 0)

@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -120,7 +121,7 @@ def parse_file(row: dict) -> list[dict]:
             json.loads(line)
             out.append({"source": path, "position": i, "record": line, "error_kind": "", "error": ""})
         except json.JSONDecodeError as e:
-            out.append({"source": path, "position": i, "record": "", "error_kind": "malformed_json",
+            out.append({"source": path, "position": i, "record": line, "error_kind": "malformed_json",
                         "error": f"malformed JSON: {e.msg} at column {e.colno}"})
     return out
 
@@ -146,7 +147,57 @@ def sharegpt_messages(conversations) -> list[dict]:
     return messages
 
 
-def _error(ex: ValueError) -> tuple[str, str]:
+def conversation_prompt(tok, chat: bool, context: list[dict]) -> str:
+    """A conversation as the prompt that answers it: the tokenizer's chat template with its generation prompt, or
+    (dLLM-Var's concatenation, without a template) the messages' contents joined."""
+    if chat:
+        return tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] for m in context)
+
+
+def record_texts(rec, chat_prompt: Callable[[list[dict]], str], chat: bool, all_turns: bool = False,
+                 answered: bool = True) -> list[tuple[str, str | None]]:
+    """A record's samples as (prompt text, answer text); raises ValueError(kind, message) for a bad record.
+
+    chat_prompt renders a conversation as a prompt (the chat template, or the contents joined); `chat` wraps an
+    Alpaca record's instruction + input as a user message. answered=False reads generation input: a chat record
+    may end with a user turn and an Alpaca record may lack its `output`, whose answer is then None (the last
+    assistant turn, where there is one, is the sample's reference answer).
+    """
+    if not isinstance(rec, dict):
+        raise ValueError("wrong_type", f"a record must be a JSON object, got {type(rec).__name__}")
+    if "conversations" in rec and "messages" not in rec:
+        rec = {"messages": sharegpt_messages(rec["conversations"])}
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+                for m in msgs):
+            raise ValueError("wrong_type", "'messages' must be a non-empty list of {role, content} strings")
+        if msgs[-1]["role"] != "assistant":
+            if answered:
+                raise ValueError("missing_field", "the last message must be the assistant's answer")
+            return [(chat_prompt(msgs), None)]
+        turns = [k for k, m in enumerate(msgs) if m["role"] == "assistant" and k > 0] if all_turns \
+            else [len(msgs) - 1]
+        return [(chat_prompt(msgs[:k]), msgs[k]["content"]) for k in turns]
+    for key in ("instruction", "output") if answered else ("instruction",):
+        if key not in rec:
+            raise ValueError("missing_field", f"missing field '{key}'")
+    fields = {k: rec.get(k, "") for k in ("instruction", "input", "output")}
+    fields["input"] = fields["input"] if fields["input"] is not None else ""
+    if not answered and rec.get("output") is None:
+        fields["output"] = None
+    bad = [k for k, v in fields.items() if not isinstance(v, str) and not (k == "output" and v is None and not answered)]
+    if bad:
+        raise ValueError("wrong_type", f"field '{bad[0]}' must be a string")
+    if chat:
+        user = fields["instruction"] + (("\n\n" + fields["input"]) if fields["input"] else "")
+        return [(chat_prompt([{"role": "user", "content": user}]), fields["output"])]
+    return [(fields["instruction"] + fields["input"], fields["output"])]
+
+
+def error_of(ex: ValueError) -> tuple[str, str]:
     """(kind, message) of a ValueError raised as ValueError(kind, message), else a wrong_type."""
     return ex.args if len(ex.args) == 2 else ("wrong_type", str(ex))
 
@@ -172,41 +223,10 @@ class Tokenize:
     def texts(self, rec) -> list[tuple[str, str]]:
         """The record's samples as (prompt text, answer text); raises ValueError(kind, message) for a
         bad record."""
-        if not isinstance(rec, dict):
-            raise ValueError("wrong_type", f"a record must be a JSON object, got {type(rec).__name__}")
-        if "conversations" in rec and "messages" not in rec:
-            rec = {"messages": sharegpt_messages(rec["conversations"])}
-        if "messages" in rec:
-            msgs = rec["messages"]
-            if not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
-                    for m in msgs):
-                raise ValueError("wrong_type", "'messages' must be a non-empty list of {role, content} strings")
-            if msgs[-1]["role"] != "assistant":
-                raise ValueError("missing_field", "the last message must be the assistant's answer")
-            turns = [k for k, m in enumerate(msgs) if m["role"] == "assistant" and k > 0] if self.all_turns \
-                else [len(msgs) - 1]
-            return [(self._chat_prompt(msgs[:k]), msgs[k]["content"]) for k in turns]
-        else:
-            for key in ("instruction", "output"):
-                if key not in rec:
-                    raise ValueError("missing_field", f"missing field '{key}'")
-            fields = {k: rec.get(k, "") for k in ("instruction", "input", "output")}
-            fields["input"] = fields["input"] if fields["input"] is not None else ""
-            bad = [k for k, v in fields.items() if not isinstance(v, str)]
-            if bad:
-                raise ValueError("wrong_type", f"field '{bad[0]}' must be a string")
-            if self.chat:
-                user = fields["instruction"] + (("\n\n" + fields["input"]) if fields["input"] else "")
-                prompt = self._chat_prompt([{"role": "user", "content": user}])
-            else:
-                prompt = fields["instruction"] + fields["input"]
-            return [(prompt, fields["output"])]
+        return record_texts(rec, self._chat_prompt, self.chat, all_turns=self.all_turns)
 
     def _chat_prompt(self, context: list[dict]) -> str:
-        if self.chat:
-            return self.tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-        return "".join(m["content"] for m in context)
+        return conversation_prompt(self.tok, self.chat, context)
 
     def sample(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids + EOS/EOT) or raises ValueError(kind, message)."""
@@ -227,13 +247,13 @@ class Tokenize:
         try:
             texts = self.texts(json.loads(rec))
         except ValueError as ex:
-            return [([], [], *_error(ex))]
+            return [([], [], *error_of(ex))]
         rows = []
         for prompt, answer in texts:
             try:
                 rows.append((*self.sample(prompt, answer), "", ""))
             except ValueError as ex:
-                rows.append(([], [], *_error(ex)))
+                rows.append(([], [], *error_of(ex)))
         return rows
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -335,7 +355,7 @@ def pack_batch(batch: pa.Table, seq_len: int, mode: str, pad_token_id: int) -> p
 
 # ----- the job ----------------------------------------------------------------------------------
 
-def _expand_inputs(inputs: list[str]) -> list[str]:
+def expand_inputs(inputs: list[str]) -> list[str]:
     paths = []
     for item in inputs:
         if "://" in item:
@@ -355,7 +375,7 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
     return paths
 
 
-def _check_output(output: str) -> None:
+def check_output(output: str) -> None:
     if "://" in output:
         return  # remote filesystems report permission problems at write time
     try:
@@ -371,15 +391,15 @@ def _check_output(output: str) -> None:
 def run_pack(opts: PackOptions) -> dict:
     """Run the pipeline; returns the stats dict that is also written as `stats.json`."""
     t0 = time.time()
-    paths = _expand_inputs(opts.inputs)
+    paths = expand_inputs(opts.inputs)
     try:
         tok = dllm.load_tokenizer(opts.tokenizer)
     except Exception as e:
         raise PipelineError(f"cannot load the tokenizer from {opts.tokenizer}: {e}") from e
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    _check_output(opts.output)
+    check_output(opts.output)
     if opts.holdout_output is not None:
-        _check_output(opts.holdout_output)
+        check_output(opts.holdout_output)
 
     ray = ensure_ray(opts.address)
     from ray.data import ActorPoolStrategy, DataContext
@@ -440,9 +460,9 @@ def run_pack(opts: PackOptions) -> dict:
     }
     if tokens_in - held_tokens != tokens_out:  # a bug, never a data problem: refuse to report success
         raise RuntimeError(f"token count not conserved: {tokens_in - held_tokens} in, {tokens_out} out")
-    _write_stats(opts.output, stats)
+    write_stats(opts.output, stats)
     if held is not None:
-        _write_stats(opts.holdout_output, stats)
+        write_stats(opts.holdout_output, stats)
     return stats
 
 
@@ -467,7 +487,7 @@ def _pack_and_write(ray, good, output: str, opts: PackOptions, pad_id: int) -> t
     return rows.count(), tokens
 
 
-def _write_stats(output: str, stats: dict) -> None:
+def write_stats(output: str, stats: dict) -> None:
     text = json.dumps(stats, indent=2)
     if "://" in output:
         import pyarrow.fs as pafs

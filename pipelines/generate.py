@@ -1,0 +1,223 @@
+"""Ray Data job: answer every record of a dataset with engine replicas (offline batch inference) -> parquet / jsonl.
+
+    python -m pipelines.generate --model CKPT --input 'data/*.jsonl' --output answers/ [--chat-template]
+        [--decoder hierarchical --block-size 32 --max-tokens 256] [--replicas 2 --gpus-per-replica 1]
+    dllm batch ...   (the same job)
+
+Input, jsonl or parquet as `pipelines.pack` reads it: `{"prompt": text}` (decoded as it is), Alpaca records
+(`instruction` + `input`; an `output` is the reference answer), chat `messages` or ShareGPT `conversations` (the
+conversation to answer; a final assistant turn is the reference). With --chat-template, chat and Alpaca prompts
+are wrapped in the tokenizer's chat template, as `pack --chat-template` wraps them for training; without it they
+are joined as dLLM-Var's training concatenation. So a held-out file of training data scores as it was trained.
+
+Every input record is one output row, a bad one too: `source`, `line`, `record` (the input as JSON), `prompt`,
+`reference`, `generated_text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, `forwards`, `exact_match`
+(the answer equals the reference; null without one), `error_kind` / `error` (malformed_json, missing_field,
+wrong_type, too_long: the engine cannot fit the prompt). `stats.json`: records, answered, errors by kind with
+the first bad lines, tokens, forwards, tokens per forward, exact match, seconds. An actor pool of engines (one
+model replica each; a GPU each with --gpus-per-replica 1) decodes each batch of records together (continuous
+batching inside a replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import pyarrow as pa
+
+import dllm
+from dllm.quantization import QUANTIZATIONS
+
+from .pack import (PipelineError, check_output, conversation_prompt, error_of, expand_inputs, parse_file, record_texts,
+                   write_stats)
+from .runtime import ensure_ray, progress_bars_wanted
+
+ERROR_KINDS = ("malformed_json", "missing_field", "wrong_type", "too_long")
+OUTPUT_FORMATS = ("parquet", "jsonl")
+SCHEMA = pa.schema([
+    ("source", pa.string()), ("line", pa.int64()), ("record", pa.string()), ("prompt", pa.string()),
+    ("reference", pa.string()), ("generated_text", pa.string()), ("finish_reason", pa.string()),
+    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("forwards", pa.int64()),
+    ("exact_match", pa.bool_()), ("error_kind", pa.string()), ("error", pa.string())])
+
+
+def record_prompt(rec, chat_prompt, chat: bool) -> tuple[str, str | None]:
+    """(prompt text, reference answer or None) of one input record; raises ValueError(kind, message)."""
+    if isinstance(rec, dict) and "prompt" in rec:
+        if not isinstance(rec["prompt"], str):
+            raise ValueError("wrong_type", "field 'prompt' must be a string")
+        reference = rec.get("output")
+        if reference is not None and not isinstance(reference, str):
+            raise ValueError("wrong_type", "field 'output' must be a string")
+        return rec["prompt"], reference
+    if isinstance(rec, dict) and not {"instruction", "messages", "conversations"} & set(rec):
+        raise ValueError("missing_field", "a record needs 'prompt', 'instruction', 'messages' or 'conversations'")
+    return record_texts(rec, chat_prompt, chat, answered=False)[0]
+
+
+class Generate:
+    """One engine replica: answers a batch of records together; a bad record is a row with its error."""
+
+    def __init__(self, model: str, chat_template: bool, config: dict, max_batch_size: int,
+                 max_model_len: int | None, quantization: str | None) -> None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        tok = dllm.load_tokenizer(model)
+        net = dllm.load_model(model, device=device, dtype=dtype)
+        self.engine = dllm.Engine(net, tok, max_batch_size=max_batch_size, max_model_len=max_model_len,
+                                  quantization=quantization)
+        self.config = dllm.GenerationConfig(**config)
+        self.chat = chat_template
+        self.chat_prompt = functools.partial(conversation_prompt, tok, chat_template)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        rows, pending = [], {}  # pending: request id -> its row
+        for record, kind, error, source, line in zip(batch["record"], batch["error_kind"], batch["error"],
+                                                     batch["source"], batch["position"]):
+            row = {"source": str(source), "line": int(line), "record": str(record), "error_kind": str(kind),
+                   "error": str(error)}
+            rows.append(row)
+            if kind:
+                continue
+            try:
+                row["prompt"], row["reference"] = record_prompt(json.loads(record), self.chat_prompt, self.chat)
+                pending[self.engine.add_request(row["prompt"], self.config)] = row
+            except ValueError as ex:  # the record's (kind, message), or the engine's refusal of its length
+                row["error_kind"], row["error"] = error_of(ex) if len(ex.args) == 2 else ("too_long", str(ex))
+        while pending:
+            for out in self.engine.step():
+                if out.finished and out.request_id in pending:
+                    row, g = pending.pop(out.request_id), out.generation
+                    row.update(generated_text=g.text, finish_reason=g.finish_reason, prompt_tokens=g.prompt_tokens,
+                               completion_tokens=len(g.token_ids), forwards=g.num_forwards,
+                               exact_match=None if row["reference"] is None else g.text == row["reference"])
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def generation_config(args) -> dict:
+    """The GenerationConfig every record is decoded with."""
+    config = {"block_size": args.block_size, "threshold": args.threshold, "decoder": args.decoder,
+              "max_new_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+              "early_stop": True}
+    dllm.GenerationConfig(**config)  # a bad value fails here, before any replica starts
+    return config
+
+
+def run_generate(args) -> dict:
+    """Run the job; returns the stats dict that is also written as `stats.json`."""
+    t0 = time.time()
+    paths = expand_inputs(args.input)
+    config = generation_config(args)
+    if not os.path.isdir(args.model):
+        raise PipelineError(f"checkpoint directory {args.model} does not exist")
+    try:  # here, not in every replica: a broken checkpoint is one clear error
+        dllm.load_tokenizer(args.model)
+        dllm.LLaDAConfig.from_file(os.path.join(args.model, "config.json"))
+    except Exception as e:
+        raise PipelineError(f"cannot read the checkpoint in {args.model}: {e}") from e
+    check_output(args.output)
+    ray = ensure_ray(args.address)
+    from ray.data import ActorPoolStrategy, DataContext, SaveMode
+    from ray.data.datasource import FilenameProvider
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars_wanted()
+    ctx.enable_operator_progress_bars = progress_bars_wanted()
+    records = ray.data.read_binary_files(paths, include_paths=True).flat_map(parse_file)
+    answered = records.map_batches(
+        Generate, fn_constructor_kwargs={"model": args.model, "chat_template": args.chat_template, "config": config,
+                                         "max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len,
+                                         "quantization": args.quantization},
+        batch_size=args.batch_size, compute=ActorPoolStrategy(size=args.replicas),
+        num_gpus=args.gpus_per_replica or None, batch_format="numpy").materialize()
+    if answered.count() == 0:
+        raise PipelineError(f"the input {paths} holds no records")
+    if args.format == "jsonl":  # named .jsonl: a reader globbing the rows' files never takes stats.json for one
+        answered.write_json(args.output, mode=SaveMode.OVERWRITE, filename_provider=FilenameProvider(file_format="jsonl"))
+    else:
+        answered.write_parquet(args.output, mode=SaveMode.OVERWRITE)
+    stats = summarize(answered.select_columns([c for c in SCHEMA.names if c not in ("record", "prompt")]).take_all(),
+                      args.examples_shown)
+    stats.update(inputs=paths, output=args.output, format=args.format, model=args.model, generation=config,
+                 chat_template=args.chat_template, seconds=round(time.time() - t0, 2))
+    stats["completion_tokens_per_s"] = stats["completion_tokens"] / max(stats["seconds"], 1e-9)
+    write_stats(args.output, stats)
+    return stats
+
+
+def summarize(rows: list[dict], examples_shown: int) -> dict:
+    """The job's counts from its output rows (the driver sees only these small columns)."""
+    good = [r for r in rows if not r["error_kind"]]
+    errors = {k: sum(r["error_kind"] == k for r in rows) for k in ERROR_KINDS}
+    bad = sorted((r["source"], r["line"], r["error"]) for r in rows if r["error_kind"])
+    scored = [r["exact_match"] for r in good if r["exact_match"] is not None]
+    tokens, forwards = sum(r["completion_tokens"] for r in good), sum(r["forwards"] for r in good)
+    return {"records": len(rows), "answered": len(good), "errors": errors,
+            "error_examples": [f"{src}:{line}: {err}" for src, line, err in bad[:examples_shown]],
+            "finish_reasons": {reason: sum(r["finish_reason"] == reason for r in good)
+                               for reason in sorted({r["finish_reason"] for r in good})},
+            "prompt_tokens": sum(r["prompt_tokens"] for r in good), "completion_tokens": tokens,
+            "forwards": forwards, "tokens_per_forward": tokens / max(1, forwards),
+            "with_reference": len(scored), "exact_match": sum(scored) / len(scored) if scored else None}
+
+
+def summary(stats: dict) -> str:
+    lines = [f"answered {stats['answered']} of {stats['records']} records: {stats['completion_tokens']} tokens in "
+             f"{stats['forwards']} forwards (TPF {stats['tokens_per_forward']:.2f}), {stats['seconds']}s "
+             f"({stats['completion_tokens_per_s']:.1f} tok/s) -> {stats['output']}"]
+    if stats["exact_match"] is not None:
+        lines.append(f"exact match {stats['exact_match']:.1%} of the {stats['with_reference']} records with a "
+                     "reference answer")
+    errors = {k: v for k, v in stats["errors"].items() if v}
+    if errors:
+        lines.append(f"not answered: {errors}")
+        lines += [f"  {e}" for e in stats["error_examples"]]
+    return "\n".join(lines)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m pipelines.generate", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory (model + tokenizer)")
+    p.add_argument("--input", "-i", nargs="+", required=True, help="jsonl / parquet files, directories or globs")
+    p.add_argument("--output", "-o", required=True, help="output directory (overwritten; rows + stats.json)")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default="parquet")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap chat and Alpaca prompts in the tokenizer's chat template (as pack --chat-template)")
+    p.add_argument("--decoder", default="threshold", choices=list(dllm.engine.DECODERS))
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--max-tokens", type=int, default=256, help="answer length cap")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, help="with a temperature: every record's samples drawn from this seed")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="fp8: FP8 block projections")
+    p.add_argument("--replicas", type=int, default=1, help="engine actors")
+    p.add_argument("--gpus-per-replica", type=float, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="records per engine call")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together per replica")
+    p.add_argument("--max-model-len", type=int, help="cache positions per request (default: the model's)")
+    p.add_argument("--examples-shown", type=int, default=5, help="bad lines listed in stats.json")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        stats = run_generate(args)
+    except (ValueError, PipelineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

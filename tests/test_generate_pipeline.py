@@ -1,0 +1,123 @@
+"""Offline batch generation as a Ray Data job (pipelines.generate / `dllm batch`): engine actors answer every
+record of a dataset, bad records are rows with their reason, and the answers are the engine's."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import dllm
+from dllm.cli import main as cli_main
+from pipelines.generate import main, record_prompt
+from pipelines.pack import conversation_prompt
+
+pytestmark = pytest.mark.slow
+CFG = dllm.GenerationConfig(block_size=8, threshold=0.9, max_new_tokens=24, early_stop=True)
+FLAGS = ["--block-size", "8", "--max-tokens", "24", "--max-model-len", "64"]
+
+
+def test_a_record_is_answered_from_its_prompt_alpaca_fields_or_conversation(char_tokenizer):
+    def prompt(rec, chat=False):
+        return record_prompt(rec, lambda context: conversation_prompt(char_tokenizer, chat, context), chat)
+
+    assert prompt({"prompt": "sort: dcba =>", "output": "abcd"}) == ("sort: dcba =>", "abcd")
+    assert prompt({"instruction": "add ", "input": "12+34 =>"}) == ("add 12+34 =>", None)  # no output: no reference
+    user = [{"role": "user", "content": "sort: cba =>"}]
+    assert prompt({"messages": user + [{"role": "assistant", "content": "abc"}]}) == ("sort: cba =>", "abc")
+    templated = char_tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert prompt({"messages": user}, chat=True) == (templated, None)  # as pack --chat-template trains it
+    assert prompt({"conversations": [{"from": "human", "value": "sort: cba =>"}]}, chat=True) == (templated, None)
+    for rec, kind in [({"text": "hi"}, "missing_field"), ({"prompt": 5}, "wrong_type"), ([1, 2], "wrong_type"),
+                      ({"instruction": "x", "output": 3}, "wrong_type"), ({"messages": "hi"}, "wrong_type")]:
+        with pytest.raises(ValueError) as e:
+            prompt(rec)
+        assert e.value.args[0] == kind, rec
+
+
+@pytest.fixture(scope="module")
+def answered(tmp_path_factory, talkative_model, char_tokenizer, ray_local):
+    root = tmp_path_factory.mktemp("batch")
+    ckpt = dllm.save_pretrained(talkative_model, char_tokenizer, root / "ckpt")
+    engine = dllm.Engine(talkative_model, char_tokenizer, max_model_len=64)
+    prompts = ["sort: dcba =>", "abc", "reverse: abc =>", "add 12+34 =>", "cab", "dedupe: aabb =>"]
+    answers = [g.text for g in engine.generate(prompts, CFG)]
+    lines = [
+        {"prompt": prompts[0]},
+        {"instruction": prompts[1], "input": "", "output": answers[1]},  # a reference the model matches
+        {"instruction": prompts[2], "output": answers[2] + "x"},  # and one it does not
+        {"messages": [{"role": "user", "content": prompts[3]}]},
+        {"conversations": [{"from": "human", "value": prompts[4]}, {"from": "gpt", "value": answers[4]}]},
+        "not json {",
+        {"text": "no prompt field"},
+        {"prompt": 5},
+        {"prompt": "a" * 60},  # 60 tokens + a block of 8 > max_model_len 64
+    ]
+    with open(root / "records.jsonl", "w") as f:
+        for i, line in enumerate(lines):
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+            if i == 2:
+                f.write("\n")  # blank lines are not records
+    pq.write_table(pa.table({"prompt": [prompts[5]], "id": [17]}), root / "more.parquet")
+    rc = main(["--model", str(ckpt), "--input", str(root / "records.jsonl"), str(root / "more.parquet"),
+               "--output", str(root / "out"), "--format", "jsonl", "--replicas", "2", "--batch-size", "3", *FLAGS])
+    assert rc == 0
+    rows = [json.loads(line) for path in sorted((root / "out").glob("*.jsonl")) for line in path.open()]
+    return root, prompts, answers, rows, json.loads((root / "out" / "stats.json").read_text())
+
+
+def test_every_record_is_a_row_and_the_answers_are_the_engines(answered):
+    _, prompts, answers, rows, _ = answered
+    by_line = {(r["source"].rsplit("/", 1)[-1], r["line"]): r for r in rows}
+    assert len(rows) == len(by_line) == 10  # 9 jsonl records (the blank line is none) + 1 parquet row
+    good = [by_line[("records.jsonl", n)] for n in (1, 2, 3, 5, 6)] + [by_line[("more.parquet", 1)]]
+    assert [r["prompt"] for r in good] == prompts  # Alpaca and chat records read as pack reads them
+    assert [r["generated_text"] for r in good] == answers
+    assert all(r["error_kind"] == "" and r["finish_reason"] in ("stop", "length") for r in good)
+    assert [r["exact_match"] for r in good] == [None, True, False, None, True, None]
+    assert json.loads(by_line[("more.parquet", 1)]["record"]) == {"prompt": prompts[5], "id": 17}  # nothing lost
+    assert all(r["completion_tokens"] >= 0 and r["forwards"] >= 1 for r in good)
+
+
+def test_bad_records_are_rows_with_their_reason_and_counted(answered):
+    _, _, _, rows, stats = answered
+    bad = {r["line"]: (r["error_kind"], r["error"]) for r in rows if r["error_kind"]}
+    assert {line: kind for line, (kind, _) in bad.items()} == {
+        7: "malformed_json", 8: "missing_field", 9: "wrong_type", 10: "too_long"}
+    assert "max_model_len=64" in bad[10][1]  # the engine's reason
+    assert all(r["generated_text"] is None for r in rows if r["error_kind"])
+    assert [r["record"] for r in rows if r["line"] == 7] == ["not json {"]  # kept as it was read
+    assert stats["records"] == 10 and stats["answered"] == 6
+    assert stats["errors"] == {"malformed_json": 1, "missing_field": 1, "wrong_type": 1, "too_long": 1}
+    assert len(stats["error_examples"]) == 4 and stats["error_examples"][0].endswith("malformed JSON: Expecting value "
+                                                                                      "at column 1")
+    good = [r for r in rows if not r["error_kind"]]
+    assert stats["completion_tokens"] == sum(r["completion_tokens"] for r in good)
+    assert stats["forwards"] == sum(r["forwards"] for r in good)
+    assert stats["with_reference"] == 3 and stats["exact_match"] == pytest.approx(2 / 3)
+
+
+def test_bad_options_fail_before_any_work(tmp_path, capsys, tiny_checkpoint):
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"prompt": "abc"}\n')
+    assert main(["--model", str(tmp_path / "missing"), "--input", str(records), "--output", str(tmp_path / "o")]) == 2
+    assert "checkpoint directory" in capsys.readouterr().err
+    assert cli_main(["batch", "--model", str(tmp_path / "missing"), "--input", str(records),  # `dllm batch`: the same
+                     "--output", str(tmp_path / "o")]) == 2
+    assert "checkpoint directory" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--input", str(records), "--output", str(tmp_path / "o")]) == 2
+    assert f"cannot read the checkpoint in {tmp_path}" in capsys.readouterr().err  # a directory without one
+    assert main(["--model", str(tiny_checkpoint), "--input", str(records), "--output", str(tmp_path / "o"),
+                 "--threshold", "2"]) == 2
+    assert "threshold" in capsys.readouterr().err
+    assert main(["--model", str(tiny_checkpoint), "--input", str(tmp_path / "none*.jsonl"),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "no input files match" in capsys.readouterr().err
+
+
+def test_rows_are_parquet_by_default(answered):
+    root = answered[0]
+    assert main(["--model", str(root / "ckpt"), "--input", str(root / "more.parquet"), "--output", str(root / "pq"),
+                 *FLAGS]) == 0
+    table = pa.concat_tables(pq.read_table(f) for f in sorted((root / "pq").glob("*.parquet")))  # + stats.json
+    assert table.num_rows == 1 and table.column("generated_text")[0].as_py() == answered[2][5]
