@@ -163,7 +163,7 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
 
 def eval_dtype(device: str | torch.device) -> torch.dtype:
     """Trained models are evaluated in bf16 on a GPU, in fp32 on a CPU."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return dllm.inference_placement(device)[1]
 
 
 def train(kind: str, cfg, data: TrainRows, args, steps: int | None = None, objective: Objective | None = None,

@@ -55,6 +55,13 @@ def _shard_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE} (found {found})")
 
 
+def inference_placement(device: str | torch.device | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype a model decodes: `device`, else CUDA where there is a GPU; bf16 on a GPU, fp32
+    elsewhere (CPUs have no fast bf16 matrix products)."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LLaDAModelLM:
     """Load a LLaDA / dLLM-Var checkpoint directory onto `device` in `dtype`.
 

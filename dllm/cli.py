@@ -44,12 +44,9 @@ def _generate(args) -> int:
 
 
 def _load(args):
-    import torch
-
     import dllm
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    device, dtype = dllm.inference_placement(args.device)
     return dllm.load_model(args.model, device=device, dtype=dtype), dllm.load_tokenizer(args.model)
 
 

@@ -65,10 +65,7 @@ class Generate:
 
     def __init__(self, model: str, chat_template: bool, config: dict, max_batch_size: int,
                  max_model_len: int | None, quantization: str | None) -> None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        device, dtype = dllm.inference_placement()
         tok = dllm.load_tokenizer(model)
         net = dllm.load_model(model, device=device, dtype=dtype)
         self.engine = dllm.Engine(net, tok, max_batch_size=max_batch_size, max_model_len=max_model_len,

@@ -45,10 +45,7 @@ class TrajectoryRecorder:
     """One engine replica; decodes a batch of samples and returns its gold trajectories as rows."""
 
     def __init__(self, model: str, verifier: str, config: dict, max_batch_size: int) -> None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        device, dtype = dllm.inference_placement()
         net = dllm.load_model(model, device=device, dtype=dtype)
         self.engine = dllm.Engine(net, dllm.load_tokenizer(model), max_batch_size=max_batch_size)
         self.config = dllm.GenerationConfig(**config)

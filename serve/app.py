@@ -75,8 +75,8 @@ class EngineServer:
                  page_allocation: str = "on_demand", preemption_mode: str = "swap", swap_space: float = 4.0,
                  gpu_memory_utilization: float | None = None, max_block_size: int | None = None,
                  quantization: str | None = None) -> None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+        device, default_dtype = dllm.inference_placement()
+        torch_dtype = getattr(torch, dtype) if dtype else default_dtype
         self.model_dir = model
         net = dllm.load_model(model, device=device, dtype=torch_dtype)
         tokenizer = dllm.load_tokenizer(model)

@@ -139,3 +139,11 @@ def test_index_pointing_at_missing_shard(tmp_path, tiny_config):
         json.dumps({"weight_map": {"model.transformer.wte.weight": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(dllm.CheckpointError, match="model-00001-of-00002"):
         dllm.load_model(tmp_path)
+
+
+def test_models_decode_in_bf16_on_a_gpu_and_in_fp32_elsewhere():
+    expected = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    device, dtype = dllm.inference_placement()
+    assert (device.type, dtype) == expected
+    assert dllm.inference_placement("cuda:1") == (torch.device("cuda:1"), torch.bfloat16)  # no GPU needed to name one
+    assert dllm.inference_placement("cpu") == (torch.device("cpu"), torch.float32)
