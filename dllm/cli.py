@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from .engine.config import CACHE_POLICIES, DECODERS
-from .engine.scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES
+from .engine.scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES, SCHEDULING_POLICIES
 from .quantization import QUANTIZATIONS
 
 
@@ -73,7 +73,7 @@ def serve_app_args(args) -> dict:
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
     for key in ("name", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization", "max_block_size",
-                "page_allocation", "preemption_mode", "swap_space", "quantization", "num_gpus", "min_replicas",
+                "page_allocation", "preemption_mode", "scheduling_policy", "swap_space", "quantization", "num_gpus", "min_replicas",
                 "max_replicas", "num_replicas", "api_keys"):
         value = getattr(args, key)
         if value is not None:
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preemption-mode", choices=PREEMPTION_MODES,
                    help="how a preempted request gets its K/V back: swap (default): through host memory, bit for bit; "
                         "recompute: forwards of its tokens write them again (no host memory, a forward per block)")
+    s.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES,
+                   help="fcfs (default): requests run in arrival order; priority (vLLM's): by each request's "
+                        "'priority' (lower first, then arrival), an urgent request preempting less urgent ones")
     s.add_argument("--swap-space", type=float,
                    help="GiB of host memory swapped K/V may take per replica (default 4); beyond it preempted requests "
                         "are recomputed")

@@ -74,7 +74,7 @@ class EngineServer:
                  dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
                  page_allocation: str = "on_demand", preemption_mode: str = "swap", swap_space: float = 4.0,
                  gpu_memory_utilization: float | None = None, max_block_size: int | None = None,
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, scheduling_policy: str = "fcfs") -> None:
         device, default_dtype = dllm.inference_placement()
         torch_dtype = getattr(torch, dtype) if dtype else default_dtype
         self.model_dir = model
@@ -84,7 +84,8 @@ class EngineServer:
                                   prefix_caching=prefix_caching, kv_cache_tokens=kv_cache_tokens,
                                   page_allocation=page_allocation, preemption_mode=preemption_mode,
                                   swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization,
-                                  max_block_size=max_block_size, quantization=quantization)
+                                  max_block_size=max_block_size, quantization=quantization,
+                                  scheduling_policy=scheduling_policy)
         if self.engine.memory_plan is not None:
             logging.getLogger("ray.serve").info("gpu_memory_utilization: %s", self.engine.memory_plan)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
@@ -113,19 +114,20 @@ class EngineServer:
     def info(self) -> dict:
         return {"defaults": self.defaults, "max_model_len": self.engine.max_model_len, "aborted": self.loop.aborted,
                 "quantization": self.engine.quantization,
+                "scheduling_policy": self.engine.scheduling_policy,
                 "pid": os.getpid(), **self.engine.stats(),
                 "memory_plan": self.engine.memory_plan.as_dict() if self.engine.memory_plan is not None else None}
 
     async def generate(self, payload: dict):
         """Stream one request: a dict per committed block, the last with finish_reason and stats.
-        payload: prompt_ids, max_tokens, options (DiffusionOptions, over this replica's defaults) and
-        sampling (the request's other GenerationConfig fields)."""
+        payload: prompt_ids, max_tokens, options (DiffusionOptions, over this replica's defaults),
+        sampling (the request's other GenerationConfig fields) and priority."""
         opts = {k: v for k, v in payload.get("options", {}).items() if v is not None}
         merged = {**self.defaults, **opts}
         config = _generation_config(merged, payload.get("max_tokens"), **payload.get("sampling", {}))
         start = time.monotonic()
         first = True
-        async for out in self.loop.generate(payload["prompt_ids"], config):
+        async for out in self.loop.generate(payload["prompt_ids"], config, payload.get("priority", 0)):
             if first:
                 self._metrics.first_block.observe(time.monotonic() - start)
                 first = False
@@ -304,8 +306,9 @@ class OpenAIIngress:
     def __init__(self, engine, model: str, served_model_name: str | None = None, max_model_len: int | None = None,
                  max_tokens_cap: int = 1024, api_keys: list[str] | None = None,
                  default_block_size: int = DEFAULT_DECODING["block_size"], max_block_size: int | None = None,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, scheduling_policy: str = "fcfs") -> None:
         self.engine = engine
+        self.scheduling_policy = scheduling_policy  # a priority on a first-come-first-served app: a 400 here
         self.max_block_size = max_block_size  # the replicas refuse larger blocks: a 400 before any stream starts
         # The replicas' block size when a request names none (the app's decoding defaults; a change to them
         # redeploys this ingress with the new value), so the context check matches what they will decode.
@@ -430,6 +433,9 @@ class OpenAIIngress:
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop must be up to 4 non-empty strings", param="stop", code="invalid_value")
         self._checked_ids(req.stop_token_ids or [], param="stop_token_ids")
+        if req.priority != 0 and self.scheduling_policy != "priority":
+            raise APIError(400, f"priority {req.priority} needs a server whose scheduling_policy is priority; this one "
+                                "serves first come, first served", param="priority", code="invalid_value")
 
     def _ids(self, text_or_ids: str | list[int], param: str) -> list[int]:
         """Token ids of a string (tokenised) or of a list of ids (checked against the vocabulary)."""
@@ -475,7 +481,7 @@ class OpenAIIngress:
                     "top_k": max(req.top_k, 0), "top_p": req.top_p, "min_p": req.min_p, "logit_bias": bias,
                     "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
                     "repetition_penalty": req.repetition_penalty}
-        payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "options": options,
+        payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "options": options, "priority": req.priority,
                      "sampling": {**sampling, "seed": None if req.seed is None else req.seed + i}}
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
@@ -648,7 +654,8 @@ def build_app(args: dict[str, Any]):
     max_block_size (requests with larger blocks get a 400; with gpu_memory_utilization it defaults to the decoding
     block size), page_allocation (on_demand, the default: pages as answers grow, preempting when the pool runs out;
     or reserve), preemption_mode (swap, the default: a preempted request's K/V through host memory, up to swap_space
-    GiB, default 4; or recompute: rebuilt by forwards), dtype, quantization (fp8: FP8 weights for the block
+    GiB, default 4; or recompute: rebuilt by forwards), scheduling_policy (fcfs, the default, or priority: each
+    request's `priority`, lower first, and urgent requests preempt less urgent ones), dtype, quantization (fp8: FP8 weights for the block
     projections, see dllm.quantization; default none), prefix_caching (true / false, default true), routing
     (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys (comma separated), num_gpus (default 1
     when the cluster has GPUs, else 0), num_cpus, min_replicas / max_replicas / target_ongoing_requests /
@@ -687,6 +694,10 @@ def build_app(args: dict[str, Any]):
     if preemption_mode not in dllm.engine.PREEMPTION_MODES:
         raise ValueError(f"build_app: preemption_mode={preemption_mode!r} is not one of "
                          f"{', '.join(dllm.engine.PREEMPTION_MODES)}")
+    scheduling_policy = args.pop("scheduling_policy", "fcfs")
+    if scheduling_policy not in dllm.engine.SCHEDULING_POLICIES:
+        raise ValueError(f"build_app: scheduling_policy={scheduling_policy!r} is not one of "
+                         f"{', '.join(dllm.engine.SCHEDULING_POLICIES)}")
     swap_space = float(args.pop("swap_space", 4.0))
     if not 0 <= swap_space < float("inf"):
         raise ValueError(f"build_app: swap_space={swap_space} is not a number of GiB >= 0")
@@ -744,9 +755,10 @@ def build_app(args: dict[str, Any]):
         model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching,
         kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation, preemption_mode=preemption_mode,
         swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size,
-        quantization=quantization)
+        quantization=quantization, scheduling_policy=scheduling_policy)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,
                         max_tokens_cap=max_tokens_cap, api_keys=api_keys, default_block_size=decoding["block_size"],
-                        max_block_size=max_block_size, chat_template=chat_template)
+                        max_block_size=max_block_size, chat_template=chat_template,
+                        scheduling_policy=scheduling_policy)

@@ -26,6 +26,7 @@ class _Submission:
     request_id: str
     prompt_ids: list[int]
     config: dllm.GenerationConfig
+    priority: int
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
     submitted_at: float
@@ -67,12 +68,13 @@ class EngineLoop:
     def in_flight(self) -> int:
         return len(self._live) + self._inbox.qsize()
 
-    async def generate(self, prompt_ids: list[int], config: dllm.GenerationConfig) -> AsyncIterator[dllm.RequestOutput]:
+    async def generate(self, prompt_ids: list[int], config: dllm.GenerationConfig,
+                       priority: int = 0) -> AsyncIterator[dllm.RequestOutput]:
         """Yield the request's outputs as blocks commit; closing the iterator early aborts it."""
         if not self.alive:
             raise RuntimeError(f"the engine loop is not running: {self.error!r}")
-        sub = _Submission(f"srv-{next(self._ids)}", prompt_ids, config, asyncio.get_running_loop(), asyncio.Queue(),
-                          time.monotonic())
+        sub = _Submission(f"srv-{next(self._ids)}", prompt_ids, config, priority, asyncio.get_running_loop(),
+                          asyncio.Queue(), time.monotonic())
         self._inbox.put(("add", sub))
         self._wake.set()
         finished = False
@@ -121,7 +123,8 @@ class EngineLoop:
                 return
             if kind == "add":
                 try:
-                    self.engine.add_request(payload.prompt_ids, payload.config, request_id=payload.request_id)
+                    self.engine.add_request(payload.prompt_ids, payload.config, request_id=payload.request_id,
+                                            priority=payload.priority)
                     self._live[payload.request_id] = payload
                 except Exception as e:  # a request the engine refuses fails alone
                     self._deliver(payload, e)

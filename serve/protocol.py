@@ -55,6 +55,7 @@ class _Common(DiffusionOptions):
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's extra: these ids end the answer too (EOS and EOT always do)
+    priority: int = 0  # vLLM's extra: lower runs first, on a server whose scheduling_policy is priority
     ignore_eos: bool = False  # vLLM's extra: EOS/EOT do not end the answer (fixed-length load tests)
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extra: no stop token among the first min_tokens
     seed: int | None = None

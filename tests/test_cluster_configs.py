@@ -122,6 +122,8 @@ def test_quantization_is_checked_when_the_app_is_built():
 def test_preemption_mode_is_checked_when_the_app_is_built():
     from serve.app import build_app
 
+    with pytest.raises(ValueError, match="scheduling_policy='lifo' is not one of fcfs, priority"):
+        build_app({"model": "/models/x", "scheduling_policy": "lifo"})
     with pytest.raises(ValueError, match="preemption_mode='drop' is not one of swap, recompute"):
         build_app({"model": "/models/x", "preemption_mode": "drop"})
     with pytest.raises(ValueError, match="swap_space=-1.0 is not a number of GiB >= 0"):

@@ -697,8 +697,8 @@ ARRIVING = [dict(ignore_eos=True), {}, dict(temperature=1.0, seed=7), dict(block
 @pytest.mark.parametrize("seed", range(12))
 def test_random_arrivals_aborts_and_preemptions_keep_the_pool_consistent(talkative64, seed):
     """Requests of a few repeated prompts (shared and cached pages) with mixed settings and caps arrive at
-    random steps into a small pool of an engine with random options, and some are aborted. Most on-demand
-    seeds preempt: swapping, recomputing, or swapping until 16 KiB of host memory (swap_space) are used
+    random steps into a small pool of an engine with random options (half of the seeds schedule by random
+    priorities: urgent arrivals preempt, reserved pages too), and some are aborted. Most on-demand seeds preempt: swapping, recomputing, or swapping until 16 KiB of host memory (swap_space) are used
     and recomputing past it. After every step the pool's bookkeeping holds; every request ends, and each one not aborted
     with the answer it gets decoded alone."""
     rng = random.Random(seed)
@@ -707,15 +707,17 @@ def test_random_arrivals_aborts_and_preemptions_keep_the_pool_consistent(talkati
                      max_prefill_tokens=rng.choice([16, 8192]), page_allocation="reserve" if seed % 3 == 2 else "on_demand",
                      share_prefills=rng.random() < 0.8, prefix_caching=rng.random() < 0.8,
                      max_unroll=rng.choice([1, 3]), expected_tpf=1.0,
-                     preemption_mode=PREEMPTION_MODES[seed % 2], swap_space=2**-16 if seed % 4 == 2 else None)
+                     preemption_mode=PREEMPTION_MODES[seed % 2], swap_space=2**-16 if seed % 4 == 2 else None,
+                     scheduling_policy="priority" if seed >= 6 else "fcfs")
     asked, results, aborted = {}, {}, set()
     for step in range(3000):  # a bound, not a wait: every request must end well before it
         if step < 150:
             for _ in range(rng.choice([0, 0, 1, 3])):
                 prompt = rng.choice(prompts)
                 cfg = CFG.replace(max_new_tokens=rng.choice([4, 8, 24, 48]), **rng.choice(ARRIVING))
+                priority = rng.choice([0, 1, 2]) if engine.scheduler.by_priority else 0
                 if len(asked) < 30 and engine.cache.pages_for(len(prompt) + 48) <= engine.cache.num_pages:
-                    asked[engine.add_request(prompt, cfg)] = (prompt, cfg)
+                    asked[engine.add_request(prompt, cfg, priority=priority)] = (prompt, cfg)
             live = sorted(set(asked) - set(results) - aborted)
             if live and rng.random() < 0.02:
                 rid = rng.choice(live)
@@ -731,6 +733,76 @@ def test_random_arrivals_aborts_and_preemptions_keep_the_pool_consistent(talkati
             assert results[rid].finish_reason == "abort"
         else:
             assert results[rid].token_ids == _engine(talkative64).generate([prompt], cfg)[0].token_ids, rid
+
+
+def _finish_order(engine) -> list[str]:
+    order = []
+    while engine.has_unfinished():
+        order += [o.request_id for o in engine.step() if o.finished]
+    return order
+
+
+def test_under_the_priority_policy_the_most_urgent_request_is_admitted_first(talkative64):
+    """One slot, three requests queued together: priority 0 first, then the two of priority 1 in arrival
+    order. First come, first served ignores what is not there: it refuses any priority but 0."""
+    prompts = _prompts(3)
+    engine = _engine(talkative64, max_batch_size=1, scheduling_policy="priority")
+    ids = [engine.add_request(p, CFG, priority=k) for p, k in zip(prompts, [1, 0, 1])]
+    assert _finish_order(engine) == [ids[1], ids[0], ids[2]]
+    fcfs = _engine(talkative64, max_batch_size=1)
+    with pytest.raises(ValueError, match="priority 1 needs an engine with scheduling_policy='priority'"):
+        fcfs.add_request(prompts[0], CFG, priority=1)
+    assert not fcfs.has_unfinished()  # the refused request left nothing behind
+    with pytest.raises(ValueError, match=r"scheduling_policy must be one of \['fcfs', 'priority'\], got 'lifo'"):
+        _engine(talkative64, scheduling_policy="lifo")
+
+
+def test_an_urgent_request_preempts_a_less_urgent_one_and_an_equal_one_waits(talkative64):
+    """One slot: a long answer of priority 2 is running when a request of priority 0 arrives, which takes
+    the slot at once (the long one is preempted and resumes after it, with the answer it gets alone); one
+    of priority 2 arriving then waits for the first to end."""
+    prompts = _prompts(3)
+    long = CFG.replace(ignore_eos=True)
+    engine = _engine(talkative64, max_batch_size=1, scheduling_policy="priority")
+    slow = engine.add_request(prompts[0], long, priority=2)
+    for _ in range(3):
+        engine.step()
+    urgent = engine.add_request(prompts[1], CFG, priority=0)
+    same = engine.add_request(prompts[2], CFG, priority=2)
+    results = {}
+    order = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                order.append(o.request_id)
+                results[o.request_id] = o.generation
+    assert order == [urgent, slow, same] and engine.stats()["preemptions"] == 1
+    for rid, prompt, cfg in [(slow, prompts[0], long), (urgent, prompts[1], CFG), (same, prompts[2], CFG)]:
+        assert results[rid].token_ids == _engine(talkative64).generate([prompt], cfg)[0].token_ids
+
+
+def test_a_full_pool_preempts_the_least_urgent_request_not_the_newest(talkative64):
+    """On-demand pages for about two whole answers, three requests of priorities 0, 2, 1 (in arrival order):
+    when they outgrow the pool the one of priority 2 gives its pages back first, though it is not the newest;
+    each answer is the one decoded alone."""
+    prompts = _prompts(3)
+    cfg = CFG.replace(ignore_eos=True)
+    need = max(_engine(talkative64).cache.pages_for(len(p) + cfg.max_new_tokens) for p in prompts)
+    engine = _engine(talkative64, kv_cache_tokens=2 * need * 4, scheduling_policy="priority", prefix_caching=False)
+    ids = [engine.add_request(p, cfg, priority=k) for p, k in zip(prompts, [0, 2, 1])]
+    requests = [engine._requests[i] for i in ids]
+    engine.step()
+    assert all(r.phase is not Phase.WAITING for r in requests)  # all three start
+    first_preempted = None
+    results = {}
+    while engine.has_unfinished():
+        results.update((o.request_id, o.generation) for o in engine.step() if o.finished)
+        waiting = [r for r in requests if r.phase is Phase.WAITING]
+        if waiting and first_preempted is None:
+            first_preempted = waiting
+    assert first_preempted == [requests[1]]
+    for rid, prompt in zip(ids, prompts):
+        assert results[rid].token_ids == _engine(talkative64).generate([prompt], cfg)[0].token_ids
 
 
 def test_page_allocation_is_checked(model64):

@@ -53,7 +53,8 @@ def server(ray_local, model_dir, endless_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": str(model_dir), **APP_ARGS}), name="main", route_prefix="/")
     serve.run(build_app({"model": str(model_dir), **APP_ARGS, "api_keys": "k1,k2", "kv_cache_tokens": 512,
-                         "preemption_mode": "recompute", "quantization": "fp8"}),  # FP8 weights
+                         "preemption_mode": "recompute", "quantization": "fp8",  # FP8 weights
+                         "scheduling_policy": "priority"}),
               name="secure", route_prefix="/secure")  # a pool of a quarter of max_batch_size x max_model_len
     template = endless_dir.parent / "chat.jinja"  # the operator's template, which demands a system message
     template.write_text(SYSTEM_FIRST_TEMPLATE)
@@ -509,6 +510,19 @@ def test_api_keys_are_enforced_except_on_health(server):
     assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
     secure = openai.OpenAI(base_url=f"{base}/v1", api_key="k1", max_retries=0, timeout=CLIENT_TIMEOUT_S)
     assert secure.completions.create(model="tiny", prompt="x", max_tokens=8).choices[0].finish_reason
+
+
+def test_priority_is_a_request_field_of_apps_that_schedule_by_it(server, client):
+    """vLLM's `priority`: the "secure" app schedules by it (the engine tests check the order and the
+    preemptions), and its answers do not depend on it; a first-come-first-served app refuses it."""
+    secure = openai.OpenAI(base_url=f"{server}/secure/v1", api_key="k1", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+    texts = {k: secure.completions.create(model="tiny", prompt="sort: cba =>", max_tokens=16,
+                                          extra_body={"priority": k}).choices[0].text for k in (-1, 0, 3)}
+    assert len(set(texts.values())) == 1
+    assert _engine_info("secure")["scheduling_policy"] == "priority" and _engine_info()["scheduling_policy"] == "fcfs"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="sort: cba =>", max_tokens=16, extra_body={"priority": 1})
+    assert e.value.body["param"] == "priority" and "scheduling_policy is priority" in e.value.body["message"]
 
 
 def test_reconfigure_changes_decoding_defaults_without_a_restart(server):

@@ -4,7 +4,7 @@ from .config import CACHE_POLICIES, DECODERS, MAX_LOGPROBS, GenerationConfig
 from .engine import Engine
 from .kv_cache import KVCache
 from .request import Generation, Phase, RequestOutput, TokenLogprob
-from .scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES
+from .scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES, SCHEDULING_POLICIES
 
-__all__ = ["CACHE_POLICIES", "DECODERS", "MAX_LOGPROBS", "PAGE_ALLOCATIONS", "PREEMPTION_MODES", "Engine", "Generation",
+__all__ = ["CACHE_POLICIES", "DECODERS", "MAX_LOGPROBS", "PAGE_ALLOCATIONS", "PREEMPTION_MODES", "SCHEDULING_POLICIES", "Engine", "Generation",
            "GenerationConfig", "KVCache", "Phase", "RequestOutput", "TokenLogprob"]

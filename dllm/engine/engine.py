@@ -202,6 +202,10 @@ class Engine:
     swap_space:         GiB of host memory the swapped K/V may take at once (vLLM's knob, its default 4);
                         beyond it a preempted request is recomputed instead, unless its K/V cannot be
                         rebuilt (no commit pass). None: no limit.
+    scheduling_policy:  "fcfs" (default): requests are admitted, and keep their pages, in arrival order;
+                        "priority" (vLLM's): by each request's priority (add_request; lower first), then
+                        arrival; a request that does not fit preempts running ones of a larger priority
+                        value (see dllm.engine.scheduler).
     gpu_memory_utilization: size the pool from the GPU's memory instead of kv_cache_tokens (vLLM's
                         knob): it gets what is left of this share of the GPU's memory after what the
                         device holds, the weights and the measured peak of a probe that runs this
@@ -255,7 +259,7 @@ class Engine:
                  fuse_projections: bool = False, max_unroll: int = 1, expected_tpf: float = 4.0,
                  share_prefills: bool = True, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE, page_allocation: str = "on_demand",
-                 preemption_mode: str = "swap", swap_space: float | None = 4.0,
+                 preemption_mode: str = "swap", swap_space: float | None = 4.0, scheduling_policy: str = "fcfs",
                  gpu_memory_utilization: float | None = None,
                  max_block_size: int | None = None, nucleus_candidates: int = decoders.NUCLEUS_CANDIDATES,
                  quantization: str | None = None) -> None:
@@ -312,7 +316,9 @@ class Engine:
                              page_size=page_size, num_pages=num_pages, scratch_slot=cuda_graphs)
         self.graphs = GraphedForward(model, self.cache, self.config.mask_token_id) if cuda_graphs else None
         self.scheduler = Scheduler(self.cache, max_prefill_tokens, share_prefills, prefix_caching, page_allocation,
-                                   preemption_mode, None if swap_space is None else int(swap_space * 2**30))
+                                   preemption_mode, None if swap_space is None else int(swap_space * 2**30),
+                                   scheduling_policy)
+        self.scheduling_policy = scheduling_policy
         self.share_prefills = share_prefills
         self.shared_prefills = 0  # prefill rows not run: their prompt's K/V were copied from another row
         self.prefix_cache_hits = 0  # requests that skipped their prefill (prefix_caching)
@@ -379,9 +385,14 @@ class Engine:
     # ----- public API ------------------------------------------------------------------------
 
     def add_request(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request; returns its id. Raises ValueError for a prompt that can never fit."""
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Queue a request; returns its id. Raises ValueError for a prompt that can never fit. `priority`:
+        lower runs first, under scheduling_policy="priority" only (vLLM's: any other value is refused under
+        fcfs, where every request has priority 0)."""
         config = config or GenerationConfig()
+        if priority != 0 and not self.scheduler.by_priority:
+            raise ValueError(f"priority {priority} needs an engine with scheduling_policy='priority'; this one "
+                             "serves first come, first served (priority 0 for every request)")
         prompt_ids = self.encode(prompt)
         if config.stop and self.tokenizer is None:
             raise ValueError("stop strings need an Engine with a tokenizer")
@@ -404,7 +415,7 @@ class Engine:
             request_id=request_id, prompt_ids=prompt_ids, config=config,
             max_new_tokens=min(config.max_new_tokens, max_blocks * b),
             stop_ids=(frozenset() if config.ignore_eos else self.base_stop_ids) | frozenset(config.stop_token_ids or ()),
-            logprobs=[] if config.logprobs is not None else None,
+            logprobs=[] if config.logprobs is not None else None, priority=int(priority),
         )
         pool = self.cache.num_pages * self.cache.page_size
         if self.cache.pages_for(req.cache_extent) > self.cache.num_pages:
@@ -457,12 +468,14 @@ class Engine:
         return outputs
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
-                 config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> list[Generation]:
+                 config: GenerationConfig | Sequence[GenerationConfig] | None = None,
+                 priority: int | Sequence[int] = 0) -> list[Generation]:
         """Decode all prompts together (continuous batching) and return their Generations in order."""
         configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(prompts)
-        if len(configs) != len(prompts):
-            raise ValueError(f"got {len(configs)} configs for {len(prompts)} prompts")
-        ids = [self.add_request(p, c) for p, c in zip(prompts, configs)]
+        priorities = list(priority) if isinstance(priority, (list, tuple)) else [priority] * len(prompts)
+        if len(configs) != len(prompts) or len(priorities) != len(prompts):
+            raise ValueError(f"got {len(configs)} configs and {len(priorities)} priorities for {len(prompts)} prompts")
+        ids = [self.add_request(p, c, priority=k) for p, c, k in zip(prompts, configs, priorities)]
         results: dict[str, Generation] = {}
         while len(results) < len(ids):
             for out in self.step():

@@ -92,6 +92,8 @@ class Request:
     config: GenerationConfig
     max_new_tokens: int  # config.max_new_tokens clamped to what the cache slot can hold
     stop_ids: frozenset[int]
+    priority: int = 0  # lower runs first (Scheduler scheduling_policy "priority"; 0 under fcfs)
+    arrival: int = 0  # its place in the order requests were added (Scheduler.add)
     phase: Phase = Phase.WAITING
     slot: int = -1  # its page-table row in the K/V cache while it runs
     # A request admitted in the same step with the same prompt, whose prefill row it shares (its prompt's

@@ -21,10 +21,19 @@ Either way a request that has no K/V worth keeping (its next forward recomputes 
 swapped, and its decoding state (block, generator, credit, ...) stays as it was.
 "reserve" gives each request at admission the pages of its prompt and max_new_tokens: it never
 waits mid-answer, and the pool holds fewer requests at once.
+
+SCHEDULING_POLICIES say who goes first: "fcfs" (the default), by arrival; "priority" (vLLM's), by each
+request's priority (lower first), then arrival. Both queues are kept in that order: the waiting queue is
+admitted from its head and the running list grows (make_room) from its head, so the preempted request
+is always the least urgent, newest one. Under "priority" a request that cannot be admitted (or resumed)
+also preempts running requests of a strictly larger priority value until it fits; requests of equal
+priority never preempt each other, and a request of low priority may wait as long as more urgent ones come.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 
 from .kv_cache import KVCache
@@ -33,16 +42,25 @@ from .request import Phase, Request
 
 PAGE_ALLOCATIONS = ("on_demand", "reserve")
 PREEMPTION_MODES = ("swap", "recompute")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+def urgency(req: Request) -> tuple[int, int]:
+    """The order requests are served in: priority (0 for every request under fcfs), then arrival."""
+    return req.priority, req.arrival
 
 
 class Scheduler:
     def __init__(self, cache: KVCache, max_prefill_tokens: int, share_prefills: bool = False,
                  prefix_caching: bool = False, page_allocation: str = "on_demand",
-                 preemption_mode: str = "swap", swap_space: int | None = None) -> None:
+                 preemption_mode: str = "swap", swap_space: int | None = None,
+                 scheduling_policy: str = "fcfs") -> None:
         if page_allocation not in PAGE_ALLOCATIONS:
             raise ValueError(f"page_allocation must be one of {list(PAGE_ALLOCATIONS)}, got {page_allocation!r}")
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {list(PREEMPTION_MODES)}, got {preemption_mode!r}")
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {list(SCHEDULING_POLICIES)}, got {scheduling_policy!r}")
         if swap_space is not None and swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 bytes (or None: no limit), got {swap_space}")
         self.cache = cache
@@ -57,11 +75,14 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.share_prefills = share_prefills  # a prefill whose prompt is already in its batch costs no row
         self.prefix_caching = prefix_caching  # a request whose prompt's K/V are cached skips its prefill
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.by_priority = scheduling_policy == "priority"
+        self._arrivals = itertools.count()
+        self.waiting: deque[Request] = deque()  # in urgency order
+        self.running: list[Request] = []  # in urgency order
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        request.arrival = next(self._arrivals)
+        bisect.insort(self.waiting, request, key=urgency)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -88,11 +109,16 @@ class Scheduler:
             req = self.waiting[0]
             if req.resume_phase is not None:  # preempted: it goes on where it stopped
                 extent = self._resume_extent(req)
-                spare += self._headroom(req, self.cache.pages_for(extent))
-                if not self._resume(req, extent, spare):
-                    break
+                headroom = self._headroom(req, self.cache.pages_for(extent))
+                if not self._resume(req, extent, spare + headroom):
+                    victim = self._less_urgent_than(req)
+                    if victim is None:
+                        break
+                    spare -= self._preempt(victim)
+                    continue
+                spare += headroom
                 self.waiting.popleft()
-                self.running.append(req)
+                bisect.insort(self.running, req, key=urgency)
                 continue
             key, n = req.prompt_key, len(req.prompt_ids)
             cached = self.cache.lookup(key) if self.reuses_prompt(req) else None
@@ -105,13 +131,18 @@ class Scheduler:
             else:
                 prefix, prefix_len = [], 0
             extent = req.extent(Phase.PREFILL) if self.on_demand else req.cache_extent
-            spare += self._headroom(req, self.cache.pages_for(extent))
-            if not self.cache.can_allocate(extent, prefix, prefix_len, spare=spare):
+            headroom = self._headroom(req, self.cache.pages_for(extent))
+            if not self.cache.can_allocate(extent, prefix, prefix_len, spare=spare + headroom):
                 # Mapping a cached prompt pins its pages; in a full pool, prefilling it anew may fit where that
                 # does not (the prompt's pages are then reclaimed like any cached prompt's).
-                if cached is None or not self.cache.can_allocate(extent, spare=spare):
-                    break
+                if cached is None or not self.cache.can_allocate(extent, spare=spare + headroom):
+                    victim = self._less_urgent_than(req)
+                    if victim is None:
+                        break
+                    spare -= self._preempt(victim)
+                    continue
                 cached, prefix, prefix_len = None, [], 0
+            spare += headroom
             self.waiting.popleft()
             req.slot = self.cache.allocate(extent, prefix, prefix_len)
             req.phase = Phase.PREFILL
@@ -121,9 +152,16 @@ class Scheduler:
                 req.prefill_source = source
             else:
                 leaders.setdefault(share_key, req)
-            self.running.append(req)
+            bisect.insort(self.running, req, key=urgency)
             admitted.append(req)
         return admitted
+
+    def _less_urgent_than(self, req: Request) -> Request | None:
+        """Under "priority": the running request to preempt so that `req` may run, the least urgent one, if its
+        priority value is larger than req's (requests of equal priority wait their turn)."""
+        if self.by_priority and self.running and self.running[-1].priority > req.priority:
+            return self.running[-1]
+        return None
 
     def _resume_extent(self, req: Request) -> int:
         """Cache positions a preempted request takes again: those of the forward it resumes with."""
@@ -167,10 +205,11 @@ class Scheduler:
         return max(0, min(self.cache.pages_for(req.block_size), self.cache.pages_for(req.cache_extent) - pages))
 
     def make_room(self) -> list[Request]:
-        """on_demand, before a step: map for each running request, oldest first, the pages its next
-        forward writes. Where the pool has none left, preempt the running request admitted (or
-        resumed) last, possibly the one growing, until the earlier ones fit; the first always fits,
-        since no request larger than the pool is accepted. Returns the preempted requests."""
+        """on_demand, before a step: map for each running request, most urgent first (oldest first under
+        fcfs), the pages its next forward writes. Where the pool has none left, preempt the least urgent
+        running request (the newest under fcfs), possibly the one growing, until the more urgent ones fit;
+        the first always fits, since no request larger than the pool is accepted. Returns the preempted
+        requests."""
         preempted = []
         if not self.on_demand:
             return preempted  # every request holds its pages since admission
@@ -188,12 +227,14 @@ class Scheduler:
                 self.cache.grow(req.slot, need)
         return preempted
 
-    def _preempt(self, req: Request) -> None:
-        """Take a running request's pages back and queue it first: preempted requests resume before
-        any new one is admitted (those preempted later, earlier in the running order, in front). Its
+    def _preempt(self, req: Request) -> int:
+        """Take a running request's pages back and queue it in urgency order: a preempted request resumes
+        before any new one of its priority is admitted (it arrived first). Returns the pages admit() kept
+        free for it to grow into (its headroom), no longer kept. Its
         committed K/V go to host memory, or are dropped where they can be rebuilt and the mode says so,
         or where nothing of them would be read again; a request rebuilding them starts over. With the
         commit pass they are dropped in swap mode too where host memory would pass swap_space."""
+        headroom = self._headroom(req, len(self.cache.pages(req.slot)))
         self.running.remove(req)
         rebuilding = req.phase is Phase.REBUILD  # its K/V are partly written: not worth a swap
         if not rebuilding:
@@ -213,7 +254,8 @@ class Scheduler:
             self.dropped_preemptions += 1
         self.preemptions += 1
         req.phase, req.slot = Phase.WAITING, -1
-        self.waiting.appendleft(req)
+        bisect.insort(self.waiting, req, key=urgency)
+        return headroom
 
     def _forget_swap(self, req: Request) -> None:
         """A swapped request's host copy of its K/V is no longer needed (back on the device, or aborted)."""
