@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import (ablation_bench, decode_step_bench, engine_bench, likelihood_bench, objective_bench, serve_bench,
-                        step_overhead_bench, trained_compare)
+from benchmarks import (ablation_bench, decode_step_bench, engine_bench, likelihood_bench, objective_bench, priority_bench,
+                        serve_bench, step_overhead_bench, trained_compare)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,3 +275,19 @@ def test_each_gpu_check_plan_fits_one_device_call():
         assert limits and sum(limits) + 5 * len(limits) <= 595, (name, limits)
     refused = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True)
     assert refused.returncode == 2 and "choose trained, pool or fp8" in refused.stderr
+
+
+def test_priority_bench_runs_the_same_arrivals_under_both_policies(tmp_path):
+    out = tmp_path / "priority.json"
+    result = priority_bench.main(["--device", "cpu", "--d-model", "32", "--layers", "1", "--heads", "2", "--vocab", "64",
+                                  "--max-batch-size", "2", "--background", "4", "--urgent", "2", "--urgent-every", "3",
+                                  "--max-new-tokens", "16", "--urgent-tokens", "8", "--block-size", "4",
+                                  "--prompt-len", "6", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    fcfs, prio = result["rows"]
+    assert (fcfs["policy"], prio["policy"]) == ("fcfs", "priority")
+    background = sum(round(16 * f / 4) * 4 for f in priority_bench.LENGTH_SPREAD[:4])  # 0.5-1.5x the cap, in blocks
+    assert fcfs["tokens"] == prio["tokens"] == background + 2 * 8  # the same answers: every one takes its cap
+    assert fcfs["preemptions"] == 0 < prio["preemptions"]  # the urgent requests took running requests' slots
+    assert prio["urgent"]["p50_steps"] < fcfs["urgent"]["p50_steps"]  # steps: exact, unlike seconds
+    assert result["urgent_p50_steps_fcfs_over_priority"] == fcfs["urgent"]["p50_steps"] / prio["urgent"]["p50_steps"]
