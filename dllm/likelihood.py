@@ -26,6 +26,7 @@ class LogLikelihood:
     std_error: float  # standard error of the mean (0 where every draw gives the same value)
     mc_samples: int
     tokens: int  # continuation length L
+    forwards: int = 0  # model forwards it took (mc_samples / batch_size, rounded up)
 
 
 @torch.inference_mode()
@@ -67,4 +68,4 @@ def log_likelihood(model: LLaDAModelLM, prompt_ids: Sequence[int], continuation_
         estimates.append(logp.sum(-1) * n / counts[start:start + batch_size])
     draws = torch.cat(estimates).double()
     std = draws.std().item() / mc_samples ** 0.5 if mc_samples > 1 else 0.0
-    return LogLikelihood(draws.mean().item(), std, mc_samples, n)
+    return LogLikelihood(draws.mean().item(), std, mc_samples, n, forwards=len(estimates))

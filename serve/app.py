@@ -34,7 +34,7 @@ import dllm
 from dllm.quantization import QUANTIZATIONS
 
 from .engine_loop import EngineLoop
-from .protocol import (MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation, chat_logprobs,
                        completion_logprobs, logit_bias_ids, logprobs_wanted, message_text, new_id, now,
                        reject_unsupported, usage)
@@ -150,7 +150,8 @@ class EngineServer:
                                        mc_samples=payload["mc_samples"], seed=payload["seed"])
 
         result = await self.loop.call(score)
-        return {"loglikelihood": result.value, "std_error": result.std_error, "tokens": result.tokens}
+        return {"loglikelihood": result.value, "std_error": result.std_error, "tokens": result.tokens,
+                "forwards": result.forwards}
 
     def __del__(self) -> None:  # graceful drain: Serve stops routing first, then in-flight requests finish
         loop = getattr(self, "loop", None)
@@ -301,6 +302,12 @@ async def _merged(streams: list):
                 stream.cancel()
 
 
+async def _indexed(items: list[dict]):
+    """(index, item) of items known already, in the shape _merged yields engine items."""
+    for index, item in enumerate(items):
+        yield index, item
+
+
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, engine, model: str, served_model_name: str | None = None, max_model_len: int | None = None,
@@ -365,24 +372,52 @@ class OpenAIIngress:
         self._check_model(req.model)
         prompt = self._ids(req.prompt, "prompt")
         conts = [self._ids(c, "continuations") for c in req.continuations]
-        for k, ids in enumerate(conts):
-            if not ids:
-                raise APIError(400, f"continuation {k} is empty", param="continuations", code="invalid_value")
-            if len(prompt) + len(ids) > self.max_model_len:
-                raise APIError(400, f"prompt + continuation {k} is {len(prompt) + len(ids)} tokens; the model's "
-                                    f"context is {self.max_model_len}", param="continuations",
-                               code="context_length_exceeded")
-        calls = [self.engine.loglikelihood.remote({"prompt_ids": prompt, "continuation_ids": ids,
-                                                   "mc_samples": req.mc_samples, "seed": req.seed})
-                 for ids in conts]
-        try:
-            results = await asyncio.gather(*calls)
-        except Exception as e:
-            raise self._engine_error(e) from e
+        results = await self._scores(prompt, conts, req.mc_samples, req.seed, "continuations")
         return {"object": "list", "model": self.model_name,
                 "data": [{"index": i, **r} for i, r in enumerate(results)],
                 "usage": {"prompt_tokens": len(prompt), "continuation_tokens": sum(map(len, conts))},
                 "dllm": {"mc_samples": req.mc_samples}}
+
+    async def _scores(self, prompt: list[int], conts: list[list[int]], mc_samples: int, seed: int,
+                      param: str) -> list[dict]:
+        """Each continuation's ELBO estimate of log p(continuation | prompt), scored on the replicas at once."""
+        for k, ids in enumerate(conts):
+            if not ids:
+                raise APIError(400, f"{param} {k} is empty", param=param, code="invalid_value")
+            if len(prompt) + len(ids) > self.max_model_len:
+                raise APIError(400, f"the prompt + {param} {k} is {len(prompt) + len(ids)} tokens; the model's "
+                                    f"context is {self.max_model_len}", param=param, code="context_length_exceeded")
+        calls = [self.engine.loglikelihood.remote({"prompt_ids": prompt, "continuation_ids": ids,
+                                                   "mc_samples": mc_samples, "seed": seed}) for ids in conts]
+        try:
+            return await asyncio.gather(*calls)
+        except Exception as e:
+            raise self._engine_error(e) from e
+
+    async def _guided(self, req, prompts: list[list[int]], chat: bool, echo: list[str] | None):
+        """guided_choice (vLLM's): each prompt's answer is the choice of the highest ELBO estimate of
+        log p(choice | prompt), as LLaDA ranks multiple-choice answers (DEFAULT_MC_SAMPLES masked copies per choice,
+        as /v1/loglikelihood's default, seeded by the request's seed): the whole string's likelihood, where an autoregressive server follows
+        the likeliest token path through the choices. The n samples of a prompt share its choice; sampling
+        parameters and stops do not apply."""
+        choices = [self._ids(c, "guided_choice") for c in req.guided_choice]
+        lasts = []
+        for ids in prompts:
+            scores = await self._scores(ids, choices, DEFAULT_MC_SAMPLES, req.seed or 0, "guided_choice")
+            best = max(range(len(choices)), key=lambda k: scores[k]["loglikelihood"])  # the first of equals
+            chosen = {"token_ids": choices[best], "text": req.guided_choice[best], "finished": True, "logprobs": None,
+                      "finish_reason": "stop", "num_blocks": 0, "completion_tokens": len(choices[best]),
+                      "prompt_tokens": len(ids), "cached_prompt_tokens": 0}
+            forwards = sum(s["forwards"] for s in scores)  # counted once for the prompt's n samples
+            lasts += [{**chosen, "num_forwards": forwards if i == 0 else 0} for i in range(req.n)]
+        prefixes = [text for text in echo for _ in range(req.n)] if echo else None
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._sse([], rid, chat, include_usage, prefixes, req.n, ready=lasts),
+                                     media_type="text/event-stream")
+        texts = [(prefixes[i] if prefixes else "") + last["text"] for i, last in enumerate(lasts)]
+        return self._final_body(rid, chat, texts, lasts, req.n, None)
 
     @api.post("/tokenize")
     async def tokenize(self, req: TokenizeRequest) -> dict:
@@ -471,6 +506,8 @@ class OpenAIIngress:
                 raise APIError(400, f"{which} has {len(ids)} tokens; with one block of {block} it exceeds the "
                                     f"model's context of {self.max_model_len} tokens", param=param,
                                code="context_length_exceeded")
+        if req.guided_choice is not None:
+            return await self._guided(req, prompts, chat, echo)
         options = {name: getattr(req, name) for name in DiffusionOptions.model_fields}
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         bias = logit_bias_ids(req)
@@ -558,9 +595,10 @@ class OpenAIIngress:
         return {**base, "object": "text_completion", "choices": choices}
 
     async def _sse(self, payloads: list[dict], rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
-                   n: int):
+                   n: int, ready: list[dict] | None = None):
         """One chunk per committed block of each choice (tagged with its index), a finish chunk per
-        choice, then the usage chunk (if asked) and [DONE]."""
+        choice, then the usage chunk (if asked) and [DONE]. `ready`: the choices' final items, known already
+        (guided_choice), streamed as one block each instead of payloads submitted to the replicas."""
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -582,13 +620,15 @@ class OpenAIIngress:
             return f"data: {json.dumps(body)}\n\n"
 
         started: set[int] = set()
-        offsets = [0] * len(payloads)  # text_offset of each choice's next token (completions logprobs)
-        lasts: list[dict | None] = [None] * len(payloads)
+        choices = len(ready) if ready is not None else len(payloads)
+        offsets = [0] * choices  # text_offset of each choice's next token (completions logprobs)
+        lasts: list[dict | None] = [None] * choices
         streams = self._submit(payloads)  # here, not before: a response never started submits nothing
+        source = _merged(streams) if ready is None else _indexed(ready)
         try:
             for index, prefix in enumerate(prefixes or []):
                 yield chunk(index, prefix)
-            async with contextlib.aclosing(_merged(streams)) as merged:  # a client that hangs up closes it
+            async with contextlib.aclosing(source) as merged:  # a client that hangs up closes it
                 async for index, item in merged:
                     if item["text"] or item["logprobs"] or index not in started:
                         yield chunk(index, item["text"], logprobs=item["logprobs"])

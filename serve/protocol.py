@@ -27,6 +27,7 @@ class APIError(Exception):
 
 
 MAX_CHOICES = 64  # choices (prompts x n) in one request: each takes a batch slot
+DEFAULT_MC_SAMPLES = 64  # masked copies per continuation that a likelihood estimate averages
 
 
 class DiffusionOptions(BaseModel):
@@ -56,6 +57,8 @@ class _Common(DiffusionOptions):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's extra: these ids end the answer too (EOS and EOT always do)
     priority: int = 0  # vLLM's extra: lower runs first, on a server whose scheduling_policy is priority
+    # vLLM's extra: the answer is one of these strings, the one the model finds most likely (see OpenAIIngress._guided)
+    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=MAX_CHOICES)
     ignore_eos: bool = False  # vLLM's extra: EOS/EOT do not end the answer (fixed-length load tests)
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extra: no stop token among the first min_tokens
     seed: int | None = None
@@ -117,7 +120,7 @@ class LoglikelihoodRequest(BaseModel):
     model: str
     prompt: str | list[int]
     continuations: list[str] | list[list[int]] = Field(min_length=1, max_length=MAX_CHOICES)
-    mc_samples: int = Field(default=64, ge=1, le=1024)
+    mc_samples: int = Field(default=DEFAULT_MC_SAMPLES, ge=1, le=1024)
     seed: int = 0
 
 
@@ -145,6 +148,9 @@ def reject_unsupported(req: _Common) -> None:
                     "response_format other than text is not supported"),
                    ("logprobs", req.echo and req.logprobs,
                     "logprobs with echo are not supported: the echoed text is the client's, with no log-probabilities")]
+    checks.append(("guided_choice", req.guided_choice is not None and logprobs_wanted(req) is not None,
+                   "logprobs are not available with guided_choice: the answer is chosen by its likelihood, not "
+                   "decoded token by token"))
     for param, bad, message in checks:
         if bad:
             raise APIError(400, message, param=param, code="unsupported_parameter")

@@ -270,6 +270,28 @@ def test_loglikelihood_ranks_continuations_with_the_engines_estimate(server, mod
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
 
 
+def test_guided_choice_answers_with_the_choice_the_model_finds_most_likely(server, client):
+    """vLLM's guided_choice: the answer is the choice of the highest ELBO estimate (what /v1/loglikelihood
+    reports for the same prompt and seed), the same streamed or not, for chat too; n samples share it."""
+    prompt, choices = "sort: dcba =>", [" dcba", " abcd", " x"]
+    scores = httpx.post(f"{server}/v1/loglikelihood", timeout=60, json={
+        "model": "tiny", "prompt": prompt, "continuations": choices, "seed": 3}).json()["data"]
+    best = choices[max(range(3), key=lambda k: scores[k]["loglikelihood"])]
+    guided = {"guided_choice": choices}
+    out = client.completions.create(model="tiny", prompt=prompt, n=2, seed=3, extra_body=guided)
+    assert [c.text for c in out.choices] == [best, best] and {c.finish_reason for c in out.choices} == {"stop"}
+    assert out.usage.completion_tokens == 2 * len(best)  # char tokenizer: a token per character
+    assert out.model_extra["dllm"]["forwards"] == 3 * 2  # 64 masked copies of each choice, 32 per forward
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, seed=3, extra_body=guided, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == best
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, seed=3, extra_body=guided)
+    assert chat.choices[0].message.content in choices
+    for bad in [{"logprobs": 1}, {"guided_choice": [""]}, {"guided_choice": []}]:
+        r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": prompt, **guided, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "guided_choice", (bad, r.text)
+
+
 def test_ignore_eos_and_min_tokens_are_the_engines(client, model_dir):
     engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
     cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
