@@ -805,6 +805,42 @@ def test_a_full_pool_preempts_the_least_urgent_request_not_the_newest(talkative6
         assert results[rid].token_ids == _engine(talkative64).generate([prompt], cfg)[0].token_ids
 
 
+def _streamed(engine, prompt, cfg) -> tuple[list[tuple[int, list[int]]], dllm.Generation]:
+    """(step, new token ids) of each of the request's outputs, and its Generation."""
+    rid, outputs, step = engine.add_request(prompt, cfg), [], 0
+    while True:
+        for out in engine.step():
+            if out.request_id == rid:
+                outputs.append((step, out.new_token_ids))
+                if out.finished:
+                    return outputs, out.generation
+        step += 1
+
+
+@pytest.mark.parametrize("kw", [dict(ignore_eos=True), {}, dict(temperature=1.0, seed=3, ignore_eos=True),
+                                dict(decoder="credit", max_new_tokens=21), dict(max_unroll=3)])
+def test_settled_prefixes_stream_before_their_block_ends_and_add_up_to_the_answer(talkative64, kw):
+    """stream_settled: outputs as each block's leftmost positions settle, not only whole blocks; they add up to
+    the same answer, and the first comes no later (here, well before the first block ends)."""
+    unroll = kw.pop("max_unroll", 1)
+    cfg = CFG.replace(block_size=16, **kw)
+    prompt = _prompts(2)[1]
+    by_block, alone = _streamed(_engine(talkative64, max_unroll=unroll), prompt, cfg)
+    settled, streamed = _streamed(_engine(talkative64, max_unroll=unroll), prompt, cfg.replace(stream_settled=True))
+    assert streamed.token_ids == alone.token_ids and streamed.num_forwards == alone.num_forwards
+    assert [t for _, ids in settled for t in ids] == streamed.token_ids  # every token once, in order
+    assert len(settled) > len(by_block) and settled[0][0] <= by_block[0][0]
+
+
+def test_requests_with_logprobs_or_stop_strings_stream_whole_blocks(talkative64, char_tokenizer):
+    prompt = _prompts(2)[1]
+    for extra in (dict(logprobs=2), dict(stop=["zz"])):
+        cfg = CFG.replace(block_size=16, ignore_eos=True, **extra)
+        by_block, _ = _streamed(_engine(talkative64, char_tokenizer), prompt, cfg)
+        settled, _ = _streamed(_engine(talkative64, char_tokenizer), prompt, cfg.replace(stream_settled=True))
+        assert [len(ids) for _, ids in settled] == [len(ids) for _, ids in by_block] == [16, 16, 16]  # 48 tokens
+
+
 def test_page_allocation_is_checked(model64):
     with pytest.raises(ValueError, match=r"page_allocation must be one of \['on_demand', 'reserve'\], got 'lazy'"):
         _engine(model64, page_allocation="lazy")

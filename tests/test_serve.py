@@ -116,6 +116,16 @@ def test_streamed_text_equals_non_streamed_text_for_the_same_seed(client, chat):
     assert len(chunks) >= 2
 
 
+def test_a_stream_sends_each_blocks_settled_prefix_before_the_block_ends(client):
+    """Streams decode with stream_settled: more text chunks than blocks, adding up to the answer."""
+    kw = dict(model="tiny", prompt="sort: dcba =>", max_tokens=48, extra_body={"block_size": 16, "ignore_eos": True})
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, **kw))
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert "".join(texts) == full.choices[0].text
+    assert len(texts) > full.model_extra["dllm"]["blocks"] == 3
+
+
 def test_n_samples_per_prompt_and_prompt_lists_match_the_engine_seed_by_seed(client, model_dir):
     engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
     prompts = ["sort: dcba =>", "reverse: abc =>"]

@@ -70,6 +70,11 @@ class GenerationConfig:
     vicinity:        committed tokens left of the block that the vicinity policy recomputes per step
     record_trajectory: keep, per block, the step at which each position was committed (the data of
                      trajectory compression, `dllm.trajectory`); costs one host read per step
+    stream_settled:  stream the block's settled prefix as it grows (the positions left of its first mask,
+                     up to a stop token: they can no longer change), not only whole blocks, so that a
+                     streaming client sees text after a block's first steps; one more small host read per
+                     step. Requests with logprobs or stop strings stream whole blocks all the same (their
+                     logprobs are read, and their stop strings cut, when a block ends).
     logprobs:        None = off; k in [0, MAX_LOGPROBS]: return each generated token's log-probability and
                      the k most likely tokens at its position, as the model gave them in the forward
                      that committed the token (its distribution at temperature 1, MASK excluded, before
@@ -108,6 +113,7 @@ class GenerationConfig:
     credit_beta: float = 0.8
     credit_gamma: float = 0.2
     record_trajectory: bool = False
+    stream_settled: bool = False
     logprobs: int | None = None
     cache_policy: str = "dllm-var"
     vicinity: int = 16

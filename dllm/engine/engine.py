@@ -617,6 +617,21 @@ class Engine:
             r.phase = Phase.DENOISE
             if done[i]:
                 self._complete_block(r)
+        settling = [r for i, r in enumerate(reqs) if not done[i] and r.streams_settled]
+        if settling:
+            self._emit_settled(settling)
+
+    def _emit_settled(self, reqs: list[Request]) -> None:
+        """GenerationConfig.stream_settled: emit each block's settled prefix (left of its first mask, before any
+        stop token) where it grew; committed positions never change, so the block's end emits the rest."""
+        blocks = torch.stack([r.block for r in reqs]).tolist()  # after the group's sync: a copy, no stall
+        self.host_syncs += 1
+        for r, block in zip(reqs, blocks):
+            settled = block[:block.index(self.mask_id)] if self.mask_id in block else block
+            stop_at = next((j for j, t in enumerate(settled) if t in r.stop_ids), len(settled))
+            settled = settled[:min(stop_at, r.max_new_tokens - len(r.generated))]
+            if len(r.generated) + len(settled) > r.emitted_tokens:
+                self._emit(r, settled=settled)
 
     def _graphed_steps(self, reqs: list[Request], ids: torch.Tensor, slots: list[int], offsets: list[int],
                        lead: int, b: int, k: int) -> torch.Tensor | None:
@@ -914,11 +929,14 @@ class Engine:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _emit(self, r: Request, final: bool = False) -> None:
+    def _emit(self, r: Request, final: bool = False, settled: list[int] | None = None) -> None:
+        """Queue the request's new tokens and text as a RequestOutput: those of its finished blocks (and
+        `settled`, its current block's settled prefix), holding back text a stop string may still claim."""
         if final:
             text, ids = r.final_text, r.final_ids
         else:
-            text, ids = self._text(r.generated), r.generated
+            ids = r.generated + settled if settled else r.generated
+            text = self._text(ids)
             hold = max((len(s) for s in r.config.stop or ()), default=1) - 1  # a stop string may be half-way
             while text.endswith("\ufffd") and hold < len(text):  # an incomplete multi-byte character
                 hold += 1

@@ -140,6 +140,11 @@ class Request:
         return self.config.block_size
 
     @property
+    def streams_settled(self) -> bool:
+        """GenerationConfig.stream_settled applies: no logprobs (read when a block ends) or stop strings (cut then)."""
+        return self.config.stream_settled and self.logprobs is None and not self.config.stop
+
+    @property
     def min_tokens_pending(self) -> bool:
         """min_tokens still bars stop tokens from some of the next positions (only where it has some)."""
         return self.config.min_tokens > len(self.generated) and bool(self.stop_ids)
