@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import (ablation_bench, decode_step_bench, engine_bench, likelihood_bench, objective_bench, priority_bench,
-                        serve_bench, step_overhead_bench, trained_compare)
+                        serve_bench, step_overhead_bench, streaming_bench, trained_compare)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,3 +291,15 @@ def test_priority_bench_runs_the_same_arrivals_under_both_policies(tmp_path):
     assert fcfs["preemptions"] == 0 < prio["preemptions"]  # the urgent requests took running requests' slots
     assert prio["urgent"]["p50_steps"] < fcfs["urgent"]["p50_steps"]  # steps: exact, unlike seconds
     assert result["urgent_p50_steps_fcfs_over_priority"] == fcfs["urgent"]["p50_steps"] / prio["urgent"]["p50_steps"]
+
+
+def test_streaming_bench_times_the_first_token_of_whole_blocks_and_settled_prefixes(tmp_path):
+    out = tmp_path / "streaming.json"
+    result = streaming_bench.main(["--device", "cpu", "--d-model", "32", "--layers", "1", "--heads", "2", "--vocab", "64",
+                                   "--num-prompts", "4", "--prompt-len", "5", "--batch", "2", "--block-size", "8",
+                                   "--max-new-tokens", "24", "--json", str(out)])
+    assert json.loads(out.read_text()) == result  # and the answers were the same both ways (it exits otherwise)
+    blocks, settled = result["rows"]["blocks"], result["rows"]["settled"]
+    assert blocks["tokens"] == settled["tokens"] == 4 * 24  # a random model writes no EOS: every answer its cap
+    assert blocks["chunks_per_answer"] == 3 <= settled["chunks_per_answer"]  # 24 tokens in blocks of 8
+    assert settled["first_token_p50_steps"] <= blocks["first_token_p50_steps"]
