@@ -27,14 +27,10 @@ import torch
 
 import dllm
 from benchmarks.engine_bench import build_random_model
+from benchmarks.stats import percentile
 
 
 LENGTH_SPREAD = (0.5, 1.25, 1.0, 1.5, 0.75)  # the background answers' lengths / --max-new-tokens (mean 1)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def run_policy(model, prompts: list[list[int]], policy: str, args) -> dict:

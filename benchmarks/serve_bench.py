@@ -28,12 +28,8 @@ import time
 
 import httpx
 
+from benchmarks.stats import percentile
 from dllm.synthetic import all_text, make_samples
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int],

@@ -20,11 +20,7 @@ import torch
 
 import dllm
 from benchmarks.engine_bench import build_random_model, load_prompts
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from benchmarks.stats import percentile
 
 
 def run_mode(engine, prompts: list[list[int]], cfg: dllm.GenerationConfig, batch: int) -> dict:
