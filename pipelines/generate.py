@@ -127,7 +127,9 @@ def run_generate(args) -> dict:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress_bars_wanted()
     ctx.enable_operator_progress_bars = progress_bars_wanted()
-    records = ray.data.read_binary_files(paths, include_paths=True).flat_map(parse_file)
+    # A file is read as one row, its records as one block: split them, or one replica would answer a whole file.
+    records = ray.data.read_binary_files(paths, include_paths=True).flat_map(parse_file).repartition(
+        4 * args.replicas * len(paths))
     answered = records.map_batches(
         Generate, fn_constructor_kwargs={"model": args.model, "chat_template": args.chat_template, "config": config,
                                          "max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len,
