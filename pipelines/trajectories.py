@@ -64,7 +64,7 @@ def run_trajectories(args) -> dict:
     ray = ensure_ray(args.address)
     t0 = time.time()
     load_verifier(args.verifier)  # fail before any work on a bad name
-    data = ray.data.read_json(args.input)
+    data = ray.data.read_json(args.input).repartition(4 * args.replicas)  # a small file is one block: one replica
     n_in = data.count()
     config = {"block_size": args.block_size, "threshold": args.threshold, "max_new_tokens": args.max_new_tokens,
               "decoder": args.decoder, "early_stop": True}
