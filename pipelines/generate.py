@@ -9,14 +9,15 @@ Input, jsonl or parquet as `pipelines.pack` reads it: `{"prompt": text}` (decode
 conversation to answer; a final assistant turn is the reference). With --chat-template, chat and Alpaca prompts
 are wrapped in the tokenizer's chat template, as `pack --chat-template` wraps them for training; without it they
 are joined as dLLM-Var's training concatenation. So a held-out file of training data scores as it was trained.
+A record's own `max_tokens`, `temperature`, `top_p`, `top_k` or `seed` override the job's flags for it.
 
 Every input record is one output row, a bad one too: `source`, `line`, `record` (the input as JSON), `prompt`,
 `reference`, `generated_text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, `forwards`, `exact_match`
 (the answer equals the reference; null without one), `error_kind` / `error` (malformed_json, missing_field,
-wrong_type, too_long: the engine cannot fit the prompt). `stats.json`: records, answered, errors by kind with
-the first bad lines, tokens, forwards, tokens per forward, exact match, seconds. An actor pool of engines (one
-model replica each; a GPU each with --gpus-per-replica 1) decodes each batch of records together (continuous
-batching inside a replica).
+wrong_type, invalid_value: an override out of range, too_long: the engine cannot fit the prompt). `stats.json`:
+records, answered, errors by kind with the first bad lines, tokens, forwards, tokens per forward, exact match,
+seconds. An actor pool of engines (one model replica each; a GPU each with --gpus-per-replica 1) decodes each batch
+of records together (continuous batching inside a replica).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ from .pack import (PipelineError, check_output, conversation_prompt, error_of, e
                    write_stats)
 from .runtime import ensure_ray, progress_bars_wanted
 
-ERROR_KINDS = ("malformed_json", "missing_field", "wrong_type", "too_long")
+ERROR_KINDS = ("malformed_json", "missing_field", "wrong_type", "invalid_value", "too_long")
+# Fields of a record that override the job's decoding for it (as Ray Data LLM's per-row sampling parameters):
+# record field -> (GenerationConfig field, the JSON types it takes)
+RECORD_OVERRIDES = {"max_tokens": ("max_new_tokens", (int,)), "temperature": ("temperature", (int, float)),
+                    "top_p": ("top_p", (int, float)), "top_k": ("top_k", (int,)), "seed": ("seed", (int,))}
 OUTPUT_FORMATS = ("parquet", "jsonl")
 SCHEMA = pa.schema([
     ("source", pa.string()), ("line", pa.int64()), ("record", pa.string()), ("prompt", pa.string()),
@@ -58,6 +63,20 @@ def record_prompt(rec, chat_prompt, chat: bool) -> tuple[str, str | None]:
     if isinstance(rec, dict) and not {"instruction", "messages", "conversations"} & set(rec):
         raise ValueError("missing_field", "a record needs 'prompt', 'instruction', 'messages' or 'conversations'")
     return record_texts(rec, chat_prompt, chat, answered=False)[0]
+
+
+def record_config(rec: dict, config: dllm.GenerationConfig) -> dllm.GenerationConfig:
+    """The job's decoding with the record's own RECORD_OVERRIDES; raises ValueError(kind, message)."""
+    changes = {}
+    for key, (field, types) in RECORD_OVERRIDES.items():
+        if key in rec and rec[key] is not None:
+            if isinstance(rec[key], bool) or not isinstance(rec[key], types):
+                raise ValueError("wrong_type", f"field '{key}' must be {' or '.join(t.__name__ for t in types)}")
+            changes[field] = rec[key]
+    try:
+        return config.replace(**changes) if changes else config
+    except ValueError as e:
+        raise ValueError("invalid_value", str(e)) from e
 
 
 class Generate:
@@ -84,8 +103,9 @@ class Generate:
             if kind:
                 continue
             try:
-                row["prompt"], row["reference"] = record_prompt(json.loads(record), self.chat_prompt, self.chat)
-                pending[self.engine.add_request(row["prompt"], self.config)] = row
+                rec = json.loads(record)
+                row["prompt"], row["reference"] = record_prompt(rec, self.chat_prompt, self.chat)
+                pending[self.engine.add_request(row["prompt"], record_config(rec, self.config))] = row
             except ValueError as ex:  # the record's (kind, message), or the engine's refusal of its length
                 row["error_kind"], row["error"] = error_of(ex) if len(ex.args) == 2 else ("too_long", str(ex))
         while pending:

@@ -52,6 +52,9 @@ def answered(tmp_path_factory, talkative_model, char_tokenizer, ray_local):
         {"text": "no prompt field"},
         {"prompt": 5},
         {"prompt": "a" * 60},  # 60 tokens + a block of 8 > max_model_len 64
+        {"prompt": prompts[0], "max_tokens": 8},  # the record's own decoding
+        {"prompt": prompts[0], "temperature": "hot"},
+        {"prompt": prompts[0], "max_tokens": 0},
     ]
     with open(root / "records.jsonl", "w") as f:
         for i, line in enumerate(lines):
@@ -69,7 +72,7 @@ def answered(tmp_path_factory, talkative_model, char_tokenizer, ray_local):
 def test_every_record_is_a_row_and_the_answers_are_the_engines(answered):
     _, prompts, answers, rows, _ = answered
     by_line = {(r["source"].rsplit("/", 1)[-1], r["line"]): r for r in rows}
-    assert len(rows) == len(by_line) == 10  # 9 jsonl records (the blank line is none) + 1 parquet row
+    assert len(rows) == len(by_line) == 13  # 12 jsonl records (the blank line is none) + 1 parquet row
     good = [by_line[("records.jsonl", n)] for n in (1, 2, 3, 5, 6)] + [by_line[("more.parquet", 1)]]
     assert [r["prompt"] for r in good] == prompts  # Alpaca and chat records read as pack reads them
     assert [r["generated_text"] for r in good] == answers
@@ -77,20 +80,24 @@ def test_every_record_is_a_row_and_the_answers_are_the_engines(answered):
     assert [r["exact_match"] for r in good] == [None, True, False, None, True, None]
     assert json.loads(by_line[("more.parquet", 1)]["record"]) == {"prompt": prompts[5], "id": 17}  # nothing lost
     assert all(r["completion_tokens"] >= 0 and r["forwards"] >= 1 for r in good)
+    own = by_line[("records.jsonl", 11)]  # max_tokens 8 in the record (the job's is 24): the same first block
+    assert own["completion_tokens"] <= 8 and answers[0].startswith(own["generated_text"])
 
 
 def test_bad_records_are_rows_with_their_reason_and_counted(answered):
     _, _, _, rows, stats = answered
     bad = {r["line"]: (r["error_kind"], r["error"]) for r in rows if r["error_kind"]}
     assert {line: kind for line, (kind, _) in bad.items()} == {
-        7: "malformed_json", 8: "missing_field", 9: "wrong_type", 10: "too_long"}
+        7: "malformed_json", 8: "missing_field", 9: "wrong_type", 10: "too_long", 12: "wrong_type", 13: "invalid_value"}
+    assert bad[12][1] == "field 'temperature' must be int or float" and "max_new_tokens=0" in bad[13][1]
     assert "max_model_len=64" in bad[10][1]  # the engine's reason
     assert all(r["generated_text"] is None for r in rows if r["error_kind"])
     assert [r["record"] for r in rows if r["line"] == 7] == ["not json {"]  # kept as it was read
-    assert stats["records"] == 10 and stats["answered"] == 6
-    assert stats["errors"] == {"malformed_json": 1, "missing_field": 1, "wrong_type": 1, "too_long": 1}
-    assert len(stats["error_examples"]) == 4 and stats["error_examples"][0].endswith("malformed JSON: Expecting value "
-                                                                                      "at column 1")
+    assert stats["records"] == 13 and stats["answered"] == 7
+    assert stats["errors"] == {"malformed_json": 1, "missing_field": 1, "wrong_type": 2, "invalid_value": 1,
+                               "too_long": 1}
+    assert len(stats["error_examples"]) == 5 and stats["error_examples"][0].endswith("malformed JSON: Expecting value "
+                                                                                      "at column 1")  # the first 5
     good = [r for r in rows if not r["error_kind"]]
     assert stats["completion_tokens"] == sum(r["completion_tokens"] for r in good)
     assert stats["forwards"] == sum(r["forwards"] for r in good)
