@@ -6,7 +6,7 @@
     dllm train ...             Ray Train + DeepSpeed SFT (same as python -m train.sft)
     dllm serve --model DIR     Ray Serve OpenAI-compatible server
     dllm batch ...             answer a dataset with engine replicas on Ray Data (python -m pipelines.generate)
-    dllm generate --model DIR  decode prompts with the engine, no Ray
+    dllm generate --model DIR  decode prompts with the engine, no Ray (--stream: print answers as they settle)
     dllm score --model DIR     rank continuations of a prompt by log-likelihood (ELBO), no Ray
 
 The Ray-based stages are imported only when their subcommand runs: the `dllm` core itself never
@@ -34,13 +34,31 @@ def _generate(args) -> int:
                                    min_p=args.min_p, presence_penalty=args.presence_penalty,
                                    frequency_penalty=args.frequency_penalty,
                                    repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                                   early_stop=args.early_stop)
+                                   early_stop=args.early_stop, stream_settled=args.stream)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                if args.chat else p for p in args.prompt]
+    if args.stream:
+        _print_streamed(engine, prompts, config, args.prompt)
+        return 0
     for prompt, gen in zip(args.prompt, engine.generate(prompts, config)):
-        print(f"> {prompt}\n{gen.text}\n[{gen.finish_reason}, {len(gen.token_ids)} tokens, "
-              f"{gen.num_forwards} forwards, TPF {gen.tokens_per_forward:.2f}]")
+        print(f"> {prompt}\n{gen.text}\n{_summary(gen)}")
     return 0
+
+
+def _summary(gen) -> str:
+    return f"[{gen.finish_reason}, {len(gen.token_ids)} tokens, {gen.num_forwards} forwards, TPF {gen.tokens_per_forward:.2f}]"
+
+
+def _print_streamed(engine, prompts: list[str], config, shown: list[str]) -> None:
+    """Decode one prompt after the other, printing each answer's text as it settles (--stream)."""
+    for prompt, label in zip(prompts, shown):
+        print(f"> {label}", flush=True)
+        engine.add_request(prompt, config)
+        while engine.has_unfinished():
+            for out in engine.step():
+                print(out.new_text, end="", flush=True)
+                if out.finished:
+                    print(f"\n{_summary(out.generation)}", flush=True)
 
 
 def _load(args):
@@ -210,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 0 (1 = off): divides the logits of tokens in the prompt or the answer (vLLM's)")
     g.add_argument("--seed", type=int, help="the same seed gives the same samples")
     g.add_argument("--stop", action="append", help="a stop string (repeat for several)")
+    g.add_argument("--stream", action="store_true",
+                   help="print each answer as it settles (the block's leftmost decided positions), one prompt at a "
+                        "time")
     g.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=True,
                    help="end a block at a settled stop token: same text, fewer forwards (as the server)")
     g.add_argument("--device")

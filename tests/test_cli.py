@@ -43,6 +43,18 @@ def test_generate_prints_what_the_engine_decodes(checkpoint, quantization):
         assert f"> {prompt}\n{gen.text}\n[{gen.finish_reason}, {len(gen.token_ids)} tokens" in out.stdout
 
 
+def test_generate_streams_each_answer_as_it_settles(checkpoint):
+    prompts = ["reverse: abcd =>", "sort: ba =>"]
+    out = _generate("--model", str(checkpoint), "--prompt", prompts[0], "--prompt", prompts[1], "--block-size", "16",
+                    "--max-new-tokens", "32", "--stream")
+    assert out.returncode == 0, out.stderr
+    engine = dllm.Engine(dllm.load_model(checkpoint), dllm.load_tokenizer(checkpoint))
+    cfg = dllm.GenerationConfig(block_size=16, max_new_tokens=32, early_stop=True)
+    for prompt in prompts:  # one after the other, each the answer the engine gives it
+        gen = engine.generate([prompt], cfg)[0]
+        assert f"> {prompt}\n{gen.text}\n[{gen.finish_reason}, {len(gen.token_ids)} tokens" in out.stdout
+
+
 def test_generate_refuses_bad_settings_with_a_message(checkpoint):
     out = _generate("--model", str(checkpoint), "--prompt", "x", "--decoder", "beam")
     assert out.returncode == 2 and "invalid choice: 'beam'" in out.stderr
