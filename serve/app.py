@@ -396,10 +396,10 @@ class OpenAIIngress:
 
     async def _guided(self, req, prompts: list[list[int]], chat: bool, echo: list[str] | None):
         """guided_choice (vLLM's): each prompt's answer is the choice of the highest ELBO estimate of
-        log p(choice | prompt), as LLaDA ranks multiple-choice answers (DEFAULT_MC_SAMPLES masked copies per choice,
-        as /v1/loglikelihood's default, seeded by the request's seed): the whole string's likelihood, where an autoregressive server follows
-        the likeliest token path through the choices. The n samples of a prompt share its choice; sampling
-        parameters and stops do not apply."""
+        log p(choice | prompt), as LLaDA ranks multiple-choice answers (DEFAULT_MC_SAMPLES masked copies per
+        choice, as /v1/loglikelihood's default, seeded by the request's seed): the whole string's likelihood, where
+        an autoregressive server follows the likeliest token path through the choices. The n samples of a prompt
+        share its choice; sampling parameters and stops do not apply."""
         choices = [self._ids(c, "guided_choice") for c in req.guided_choice]
         lasts = []
         for ids in prompts:
@@ -696,8 +696,8 @@ def build_app(args: dict[str, Any]):
     block size), page_allocation (on_demand, the default: pages as answers grow, preempting when the pool runs out;
     or reserve), preemption_mode (swap, the default: a preempted request's K/V through host memory, up to swap_space
     GiB, default 4; or recompute: rebuilt by forwards), scheduling_policy (fcfs, the default, or priority: each
-    request's `priority`, lower first, and urgent requests preempt less urgent ones), dtype, quantization (fp8: FP8 weights for the block
-    projections, see dllm.quantization; default none), prefix_caching (true / false, default true), routing
+    request's `priority`, lower first, and urgent requests preempt less urgent ones), dtype, quantization (fp8: FP8
+    weights for the block projections, see dllm.quantization; default none), prefix_caching (true / false, default true), routing
     (prompt_affinity, the default, or power_of_two), max_tokens_cap, api_keys (comma separated), num_gpus (default 1
     when the cluster has GPUs, else 0), num_cpus, min_replicas / max_replicas / target_ongoing_requests /
     upscale_delay_s / downscale_delay_s (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests,

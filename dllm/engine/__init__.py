@@ -6,5 +6,5 @@ from .kv_cache import KVCache
 from .request import Generation, Phase, RequestOutput, TokenLogprob
 from .scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES, SCHEDULING_POLICIES
 
-__all__ = ["CACHE_POLICIES", "DECODERS", "MAX_LOGPROBS", "PAGE_ALLOCATIONS", "PREEMPTION_MODES", "SCHEDULING_POLICIES", "Engine", "Generation",
-           "GenerationConfig", "KVCache", "Phase", "RequestOutput", "TokenLogprob"]
+__all__ = ["CACHE_POLICIES", "DECODERS", "MAX_LOGPROBS", "PAGE_ALLOCATIONS", "PREEMPTION_MODES", "SCHEDULING_POLICIES",
+           "Engine", "Generation", "GenerationConfig", "KVCache", "Phase", "RequestOutput", "TokenLogprob"]
