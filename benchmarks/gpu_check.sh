@@ -25,7 +25,9 @@
 #      the decode step eager and graphed, and at 256 (chunks of the 64-row graphs) against no graphs at all.
 #
 # fp8: FP8 weights at LLaDA-8B's shape: the decode step with compiled blocks in bf16 and in FP8, each against its
-#   roofline (FP8 reads 8.0 instead of 15.0 GB of weights per step), and the CUDA tests of the FP8 path.
+#   roofline (FP8 reads 8.0 instead of 15.0 GB of weights per step), and the CUDA tests of the FP8 path; then two
+#   short serving measurements on a small random model: priority scheduling's urgent latency and cost
+#   (priority_bench) and the first streamed token of whole blocks against settled prefixes (streaming_bench).
 #
 # Each stage has its own time limit, so a slow one cannot starve the next; logs and JSON go to $OUT.
 set -uo pipefail
@@ -64,5 +66,7 @@ pool)
 fp8)
   stage decode_step_fp8 330 python3 -m benchmarks.decode_step_bench --variants compiled fp8 \
     --json "$out/decode_step_fp8.json"
-  stage fp8_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py -k fp8 ;;
+  stage fp8_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py -k fp8
+  stage priority 60 python3 -m benchmarks.priority_bench --json "$out/priority.json"
+  stage streaming 60 python3 -m benchmarks.streaming_bench --json "$out/streaming.json" ;;
 esac
