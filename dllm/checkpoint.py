@@ -55,6 +55,10 @@ def _shard_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE} (found {found})")
 
 
+# The dtypes a model may be loaded in for inference (dllm serve --dtype, the Serve app's `dtype`).
+INFERENCE_DTYPES = ("bfloat16", "float16", "float32")
+
+
 def inference_placement(device: str | torch.device | None = None) -> tuple[torch.device, torch.dtype]:
     """Where and in what dtype a model decodes: `device`, else CUDA where there is a GPU; bf16 on a GPU, fp32
     elsewhere (CPUs have no fast bf16 matrix products)."""

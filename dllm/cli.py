@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint import INFERENCE_DTYPES
 from .engine.config import CACHE_POLICIES, DECODERS
 from .engine.scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES, SCHEDULING_POLICIES
 from .quantization import QUANTIZATIONS
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: the block projections' weights in FP8 E4M3 (per-channel scales, inputs quantised per "
                         "token), half the bytes a bf16 decode step reads for them; the checkpoint stays as it is "
                         "(GPUs of compute capability >= 8.9, or CPU)")
-    s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+    s.add_argument("--dtype", choices=INFERENCE_DTYPES,
                    help="the weights' dtype on the replicas (default: bfloat16 on a GPU, float32 on a CPU)")
     s.add_argument("--chat-template",
                    help="a Jinja chat template, or a file holding one, in place of the checkpoint's (read here; it "

@@ -184,17 +184,18 @@ def record_texts(rec, chat_prompt: Callable[[list[dict]], str], chat: bool, all_
     for key in ("instruction", "output") if answered else ("instruction",):
         if key not in rec:
             raise ValueError("missing_field", f"missing field '{key}'")
-    fields = {k: rec.get(k, "") for k in ("instruction", "input", "output")}
-    fields["input"] = fields["input"] if fields["input"] is not None else ""
-    if not answered and rec.get("output") is None:
-        fields["output"] = None
-    bad = [k for k, v in fields.items() if not isinstance(v, str) and not (k == "output" and v is None and not answered)]
-    if bad:
-        raise ValueError("wrong_type", f"field '{bad[0]}' must be a string")
+    instruction, extra, answer = rec["instruction"], rec.get("input"), rec.get("output")
+    extra = "" if extra is None else extra
+    fields = [("instruction", instruction), ("input", extra)]
+    if answered or answer is not None:  # generation input may leave its output out
+        fields.append(("output", answer))
+    bad = next((key for key, value in fields if not isinstance(value, str)), None)
+    if bad is not None:
+        raise ValueError("wrong_type", f"field '{bad}' must be a string")
     if chat:
-        user = fields["instruction"] + (("\n\n" + fields["input"]) if fields["input"] else "")
-        return [(chat_prompt([{"role": "user", "content": user}]), fields["output"])]
-    return [(fields["instruction"] + fields["input"], fields["output"])]
+        user = instruction + (("\n\n" + extra) if extra else "")
+        return [(chat_prompt([{"role": "user", "content": user}]), answer)]
+    return [(instruction + extra, answer)]
 
 
 def error_of(ex: ValueError) -> tuple[str, str]:

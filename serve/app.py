@@ -31,6 +31,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dllm
+from dllm.checkpoint import INFERENCE_DTYPES
 from dllm.quantization import QUANTIZATIONS
 
 from .engine_loop import EngineLoop
@@ -44,8 +45,6 @@ from .router import PromptAffinityRouter
 # the content left of it (answers are not cut short); see GenerationConfig.
 DEFAULT_DECODING = {"block_size": 64, "threshold": 0.9, "decoder": "threshold", "max_tokens": 256, "early_stop": True,
                     "stops_last": True, "cache_policy": "dllm-var"}
-# The dtypes a replica may load the weights in (default: bfloat16 on a GPU, float32 on a CPU).
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _decoding_defaults(user_config: dict | None) -> dict:
@@ -702,7 +701,7 @@ def build_app(args: dict[str, Any]):
     when the cluster has GPUs, else 0), num_cpus, min_replicas / max_replicas / target_ongoing_requests /
     upscale_delay_s / downscale_delay_s (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests,
     decoding (dict of decoding defaults), chat_template (a Jinja template or a file holding one, in place of the
-    checkpoint's), tensor_parallel_size (only 1). dtype is one of DTYPES.
+    checkpoint's), tensor_parallel_size (only 1). dtype is one of dllm.checkpoint.INFERENCE_DTYPES.
     """
     args = dict(args)
     if "model" not in args:
@@ -780,8 +779,8 @@ def build_app(args: dict[str, Any]):
         api_keys = [k for k in api_keys.split(",") if k]
     ingress_cpus = float(args.pop("ingress_num_cpus", 0.5))
     dtype = args.pop("dtype", None)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"build_app: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"build_app: dtype={dtype!r} is not one of {', '.join(INFERENCE_DTYPES)}")
     chat_template = args.pop("chat_template", None)
     chat_template = _chat_template(str(chat_template)) if chat_template is not None else None
     quantization = args.pop("quantization", None)

@@ -628,8 +628,8 @@ class Engine:
         self.host_syncs += 1
         for r, block in zip(reqs, blocks):
             settled = block[:block.index(self.mask_id)] if self.mask_id in block else block
-            stop_at = next((j for j, t in enumerate(settled) if t in r.stop_ids), len(settled))
-            settled = settled[:min(stop_at, r.max_new_tokens - len(r.generated))]
+            stop_at = r.first_stop(settled)
+            settled = settled[:min(len(settled) if stop_at is None else stop_at, r.max_new_tokens - len(r.generated))]
             if len(r.generated) + len(settled) > r.emitted_tokens:
                 self._emit(r, settled=settled)
 
@@ -888,7 +888,7 @@ class Engine:
             r.trajectory = (r.trajectory or []) + [BlockTrajectory(tokens, list(r.reveal_step))]
         r.num_blocks += 1
         room = r.max_new_tokens - len(r.generated)
-        stop_at = next((j for j, t in enumerate(tokens) if t in r.stop_ids), None)
+        stop_at = r.first_stop(tokens)
         stopped = stop_at is not None and stop_at <= room
         kept = tokens[:stop_at] if stopped else tokens[:room]
         r.generated.extend(kept)

@@ -139,6 +139,10 @@ class Request:
     def block_size(self) -> int:
         return self.config.block_size
 
+    def first_stop(self, tokens: list[int]) -> int | None:
+        """The position of the first of its stop tokens among `tokens` (a block's), or None."""
+        return next((j for j, t in enumerate(tokens) if t in self.stop_ids), None)
+
     @property
     def streams_settled(self) -> bool:
         """GenerationConfig.stream_settled applies: no logprobs (read when a block ends) or stop strings (cut then)."""
