@@ -35,7 +35,8 @@ def _generate(args) -> int:
                                    min_p=args.min_p, presence_penalty=args.presence_penalty,
                                    frequency_penalty=args.frequency_penalty,
                                    repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                                   early_stop=args.early_stop, stream_settled=args.stream)
+                                   early_stop=args.early_stop, stream_settled=args.stream,
+                                   response_format="json_object" if args.json else None)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                if args.chat else p for p in args.prompt]
     if args.stream:
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true",
                    help="print each answer as it settles (the block's leftmost decided positions), one prompt at a "
                         "time")
+    g.add_argument("--json", action="store_true",
+                   help="JSON mode: each answer is one JSON object (decoded from the left, checked token by token)")
     g.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=True,
                    help="end a block at a settled stop token: same text, fewer forwards (as the server)")
     g.add_argument("--device")

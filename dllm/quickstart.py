@@ -116,7 +116,9 @@ def run_quickstart(args) -> int:
     print(f"train: {train_path} ({args.train_samples} samples)  held-out: {held_path} ({args.heldout})")
 
     stage("tokenizer + model config")
-    tok = dllm.train_tokenizer(all_text(make_samples(5000, seed=99)) + ["0123456789 ="], kind="char")
+    # Every default task's characters (the same vocabulary whichever of them run), and the chosen tasks' (record's JSON)
+    tok = dllm.train_tokenizer(all_text(make_samples(5000, seed=99)) + ["0123456789 ="]
+                               + all_text(make_samples(500, seed=98, tasks=args.tasks)), kind="char")
     tok.save_pretrained(pack_options.tokenizer)
     print(f"char tokenizer: {len(tok)} tokens; model: {QUICK_MODEL}")
 

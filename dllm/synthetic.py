@@ -3,6 +3,7 @@
 Each sample is one of several string tasks over a small alphabet (copy, reverse, sort, dedupe,
 repeat, add, spell, count); answers run from 1 to ~30 characters, so a model must learn
 where to put EOS. Written as Alpaca jsonl (`instruction`, `input`, `output`), the pipeline's input.
+One more task, `record`, asked for by name only, answers with a JSON object (JSON mode's test bed).
 
     dllm data synthetic --out data/ --train 20000 --heldout 200
 """
@@ -71,8 +72,21 @@ def _count(rng, cap):
     return f"count {c} in {w}", str(w.count(c))
 
 
+def _record(rng, cap):
+    """Fields given in words, the same fields as a JSON object: '{"name": "abc", "tags": ["a"], "ok": true}'."""
+    fields = {"name": lambda: _word(rng, 1, 6, cap), "age": lambda: rng.randint(0, 99),
+              "tags": lambda: [rng.choice(ALPHABET) for _ in range(rng.randint(0, 2))],
+              "ok": lambda: rng.random() < 0.5}
+    chosen = sorted(rng.sample(sorted(fields), rng.randint(1, len(fields))), key=list(fields).index)
+    record = {name: fields[name]() for name in chosen}
+    words = {"name": str, "age": str, "tags": " ".join, "ok": lambda v: "yes" if v else "no"}
+    prompt = "; ".join(f"{name} {words[name](value)}".rstrip() for name, value in record.items())
+    return f"record {prompt}", json.dumps(record)
+
+
 TASKS = {"copy": _copy, "reverse": _reverse, "sort": _sort, "dedupe": _dedupe, "repeat": _repeat, "add": _add, "spell": _spell,
-         "count": _count}
+         "count": _count, "record": _record}
+DEFAULT_TASKS = ["add", "copy", "count", "dedupe", "repeat", "reverse", "sort", "spell"]  # all but record
 
 
 def make_samples(n: int, seed: int = 0, tasks: list[str] | None = None, max_word_len: int | None = None) -> list[dict]:
@@ -84,7 +98,7 @@ def make_samples(n: int, seed: int = 0, tasks: list[str] | None = None, max_word
     if max_word_len is not None and max_word_len < 1:
         raise ValueError(f"max_word_len must be >= 1 (or None for each task's own range), got {max_word_len}")
     rng = random.Random(seed)
-    names = tasks or sorted(TASKS)
+    names = tasks or DEFAULT_TASKS
     unknown = set(names) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown synthetic task(s) {sorted(unknown)}; choose from {sorted(TASKS)}")
@@ -126,7 +140,8 @@ def add_synthetic_parser(sub) -> None:
     p.add_argument("--train", type=int, default=20000, help="training samples")
     p.add_argument("--heldout", type=int, default=200, help="held-out samples (prompts unseen in training)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="subset of tasks (default: all)")
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS),
+                   help=f"tasks to draw from (default: {' '.join(DEFAULT_TASKS)}; record answers in JSON)")
     p.add_argument("--max-word-len", type=int, help="cap on the tasks' letter-string lengths (default: each task's own)")
 
     def run(args, rest) -> int:

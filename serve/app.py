@@ -38,7 +38,7 @@ from .engine_loop import EngineLoop
 from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation, chat_logprobs,
                        completion_logprobs, logit_bias_ids, logprobs_wanted, message_text, new_id, now,
-                       reject_unsupported, usage)
+                       reject_unsupported, response_format_of, usage)
 from .router import PromptAffinityRouter
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
@@ -123,6 +123,8 @@ class EngineServer:
         sampling (the request's other GenerationConfig fields) and priority."""
         opts = {k: v for k, v in payload.get("options", {}).items() if v is not None}
         merged = {**self.defaults, **opts}
+        if payload.get("sampling", {}).get("response_format") and "decoder" not in opts:
+            merged["decoder"] = "threshold"  # JSON mode's rule, whatever this replica's default decoder
         config = _generation_config(merged, payload.get("max_tokens"), **payload.get("sampling", {}))
         start = time.monotonic()
         first = True
@@ -516,7 +518,7 @@ class OpenAIIngress:
                     "logprobs": logprobs_wanted(req), "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
                     "top_k": max(req.top_k, 0), "top_p": req.top_p, "min_p": req.min_p, "logit_bias": bias,
                     "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
-                    "repetition_penalty": req.repetition_penalty,
+                    "repetition_penalty": req.repetition_penalty, "response_format": response_format_of(req),
                     "stream_settled": req.stream}  # a stream sends each block's settled prefix as it grows
         payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "options": options, "priority": req.priority,
                      "sampling": {**sampling, "seed": None if req.seed is None else req.seed + i}}

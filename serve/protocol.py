@@ -59,6 +59,8 @@ class _Common(DiffusionOptions):
     priority: int = 0  # vLLM's extra: lower runs first, on a server whose scheduling_policy is priority
     # vLLM's extra: the answer is one of these strings, the one the model finds most likely (see OpenAIIngress._guided)
     guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=MAX_CHOICES)
+    # OpenAI's JSON mode, {"type": "json_object"} (on /v1/completions too, as vLLM takes it): see response_format_of
+    response_format: dict[str, Any] | None = None
     ignore_eos: bool = False  # vLLM's extra: EOS/EOT do not end the answer (fixed-length load tests)
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extra: no stop token among the first min_tokens
     seed: int | None = None
@@ -90,7 +92,6 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=dllm.engine.MAX_LOGPROBS)
     max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     # vLLM's extras: the template's opening of the answer, or (instead) the final message left open so
@@ -144,18 +145,45 @@ def reject_unsupported(req: _Common) -> None:
                     "left-to-right probabilities of the prompt's tokens")]
     if isinstance(req, ChatCompletionRequest):
         checks += [("tools", bool(req.tools), "tools / function calling are not supported"),
-                   ("response_format", req.response_format not in (None, {"type": "text"}),
-                    "response_format other than text is not supported"),
                    ("logprobs", req.echo and req.logprobs,
                     "logprobs with echo are not supported: the echoed text is the client's, with no log-probabilities")]
     checks.append(("guided_choice", req.guided_choice is not None and logprobs_wanted(req) is not None,
                    "logprobs are not available with guided_choice: the answer is chosen by its likelihood, not "
                    "decoded token by token"))
+    json_mode = response_format_of(req) is not None
+    checks += [("guided_choice", json_mode and req.guided_choice is not None,
+                "guided_choice and response_format json_object are two answers' shapes; give one"),
+               ("ignore_eos", json_mode and req.ignore_eos,
+                "ignore_eos does not go with response_format json_object: the answer ends where the object closes"),
+               ("min_tokens", json_mode and req.min_tokens > 0,
+                "min_tokens does not go with response_format json_object: the answer ends where the object closes"),
+               ("decoder", json_mode and req.decoder not in (None, "threshold"),
+                "response_format json_object decodes from the left by the threshold rule: use decoder 'threshold' "
+                "(or none)")]
     for param, bad, message in checks:
         if bad:
             raise APIError(400, message, param=param, code="unsupported_parameter")
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+
+
+def response_format_of(req: _Common) -> str | None:
+    """GenerationConfig.response_format of a request's response_format: None for text, "json_object" for
+    OpenAI's JSON mode; json_schema and the rest are refused (the answer would not be held to the schema)."""
+    fmt = req.response_format
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind in dllm.engine.RESPONSE_FORMATS:
+        return kind
+    if kind == "json_schema":
+        raise APIError(400, "response_format json_schema is not supported: the answer cannot yet be held to a schema; "
+                            "{\"type\": \"json_object\"} (any JSON object) is", param="response_format",
+                       code="unsupported_parameter")
+    raise APIError(400, f"response_format type {kind!r} is not one of 'text', 'json_object'", param="response_format",
+                   code="invalid_value")
 
 
 def message_text(message: ChatMessage, index: int) -> str:

@@ -33,6 +33,16 @@ def char_tokenizer():
     return dllm.train_tokenizer(TASK_TEXT, kind="char")
 
 
+JSON_TEXT = ['{"name": "Ada", "age": 36, "tags": ["x", "y"], "ok": true, "no": false, "none": null}',
+             '{"pi": -3.25e+2, "s": "a\\n\\"b\\u00e9c", "é": "日本", "E": 1E5}']
+
+
+@pytest.fixture(scope="session")
+def json_tokenizer():
+    """A character vocabulary with every character the JSON tests write."""
+    return dllm.train_tokenizer(TASK_TEXT + JSON_TEXT, kind="char")
+
+
 def make_config(tokenizer, **overrides) -> dllm.LLaDAConfig:
     ids = dllm.special_ids(tokenizer)
     return dllm.tiny_config(len(tokenizer), **ids, **overrides)

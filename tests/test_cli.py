@@ -64,6 +64,22 @@ def test_generate_refuses_bad_settings_with_a_message(checkpoint):
     assert out.returncode == 2 and "invalid choice: 'int4'" in out.stderr
 
 
+def test_generate_json_answers_with_json_mode_and_says_why_a_vocabulary_cannot(checkpoint, tmp_path, json_tokenizer):
+    from conftest import make_config
+
+    json_ckpt = dllm.save_pretrained(dllm.build_model(make_config(json_tokenizer), seed=0), json_tokenizer,
+                                     tmp_path / "json")
+    out = _generate("--model", str(json_ckpt), "--prompt", "an object", "--block-size", "8", "--max-new-tokens", "24",
+                    "--json", "--temperature", "1.0", "--seed", "2")
+    assert out.returncode == 0, out.stderr
+    engine = dllm.Engine(dllm.load_model(json_ckpt), json_tokenizer)
+    gen = engine.generate(["an object"], dllm.GenerationConfig(block_size=8, max_new_tokens=24, early_stop=True,
+                                                               response_format="json_object", temperature=1.0, seed=2))[0]
+    assert gen.text.startswith("{") and f"> an object\n{gen.text}\n[{gen.finish_reason}" in out.stdout
+    out = _generate("--model", str(checkpoint), "--prompt", "x", "--json")  # its characters hold no '{'
+    assert out.returncode == 2 and "starts a JSON object" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint):
     conts = [" abcd", " dcba", " xyz"]
     args = ["score", "--model", str(checkpoint), "--prompt", "sort: dcba =>", "--mc-samples", "8", "--seed", "1"]

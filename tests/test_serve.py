@@ -302,6 +302,51 @@ def test_guided_choice_answers_with_the_choice_the_model_finds_most_likely(serve
         assert r.status_code == 400 and r.json()["error"]["param"] == "guided_choice", (bad, r.text)
 
 
+def test_response_format_json_object_answers_with_a_json_object_as_the_engine_does(server, tmp_path, json_tokenizer):
+    """JSON mode on an app whose vocabulary can write JSON (and whose default decoder is not JSON mode's: a JSON
+    request gets the threshold rule without asking): the engine's answer, on both endpoints, streamed or not."""
+    from ray import serve
+
+    from conftest import make_config
+    from dllm.engine.json_mode import JsonPrefix
+    from serve.app import build_app
+
+    path = tmp_path / "tiny"
+    model = dllm.build_model(make_config(json_tokenizer), seed=0)
+    dllm.save_pretrained(model, json_tokenizer, path)
+    serve.run(build_app({"model": str(path), **APP_ARGS, "decoding": {**APP_ARGS["decoding"], "decoder": "hierarchical"}}),
+              name="json", route_prefix="/json")
+    try:
+        client = openai.OpenAI(base_url=f"{server}/json/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+        fmt = {"type": "json_object"}
+        closing = json_tokenizer.convert_tokens_to_ids("}")
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "an object"}],
+                                              response_format=fmt, logit_bias={str(closing): 100}, max_tokens=16)
+        assert chat.choices[0].message.content.strip() == "{}" and chat.choices[0].finish_reason == "stop"
+        engine = dllm.Engine(model, json_tokenizer, max_model_len=256)
+        cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=24, early_stop=True, response_format="json_object",
+                                    temperature=1.0, seed=4)
+        direct = engine.generate(["x"], cfg)[0]
+        body = dict(model="tiny", prompt="x", max_tokens=24, temperature=1.0, seed=4, extra_body={"response_format": fmt})
+        out = client.completions.create(**body)
+        chunks = list(client.completions.create(**body, stream=True))
+        assert out.choices[0].text == "".join(c.choices[0].text for c in chunks if c.choices) == direct.text
+        assert JsonPrefix().feed(direct.text.encode()) is not None
+        for bad, param in [({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+                           ({"response_format": {"type": "yaml"}}, "response_format"),
+                           ({"response_format": fmt, "guided_choice": ["{}"]}, "guided_choice"),
+                           ({"response_format": fmt, "decoder": "credit"}, "decoder"),
+                           ({"response_format": fmt, "min_tokens": 2}, "min_tokens")]:
+            r = httpx.post(f"{server}/json/v1/completions", json={"model": "tiny", "prompt": "x", **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+    finally:
+        serve.delete("json")
+    # The main app's vocabulary has no '{': the request is refused with why.
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                          "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "starts a JSON object" in r.json()["error"]["message"], r.text
+
+
 def test_ignore_eos_and_min_tokens_are_the_engines(client, model_dir):
     engine = dllm.Engine(dllm.load_model(model_dir), dllm.load_tokenizer(model_dir), max_model_len=256)
     cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .json_mode import RESPONSE_FORMATS
+
 DECODERS = ("threshold", "factor", "credit", "hierarchical", "fixed_k")
 CACHE_POLICIES = ("dllm-var", "vicinity", "none")
 MAX_LOGPROBS = 20  # alternatives per generated token (as vLLM's default max_logprobs)
@@ -81,6 +83,12 @@ class GenerationConfig:
                      logit_bias, penalties, min_tokens and credit; the positions still masked then are unknown
                      to it). A diffusion model has no left-to-right factorisation: these are
                      commit-time probabilities, not a sequence likelihood.
+    response_format: None, or "json_object": the answer is one JSON object (OpenAI's JSON mode; see
+                     dllm.engine.json_mode). Its blocks are decoded from the left by the threshold rule (the
+                     decoder must be "threshold"), each position with its most likely token that keeps the
+                     answer a JSON prefix (temperature > 0: sampled among the valid ones of its 64 most
+                     likely); EOS follows the closed object. Needs a tokenizer; not with ignore_eos or
+                     min_tokens (the object's end is the answer's). One host read per step of such a row.
     smoothing:       iteration smoothing (dInfer): masked inputs get mask-embedding + alpha_t * E[emb]
     smoothing_alpha: (initial, growth per step, max) of alpha_t; the threshold decays 1.0 -> tau by
                      smoothing_threshold_decay per step
@@ -117,6 +125,7 @@ class GenerationConfig:
     logprobs: int | None = None
     cache_policy: str = "dllm-var"
     vicinity: int = 16
+    response_format: str | None = None
     smoothing: bool = False
     smoothing_alpha: tuple[float, float, float] = field(default=(0.15, 0.02, 0.3))
     smoothing_threshold_decay: float = 0.02
@@ -169,6 +178,16 @@ class GenerationConfig:
             bad("stop", "a list of non-empty strings")
         if self.stop_token_ids is not None and not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "a list of token ids")
+        if self.response_format is not None:
+            if self.response_format not in RESPONSE_FORMATS:
+                bad("response_format", f"None or one of {list(RESPONSE_FORMATS)}")
+            for name, clash in (("decoder", self.decoder != "threshold"), ("ignore_eos", self.ignore_eos),
+                                ("min_tokens", self.min_tokens > 0)):
+                if clash:
+                    raise ValueError(f"GenerationConfig.{name}={getattr(self, name)!r} does not go with response_format="
+                                     f"{self.response_format!r}: JSON mode decodes from the left by the threshold rule "
+                                     "and ends the answer where the object closes (use decoder='threshold', no "
+                                     "ignore_eos, min_tokens=0)")
 
     @property
     def penalised(self) -> bool:

@@ -38,7 +38,7 @@ import torch
 
 from ..model import LLaDAModelLM
 from ..quantization import QUANTIZATIONS, check_fp8_device, is_quantized, quantize_fp8
-from . import decoders, memory
+from . import decoders, json_mode, memory
 from .config import GenerationConfig
 from .cuda_graphs import GraphedForward
 from .decoders import STATELESS
@@ -58,14 +58,18 @@ class _DecodeParams:
         def on_device(values) -> torch.Tensor:
             return torch.tensor(values, device=dev)
 
-        self.thresholds = on_device([[engine._threshold(r, ahead=u) for r in reqs] for u in range(steps)])
+        self.host_thresholds = [[engine._threshold(r, ahead=u) for r in reqs] for u in range(steps)]
+        self.thresholds = on_device(self.host_thresholds)
+        # JSON-mode rows (GenerationConfig.response_format): they choose their tokens on the host (json_mode).
+        self.json_rows = [i for i, r in enumerate(reqs) if r.config.response_format is not None]
+        self.json_index = on_device(self.json_rows) if self.json_rows else None
         # Sampled rows (temperature > 0; the others take the argmax and draw nothing) and their temperatures.
-        self.sampled_rows = [i for i, r in enumerate(reqs) if r.config.temperature > 0]
+        self.sampled_rows = [i for i, r in enumerate(reqs) if r.config.temperature > 0 and r.config.response_format is None]
         self.sampled_index = on_device(self.sampled_rows) if self.sampled_rows else None
         self.temperatures = on_device([reqs[i].config.temperature for i in self.sampled_rows])
         # Sampled rows that restrict their candidates (top_k / top_p / min_p; greedy rows need nothing).
-        narrowed = [i for i, r in enumerate(reqs) if r.config.temperature > 0 and (
-            r.config.top_k > 0 or r.config.top_p < 1 or r.config.min_p > 0)]
+        narrowed = [i for i in self.sampled_rows if reqs[i].config.top_k > 0 or reqs[i].config.top_p < 1
+                    or reqs[i].config.min_p > 0]
         self.narrowed_index = on_device(narrowed) if narrowed else None
         if narrowed:
             self.narrowed_among_sampled = on_device([self.sampled_rows.index(i) for i in narrowed])
@@ -143,10 +147,10 @@ class _DecodeParams:
 def _decodes_in_graph(r: Request) -> bool:
     """Whether `r`'s decode step is decoders.greedy_step: greedy, a stateless decoder, and nothing that
     changes the logits or needs more than the new block (bias, penalties, min_tokens still pending,
-    logprobs, smoothing, the trajectory's per-step reads)."""
+    logprobs, smoothing, the trajectory's per-step reads, JSON mode's host-side choice)."""
     c = r.config
     return (c.temperature == 0 and c.decoder in decoders.STATELESS and not c.logit_bias and not c.penalised
-            and c.logprobs is None and not c.smoothing and not c.record_trajectory
+            and c.logprobs is None and not c.smoothing and not c.record_trajectory and c.response_format is None
             and not r.min_tokens_pending)
 
 
@@ -408,6 +412,8 @@ class Engine:
                 f"positions, but a slot holds max_model_len={self.max_model_len}; shorten the prompt")
         if config.logit_bias:
             self.config.check_token_ids(config.logit_bias, "logit_bias")
+        if config.response_format is not None:
+            self._json_vocabulary()  # a tokenizer that can write JSON, or a clear error
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -428,6 +434,8 @@ class Engine:
             req.output_counts = torch.zeros(width, device=self.device)
             req.in_prompt = torch.zeros(width, dtype=torch.bool, device=self.device).index_fill_(
                 0, torch.tensor(prompt_ids, dtype=torch.long, device=self.device), True)
+        if config.response_format is not None:
+            req.json_start = json_mode.JsonPrefix()
         if config.temperature > 0:
             seed = config.seed if config.seed is not None else random.getrandbits(63)
             req.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -841,6 +849,8 @@ class Engine:
         commit = torch.zeros_like(masked)
         for kind, idx, param in params.kinds:
             commit[idx] = decoders.commit_rule(kind, conf[idx], allowed[idx], thresholds[idx], param)
+        if params.json_index is not None:
+            x, commit = self._json_decode(logits, blocks, x, commit, reqs, params, unrolled_step)
 
         new_blocks = torch.where(commit, x, blocks)
         if counts is not None:  # the penalties' output counts, stop tokens aside
@@ -855,6 +865,50 @@ class Engine:
             if r.config.smoothing:
                 r.smooth_delta = decoders.soft_embedding(logits[i:i + 1], self.model.embedding_weight)[0]
         return new_blocks
+
+    def _json_decode(self, logits: torch.Tensor, blocks: torch.Tensor, x: torch.Tensor, commit: torch.Tensor,
+                     reqs: list[Request], params: _DecodeParams, unrolled_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """JSON-mode rows (json_mode.block_step): their candidates and commits, chosen on the host from each
+        position's most likely tokens (one host read for the group's JSON rows, one more per position where
+        none of them fits)."""
+        idx, rows, dev = params.json_index, params.json_rows, self.device
+        vocab = self._json_vocabulary()
+        probs = torch.softmax(decoders.without_mask(logits[idx], self.mask_id), dim=-1)
+        top_probs, top_ids = probs.topk(min(json_mode.JSON_CANDIDATES, probs.shape[-1]), dim=-1)
+        b = blocks.shape[1]
+        uniforms = [torch.rand(b, generator=reqs[i].generator, device=dev) if reqs[i].config.temperature > 0
+                    else torch.zeros(b, device=dev) for i in rows]
+        host = [blocks[idx].tolist(), top_ids.tolist(), top_probs.tolist(), torch.stack(uniforms).tolist()]
+        self.host_syncs += 1
+        new_x, new_commit = [[0] * b for _ in rows], [[False] * b for _ in rows]
+        for j, i in enumerate(rows):
+            r, c = reqs[i], reqs[i].config
+
+            def rank_all(pos: int, j: int = j) -> tuple[list[int], list[float]]:
+                p, order = probs[j, pos].sort(descending=True)
+                self.host_syncs += 1
+                return order.tolist(), p.tolist()
+
+            picker = json_mode.Picker(c.temperature, c.top_k, c.top_p, c.min_p)
+            chosen = json_mode.block_step(r.json_start, host[0][j], self.mask_id, self.config.eos_token_id, vocab,
+                                          host[1][j], host[2][j], float(params.host_thresholds[unrolled_step][i]),
+                                          picker, host[3][j], rank_all)
+            for pos, token in chosen.items():
+                new_x[j][pos], new_commit[j][pos] = token, True
+        committed = torch.tensor(new_commit, dtype=torch.bool, device=dev)
+        tokens = torch.where(committed, torch.tensor(new_x, dtype=x.dtype, device=dev), x[idx])
+        return x.index_copy(0, idx, tokens), commit.index_copy(0, idx, committed)
+
+    def _json_vocabulary(self) -> list[bytes | None]:
+        """Each token's bytes for JSON mode, read off the tokenizer once (and checked to hold '{' and '}')."""
+        if getattr(self, "_json_vocab", None) is None:
+            if self.tokenizer is None:
+                raise ValueError("response_format='json_object' needs an Engine with a tokenizer (tokens are checked "
+                                 "as text)")
+            vocab = json_mode.vocabulary_bytes(self.tokenizer, self.config.embedding_size)
+            json_mode.check_vocabulary(vocab)
+            self._json_vocab = vocab
+        return self._json_vocab
 
     def _record_logprobs(self, logits: torch.Tensor, x: torch.Tensor, commit: torch.Tensor, reqs: list[Request],
                          params: _DecodeParams) -> None:
@@ -892,6 +946,10 @@ class Engine:
         stopped = stop_at is not None and stop_at <= room
         kept = tokens[:stop_at] if stopped else tokens[:room]
         r.generated.extend(kept)
+        if r.json_start is not None and not stopped:  # JSON mode: the state the next block starts from
+            r.json_start = r.json_start.feed(b"".join(self._json_vocab[t] for t in kept))
+            if r.json_start is None:
+                raise RuntimeError(f"JSON mode committed a block that is not a JSON prefix: {tokens}")
         if r.logprobs is not None:
             chosen, top_lp, top_ids = (t.tolist() for t in r.block_logprobs)
             r.logprobs.extend(TokenLogprob(t, chosen[j], list(zip(top_ids[j], top_lp[j]))) for j, t in enumerate(kept))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GenerationConfig
+from .json_mode import JsonPrefix
 from .kv_cache import SwappedKV
 
 
@@ -124,6 +125,7 @@ class Request:
     output_counts: torch.Tensor | None = None
     in_prompt: torch.Tensor | None = None
     history_tokens: tuple[int, torch.Tensor] | None = None
+    json_start: JsonPrefix | None = None  # JSON mode: the state of the answer before the current block
     graph_row: tuple | None = None  # (decoders, stop width, its decoders.greedy_row) in a decode graph
     # GenerationConfig.logprobs: per position of the current block, on the device until the block ends:
     # (log-probability of the committed token [B], top-k log-probabilities [B, k], their ids [B, k]).

@@ -1,0 +1,90 @@
+"""JSON mode against free decoding on a model trained to answer in JSON (the synthetic `record` task).
+
+    dllm quickstart --tasks record --minutes 5 --workdir qs-json       # a checkpoint that writes JSON
+    python -m benchmarks.json_mode_bench --model qs-json/runs/.../model --prompts-jsonl qs-json/data/heldout.jsonl
+
+The same held-out prompts decoded twice per batch size on one engine: free (the threshold decoder) and with
+response_format="json_object" (each block from the left, each position's most likely token that keeps the answer
+a JSON prefix). Per mode: exact match against the reference, the answers that are JSON objects (json.loads reads
+a dict), tokens per forward, output tokens/s; then JSON mode / free for tok/s and TPF. JSON mode commits from the
+left (a run of sure positions per step, not every sure position) and reads each step's candidates on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import dllm
+from benchmarks.checkpoint_args import add_checkpoint_arguments, load_checkpoint
+
+
+def is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def run_mode(engine, rows: list[dict], cfg: dllm.GenerationConfig, batch: int) -> dict:
+    """Decode the rows' prompts `batch` at a time (continuous batching keeps `batch` in flight)."""
+    prompts = [r["instruction"] + r.get("input", "") for r in rows]
+    t0 = time.perf_counter()
+    gens = []
+    for start in range(0, len(prompts), batch):
+        gens += engine.generate(prompts[start:start + batch], cfg)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(g.token_ids) for g in gens)
+    forwards = sum(g.num_forwards for g in gens)
+    return {"exact_match": sum(g.text == r["output"] for g, r in zip(gens, rows)) / len(rows),
+            "json_objects": sum(is_object(g.text) for g in gens) / len(rows),
+            "self_stopped": sum(g.finish_reason == "stop" for g in gens) / len(rows),
+            "tokens": tokens, "forwards": forwards, "tpf": tokens / max(1, forwards), "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "examples": [{"prompt": p, "target": r["output"], "answer": g.text}
+                         for p, r, g in list(zip(prompts, rows, gens))[:4]]}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(p, "held-out jsonl of the record task (instruction, input, output)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="requests decoded together")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    model, tokenizer, rows = load_checkpoint(args)
+    rows = [r for r in rows if r.get("task", "record") == "record"][:args.num_prompts]
+    if not rows:
+        raise SystemExit(f"{args.prompts_jsonl} holds no record-task rows: JSON mode needs answers in JSON")
+    engine = dllm.Engine(model, tokenizer, max_batch_size=max(args.batch), prefix_caching=False, max_model_len=512)
+    free = dllm.GenerationConfig(block_size=args.block_size, threshold=args.threshold, early_stop=True,
+                                 max_new_tokens=args.max_new_tokens)
+    modes = {"free": free, "json_object": free.replace(response_format="json_object")}
+    engine.generate([rows[0]["instruction"]], modes["json_object"])  # warm-up (and the vocabulary's bytes)
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args),
+              "prompts": len(rows), "batches": {}}
+    print(f"{'batch':>5} {'mode':>12} {'exact':>6} {'JSON':>6} {'stop':>6} {'TPF':>6} {'tok/s':>8}")
+    for batch in args.batch:
+        measured = {name: run_mode(engine, rows, cfg, batch) for name, cfg in modes.items()}
+        for name, r in measured.items():
+            print(f"{batch:>5} {name:>12} {r['exact_match']:6.1%} {r['json_objects']:6.1%} {r['self_stopped']:6.1%} "
+                  f"{r['tpf']:6.2f} {r['tokens_per_s']:8.1f}")
+        free_r, json_r = measured["free"], measured["json_object"]
+        measured["json_over_free"] = {"tokens_per_s": json_r["tokens_per_s"] / free_r["tokens_per_s"],
+                                      "tpf": json_r["tpf"] / free_r["tpf"]}
+        print(f"{batch:>5} {'JSON / free':>12} tok/s {measured['json_over_free']['tokens_per_s']:.2f}x, "
+              f"TPF {measured['json_over_free']['tpf']:.2f}x")
+        result["batches"][str(batch)] = measured
+        if args.json:  # rewritten after every batch size: a cut-off run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

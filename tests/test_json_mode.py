@@ -1,0 +1,296 @@
+"""JSON mode (response_format="json_object"): the grammar, the left-to-right block rule, the engine's rows."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import dllm
+from dllm.engine.json_mode import MAX_WHITESPACE, JsonPrefix, Picker, block_step, check_vocabulary, vocabulary_bytes
+from conftest import JSON_TEXT, make_config
+
+OBJECTS = ['{}', '{"a": 1}', '{"a": [1, 2.5e-3, -0, 1E+2, true, false, null, {"b": "x\\u00e9\\n\\"\\\\"}], "c": {}}',
+           '{"é": "日本", "emoji": "🙂"}', '{\n  "k": [ ],\n  "l": [[], {}]\n}', *JSON_TEXT]
+NOT_OBJECTS = [b'[]', b'1', b'"s"', b'true', b' {}', b'{"a" 1}', b'{"a":01}', b'{"a":1,}', b'{,}', b'{"a":tru}',
+               b'{"a":"\x01"}', b'{}}', b'{"a":-}', b'{"a":1.}', b'{"a":"\\x"}', b'{"a":"\\u12g4"}', b'{a:1}',
+               b'{"a":1 2}', b'{} ', b'{"a":[1,]}', b'{"a":"\xff"}', b'{"a":"\xc3("}', b'{"a":.5}', b'{"a":1e}',
+               b'{"a":NaN}']
+
+
+def _feed_bytewise(text: str) -> JsonPrefix | None:
+    state = JsonPrefix()
+    for byte in text.encode():
+        state = state.feed(bytes([byte]))
+        if state is None:
+            return None
+    return state
+
+
+# ----- the grammar -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", OBJECTS)
+def test_every_prefix_of_a_json_object_is_accepted_and_only_the_whole_is_complete(text):
+    json.loads(text)
+    data = text.encode()
+    for cut in range(len(data)):
+        state = JsonPrefix().feed(data[:cut])
+        assert state is not None and not state.complete, data[:cut]
+    assert JsonPrefix().feed(data).complete and _feed_bytewise(text).complete
+
+
+@pytest.mark.parametrize("text", NOT_OBJECTS)
+def test_text_that_no_json_object_begins_with_is_refused(text):
+    assert JsonPrefix().feed(text) is None
+
+
+def test_feeding_returns_a_new_state_and_leaves_the_old_one_as_it_was():
+    start = JsonPrefix()
+    opened = start.feed(b'{"a"')
+    assert opened.feed(b": 1}").complete
+    assert opened.feed(b"}") is None  # a key needs its value
+    assert start.feed(b"{}").complete  # `start` is still the empty answer
+
+
+def test_whitespace_between_tokens_is_capped_but_not_inside_strings():
+    assert JsonPrefix().feed(b"{" + b" " * MAX_WHITESPACE + b"}").complete
+    assert JsonPrefix().feed(b"{" + b" " * (MAX_WHITESPACE + 1)) is None
+    assert JsonPrefix().feed(b'{"' + b" " * 500 + b'": 1}').complete
+
+
+def test_the_grammar_agrees_with_pythons_json_on_mutated_documents():
+    """Random edits of valid objects: complete exactly where json.loads reads a dict (with no whitespace around it;
+    Python also takes NaN, which the alphabet leaves out)."""
+    rng = random.Random(0)
+    alphabet = '{}[]",:0123456789-+.eE \\ntrufalsn"x'
+    agreed = closed = 0
+    for _ in range(4000):
+        text = list(rng.choice(OBJECTS[:4] + JSON_TEXT))
+        for _ in range(rng.randint(1, 3)):
+            op, at = rng.random(), rng.randrange(len(text) + 1)
+            if op < 0.4 and at < len(text):
+                del text[at]
+            elif op < 0.8:
+                text.insert(at, rng.choice(alphabet))
+            elif at < len(text):
+                text[at] = rng.choice(alphabet)
+        text = "".join(text)
+        try:
+            expected = isinstance(json.loads(text), dict) and text == text.strip(" \t\n\r")
+        except ValueError:
+            expected = False
+        state = JsonPrefix().feed(text.encode())
+        assert (state is not None and state.complete) == expected, text
+        agreed += 1
+        closed += expected
+    assert agreed == 4000 and 100 < closed < 3900  # both outcomes were exercised
+
+
+# ----- token bytes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_token_bytes_concatenate_to_the_decoded_text(kind):
+    texts = JSON_TEXT + ["héllo wörld 日本語 🙂 tabs\tand\nlines"]
+    tok = dllm.train_tokenizer(texts * 3, kind=kind, vocab_size=300)
+    vocab = vocabulary_bytes(tok, len(tok) + 5)
+    assert len(vocab) == len(tok) + 5 and vocab[-5:] == [None] * 5  # embedding rows past the tokenizer
+    assert all(vocab[i] is None for i in tok.all_special_ids)
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert b"".join(vocab[i] for i in ids).decode() == tok.decode(ids) == text
+
+
+def test_a_vocabulary_that_cannot_open_or_close_an_object_is_refused():
+    check_vocabulary([None, b"{", b"}"])
+    with pytest.raises(ValueError, match="starts a JSON object"):
+        check_vocabulary([None, b"a", b"}"])
+    with pytest.raises(ValueError, match="'}'"):
+        check_vocabulary([None, b"{", b"a"])
+
+
+# ----- one step of a block ---------------------------------------------------------------------
+
+EOS, MASK = 0, 1
+VOCAB = [None, None, b"{", b"}", b'"', b"a", b":", b"1", b" "]
+LBRACE, RBRACE, QUOTE, A, COLON, ONE, SPACE = range(2, 9)
+
+
+def _step(block, candidates, threshold=0.9, picker=Picker(), uniforms=None, start=None, rank_all=None):
+    """block_step with each position's candidates given as [(token, probability), ...], most likely first."""
+    ids = [[t for t, _ in c] for c in candidates]
+    probs = [[p for _, p in c] for c in candidates]
+    ranked = rank_all or (lambda j: pytest.fail(f"position {j} ranked the vocabulary"))
+    return block_step(start or JsonPrefix(), block, MASK, EOS, VOCAB, ids, probs, threshold, picker,
+                      uniforms or [0.0] * len(block), ranked)
+
+
+def test_the_first_masked_position_takes_its_most_likely_valid_token_and_eos_follows_the_closed_object():
+    commits = _step([MASK] * 4, [[(RBRACE, 0.9), (LBRACE, 0.05)], [(RBRACE, 0.95)], [(A, 1.0)], [(A, 1.0)]])
+    assert commits == {0: LBRACE, 1: RBRACE, 2: EOS, 3: EOS}
+
+
+def test_positions_after_the_first_commit_while_their_valid_token_clears_the_threshold():
+    candidates = [[(LBRACE, 0.99)], [(QUOTE, 0.95)], [(A, 0.5)], [(QUOTE, 0.99)]]
+    assert _step([MASK] * 4, candidates) == {0: LBRACE, 1: QUOTE}  # stops at the first unsure one, skips nothing
+    assert _step([MASK] * 4, candidates, threshold=0.4) == {0: LBRACE, 1: QUOTE, 2: A, 3: QUOTE}
+
+
+def test_the_blocks_committed_prefix_and_earlier_blocks_are_the_grammars_state():
+    # After '{' a key must open: ':' is skipped for '"'.
+    assert _step([LBRACE, MASK, MASK], [[], [(COLON, 0.99), (QUOTE, 0.01)], [(A, 0.1)]]) == {1: QUOTE}
+    # The same with '{' from an earlier block.
+    assert _step([MASK, MASK], [[(COLON, 0.99), (QUOTE, 0.01)], [(A, 0.1)]], start=JsonPrefix().feed(b"{")) == {0: QUOTE}
+    assert _step([MASK], [[(A, 1.0)]], start=JsonPrefix().feed(b"{}")) == {0: EOS}  # closed in an earlier block
+
+
+def test_a_position_whose_top_tokens_all_break_the_grammar_ranks_the_whole_vocabulary():
+    asked = []
+
+    def rank_all(j):
+        asked.append(j)
+        return [RBRACE, COLON, LBRACE, A], [0.9, 0.05, 0.03, 0.02]
+
+    assert _step([MASK, MASK], [[(RBRACE, 0.9)], [(QUOTE, 0.5)]], rank_all=rank_all) == {0: LBRACE}
+    assert asked == [0]
+
+
+def test_a_vocabulary_with_nothing_to_continue_the_object_ends_the_answer():
+    vocab = [None, None, b"{", b"a"]
+    commits = block_step(JsonPrefix().feed(b"{"), [MASK, MASK], MASK, EOS, vocab, [[3], [3]], [[1.0], [1.0]], 0.9,
+                         Picker(), [0.0, 0.0], lambda j: ([3, 2], [1.0, 0.0]))
+    assert commits == {0: EOS, 1: EOS}
+
+
+def test_sampling_draws_among_the_valid_tokens_by_their_tempered_probability():
+    state = JsonPrefix().feed(b'{"a":')
+    valid = [(ONE, 0.6, state.feed(b"1")), (SPACE, 0.3, state.feed(b" ")), (QUOTE, 0.1, state.feed(b'"'))]
+    plain = Picker(temperature=1.0)
+    assert [plain.pick(valid, u)[0] for u in (0.0, 0.59, 0.61, 0.89, 0.91, 0.999)] == [ONE, ONE, SPACE, SPACE, QUOTE,
+                                                                                        QUOTE]
+    assert Picker(temperature=1.0, top_k=1).pick(valid, 0.999)[0] == ONE
+    assert Picker(temperature=1.0, top_p=0.5).pick(valid, 0.999)[0] == ONE
+    assert Picker(temperature=1.0, min_p=0.4).pick(valid, 0.999)[0] == SPACE  # 0.1 < 0.4 x 0.6: dropped
+    cold = Picker(temperature=0.25)  # weights 0.6^4 : 0.3^4 : 0.1^4, the first with 94 % of them
+    assert cold.pick(valid, 0.93)[0] == ONE and cold.pick(valid, 0.95)[0] == SPACE
+    # Greedy takes the first valid candidate without looking at the rest.
+    assert _step([MASK], [[(COLON, 0.9), (LBRACE, 0.05), (SPACE, 0.05)]], picker=Picker()) == {0: LBRACE}
+
+
+# ----- the engine --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def json_model(json_tokenizer):
+    return dllm.build_model(make_config(json_tokenizer), seed=0)
+
+
+def _json_engine(model, tokenizer, **kw):
+    return dllm.Engine(model, tokenizer, max_batch_size=kw.pop("max_batch_size", 8), max_model_len=256, **kw)
+
+
+PROMPTS = ["reverse: abc =>", "add 1+2 =>", '{"name":', "Hello world"]
+
+
+def _is_json_prefix(text: str) -> JsonPrefix | None:
+    return JsonPrefix().feed(text.encode())
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_answers_are_json_object_prefixes_and_end_where_the_object_closes(json_model, json_tokenizer, block_size,
+                                                                              temperature):
+    engine = _json_engine(json_model, json_tokenizer)
+    closing = json_tokenizer.convert_tokens_to_ids("}")
+    configs = [dllm.GenerationConfig(block_size=block_size, max_new_tokens=48, response_format="json_object",
+                                     temperature=temperature, seed=s, logit_bias=bias)
+               for s, bias in ((0, None), (1, None), (2, {closing: 4.0}), (3, {closing: 100.0}))]
+    gens = [engine.generate([p], c)[0] for p, c in zip(PROMPTS, configs)]
+    for gen in gens:
+        state = _is_json_prefix(gen.text)
+        assert state is not None, gen.text
+        assert gen.token_ids == json_tokenizer(gen.text, add_special_tokens=False)["input_ids"]  # no EOS kept
+        if gen.finish_reason == "stop":
+            assert state.complete and isinstance(json.loads(gen.text), dict)
+        else:
+            assert gen.finish_reason == "length" and len(gen.token_ids) == 48 and not state.complete
+    assert gens[3].finish_reason == "stop" and gens[3].text.strip() == "{}"  # '}' favoured: it closes at once
+
+
+def test_json_rows_leave_the_other_rows_answers_as_they_are(json_model, json_tokenizer):
+    plain = dllm.GenerationConfig(block_size=8, max_new_tokens=32)
+    sampled = plain.replace(temperature=1.0, seed=5, top_k=20)
+    alone = [_json_engine(json_model, json_tokenizer).generate([p], c)[0].token_ids
+             for p, c in ((PROMPTS[0], plain), (PROMPTS[1], sampled))]
+    engine = _json_engine(json_model, json_tokenizer)
+    ids = [engine.add_request(PROMPTS[0], plain), engine.add_request(PROMPTS[2], plain.replace(
+        response_format="json_object")), engine.add_request(PROMPTS[1], sampled),
+           engine.add_request(PROMPTS[3], sampled.replace(response_format="json_object"))]
+    done = {}
+    while engine.has_unfinished():
+        done.update((o.request_id, o.generation) for o in engine.step() if o.finished)
+    assert [done[ids[0]].token_ids, done[ids[2]].token_ids] == alone
+    assert all(_is_json_prefix(done[i].text) is not None for i in ids[1::2])
+
+
+def test_a_seed_gives_the_same_json_answer_and_streams_add_up_to_it(json_model, json_tokenizer):
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, response_format="json_object", temperature=1.0,
+                                seed=11, stream_settled=True)
+    engine = _json_engine(json_model, json_tokenizer)
+    first = engine.generate([PROMPTS[0]], cfg)[0]
+    engine.add_request(PROMPTS[0], cfg)
+    streamed, final = "", None
+    while engine.has_unfinished():
+        for out in engine.step():
+            streamed += out.new_text
+            final = out.generation or final
+    assert final.token_ids == first.token_ids and streamed == first.text == final.text
+    other = engine.generate([PROMPTS[0]], cfg.replace(seed=12))[0]
+    assert other.token_ids != first.token_ids  # the seed matters: sampling is not greedy in disguise
+
+
+def test_json_mode_commits_left_to_right_and_more_than_one_position_where_the_model_is_sure(json_tokenizer):
+    """A model sharpened so that its top tokens pass the threshold: the trajectory shows each block filled from the
+    left, several positions in one step somewhere."""
+    model = dllm.build_model(make_config(json_tokenizer), seed=3)
+    with torch.no_grad():
+        model.model.transformer["ff_out"].weight.mul_(60.0)
+    engine = _json_engine(model, json_tokenizer)
+    gen = engine.generate([PROMPTS[1]], dllm.GenerationConfig(block_size=8, max_new_tokens=48, threshold=0.5,
+                                                              response_format="json_object", record_trajectory=True))[0]
+    assert _is_json_prefix(gen.text) is not None
+    for block in gen.trajectory:
+        steps = [s for s in block.reveal_step if s >= 0]
+        assert steps == sorted(steps)  # never a position before one on its left
+    assert any(len(b.reveal_step) > len(set(b.reveal_step)) for b in gen.trajectory)
+
+
+def test_json_mode_needs_a_tokenizer_that_can_write_json(json_model, json_tokenizer, tiny_config, char_tokenizer):
+    cfg = dllm.GenerationConfig(response_format="json_object", max_new_tokens=8)
+    with pytest.raises(ValueError, match="needs an Engine with a tokenizer"):
+        dllm.Engine(json_model, max_model_len=128).add_request([5, 6], cfg)
+    no_braces = dllm.Engine(dllm.build_model(tiny_config, seed=0), char_tokenizer, max_model_len=128)
+    with pytest.raises(ValueError, match="starts a JSON object"):
+        no_braces.add_request("x", cfg)
+
+
+@pytest.mark.parametrize("changes,name", [({"decoder": "credit"}, "decoder"), ({"ignore_eos": True}, "ignore_eos"),
+                                          ({"min_tokens": 3}, "min_tokens"),
+                                          ({"response_format": "json_schema"}, "response_format")])
+def test_settings_json_mode_cannot_honour_are_refused_by_name(changes, name):
+    with pytest.raises(ValueError, match=f"GenerationConfig.{name}="):
+        dllm.GenerationConfig(**{"response_format": "json_object", **changes})
+
+
+def test_the_record_task_answers_with_the_json_object_of_its_prompts_fields_and_is_asked_for_by_name():
+    from dllm.synthetic import make_samples
+
+    samples = make_samples(300, seed=4, tasks=["record"], max_word_len=5)
+    for s in samples:
+        record = json.loads(s["output"])
+        words = dict(field.split(" ", 1) if " " in field else (field, "") for field in
+                     s["instruction"].removeprefix("record ").removesuffix(" = ").split("; "))
+        assert list(record) == list(words)
+        shown = {"name": record.get("name"), "age": str(record.get("age")), "tags": " ".join(record.get("tags", [])),
+                 "ok": "yes" if record.get("ok") else "no"}
+        assert all(words[k] == shown[k] for k in words)
+    assert len({s["output"] for s in samples}) > 250
+    assert "record" not in {s["task"] for s in make_samples(500, seed=4)}  # not in the default mix
