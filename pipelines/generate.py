@@ -9,7 +9,9 @@ Input, jsonl or parquet as `pipelines.pack` reads it: `{"prompt": text}` (decode
 conversation to answer; a final assistant turn is the reference). With --chat-template, chat and Alpaca prompts
 are wrapped in the tokenizer's chat template, as `pack --chat-template` wraps them for training; without it they
 are joined as dLLM-Var's training concatenation. So a held-out file of training data scores as it was trained.
-A record's own `max_tokens`, `temperature`, `top_p`, `top_k` or `seed` override the job's flags for it.
+A record's own `max_tokens`, `temperature`, `top_p`, `top_k` or `seed` override the job's flags for it. With --json
+every answer is one JSON object (JSON mode, dllm.engine.json_mode; a vocabulary that cannot write one is refused
+before any work).
 
 Every input record is one output row, a bad one too: `source`, `line`, `record` (the input as JSON), `prompt`,
 `reference`, `generated_text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, `forwards`, `exact_match`
@@ -32,6 +34,7 @@ import time
 import pyarrow as pa
 
 import dllm
+from dllm.engine import json_mode
 from dllm.quantization import QUANTIZATIONS
 
 from .pack import (PipelineError, check_output, conversation_prompt, error_of, expand_inputs, parse_file, record_texts,
@@ -122,7 +125,7 @@ def generation_config(args) -> dict:
     """The GenerationConfig every record is decoded with."""
     config = {"block_size": args.block_size, "threshold": args.threshold, "decoder": args.decoder,
               "max_new_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-              "early_stop": True}
+              "early_stop": True, "response_format": "json_object" if args.json else None}
     dllm.GenerationConfig(**config)  # a bad value fails here, before any replica starts
     return config
 
@@ -135,10 +138,15 @@ def run_generate(args) -> dict:
     if not os.path.isdir(args.model):
         raise PipelineError(f"checkpoint directory {args.model} does not exist")
     try:  # here, not in every replica: a broken checkpoint is one clear error
-        dllm.load_tokenizer(args.model)
-        dllm.LLaDAConfig.from_file(os.path.join(args.model, "config.json"))
+        tokenizer = dllm.load_tokenizer(args.model)
+        model_config = dllm.LLaDAConfig.from_file(os.path.join(args.model, "config.json"))
     except Exception as e:
         raise PipelineError(f"cannot read the checkpoint in {args.model}: {e}") from e
+    if config["response_format"]:
+        try:
+            json_mode.check_vocabulary(json_mode.vocabulary_bytes(tokenizer, model_config.embedding_size))
+        except ValueError as e:
+            raise PipelineError(f"--json: {e}") from e
     check_output(args.output)
     ray = ensure_ray(args.address)
     from ray.data import ActorPoolStrategy, DataContext, SaveMode
@@ -216,6 +224,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-tokens", type=int, default=256, help="answer length cap")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, help="with a temperature: every record's samples drawn from this seed")
+    p.add_argument("--json", action="store_true", help="JSON mode: every answer is one JSON object")
     p.add_argument("--quantization", choices=QUANTIZATIONS, help="fp8: FP8 block projections")
     p.add_argument("--replicas", type=int, default=1, help="engine actors")
     p.add_argument("--gpus-per-replica", type=float, default=0)

@@ -210,6 +210,23 @@ def test_a_group_with_a_row_that_samples_decodes_eagerly_after_its_graphed_forwa
     assert engine.graphs.replays > 0 and engine.graphs.step_replays == 0
 
 
+def test_json_rows_decode_after_their_graphed_forwards_what_they_decode_eagerly(replaying_on_cpu, json_tokenizer):
+    """JSON mode reads its candidates on the host: its rows (greedy or sampled) take the eager decode after a
+    replayed forward, beside a free row, with the tokens of eager forwards."""
+    from conftest import make_config
+
+    net = dllm.build_model(make_config(json_tokenizer), seed=0)
+    net.use_pool_kernel = True
+    settings = [CFG.replace(response_format="json_object"), CFG,
+                CFG.replace(response_format="json_object", temperature=1.0, seed=2)]
+    eager = _engine(net, tokenizer=json_tokenizer, cuda_graphs=False).generate(_prompts(3), settings)
+    engine = _engine(net, tokenizer=json_tokenizer, cuda_graphs=True)
+    graphed = engine.generate(_prompts(3), settings)
+    assert engine.graphs.replays > engine.graphs.step_replays  # eager decodes after replayed forwards
+    assert [g.token_ids for g in graphed] == [g.token_ids for g in eager]
+    assert graphed[0].text.startswith("{") and graphed[2].text.startswith("{")
+
+
 def test_a_graphed_greedy_step_launches_a_few_ops_besides_its_two_replays(replaying_on_cpu, model, monkeypatch):
     """What a DENOISE step costs the host besides the replays: the group's inputs in, the new blocks and
     their status out (one read). Decoding eagerly after the graphed forward launches >10x as many."""

@@ -1,5 +1,6 @@
 """JSON mode (response_format="json_object"): the grammar, the left-to-right block rule, the engine's rows."""
 
+import copy
 import json
 import random
 
@@ -263,6 +264,22 @@ def test_json_mode_commits_left_to_right_and_more_than_one_position_where_the_mo
     assert any(len(b.reveal_step) > len(set(b.reveal_step)) for b in gen.trajectory)
 
 
+@pytest.mark.gpu
+def test_json_rows_on_cuda_decode_under_graphs_what_they_decode_eagerly(json_model, json_tokenizer):
+    """On the GPU: JSON rows (greedy, sampled) beside a free row, with CUDA graphs and compiled blocks and without."""
+    bf16 = copy.deepcopy(json_model).to("cuda", torch.bfloat16)
+    free = dllm.GenerationConfig(block_size=8, max_new_tokens=32)
+    settings = [free.replace(response_format="json_object"), free,
+                free.replace(response_format="json_object", temperature=1.0, seed=2)]
+    expected = dllm.Engine(copy.deepcopy(bf16), json_tokenizer, max_model_len=256, cuda_graphs=False,
+                           compile_blocks=False).generate(PROMPTS[:3], settings)
+    engine = dllm.Engine(copy.deepcopy(bf16), json_tokenizer, max_model_len=256, cuda_graphs=True, compile_blocks=True)
+    graphed = engine.generate(PROMPTS[:3], settings)
+    assert engine.graphs.replays > 0
+    assert [g.token_ids for g in graphed] == [g.token_ids for g in expected]
+    assert all(_is_json_prefix(graphed[i].text) is not None for i in (0, 2))
+
+
 def test_json_mode_needs_a_tokenizer_that_can_write_json(json_model, json_tokenizer, tiny_config, char_tokenizer):
     cfg = dllm.GenerationConfig(response_format="json_object", max_new_tokens=8)
     with pytest.raises(ValueError, match="needs an Engine with a tokenizer"):
@@ -292,5 +309,5 @@ def test_the_record_task_answers_with_the_json_object_of_its_prompts_fields_and_
         shown = {"name": record.get("name"), "age": str(record.get("age")), "tags": " ".join(record.get("tags", [])),
                  "ok": "yes" if record.get("ok") else "no"}
         assert all(words[k] == shown[k] for k in words)
-    assert len({s["output"] for s in samples}) > 250
+    assert len({s["output"] for s in samples}) > 200  # varied: 1-2 of 4 fields, each drawn
     assert "record" not in {s["task"] for s in make_samples(500, seed=4)}  # not in the default mix

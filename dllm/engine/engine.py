@@ -64,7 +64,8 @@ class _DecodeParams:
         self.json_rows = [i for i, r in enumerate(reqs) if r.config.response_format is not None]
         self.json_index = on_device(self.json_rows) if self.json_rows else None
         # Sampled rows (temperature > 0; the others take the argmax and draw nothing) and their temperatures.
-        self.sampled_rows = [i for i, r in enumerate(reqs) if r.config.temperature > 0 and r.config.response_format is None]
+        self.sampled_rows = [i for i, r in enumerate(reqs)
+                             if r.config.temperature > 0 and r.config.response_format is None]
         self.sampled_index = on_device(self.sampled_rows) if self.sampled_rows else None
         self.temperatures = on_device([reqs[i].config.temperature for i in self.sampled_rows])
         # Sampled rows that restrict their candidates (top_k / top_p / min_p; greedy rows need nothing).
@@ -342,6 +343,7 @@ class Engine:
         self.nucleus_candidates = nucleus_candidates
         self._requests: dict[str, Request] = {}
         self._outputs: list[RequestOutput] = []
+        self._json_vocab: list[bytes | None] | None = None  # each token's bytes, read when JSON mode is first asked for
         self._ids = itertools.count()
         self.total_forwards = 0
         # block-status reads: one per forward group, or per unrolled run of steps; and a decode's search for
@@ -901,7 +903,7 @@ class Engine:
 
     def _json_vocabulary(self) -> list[bytes | None]:
         """Each token's bytes for JSON mode, read off the tokenizer once (and checked to hold '{' and '}')."""
-        if getattr(self, "_json_vocab", None) is None:
+        if self._json_vocab is None:
             if self.tokenizer is None:
                 raise ValueError("response_format='json_object' needs an Engine with a tokenizer (tokens are checked "
                                  "as text)")
