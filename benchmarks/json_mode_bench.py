@@ -1,7 +1,7 @@
 """JSON mode against free decoding on a model trained to answer in JSON (the synthetic `record` task).
 
     dllm quickstart --tasks record --minutes 5 --workdir qs-json       # a checkpoint that writes JSON
-    python -m benchmarks.json_mode_bench --model qs-json/runs/.../model --prompts-jsonl qs-json/data/heldout.jsonl
+    python -m benchmarks.json_mode_bench --model qs-json/runs/*/checkpoint_*/hf --prompts-jsonl qs-json/data/heldout.jsonl
 
 The same held-out prompts decoded twice per batch size on one engine: free (the threshold decoder) and with
 response_format="json_object" (each block from the left, each position's most likely token that keeps the answer

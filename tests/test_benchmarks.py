@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import (ablation_bench, decode_step_bench, engine_bench, likelihood_bench, objective_bench, priority_bench,
-                        serve_bench, step_overhead_bench, streaming_bench, trained_compare)
+from benchmarks import (ablation_bench, decode_step_bench, engine_bench, json_mode_bench, likelihood_bench, objective_bench,
+                        priority_bench, serve_bench, step_overhead_bench, streaming_bench, trained_compare)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,3 +303,30 @@ def test_streaming_bench_times_the_first_token_of_whole_blocks_and_settled_prefi
     assert blocks["tokens"] == settled["tokens"] == 4 * 24  # a random model writes no EOS: every answer its cap
     assert blocks["chunks_per_answer"] == 3 <= settled["chunks_per_answer"]  # 24 tokens in blocks of 8
     assert settled["first_token_p50_steps"] <= blocks["first_token_p50_steps"]
+
+
+def test_json_mode_bench_decodes_the_record_tasks_prompts_free_and_in_json_mode(tmp_path, json_tokenizer):
+    import dllm
+    from conftest import make_config
+    from dllm.engine.json_mode import JsonPrefix
+    from dllm.synthetic import make_samples
+
+    ckpt = dllm.save_pretrained(dllm.build_model(make_config(json_tokenizer), seed=0), json_tokenizer, tmp_path / "m")
+    held = tmp_path / "heldout.jsonl"
+    held.write_text("".join(json.dumps(s) + "\n" for s in make_samples(6, seed=1, tasks=["record", "sort"])))
+    out = tmp_path / "json_mode.json"
+    args = ["--model", str(ckpt), "--prompts-jsonl", str(held), "--device", "cpu", "--dtype", "float32",
+            "--batch", "1", "3", "--block-size", "8", "--max-new-tokens", "16", "--json", str(out)]
+    result = json_mode_bench.main(args)
+    assert json.loads(out.read_text()) == result
+    records = sum(s["task"] == "record" for s in make_samples(6, seed=1, tasks=["record", "sort"]))
+    assert result["prompts"] == records  # only the record task's rows: the others do not answer in JSON
+    for batch in ("1", "3"):
+        free, constrained = result["batches"][batch]["free"], result["batches"][batch]["json_object"]
+        assert all(JsonPrefix().feed(e["answer"].encode()) is not None for e in constrained["examples"])
+        ratio = result["batches"][batch]["json_over_free"]
+        assert ratio["tpf"] == pytest.approx(constrained["tpf"] / free["tpf"])
+        assert ratio["tokens_per_s"] == pytest.approx(constrained["tokens_per_s"] / free["tokens_per_s"])
+    held.write_text(json.dumps(make_samples(1, tasks=["sort"])[0]) + "\n")
+    with pytest.raises(SystemExit, match="no record-task rows"):
+        json_mode_bench.main(args)
