@@ -16,6 +16,7 @@ imports Ray.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .checkpoint import INFERENCE_DTYPES
@@ -36,7 +37,7 @@ def _generate(args) -> int:
                                    frequency_penalty=args.frequency_penalty,
                                    repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                                    early_stop=args.early_stop, stream_settled=args.stream,
-                                   response_format="json_object" if args.json else None)
+                                   **_response_format(args))
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                if args.chat else p for p in args.prompt]
     if args.stream:
@@ -45,6 +46,18 @@ def _generate(args) -> int:
     for prompt, gen in zip(args.prompt, engine.generate(prompts, config)):
         print(f"> {prompt}\n{gen.text}\n{_summary(gen)}")
     return 0
+
+
+def _response_format(args) -> dict:
+    """GenerationConfig's response_format and json_schema from --json / --json-schema FILE."""
+    if args.json_schema:
+        with open(args.json_schema) as f:
+            try:
+                schema = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--json-schema {args.json_schema} is not JSON: {e}") from e
+        return {"response_format": "json_schema", "json_schema": schema}
+    return {"response_format": "json_object" if args.json else None}
 
 
 def _summary(gen) -> str:
@@ -235,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "time")
     g.add_argument("--json", action="store_true",
                    help="JSON mode: each answer is one JSON object (decoded from the left, checked token by token)")
+    g.add_argument("--json-schema", metavar="FILE",
+                   help="JSON mode held to the JSON Schema in FILE (see dllm.engine.json_schema for its keywords)")
     g.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=True,
                    help="end a block at a settled stop token: same text, fewer forwards (as the server)")
     g.add_argument("--device")

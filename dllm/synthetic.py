@@ -84,6 +84,11 @@ def _record(rng, cap):
     return f"record {prompt}", json.dumps(record)
 
 
+# The record task's answers as a JSON Schema (response_format json_schema): which fields a prompt gives is its own.
+RECORD_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}},
+    "ok": {"type": "boolean"}}}
+
 TASKS = {"copy": _copy, "reverse": _reverse, "sort": _sort, "dedupe": _dedupe, "repeat": _repeat, "add": _add, "spell": _spell,
          "count": _count, "record": _record}
 DEFAULT_TASKS = ["add", "copy", "count", "dedupe", "repeat", "reverse", "sort", "spell"]  # all but record

@@ -10,7 +10,7 @@ conversation to answer; a final assistant turn is the reference). With --chat-te
 are wrapped in the tokenizer's chat template, as `pack --chat-template` wraps them for training; without it they
 are joined as dLLM-Var's training concatenation. So a held-out file of training data scores as it was trained.
 A record's own `max_tokens`, `temperature`, `top_p`, `top_k` or `seed` override the job's flags for it. With --json
-every answer is one JSON object (JSON mode, dllm.engine.json_mode; a vocabulary that cannot write one is refused
+(--json-schema FILE) every answer is one JSON object (held to the schema) (JSON mode, dllm.engine.json_mode; a vocabulary that cannot write one is refused
 before any work).
 
 Every input record is one output row, a bad one too: `source`, `line`, `record` (the input as JSON), `prompt`,
@@ -126,6 +126,12 @@ def generation_config(args) -> dict:
     config = {"block_size": args.block_size, "threshold": args.threshold, "decoder": args.decoder,
               "max_new_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
               "early_stop": True, "response_format": "json_object" if args.json else None}
+    if args.json_schema:
+        try:
+            with open(args.json_schema) as f:
+                config.update(response_format="json_schema", json_schema=json.load(f))
+        except (OSError, ValueError) as e:
+            raise PipelineError(f"--json-schema: cannot read a JSON Schema from {args.json_schema}: {e}") from e
     dllm.GenerationConfig(**config)  # a bad value fails here, before any replica starts
     return config
 
@@ -146,7 +152,7 @@ def run_generate(args) -> dict:
         try:
             json_mode.check_vocabulary(json_mode.vocabulary_bytes(tokenizer, model_config.embedding_size))
         except ValueError as e:
-            raise PipelineError(f"--json: {e}") from e
+            raise PipelineError(f"--json / --json-schema: {e}") from e
     check_output(args.output)
     ray = ensure_ray(args.address)
     from ray.data import ActorPoolStrategy, DataContext, SaveMode
@@ -225,6 +231,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, help="with a temperature: every record's samples drawn from this seed")
     p.add_argument("--json", action="store_true", help="JSON mode: every answer is one JSON object")
+    p.add_argument("--json-schema", metavar="FILE", help="JSON mode held to the JSON Schema in FILE")
     p.add_argument("--quantization", choices=QUANTIZATIONS, help="fp8: FP8 block projections")
     p.add_argument("--replicas", type=int, default=1, help="engine actors")
     p.add_argument("--gpus-per-replica", type=float, default=0)

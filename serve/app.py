@@ -518,7 +518,8 @@ class OpenAIIngress:
                     "logprobs": logprobs_wanted(req), "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
                     "top_k": max(req.top_k, 0), "top_p": req.top_p, "min_p": req.min_p, "logit_bias": bias,
                     "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
-                    "repetition_penalty": req.repetition_penalty, "response_format": response_format_of(req),
+                    "repetition_penalty": req.repetition_penalty,
+                    **dict(zip(("response_format", "json_schema"), response_format_of(req))),
                     "stream_settled": req.stream}  # a stream sends each block's settled prefix as it grows
         payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "options": options, "priority": req.priority,
                      "sampling": {**sampling, "seed": None if req.seed is None else req.seed + i}}

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 import dllm
+from dllm.engine.json_schema import SchemaError, compile_schema
 
 
 class APIError(Exception):
@@ -59,7 +60,8 @@ class _Common(DiffusionOptions):
     priority: int = 0  # vLLM's extra: lower runs first, on a server whose scheduling_policy is priority
     # vLLM's extra: the answer is one of these strings, the one the model finds most likely (see OpenAIIngress._guided)
     guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=MAX_CHOICES)
-    # OpenAI's JSON mode, {"type": "json_object"} (on /v1/completions too, as vLLM takes it): see response_format_of
+    # OpenAI's JSON mode, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}} (on
+    # /v1/completions too, as vLLM takes it): see response_format_of
     response_format: dict[str, Any] | None = None
     ignore_eos: bool = False  # vLLM's extra: EOS/EOT do not end the answer (fixed-length load tests)
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extra: no stop token among the first min_tokens
@@ -150,15 +152,15 @@ def reject_unsupported(req: _Common) -> None:
     checks.append(("guided_choice", req.guided_choice is not None and logprobs_wanted(req) is not None,
                    "logprobs are not available with guided_choice: the answer is chosen by its likelihood, not "
                    "decoded token by token"))
-    json_mode = response_format_of(req) is not None
+    json_mode = response_format_of(req)[0] is not None
     checks += [("guided_choice", json_mode and req.guided_choice is not None,
-                "guided_choice and response_format json_object are two answers' shapes; give one"),
+                "guided_choice and a JSON response_format are two answers' shapes; give one"),
                ("ignore_eos", json_mode and req.ignore_eos,
-                "ignore_eos does not go with response_format json_object: the answer ends where the object closes"),
+                "ignore_eos does not go with a JSON response_format: the answer ends where the object closes"),
                ("min_tokens", json_mode and req.min_tokens > 0,
-                "min_tokens does not go with response_format json_object: the answer ends where the object closes"),
+                "min_tokens does not go with a JSON response_format: the answer ends where the object closes"),
                ("decoder", json_mode and req.decoder not in (None, "threshold"),
-                "response_format json_object decodes from the left by the threshold rule: use decoder 'threshold' "
+                "a JSON response_format decodes from the left by the threshold rule: use decoder 'threshold' "
                 "(or none)")]
     for param, bad, message in checks:
         if bad:
@@ -167,23 +169,29 @@ def reject_unsupported(req: _Common) -> None:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
 
 
-def response_format_of(req: _Common) -> str | None:
-    """GenerationConfig.response_format of a request's response_format: None for text, "json_object" for
-    OpenAI's JSON mode; json_schema and the rest are refused (the answer would not be held to the schema)."""
+def response_format_of(req: _Common) -> tuple[str | None, dict | None]:
+    """GenerationConfig's (response_format, json_schema) of a request's response_format: (None, None) for text,
+    ("json_object", None) for OpenAI's JSON mode, ("json_schema", the schema) for structured outputs, whose schema
+    is checked here (a keyword answers would not be held to is a 400 that names it)."""
     fmt = req.response_format
-    if fmt is None:
-        return None
-    kind = fmt.get("type")
-    if kind == "text":
-        return None
-    if kind in dllm.engine.RESPONSE_FORMATS:
-        return kind
-    if kind == "json_schema":
-        raise APIError(400, "response_format json_schema is not supported: the answer cannot yet be held to a schema; "
-                            "{\"type\": \"json_object\"} (any JSON object) is", param="response_format",
-                       code="unsupported_parameter")
-    raise APIError(400, f"response_format type {kind!r} is not one of 'text', 'json_object'", param="response_format",
-                   code="invalid_value")
+    kind = None if fmt is None else fmt.get("type")
+    if kind in (None, "text"):
+        return None, None
+    if kind == "json_object":
+        return kind, None
+    if kind != "json_schema":
+        raise APIError(400, f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+                       param="response_format", code="invalid_value")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise APIError(400, "response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                       param="response_format", code="invalid_value")
+    try:
+        compile_schema(spec["schema"])
+    except SchemaError as e:
+        raise APIError(400, f"response_format json_schema: {e}", param="response_format",
+                       code="unsupported_parameter") from e
+    return kind, spec["schema"]
 
 
 def message_text(message: ChatMessage, index: int) -> str:

@@ -322,11 +322,14 @@ def test_json_mode_bench_decodes_the_record_tasks_prompts_free_and_in_json_mode(
     records = sum(s["task"] == "record" for s in make_samples(6, seed=1, tasks=["record", "sort"]))
     assert result["prompts"] == records  # only the record task's rows: the others do not answer in JSON
     for batch in ("1", "3"):
-        free, constrained = result["batches"][batch]["free"], result["batches"][batch]["json_object"]
-        assert all(JsonPrefix().feed(e["answer"].encode()) is not None for e in constrained["examples"])
-        ratio = result["batches"][batch]["json_over_free"]
-        assert ratio["tpf"] == pytest.approx(constrained["tpf"] / free["tpf"])
-        assert ratio["tokens_per_s"] == pytest.approx(constrained["tokens_per_s"] / free["tokens_per_s"])
+        free = result["batches"][batch]["free"]
+        for mode in ("json_object", "json_schema"):
+            constrained = result["batches"][batch][mode]
+            assert all(JsonPrefix().feed(e["answer"].encode()) is not None for e in constrained["examples"])
+            ratio = result["batches"][batch][f"{mode}_over_free"]
+            assert ratio["tpf"] == pytest.approx(constrained["tpf"] / free["tpf"])
+            assert ratio["tokens_per_s"] == pytest.approx(constrained["tokens_per_s"] / free["tokens_per_s"])
+        assert result["batches"][batch]["json_schema"]["fit_the_schema"] >= 0
     held.write_text(json.dumps(make_samples(1, tasks=["sort"])[0]) + "\n")
     with pytest.raises(SystemExit, match="no record-task rows"):
         json_mode_bench.main(args)

@@ -1,5 +1,6 @@
 """The command line without Ray: `dllm generate`, `dllm score`, and the app `dllm serve` builds from its flags."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_generate_refuses_bad_settings_with_a_message(checkpoint):
     assert out.returncode == 2 and "invalid choice: 'int4'" in out.stderr
 
 
-def test_generate_json_answers_with_json_mode_and_says_why_a_vocabulary_cannot(checkpoint, tmp_path, json_tokenizer):
+def test_generate_json_answers_in_json_mode_held_to_a_schema_and_says_why_it_cannot(checkpoint, tmp_path, json_tokenizer):
     from conftest import make_config
 
     json_ckpt = dllm.save_pretrained(dllm.build_model(make_config(json_tokenizer), seed=0), json_tokenizer,
@@ -78,6 +79,16 @@ def test_generate_json_answers_with_json_mode_and_says_why_a_vocabulary_cannot(c
     assert gen.text.startswith("{") and f"> an object\n{gen.text}\n[{gen.finish_reason}" in out.stdout
     out = _generate("--model", str(checkpoint), "--prompt", "x", "--json")  # its characters hold no '{'
     assert out.returncode == 2 and "starts a JSON object" in out.stderr and "Traceback" not in out.stderr
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    out = _generate("--model", str(json_ckpt), "--prompt", "ok?", "--block-size", "8", "--max-new-tokens", "80",
+                    "--json-schema", str(schema))
+    assert out.returncode == 0, out.stderr
+    answer, summary = out.stdout.split("> ok?\n", 1)[1].rsplit("\n[", 1)  # the answer may hold newlines
+    assert set(json.loads(answer)) == {"ok"} and summary.startswith("stop,")
+    schema.write_text(json.dumps({"type": "object", "properties": {"when": {"type": "string", "format": "date"}}}))
+    out = _generate("--model", str(json_ckpt), "--prompt", "x", "--json-schema", str(schema))
+    assert out.returncode == 2 and "format at #/properties/when" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint):

@@ -119,7 +119,7 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys, tiny_checkpoint):
     assert "threshold" in capsys.readouterr().err
     assert main(["--model", str(tiny_checkpoint), "--input", str(records), "--output", str(tmp_path / "o"),
                  "--json"]) == 2  # its characters hold no '{'
-    assert "--json: " in (err := capsys.readouterr().err) and "starts a JSON object" in err
+    assert "--json / --json-schema: " in (err := capsys.readouterr().err) and "starts a JSON object" in err
     assert main(["--model", str(tiny_checkpoint), "--input", str(tmp_path / "none*.jsonl"),
                  "--output", str(tmp_path / "o")]) == 2
     assert "no input files match" in capsys.readouterr().err

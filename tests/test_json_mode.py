@@ -3,12 +3,14 @@
 import copy
 import json
 import random
+import re
 
 import pytest
 import torch
 
 import dllm
 from dllm.engine.json_mode import MAX_WHITESPACE, JsonPrefix, Picker, block_step, check_vocabulary, vocabulary_bytes
+from dllm.engine.json_schema import SchemaError, SchemaPrefix, compile_schema
 from conftest import JSON_TEXT, make_config
 
 OBJECTS = ['{}', '{"a": 1}', '{"a": [1, 2.5e-3, -0, 1E+2, true, false, null, {"b": "x\\u00e9\\n\\"\\\\"}], "c": {}}',
@@ -291,14 +293,18 @@ def test_json_mode_needs_a_tokenizer_that_can_write_json(json_model, json_tokeni
 
 @pytest.mark.parametrize("changes,name", [({"decoder": "credit"}, "decoder"), ({"ignore_eos": True}, "ignore_eos"),
                                           ({"min_tokens": 3}, "min_tokens"),
-                                          ({"response_format": "json_schema"}, "response_format")])
+                                          ({"response_format": "yaml"}, "response_format"),
+                                          ({"response_format": "json_schema"}, "json_schema"),
+                                          ({"response_format": "json_schema", "json_schema": {"type": "array"}},
+                                           "json_schema"),
+                                          ({"json_schema": {"type": "object"}, "response_format": None}, "json_schema")])
 def test_settings_json_mode_cannot_honour_are_refused_by_name(changes, name):
     with pytest.raises(ValueError, match=f"GenerationConfig.{name}="):
         dllm.GenerationConfig(**{"response_format": "json_object", **changes})
 
 
 def test_the_record_task_answers_with_the_json_object_of_its_prompts_fields_and_is_asked_for_by_name():
-    from dllm.synthetic import make_samples
+    from dllm.synthetic import RECORD_SCHEMA, make_samples
 
     samples = make_samples(300, seed=4, tasks=["record"], max_word_len=5)
     for s in samples:
@@ -311,3 +317,141 @@ def test_the_record_task_answers_with_the_json_object_of_its_prompts_fields_and_
         assert all(words[k] == shown[k] for k in words)
     assert len({s["output"] for s in samples}) > 200  # varied: 1-2 of 4 fields, each drawn
     assert "record" not in {s["task"] for s in make_samples(500, seed=4)}  # not in the default mix
+    assert all(_held(s["output"], RECORD_SCHEMA).complete for s in samples)  # its schema holds every answer
+
+
+# ----- held to a JSON Schema ----------------------------------------------------------------------
+
+PET = {"type": "object", "title": "Pet", "properties": {
+    "kind": {"enum": ["cat", "dog"]},
+    "child": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}], "default": None}}, "required": ["kind"]}
+PERSON = {"type": "object", "title": "Person", "additionalProperties": False, "required": ["name", "age"], "properties": {
+    "name": {"type": "string", "description": "any string"},
+    "age": {"type": "integer"},
+    "height": {"type": ["number", "null"]},
+    "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "é"]}, "minItems": 1, "maxItems": 2},
+    "ok": {"type": "boolean"},
+    "pet": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}]},
+    "extra": {}}, "$defs": {"Pet": PET}}
+
+
+def _valid(value, schema, defs=PERSON["$defs"]) -> bool:
+    """An independent check of the supported keywords on decoded values (what the automaton must agree with)."""
+    if "$ref" in schema:
+        return _valid(value, defs[schema["$ref"].rsplit("/", 1)[1]])
+    if "anyOf" in schema:
+        return any(_valid(value, branch) for branch in schema["anyOf"])
+    if "enum" in schema:
+        return value in schema["enum"]
+    types = schema.get("type")
+    if types is None:
+        return True
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    for t in types if isinstance(types, list) else [types]:
+        if t in kinds and type(value) is kinds[t] or t == "integer" and type(value) is int or t == "number" and type(
+                value) in (int, float):
+            if t == "object":
+                props = schema.get("properties", {})
+                return (set(value) <= set(props) and set(schema.get("required", [])) <= set(value)
+                        and all(_valid(v, props[k]) for k, v in value.items()))
+            if t == "array":
+                return (schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value))
+                        and all(_valid(v, schema["items"]) for v in value))
+            return True
+    return False
+
+
+def _held(text: str | bytes, schema=PERSON):
+    return SchemaPrefix(compile_schema(schema)).feed(text.encode() if isinstance(text, str) else text)
+
+
+VALID_PEOPLE = ['{"name": "Ada", "age": 36}', '{"age": -1, "name": ""}',
+                '{"name": "x", "age": 0, "height": 1.75e2, "tags": ["é", "a"], "ok": true, "pet": null, "extra": [1]}',
+                '{"name": "x", "age": 1, "height": null, "pet": {"kind": "cat", "child": {"kind": "dog", "child": null}}}']
+INVALID_PEOPLE = ['{"name": "Ada"}', '{"name": "Ada", "age": 3.5}', '{"name": 1, "age": 3}', '{"nam": "x", "age": 1}',
+                  '{"name": "x", "age": 1, "name": "y"}', '{"name": "x", "age": 1, "tags": []}',
+                  '{"name": "x", "age": 1, "tags": ["a", "b", "a"]}', '{"name": "x", "age": 1, "tags": ["c"]}',
+                  '{"name": "x", "age": 1, "pet": {"child": null}}', '{"name": "x", "age": 1, "pet": {"kind": "cow"}}',
+                  '{"name": "x", "age": 1e3}', '{"name": "x", "age": 1, "other": 1}', '{"name": "x", "age": 1,}']
+
+
+@pytest.mark.parametrize("text", VALID_PEOPLE)
+def test_an_object_the_schema_allows_is_accepted_byte_by_byte(text):
+    assert _valid(json.loads(text), PERSON)
+    data = text.encode()
+    for cut in range(len(data)):
+        state = _held(data[:cut])
+        assert state is not None and not state.complete, data[:cut]
+    assert _held(data).complete
+
+
+@pytest.mark.parametrize("text", INVALID_PEOPLE)
+def test_an_object_the_schema_does_not_allow_is_refused(text):
+    state = _held(text)
+    assert state is None or not state.complete
+
+
+def test_the_schema_automaton_agrees_with_a_validator_on_mutated_objects():
+    """Random edits of allowed objects: complete exactly where the text is JSON that the schema allows."""
+    rng = random.Random(1)
+    alphabet = '{}[]",:0123456789-.e \\ntrufalsnckdgéabx'
+    agreed = allowed = 0
+    for _ in range(3000):
+        text = list(rng.choice(VALID_PEOPLE))
+        for _ in range(rng.randint(1, 2)):
+            at = rng.randrange(len(text))
+            op = rng.random()
+            if op < 0.4:
+                del text[at]
+            elif op < 0.8:
+                text.insert(at, rng.choice(alphabet))
+            else:
+                text[at] = rng.choice(alphabet)
+        text = "".join(text)
+        try:
+            value = json.loads(text)
+            expected = isinstance(value, dict) and _valid(value, PERSON) and text == text.strip()
+            # keys as json.dumps writes them, and no key twice (json.loads keeps the last)
+            expected = expected and text.count('"name"') <= 1 and "\\u" not in text
+        except ValueError:
+            expected = False
+        state = _held(text)
+        assert (state is not None and state.complete) == expected, text
+        agreed += 1
+        allowed += expected
+    assert agreed == 3000 and 30 < allowed < 2970
+
+
+@pytest.mark.parametrize("schema,message", [
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}, "pattern at #/properties/a"),
+    ({"type": "object", "properties": {"t": {"type": "string", "format": "date-time"}}}, "format at #/properties/t"),
+    ({"type": "array"}, "root of a response_format schema must be an object"),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "additionalProperties at the root"),
+    ({"type": "object", "additionalProperties": {"type": "integer"}}, "additionalProperties at the root"),
+    ({"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}, "two branches allow object values"),
+    ({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}, "refers to itself"),
+    ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "only references to #/$defs"),
+    ({"type": "object", "properties": {"a": {"enum": [1, 2]}}}, "only strings and null"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": [{}, {}]}}}, "tuple validation"),
+    ({"type": "object", "properties": {"a": {"type": "date"}}}, "type 'date' at #/properties/a"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required at the root"),
+    ("not a schema", "must be a JSON object")])
+def test_a_schema_with_what_answers_would_not_be_held_to_is_refused_with_where(schema, message):
+    with pytest.raises(SchemaError, match=re.escape(message)):
+        compile_schema(schema)
+
+
+def test_engine_answers_held_to_a_schema_are_objects_it_allows(json_model, json_tokenizer):
+    """A schema whose objects are short: every answer closes within the cap (8 gaps of at most MAX_WHITESPACE
+    whitespace bytes, a character a token, and at most 30 characters of content) and is one the schema allows."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "pet": {"enum": ["cat", "dog"]}},
+              "required": ["ok", "pet"]}
+    engine = _json_engine(json_model, json_tokenizer)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=8 * MAX_WHITESPACE + 32, response_format="json_schema",
+                                json_schema=schema)
+    configs = [cfg, cfg.replace(temperature=1.0, seed=3), cfg.replace(temperature=1.0, seed=4, block_size=16)]
+    gens = [engine.generate([p], c)[0] for p, c in zip(PROMPTS, configs)]
+    for gen in gens:
+        assert gen.finish_reason == "stop", gen.text
+        value = json.loads(gen.text)
+        assert _valid(value, schema) and set(value) == {"ok", "pet"}, gen.text

@@ -302,9 +302,10 @@ def test_guided_choice_answers_with_the_choice_the_model_finds_most_likely(serve
         assert r.status_code == 400 and r.json()["error"]["param"] == "guided_choice", (bad, r.text)
 
 
-def test_response_format_json_object_answers_with_a_json_object_as_the_engine_does(server, tmp_path, json_tokenizer):
+def test_response_format_answers_with_a_json_object_as_the_engine_does(server, tmp_path, json_tokenizer):
     """JSON mode on an app whose vocabulary can write JSON (and whose default decoder is not JSON mode's: a JSON
-    request gets the threshold rule without asking): the engine's answer, on both endpoints, streamed or not."""
+    request gets the threshold rule without asking): the engine's answer, on both endpoints, streamed or not; an
+    answer held to a json_schema; schemas with keywords answers would not be held to are refused by name."""
     from ray import serve
 
     from conftest import make_config
@@ -332,7 +333,15 @@ def test_response_format_json_object_answers_with_a_json_object_as_the_engine_do
         chunks = list(client.completions.create(**body, stream=True))
         assert out.choices[0].text == "".join(c.choices[0].text for c in chunks if c.choices) == direct.text
         assert JsonPrefix().feed(direct.text.encode()) is not None
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+        held = client.chat.completions.create(  # 4 gaps of at most 16 whitespace bytes around 11 characters
+            model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=80,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        assert held.choices[0].finish_reason == "stop" and set(json.loads(held.choices[0].message.content)) == {"ok"}
         for bad, param in [({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+                           ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                               "type": "object", "properties": {"a": {"type": "string", "pattern": "^a"}}}}}},
+                            "response_format"),
                            ({"response_format": {"type": "yaml"}}, "response_format"),
                            ({"response_format": fmt, "guided_choice": ["{}"]}, "guided_choice"),
                            ({"response_format": fmt, "decoder": "credit"}, "decoder"),

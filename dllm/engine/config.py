@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass, field
 
 from .json_mode import RESPONSE_FORMATS
+from .json_schema import SchemaError, compile_schema
 
 DECODERS = ("threshold", "factor", "credit", "hierarchical", "fixed_k")
 CACHE_POLICIES = ("dllm-var", "vicinity", "none")
@@ -83,8 +85,9 @@ class GenerationConfig:
                      logit_bias, penalties, min_tokens and credit; the positions still masked then are unknown
                      to it). A diffusion model has no left-to-right factorisation: these are
                      commit-time probabilities, not a sequence likelihood.
-    response_format: None, or "json_object": the answer is one JSON object (OpenAI's JSON mode; see
-                     dllm.engine.json_mode). Its blocks are decoded from the left by the threshold rule (the
+    response_format: None, "json_object": the answer is one JSON object (OpenAI's JSON mode; see
+                     dllm.engine.json_mode), or "json_schema": one held to `json_schema` (a JSON Schema dict;
+                     dllm.engine.json_schema says which keywords are enforced, and the others are refused). Its blocks are decoded from the left by the threshold rule (the
                      decoder must be "threshold"), each position with its most likely token that keeps the
                      answer a JSON prefix (temperature > 0: sampled among the valid ones of its 64 most
                      likely); EOS follows the closed object. Needs a tokenizer; not with ignore_eos or
@@ -126,6 +129,7 @@ class GenerationConfig:
     cache_policy: str = "dllm-var"
     vicinity: int = 16
     response_format: str | None = None
+    json_schema: dict | None = None
     smoothing: bool = False
     smoothing_alpha: tuple[float, float, float] = field(default=(0.15, 0.02, 0.3))
     smoothing_threshold_decay: float = 0.02
@@ -178,9 +182,17 @@ class GenerationConfig:
             bad("stop", "a list of non-empty strings")
         if self.stop_token_ids is not None and not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "a list of token ids")
+        if self.json_schema is not None and self.response_format != "json_schema":
+            bad("json_schema", "given with response_format='json_schema' only")
         if self.response_format is not None:
             if self.response_format not in RESPONSE_FORMATS:
                 bad("response_format", f"None or one of {list(RESPONSE_FORMATS)}")
+            if self.response_format == "json_schema":
+                try:
+                    compile_schema(self.json_schema)
+                except SchemaError as e:
+                    raise ValueError(f"GenerationConfig.json_schema={reprlib.repr(self.json_schema)} is not one JSON "
+                                     f"mode can hold answers to: {e}") from e
             for name, clash in (("decoder", self.decoder != "threshold"), ("ignore_eos", self.ignore_eos),
                                 ("min_tokens", self.min_tokens > 0)):
                 if clash:

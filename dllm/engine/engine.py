@@ -38,7 +38,7 @@ import torch
 
 from ..model import LLaDAModelLM
 from ..quantization import QUANTIZATIONS, check_fp8_device, is_quantized, quantize_fp8
-from . import decoders, json_mode, memory
+from . import decoders, json_mode, json_schema, memory
 from .config import GenerationConfig
 from .cuda_graphs import GraphedForward
 from .decoders import STATELESS
@@ -437,7 +437,7 @@ class Engine:
             req.in_prompt = torch.zeros(width, dtype=torch.bool, device=self.device).index_fill_(
                 0, torch.tensor(prompt_ids, dtype=torch.long, device=self.device), True)
         if config.response_format is not None:
-            req.json_start = json_mode.JsonPrefix()
+            req.json_start = json_schema.start_state(config.response_format, config.json_schema)
         if config.temperature > 0:
             seed = config.seed if config.seed is not None else random.getrandbits(63)
             req.generator = torch.Generator(device=self.device).manual_seed(seed)

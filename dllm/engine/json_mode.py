@@ -23,12 +23,12 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-RESPONSE_FORMATS = ("json_object",)
+RESPONSE_FORMATS = ("json_object", "json_schema")  # any JSON object; one held to a JSON Schema (json_schema.py)
 # Tokens per position checked against the grammar before the whole vocabulary is ranked; sampling draws among
 # the valid ones of them.
 JSON_CANDIDATES = 64
-# Whitespace bytes allowed in a row outside strings: room for indentation, not for a model that would pad forever.
-MAX_WHITESPACE = 32
+# Whitespace bytes allowed in a row outside strings: a newline and indentation, not a model padding forever.
+MAX_WHITESPACE = 16
 
 _WHITESPACE = frozenset(b" \t\n\r")
 _DIGITS = frozenset(b"0123456789")
@@ -63,12 +63,16 @@ class JsonPrefix:
         return self.mode == _DONE
 
     def feed(self, data: bytes) -> JsonPrefix | None:
-        s = JsonPrefix.__new__(JsonPrefix)
-        s.stack, s.mode, s.is_key, s.pending, s.whitespace = (self.stack, self.mode, self.is_key, self.pending,
-                                                             self.whitespace)
+        s = self._copy()
         for byte in data:
             if not s._step(byte):
                 return None
+        return s
+
+    def _copy(self) -> JsonPrefix:
+        s = object.__new__(type(self))
+        s.stack, s.mode, s.is_key, s.pending, s.whitespace = (self.stack, self.mode, self.is_key, self.pending,
+                                                             self.whitespace)
         return s
 
     def _step(self, c: int) -> bool:
