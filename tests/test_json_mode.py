@@ -455,3 +455,32 @@ def test_engine_answers_held_to_a_schema_are_objects_it_allows(json_model, json_
         assert gen.finish_reason == "stop", gen.text
         value = json.loads(gen.text)
         assert _valid(value, schema) and set(value) == {"ok", "pet"}, gen.text
+
+
+def test_a_pydantic_models_schema_holds_its_own_json():
+    """What clients send most: a pydantic model's model_json_schema() ($defs, a recursive Optional, Literal, lists,
+    defaults, titles); the model's own JSON is held, and the validator pydantic runs agrees with what is refused."""
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, ValidationError
+
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog"]
+        child: Optional["Pet"] = None
+
+    class Person(BaseModel):
+        name: str
+        age: int
+        tags: list[str] = []
+        height: Optional[float] = None
+        pet: Optional[Pet] = None
+
+    schema = Person.model_json_schema()
+    person = Person(name="Ada", age=36, tags=["x"], height=1.7, pet=Pet(kind="cat", child=Pet(kind="dog")))
+    assert _held(person.model_dump_json(), schema).complete
+    assert _held(json.dumps(person.model_dump()), schema).complete  # with spaces
+    for text in ['{"name": "Ada"}', '{"name": "Ada", "age": 1, "pet": {"kind": "cow"}}', '{"name": "A", "age": "1"}']:
+        with pytest.raises(ValidationError):
+            Person.model_validate_json(text, strict=True)
+        state = _held(text, schema)
+        assert state is None or not state.complete
