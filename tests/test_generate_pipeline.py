@@ -120,6 +120,13 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys, tiny_checkpoint):
     assert main(["--model", str(tiny_checkpoint), "--input", str(records), "--output", str(tmp_path / "o"),
                  "--json"]) == 2  # its characters hold no '{'
     assert "--json / --json-schema: " in (err := capsys.readouterr().err) and "starts a JSON object" in err
+    schema = tmp_path / "schema.json"
+    for text, message in [("{not json", "cannot read a JSON Schema"),
+                          ('{"type": "object", "properties": {"a": {"minLength": 1}}}', "minLength at #/properties/a")]:
+        schema.write_text(text)
+        assert main(["--model", str(tiny_checkpoint), "--input", str(records), "--output", str(tmp_path / "o"),
+                     "--json-schema", str(schema)]) == 2
+        assert message in capsys.readouterr().err
     assert main(["--model", str(tiny_checkpoint), "--input", str(tmp_path / "none*.jsonl"),
                  "--output", str(tmp_path / "o")]) == 2
     assert "no input files match" in capsys.readouterr().err
