@@ -316,7 +316,7 @@ def test_json_mode_bench_decodes_the_record_tasks_prompts_free_and_in_json_mode(
     held.write_text("".join(json.dumps(s) + "\n" for s in make_samples(6, seed=1, tasks=["record", "sort"])))
     out = tmp_path / "json_mode.json"
     args = ["--model", str(ckpt), "--prompts-jsonl", str(held), "--device", "cpu", "--dtype", "float32",
-            "--batch", "1", "3", "--block-size", "8", "--max-new-tokens", "16", "--json", str(out)]
+            "--batch", "1", "3", "--block-size", "8", "--max-new-tokens", "16", "--repeats", "2", "--json", str(out)]
     result = json_mode_bench.main(args)
     assert json.loads(out.read_text()) == result
     records = sum(s["task"] == "record" for s in make_samples(6, seed=1, tasks=["record", "sort"]))
