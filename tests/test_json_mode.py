@@ -484,3 +484,23 @@ def test_a_pydantic_models_schema_holds_its_own_json():
             Person.model_validate_json(text, strict=True)
         state = _held(text, schema)
         assert state is None or not state.complete
+
+
+@pytest.mark.parametrize("mode", dllm.engine.PREEMPTION_MODES)
+def test_preempted_json_rows_resume_with_the_answers_they_get_alone(json_model, json_tokenizer, mode):
+    """A pool that holds about 1.5 answers: JSON rows (greedy, sampled, held to a schema) are preempted as the older
+    ones grow, their K/V swapped out or rebuilt; the grammar's state travels with the request."""
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=32, response_format="json_object")
+    cfgs = [cfg, cfg.replace(temperature=1.0, seed=7), cfg.replace(response_format="json_schema", json_schema={
+        "type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array"}}}), cfg] * 2
+    prompts = [p + str(k) for k, p in enumerate(PROMPTS * 2)]
+    alone = [_json_engine(json_model, json_tokenizer, prefix_caching=False).generate([p], c)[0]
+             for p, c in zip(prompts, cfgs)]
+    probe = _json_engine(json_model, json_tokenizer, page_size=4)
+    need = max(probe.cache.pages_for(len(probe.encode(p)) + 32) for p in prompts)
+    engine = _json_engine(json_model, json_tokenizer, prefix_caching=False, page_size=4, preemption_mode=mode,
+                          kv_cache_tokens=int(1.5 * need) * 4)
+    gens = engine.generate(prompts, cfgs)
+    assert engine.stats()["preemptions"] >= 1
+    assert [g.token_ids for g in gens] == [a.token_ids for a in alone]
+    assert all(_is_json_prefix(g.text) is not None for g in gens)
