@@ -10,8 +10,9 @@ conversation to answer; a final assistant turn is the reference). With --chat-te
 are wrapped in the tokenizer's chat template, as `pack --chat-template` wraps them for training; without it they
 are joined as dLLM-Var's training concatenation. So a held-out file of training data scores as it was trained.
 A record's own `max_tokens`, `temperature`, `top_p`, `top_k` or `seed` override the job's flags for it. With --json
-(--json-schema FILE) every answer is one JSON object (held to the schema) (JSON mode, dllm.engine.json_mode; a vocabulary that cannot write one is refused
-before any work).
+every answer is one JSON object (JSON mode, dllm.engine.json_mode), with --json-schema FILE one held to that schema;
+a vocabulary that cannot write one, or a schema with keywords answers would not be held to, is refused before any
+work.
 
 Every input record is one output row, a bad one too: `source`, `line`, `record` (the input as JSON), `prompt`,
 `reference`, `generated_text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, `forwards`, `exact_match`
@@ -150,7 +151,7 @@ def run_generate(args) -> dict:
         raise PipelineError(f"cannot read the checkpoint in {args.model}: {e}") from e
     if config["response_format"]:
         try:
-            json_mode.check_vocabulary(json_mode.vocabulary_bytes(tokenizer, model_config.embedding_size))
+            json_mode.json_vocabulary(tokenizer, model_config.embedding_size)
         except ValueError as e:
             raise PipelineError(f"--json / --json-schema: {e}") from e
     check_output(args.output)

@@ -87,9 +87,9 @@ class GenerationConfig:
                      commit-time probabilities, not a sequence likelihood.
     response_format: None, "json_object": the answer is one JSON object (OpenAI's JSON mode; see
                      dllm.engine.json_mode), or "json_schema": one held to `json_schema` (a JSON Schema dict;
-                     dllm.engine.json_schema says which keywords are enforced, and the others are refused). Its blocks are decoded from the left by the threshold rule (the
-                     decoder must be "threshold"), each position with its most likely token that keeps the
-                     answer a JSON prefix (temperature > 0: sampled among the valid ones of its 64 most
+                     dllm.engine.json_schema says which keywords are enforced, and the others are refused).
+                     Its blocks are decoded from the left by the threshold rule (the decoder must be
+                     "threshold"), each position with its most likely token that keeps the answer a JSON prefix (temperature > 0: sampled among the valid ones of its 64 most
                      likely); EOS follows the closed object. Needs a tokenizer; not with ignore_eos or
                      min_tokens (the object's end is the answer's). One host read per step of such a row.
     smoothing:       iteration smoothing (dInfer): masked inputs get mask-embedding + alpha_t * E[emb]

@@ -905,11 +905,9 @@ class Engine:
         """Each token's bytes for JSON mode, read off the tokenizer once (and checked to hold '{' and '}')."""
         if self._json_vocab is None:
             if self.tokenizer is None:
-                raise ValueError("response_format='json_object' needs an Engine with a tokenizer (tokens are checked "
-                                 "as text)")
-            vocab = json_mode.vocabulary_bytes(self.tokenizer, self.config.embedding_size)
-            json_mode.check_vocabulary(vocab)
-            self._json_vocab = vocab
+                raise ValueError("JSON mode (response_format json_object / json_schema) needs an Engine with a "
+                                 "tokenizer (tokens are checked as text)")
+            self._json_vocab = json_mode.json_vocabulary(self.tokenizer, self.config.embedding_size)
         return self._json_vocab
 
     def _record_logprobs(self, logits: torch.Tensor, x: torch.Tensor, commit: torch.Tensor, reqs: list[Request],

@@ -90,8 +90,8 @@ class JsonPrefix:
                     return False
                 self.mode, self.pending = _UTF8, due
             return True
-        if mode == _UTF8:
-            if not 0x80 <= c <= 0xBF:
+        if mode == _UTF8 or mode == _UNICODE:  # bytes the string still owes: UTF-8 continuations, \u hex digits
+            if not (0x80 <= c <= 0xBF if mode == _UTF8 else c in _HEX):
                 return False
             self.pending -= 1
             if not self.pending:
@@ -101,13 +101,6 @@ class JsonPrefix:
             if c not in _ESCAPES:
                 return False
             self.mode, self.pending = (_UNICODE, 4) if c == 0x75 else (_STRING, 0)
-            return True
-        if mode == _UNICODE:
-            if c not in _HEX:
-                return False
-            self.pending -= 1
-            if not self.pending:
-                self.mode = _STRING
             return True
         if mode == _LITERAL:
             if c != self.pending[0]:
@@ -264,10 +257,18 @@ def check_vocabulary(vocab: Sequence[bytes | None]) -> None:
     """A vocabulary that cannot open and close an object cannot serve JSON mode: say so at admission."""
     start = JsonPrefix()
     if not any(b and (s := start.feed(b)) is not None and (s.stack or s.complete) for b in vocab):
-        raise ValueError("response_format='json_object' needs a tokenizer with a token that starts a JSON object "
-                         "('{'); this one has none")
+        raise ValueError("JSON mode (response_format json_object / json_schema) needs a tokenizer with a token that "
+                         "starts a JSON object ('{'); this one has none")
     if not any(b and b"}" in b for b in vocab):
-        raise ValueError("response_format='json_object' needs a tokenizer with a token holding '}'; this one has none")
+        raise ValueError("JSON mode (response_format json_object / json_schema) needs a tokenizer with a token "
+                         "holding '}'; this one has none")
+
+
+def json_vocabulary(tokenizer, size: int) -> list[bytes | None]:
+    """vocabulary_bytes of a tokenizer that can write JSON (check_vocabulary), or a ValueError that says why not."""
+    vocab = vocabulary_bytes(tokenizer, size)
+    check_vocabulary(vocab)
+    return vocab
 
 
 @dataclass(frozen=True)

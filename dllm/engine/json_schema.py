@@ -16,6 +16,7 @@ Keys and enum strings are written as json.dumps writes them (no escapes where no
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -94,9 +95,21 @@ ANY = _any_node()
 
 
 def compile_schema(schema) -> Node:
-    """The rules of `schema` (a JSON Schema as a dict), or a SchemaError that says what is not supported and where."""
+    """The rules of `schema` (a JSON Schema as a dict), or a SchemaError that says what is not supported and where.
+    Compiled once per distinct schema: a request's is asked for by the API, its GenerationConfig and the engine, and
+    clients send the same schema again and again (the rules are read-only once compiled)."""
     if not isinstance(schema, dict):
         raise SchemaError(f"the schema must be a JSON object, got {type(schema).__name__}")
+    try:
+        text = json.dumps(schema)
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"the schema must be JSON: {e}") from e
+    return _compiled(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(text: str) -> Node:
+    schema = json.loads(text)
     defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
     for key in ("definitions", "$defs"):
         if not isinstance(schema.get(key, {}), dict):
