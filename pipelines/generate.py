@@ -19,13 +19,15 @@ Every input record is one output row, a bad one too: `source`, `line`, `record` 
 (the answer equals the reference; null without one), `error_kind` / `error` (malformed_json, missing_field,
 wrong_type, invalid_value: an override out of range, too_long: the engine cannot fit the prompt). `stats.json`:
 records, answered, errors by kind with the first bad lines, tokens, forwards, tokens per forward, exact match,
-seconds. An actor pool of engines (one model replica each; a GPU each with --gpus-per-replica 1) decodes each batch
-of records together (continuous batching inside a replica).
+seconds. An actor pool of engines (one model replica each; a GPU each with --gpus-per-replica 1) decodes
+--batch-size records at a time, --batches-in-flight batches of them together: continuous batching inside a replica,
+the next batch's records taking the slots that the last one's short answers free.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import os
@@ -36,6 +38,7 @@ import pyarrow as pa
 
 import dllm
 from dllm.engine import json_mode
+from dllm.engine.async_loop import EngineLoop
 from dllm.quantization import QUANTIZATIONS
 
 from .pack import (PipelineError, check_output, conversation_prompt, error_of, expand_inputs, parse_file, record_texts,
@@ -84,42 +87,55 @@ def record_config(rec: dict, config: dllm.GenerationConfig) -> dllm.GenerationCo
 
 
 class Generate:
-    """One engine replica: answers a batch of records together; a bad record is a row with its error."""
+    """One engine replica: answers the records of up to `batches_in_flight` batches together (the next batch's
+    requests take the slots that the last one's short answers free); a bad record is a row with its error."""
 
     def __init__(self, model: str, chat_template: bool, config: dict, max_batch_size: int,
-                 max_model_len: int | None, quantization: str | None) -> None:
+                 max_model_len: int | None, quantization: str | None, batches_in_flight: int) -> None:
         device, dtype = dllm.inference_placement()
         tok = dllm.load_tokenizer(model)
         net = dllm.load_model(model, device=device, dtype=dtype)
         self.engine = dllm.Engine(net, tok, max_batch_size=max_batch_size, max_model_len=max_model_len,
                                   quantization=quantization)
+        self.loop = EngineLoop(self.engine)
+        # Ray Data runs several batches of an actor at once on one event loop (more within a task, more with
+        # concurrent tasks): this bounds them, so that a replica holds no more records than it was asked to.
+        self.batch_slots = asyncio.Semaphore(batches_in_flight)
         self.config = dllm.GenerationConfig(**config)
         self.chat = chat_template
         self.chat_prompt = functools.partial(conversation_prompt, tok, chat_template)
 
-    def __call__(self, batch: dict) -> pa.Table:
-        rows, pending = [], {}  # pending: request id -> its row
-        for record, kind, error, source, line in zip(batch["record"], batch["error_kind"], batch["error"],
-                                                     batch["source"], batch["position"]):
-            row = {"source": str(source), "line": int(line), "record": str(record), "error_kind": str(kind),
-                   "error": str(error)}
-            rows.append(row)
-            if kind:
-                continue
-            try:
-                rec = json.loads(record)
-                row["prompt"], row["reference"] = record_prompt(rec, self.chat_prompt, self.chat)
-                pending[self.engine.add_request(row["prompt"], record_config(rec, self.config))] = row
-            except ValueError as ex:  # the record's (kind, message), or the engine's refusal of its length
-                row["error_kind"], row["error"] = error_of(ex) if len(ex.args) == 2 else ("too_long", str(ex))
-        while pending:
-            for out in self.engine.step():
-                if out.finished and out.request_id in pending:
-                    row, g = pending.pop(out.request_id), out.generation
-                    row.update(generated_text=g.text, finish_reason=g.finish_reason, prompt_tokens=g.prompt_tokens,
-                               completion_tokens=len(g.token_ids), forwards=g.num_forwards,
-                               exact_match=None if row["reference"] is None else g.text == row["reference"])
+    async def __call__(self, batch: dict) -> pa.Table:
+        async with self.batch_slots:
+            rows, answers = [], []
+            for record, kind, error, source, line in zip(batch["record"], batch["error_kind"], batch["error"],
+                                                         batch["source"], batch["position"]):
+                row = {"source": str(source), "line": int(line), "record": str(record), "error_kind": str(kind),
+                       "error": str(error)}
+                rows.append(row)
+                if kind:
+                    continue
+                try:
+                    rec = json.loads(record)
+                    row["prompt"], row["reference"] = record_prompt(rec, self.chat_prompt, self.chat)
+                    answers.append(self._answer(row, self.engine.encode(row["prompt"]), record_config(rec, self.config)))
+                except ValueError as ex:  # the record's (kind, message)
+                    row["error_kind"], row["error"] = error_of(ex)
+            await asyncio.gather(*answers)
         return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+    async def _answer(self, row: dict, prompt_ids: list[int], config: dllm.GenerationConfig) -> None:
+        """Decode one record's prompt into its row (or the engine's refusal of its length)."""
+        try:
+            async for out in self.loop.generate(prompt_ids, config):
+                pass
+        except ValueError as ex:  # add_request's: the prompt cannot fit
+            row["error_kind"], row["error"] = "too_long", str(ex)
+            return
+        g = out.generation
+        row.update(generated_text=g.text, finish_reason=g.finish_reason, prompt_tokens=g.prompt_tokens,
+                   completion_tokens=len(g.token_ids), forwards=g.num_forwards,
+                   exact_match=None if row["reference"] is None else g.text == row["reference"])
 
 
 def generation_config(args) -> dict:
@@ -140,6 +156,9 @@ def generation_config(args) -> dict:
 def run_generate(args) -> dict:
     """Run the job; returns the stats dict that is also written as `stats.json`."""
     t0 = time.time()
+    for flag in ("replicas", "batch_size", "batches_in_flight", "max_batch_size"):
+        if getattr(args, flag) < 1:
+            raise PipelineError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     paths = expand_inputs(args.input)
     config = generation_config(args)
     if not os.path.isdir(args.model):
@@ -168,8 +187,10 @@ def run_generate(args) -> dict:
     answered = records.map_batches(
         Generate, fn_constructor_kwargs={"model": args.model, "chat_template": args.chat_template, "config": config,
                                          "max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len,
-                                         "quantization": args.quantization},
-        batch_size=args.batch_size, compute=ActorPoolStrategy(size=args.replicas),
+                                         "quantization": args.quantization,
+                                         "batches_in_flight": args.batches_in_flight},
+        batch_size=args.batch_size,
+        compute=ActorPoolStrategy(size=args.replicas, max_concurrent_calls_per_actor=args.batches_in_flight),
         num_gpus=args.gpus_per_replica or None, batch_format="numpy").materialize()
     if answered.count() == 0:
         raise PipelineError(f"the input {paths} holds no records")
@@ -237,6 +258,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--replicas", type=int, default=1, help="engine actors")
     p.add_argument("--gpus-per-replica", type=float, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="records per engine call")
+    p.add_argument("--batches-in-flight", type=int, default=2,
+                   help="batches a replica decodes at once (1: each batch's last answer before the next batch)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together per replica")
     p.add_argument("--max-model-len", type=int, help="cache positions per request (default: the model's)")
     p.add_argument("--examples-shown", type=int, default=5, help="bad lines listed in stats.json")

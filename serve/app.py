@@ -32,9 +32,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dllm
 from dllm.checkpoint import INFERENCE_DTYPES
+from dllm.engine.async_loop import EngineLoop
 from dllm.quantization import QUANTIZATIONS
 
-from .engine_loop import EngineLoop
 from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation, chat_logprobs,
                        completion_logprobs, logit_bias_ids, logprobs_wanted, message_text, new_id, now,

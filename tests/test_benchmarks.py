@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import (ablation_bench, decode_step_bench, engine_bench, json_mode_bench, likelihood_bench, objective_bench,
+from benchmarks import (ablation_bench, batch_job_bench, decode_step_bench, engine_bench, json_mode_bench, likelihood_bench, objective_bench,
                         priority_bench, serve_bench, step_overhead_bench, streaming_bench, trained_compare)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,3 +333,20 @@ def test_json_mode_bench_decodes_the_record_tasks_prompts_free_and_in_json_mode(
     held.write_text(json.dumps(make_samples(1, tasks=["sort"])[0]) + "\n")
     with pytest.raises(SystemExit, match="no record-task rows"):
         json_mode_bench.main(args)
+
+
+def test_batch_job_bench_runs_the_job_with_each_number_of_batches_in_flight(tmp_path, ray_local):
+    out = tmp_path / "batch_job.json"
+    result = batch_job_bench.main(["--records", "12", "--in-flight", "1", "2", "--repeats", "1", "--batch-size", "4",
+                                   "--max-batch-size", "4", "--d-model", "64", "--layers", "1", "--max-tokens", "24",
+                                   "--json", str(out)])
+    assert json.loads(out.read_text()) == result  # and the same answers in both settings (it exits otherwise)
+    one, two = result["rows"]
+    assert (one["batches_in_flight"], two["batches_in_flight"]) == (1, 2)
+    assert one["records"] == two["records"] == 12 and one["tokens"] == two["tokens"] > 0
+    assert one["rows_per_step"] <= 4 and two["rows_per_step"] <= 4  # --max-batch-size
+    assert two["steps"] <= one["steps"]  # never more: the next batch only fills slots the last one left empty
+    for way in ("replica", "job"):
+        assert two[f"{way}_speedup"] == pytest.approx(two[f"{way}_tokens_per_s"] / one[f"{way}_tokens_per_s"])
+    with pytest.raises(SystemExit):
+        batch_job_bench.main(["--in-flight", "2", "4"])  # no baseline

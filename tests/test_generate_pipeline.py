@@ -1,6 +1,7 @@
 """Offline batch generation as a Ray Data job (pipelines.generate / `dllm batch`): engine actors answer every
 record of a dataset, bad records are rows with their reason, and the answers are the engine's."""
 
+import asyncio
 import json
 
 import pyarrow as pa
@@ -9,7 +10,7 @@ import pytest
 
 import dllm
 from dllm.cli import main as cli_main
-from pipelines.generate import main, record_prompt
+from pipelines.generate import Generate, main, record_prompt
 from pipelines.pack import conversation_prompt
 
 pytestmark = pytest.mark.slow
@@ -127,6 +128,9 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys, tiny_checkpoint):
         assert main(["--model", str(tiny_checkpoint), "--input", str(records), "--output", str(tmp_path / "o"),
                      "--json-schema", str(schema)]) == 2
         assert message in capsys.readouterr().err
+    assert main(["--model", str(tiny_checkpoint), "--input", str(records), "--output", str(tmp_path / "o"),
+                 "--batches-in-flight", "0"]) == 2
+    assert "--batches-in-flight must be at least 1, got 0" in capsys.readouterr().err
     assert main(["--model", str(tiny_checkpoint), "--input", str(tmp_path / "none*.jsonl"),
                  "--output", str(tmp_path / "o")]) == 2
     assert "no input files match" in capsys.readouterr().err
@@ -138,3 +142,32 @@ def test_rows_are_parquet_by_default(answered):
                  *FLAGS]) == 0
     table = pa.concat_tables(pq.read_table(f) for f in sorted((root / "pq").glob("*.parquet")))  # + stats.json
     assert table.num_rows == 1 and table.column("generated_text")[0].as_py() == answered[2][5]
+
+
+def batch_of(prompts: list[str], first_line: int) -> dict:
+    """A batch as the job hands it to a replica (its records read, none bad)."""
+    n = len(prompts)
+    return {"record": [json.dumps({"prompt": p}) for p in prompts], "error_kind": [""] * n, "error": [""] * n,
+            "source": ["records.jsonl"] * n, "position": list(range(first_line, first_line + n))}
+
+
+@pytest.mark.parametrize("in_flight, most_running", [(1, 2), (2, 4)])
+def test_a_replica_decodes_the_next_batchs_records_beside_the_last_ones(tmp_path, talkative_model, char_tokenizer,
+                                                                         in_flight, most_running):
+    ckpt = dllm.save_pretrained(talkative_model, char_tokenizer, tmp_path / "ckpt")
+    config = {"block_size": 8, "threshold": 0.9, "max_new_tokens": 24, "early_stop": True}
+    replica = Generate(str(ckpt), chat_template=False, config=config, max_batch_size=4, max_model_len=64,
+                       quantization=None, batches_in_flight=in_flight)
+    running = []  # requests in the engine's batch after each step
+    replica.loop.on_step = lambda stats: running.append(stats["running"])
+    prompts = ["sort: dcba =>", "abc", "reverse: abc =>", "cab"]
+
+    async def two_batches():  # as Ray Data hands an async replica its batches: at once
+        return await asyncio.gather(replica(batch_of(prompts[:2], 1)), replica(batch_of(prompts[2:], 3)))
+
+    tables = asyncio.run(two_batches())
+    assert max(running) == most_running  # 1: a batch's last answer before the next batch; 2: both batches together
+    engine = dllm.Engine(talkative_model, char_tokenizer, max_model_len=64)
+    answers = [g.text for g in engine.generate(prompts, dllm.GenerationConfig(**config))]
+    assert [t for table in tables for t in table.column("generated_text").to_pylist()] == answers
+    assert [line for table in tables for line in table.column("line").to_pylist()] == [1, 2, 3, 4]

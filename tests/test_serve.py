@@ -802,7 +802,7 @@ def test_engine_loop_runs_calls_between_steps_and_hands_back_their_errors(talkat
     """Work on the model (likelihood scoring) runs on the engine thread, interleaved with generation."""
     import asyncio
 
-    from serve.engine_loop import EngineLoop
+    from dllm.engine.async_loop import EngineLoop
 
     loop = EngineLoop(dllm.Engine(talkative_model, max_model_len=256))
     cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=32)

@@ -1,4 +1,5 @@
-"""Runs a `dllm.Engine` in a background thread and serves it to asyncio callers.
+"""Runs a `dllm.Engine` in a background thread and serves it to asyncio callers (a Serve replica, the
+batch job's engine actors).
 
 The engine steps continuously while any request is in flight; callers on the event loop submit a
 request and iterate its outputs (one item per committed block, the last one finished). New
@@ -73,7 +74,7 @@ class EngineLoop:
         """Yield the request's outputs as blocks commit; closing the iterator early aborts it."""
         if not self.alive:
             raise RuntimeError(f"the engine loop is not running: {self.error!r}")
-        sub = _Submission(f"srv-{next(self._ids)}", prompt_ids, config, priority, asyncio.get_running_loop(),
+        sub = _Submission(f"loop-{next(self._ids)}", prompt_ids, config, priority, asyncio.get_running_loop(),
                           asyncio.Queue(), time.monotonic())
         self._inbox.put(("add", sub))
         self._wake.set()
