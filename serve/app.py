@@ -37,8 +37,8 @@ from dllm.quantization import QUANTIZATIONS
 
 from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation, chat_logprobs,
-                       completion_logprobs, logit_bias_ids, logprobs_wanted, message_text, new_id, now,
-                       reject_unsupported, response_format_of, usage)
+                       completion_logprobs, forced_tool, logit_bias_ids, logprobs_wanted, message_text, new_id, now,
+                       reject_unsupported, response_format_of, tool_call, usage)
 from .router import PromptAffinityRouter
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
@@ -362,7 +362,7 @@ class OpenAIIngress:
         if req.max_completion_tokens is not None and req.max_tokens is None:
             req.max_tokens = req.max_completion_tokens
         self._check_common(req)
-        ids = self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message)
+        ids = self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message, req.tools)
         last = req.messages[-1]
         echo = [message_text(last, len(req.messages) - 1)] if req.echo and last.role == "assistant" else None
         return await self._run(req, [ids], chat=True, echo=echo)
@@ -435,12 +435,14 @@ class OpenAIIngress:
         self._check_model(req.model)
         return {"prompt": self.tokenizer.decode(self._checked_ids(req.tokens, param="tokens"))}
 
-    def _chat_ids(self, messages, add_generation_prompt: bool, continue_final_message: bool) -> list[int]:
-        """The prompt's token ids: the messages in the model's chat template; with continue_final_message
-        the text ends with the final message's content, left open (no end-of-turn token after it)."""
+    def _chat_ids(self, messages, add_generation_prompt: bool, continue_final_message: bool,
+                  tools: list | None = None) -> list[int]:
+        """The prompt's token ids: the messages in the model's chat template (with the tools, for a template that
+        shows them to the model); with continue_final_message the text ends with the final message's content, left
+        open (no end-of-turn token after it)."""
         conversation = chat_conversation(messages, add_generation_prompt, continue_final_message)
         try:
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, tools=tools or None,
                                                       add_generation_prompt=add_generation_prompt,
                                                       continue_final_message=continue_final_message)
         except (ValueError, jinja2.TemplateError) as e:  # e.g. a final message the template does not reproduce,
@@ -526,9 +528,11 @@ class OpenAIIngress:
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
+        forced = forced_tool(req) if chat else None
+        tool = forced[0] if forced else None  # each answer is a call of this function
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, req.n),
+            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, req.n, tool=tool),
                                      media_type="text/event-stream")
         streams = self._submit(payloads)
         texts, lasts = list(prefixes or [""] * len(streams)), [None] * len(streams)
@@ -542,7 +546,7 @@ class OpenAIIngress:
         except Exception as e:
             raise self._engine_error(e) from e
         wanted = logprobs_wanted(req) is not None
-        return self._final_body(rid, chat, texts, lasts, req.n, logprobs if wanted else None)
+        return self._final_body(rid, chat, texts, lasts, req.n, logprobs if wanted else None, tool)
 
     def _submit(self, payloads: list[dict]) -> list:
         """One engine stream per choice; they join the replicas' batches as they arrive."""
@@ -584,24 +588,28 @@ class OpenAIIngress:
             completion_logprobs(entries, self._token_text, text_offset)
 
     def _final_body(self, rid: str, chat: bool, texts: list[str], lasts: list[dict], n: int,
-                    logprobs: list[list] | None) -> dict:
+                    logprobs: list[list] | None, tool: str | None = None) -> dict:
+        """The whole response; `tool`: each chat answer is a call of this function, its text the arguments."""
         base = {"id": rid, "created": now(), "model": self.model_name, "usage": self._usage(lasts, n),
                 "dllm": self._stats(lasts)}
         per_choice = [self._logprobs_body(chat, entries) for entries in logprobs] if logprobs else [None] * len(texts)
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                        "finish_reason": last["finish_reason"], "logprobs": lp}
-                       for i, (text, last, lp) in enumerate(zip(texts, lasts, per_choice))]
+            messages = [{"role": "assistant", "content": None, "tool_calls": [tool_call(tool, text)]} if tool
+                        else {"role": "assistant", "content": text} for text in texts]
+            choices = [{"index": i, "message": message, "finish_reason": last["finish_reason"], "logprobs": lp}
+                       for i, (message, last, lp) in enumerate(zip(messages, lasts, per_choice))]
             return {**base, "object": "chat.completion", "choices": choices}
         choices = [{"index": i, "text": text, "finish_reason": last["finish_reason"], "logprobs": lp}
                    for i, (text, last, lp) in enumerate(zip(texts, lasts, per_choice))]
         return {**base, "object": "text_completion", "choices": choices}
 
     async def _sse(self, payloads: list[dict], rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
-                   n: int, ready: list[dict] | None = None):
+                   n: int, ready: list[dict] | None = None, tool: str | None = None):
         """One chunk per committed block of each choice (tagged with its index), a finish chunk per
         choice, then the usage chunk (if asked) and [DONE]. `ready`: the choices' final items, known already
-        (guided_choice), streamed as one block each instead of payloads submitted to the replicas."""
+        (guided_choice), streamed as one block each instead of payloads submitted to the replicas. `tool`: each
+        chat answer is a call of this function, streamed as OpenAI streams one: the call's id and name in its
+        first chunk, the arguments' text in pieces after it."""
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -612,7 +620,11 @@ class OpenAIIngress:
                 offsets[index] += sum(map(len, lp["tokens"]))
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if index not in started else {}
-                if text:
+                if tool and index not in started:
+                    delta["tool_calls"] = [{"index": 0, **tool_call(tool, text or "")}]
+                elif tool and text:
+                    delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
+                elif text:
                     delta["content"] = text
                 choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
             else:

@@ -84,9 +84,12 @@ class CompletionRequest(_Common):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "user", "assistant", "developer"]
-    # a string, or OpenAI's content parts ([{"type": "text", "text": ...}, ...]: see message_text)
-    content: str | list[dict[str, Any]]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    # a string, or OpenAI's content parts ([{"type": "text", "text": ...}, ...]: see message_text); None only in
+    # an assistant message that holds tool_calls
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an earlier answer's calls (assistant)
+    tool_call_id: str | None = None  # the call a tool message answers
 
 
 class ChatCompletionRequest(_Common):
@@ -94,8 +97,11 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=dllm.engine.MAX_LOGPROBS)
     max_completion_tokens: int | None = None
+    # OpenAI's function tools: {"type": "function", "function": {"name", "description", "parameters"}}; a call is
+    # made where tool_choice names a function (or is "required" with one tool): see forced_tool
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # a forced call is one call, which either value allows
     # vLLM's extras: the template's opening of the answer, or (instead) the final message left open so
     # that the answer continues it (an assistant message started by the client)
     add_generation_prompt: bool = True
@@ -146,22 +152,26 @@ def reject_unsupported(req: _Common) -> None:
                     "logprobs with echo (prompt logprobs) are not supported: a masked diffusion model has no "
                     "left-to-right probabilities of the prompt's tokens")]
     if isinstance(req, ChatCompletionRequest):
-        checks += [("tools", bool(req.tools), "tools / function calling are not supported"),
+        checks += [("echo", req.echo and forced_tool(req) is not None,
+                    "echo does not go with a forced tool call: the answer is the call's arguments"),
                    ("logprobs", req.echo and req.logprobs,
                     "logprobs with echo are not supported: the echoed text is the client's, with no log-probabilities")]
     checks.append(("guided_choice", req.guided_choice is not None and logprobs_wanted(req) is not None,
                    "logprobs are not available with guided_choice: the answer is chosen by its likelihood, not "
                    "decoded token by token"))
-    json_mode = response_format_of(req)[0] is not None
+    json_mode = response_format_of(req)[0] is not None  # a forced tool call's arguments too
     checks += [("guided_choice", json_mode and req.guided_choice is not None,
-                "guided_choice and a JSON response_format are two answers' shapes; give one"),
+                "guided_choice and a JSON answer (response_format or a forced tool call) are two answers' shapes; "
+                "give one"),
                ("ignore_eos", json_mode and req.ignore_eos,
-                "ignore_eos does not go with a JSON response_format: the answer ends where the object closes"),
+                "ignore_eos does not go with a JSON answer (response_format or a forced tool call): the answer "
+                "ends where the object closes"),
                ("min_tokens", json_mode and req.min_tokens > 0,
-                "min_tokens does not go with a JSON response_format: the answer ends where the object closes"),
+                "min_tokens does not go with a JSON answer (response_format or a forced tool call): the answer "
+                "ends where the object closes"),
                ("decoder", json_mode and req.decoder not in (None, "threshold"),
-                "a JSON response_format decodes from the left by the threshold rule: use decoder 'threshold' "
-                "(or none)")]
+                "a JSON answer (response_format or a forced tool call) decodes from the left by the threshold rule: "
+                "use decoder 'threshold' (or none)")]
     for param, bad, message in checks:
         if bad:
             raise APIError(400, message, param=param, code="unsupported_parameter")
@@ -170,11 +180,17 @@ def reject_unsupported(req: _Common) -> None:
 
 
 def response_format_of(req: _Common) -> tuple[str | None, dict | None]:
-    """GenerationConfig's (response_format, json_schema) of a request's response_format: (None, None) for text,
-    ("json_object", None) for OpenAI's JSON mode, ("json_schema", the schema) for structured outputs, whose schema
-    is checked here (a keyword answers would not be held to is a 400 that names it)."""
+    """GenerationConfig's (response_format, json_schema) of a request: (None, None) for text, ("json_object", None)
+    for OpenAI's JSON mode, ("json_schema", the schema) for structured outputs, whose schema is checked here (a
+    keyword answers would not be held to is a 400 that names it), and for a forced tool call (its parameters)."""
     fmt = req.response_format
     kind = None if fmt is None else fmt.get("type")
+    tool = forced_tool(req) if isinstance(req, ChatCompletionRequest) else None
+    if tool is not None:
+        if kind not in (None, "text"):
+            raise APIError(400, "a forced tool call's arguments are held to its parameters' schema; give either "
+                                "response_format or tool_choice", param="response_format", code="invalid_value")
+        return "json_schema", tool[1]
     if kind in (None, "text"):
         return None, None
     if kind == "json_object":
@@ -194,11 +210,80 @@ def response_format_of(req: _Common) -> tuple[str | None, dict | None]:
     return kind, spec["schema"]
 
 
+def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
+    """(function name, its parameters' schema) of the call a request's tool_choice makes the answer, None for a text
+    answer. A named function (tool_choice {"type": "function", "function": {"name"}}) or "required" with one tool is
+    called: the answer is its arguments, held to its parameters (json_schema mode). "none" answers in text; "auto"
+    (OpenAI's default where tools are given) is refused, since choosing between text and a call needs a tool-call
+    format the model was trained to write, which LLaDA-style checkpoints have none of."""
+    functions = _tool_functions(req.tools or [])
+    choice = req.tool_choice
+    if choice is None or choice == "auto":
+        if not functions:
+            return None
+        raise APIError(400, "tool_choice 'auto' (the default where tools are given) is not supported: telling a call "
+                            "from text needs a tool-call format this model was not trained to write; name a function "
+                            "(tool_choice {\"type\": \"function\", \"function\": {\"name\": ...}}), or give "
+                            "'required' with one tool, or 'none'", param="tool_choice", code="unsupported_parameter")
+    if choice == "none":
+        return None
+    if not functions:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+    if choice == "required":
+        if len(functions) != 1:
+            raise APIError(400, f"tool_choice 'required' with {len(functions)} tools is not supported (an answer held "
+                                "to one of several functions' schemas); name the function to call",
+                           param="tool_choice", code="unsupported_parameter")
+        name = next(iter(functions))
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str):
+        name = choice["function"]["name"]
+        if name not in functions:
+            raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools "
+                                f"{sorted(functions)}", param="tool_choice", code="invalid_value")
+    else:
+        raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}", param="tool_choice", code="invalid_value")
+    return name, functions[name]
+
+
+def _tool_functions(tools: list) -> dict[str, dict]:
+    """Each function tool's name -> its parameters' schema (checked: a keyword a call would not be held to is a 400
+    that names it and where it is)."""
+    functions = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                "\"parameters\": {...}}}: function tools only", param="tools", code="invalid_value")
+        if fn["name"] in functions:
+            raise APIError(400, f"tools[{i}] repeats the function name {fn['name']!r}", param="tools",
+                           code="invalid_value")
+        schema = fn.get("parameters", {"type": "object", "properties": {}})  # OpenAI's: no parameters
+        try:
+            compile_schema(schema)
+        except SchemaError as e:
+            raise APIError(400, f"tools[{i}].function.parameters: {e}", param="tools",
+                           code="unsupported_parameter") from e
+        functions[fn["name"]] = schema
+    return functions
+
+
+def tool_call(name: str, arguments: str) -> dict:
+    """A chat answer's tool call (OpenAI's shape; the arguments are the answer's JSON text)."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def message_text(message: ChatMessage, index: int) -> str:
     """A message's content as the chat template reads it: the string, or its text parts joined by
     newlines (as vLLM joins them). Other parts (images, audio, files) are refused: the model reads text."""
     if isinstance(message.content, str):
         return message.content
+    if message.content is None:
+        if message.role == "assistant" and message.tool_calls:
+            return ""  # an answer that was a tool call
+        raise APIError(400, f"messages[{index}] needs content (only an assistant message with tool_calls may "
+                            "leave it out)", param="messages", code="invalid_value")
     texts = []
     for j, part in enumerate(message.content):
         kind = part.get("type")
@@ -222,6 +307,11 @@ def chat_conversation(messages: list[ChatMessage], add_generation_prompt: bool,
                             "new message after the final one)", param="continue_final_message",
                        code="invalid_value")
     conversation = [{"role": m.role, "content": message_text(m, i)} for i, m in enumerate(messages)]
+    for turn, m in zip(conversation, messages):  # for templates that render tool calls and their results
+        if m.tool_calls:
+            turn["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            turn["tool_call_id"] = m.tool_call_id
     if continue_final_message and not conversation[-1]["content"].strip():
         raise APIError(400, "continue_final_message needs a final message with text to continue",
                        param="continue_final_message", code="invalid_value")

@@ -302,58 +302,121 @@ def test_guided_choice_answers_with_the_choice_the_model_finds_most_likely(serve
         assert r.status_code == 400 and r.json()["error"]["param"] == "guided_choice", (bad, r.text)
 
 
-def test_response_format_answers_with_a_json_object_as_the_engine_does(server, tmp_path, json_tokenizer):
-    """JSON mode on an app whose vocabulary can write JSON (and whose default decoder is not JSON mode's: a JSON
-    request gets the threshold rule without asking): the engine's answer, on both endpoints, streamed or not; an
-    answer held to a json_schema; schemas with keywords answers would not be held to are refused by name."""
+@pytest.fixture(scope="module")
+def json_app(server, tmp_path_factory, json_tokenizer):
+    """An app whose vocabulary can write JSON, and whose default decoder is not JSON mode's (a JSON request gets the
+    threshold rule without asking): (its base URL, its model)."""
     from ray import serve
 
     from conftest import make_config
-    from dllm.engine.json_mode import JsonPrefix
     from serve.app import build_app
 
-    path = tmp_path / "tiny"
+    path = tmp_path_factory.mktemp("json") / "tiny"
     model = dllm.build_model(make_config(json_tokenizer), seed=0)
     dllm.save_pretrained(model, json_tokenizer, path)
     serve.run(build_app({"model": str(path), **APP_ARGS, "decoding": {**APP_ARGS["decoding"], "decoder": "hierarchical"}}),
               name="json", route_prefix="/json")
-    try:
-        client = openai.OpenAI(base_url=f"{server}/json/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
-        fmt = {"type": "json_object"}
-        closing = json_tokenizer.convert_tokens_to_ids("}")
-        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "an object"}],
-                                              response_format=fmt, logit_bias={str(closing): 100}, max_tokens=16)
-        assert chat.choices[0].message.content.strip() == "{}" and chat.choices[0].finish_reason == "stop"
-        engine = dllm.Engine(model, json_tokenizer, max_model_len=256)
-        cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=24, early_stop=True, response_format="json_object",
-                                    temperature=1.0, seed=4)
-        direct = engine.generate(["x"], cfg)[0]
-        body = dict(model="tiny", prompt="x", max_tokens=24, temperature=1.0, seed=4, extra_body={"response_format": fmt})
-        out = client.completions.create(**body)
-        chunks = list(client.completions.create(**body, stream=True))
-        assert out.choices[0].text == "".join(c.choices[0].text for c in chunks if c.choices) == direct.text
-        assert JsonPrefix().feed(direct.text.encode()) is not None
-        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-        held = client.chat.completions.create(  # 4 gaps of at most 16 whitespace bytes around 11 characters
-            model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=80,
-            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
-        assert held.choices[0].finish_reason == "stop" and set(json.loads(held.choices[0].message.content)) == {"ok"}
-        for bad, param in [({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
-                           ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-                               "type": "object", "properties": {"a": {"type": "string", "pattern": "^a"}}}}}},
-                            "response_format"),
-                           ({"response_format": {"type": "yaml"}}, "response_format"),
-                           ({"response_format": fmt, "guided_choice": ["{}"]}, "guided_choice"),
-                           ({"response_format": fmt, "decoder": "credit"}, "decoder"),
-                           ({"response_format": fmt, "min_tokens": 2}, "min_tokens")]:
-            r = httpx.post(f"{server}/json/v1/completions", json={"model": "tiny", "prompt": "x", **bad})
-            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
-    finally:
-        serve.delete("json")
+    yield f"{server}/json", model
+    serve.delete("json")
+
+
+def test_response_format_answers_with_a_json_object_as_the_engine_does(server, json_app, json_tokenizer):
+    """JSON mode: the engine's answer, on both endpoints, streamed or not; an answer held to a json_schema; schemas
+    with keywords answers would not be held to are refused by name."""
+    from dllm.engine.json_mode import JsonPrefix
+
+    url, model = json_app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+    fmt = {"type": "json_object"}
+    closing = json_tokenizer.convert_tokens_to_ids("}")
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "an object"}],
+                                          response_format=fmt, logit_bias={str(closing): 100}, max_tokens=16)
+    assert chat.choices[0].message.content.strip() == "{}" and chat.choices[0].finish_reason == "stop"
+    engine = dllm.Engine(model, json_tokenizer, max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=24, early_stop=True, response_format="json_object",
+                                temperature=1.0, seed=4)
+    direct = engine.generate(["x"], cfg)[0]
+    body = dict(model="tiny", prompt="x", max_tokens=24, temperature=1.0, seed=4, extra_body={"response_format": fmt})
+    out = client.completions.create(**body)
+    chunks = list(client.completions.create(**body, stream=True))
+    assert out.choices[0].text == "".join(c.choices[0].text for c in chunks if c.choices) == direct.text
+    assert JsonPrefix().feed(direct.text.encode()) is not None
+    held = client.chat.completions.create(  # 4 gaps of at most 16 whitespace bytes around 11 characters
+        model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": FLAG_SCHEMA}})
+    assert held.choices[0].finish_reason == "stop" and set(json.loads(held.choices[0].message.content)) == {"ok"}
+    for bad, param in [({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+                       ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                           "type": "object", "properties": {"a": {"type": "string", "pattern": "^a"}}}}}},
+                        "response_format"),
+                       ({"response_format": {"type": "yaml"}}, "response_format"),
+                       ({"response_format": fmt, "guided_choice": ["{}"]}, "guided_choice"),
+                       ({"response_format": fmt, "decoder": "credit"}, "decoder"),
+                       ({"response_format": fmt, "min_tokens": 2}, "min_tokens")]:
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
     # The main app's vocabulary has no '{': the request is refused with why.
     r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                                           "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and "starts a JSON object" in r.json()["error"]["message"], r.text
+
+
+FLAG_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+TOOLS = [{"type": "function", "function": {"name": "set_flag", "description": "Set the flag.", "parameters": FLAG_SCHEMA}},
+         {"type": "function", "function": {"name": "ping"}}]  # no parameters: called with {}
+
+
+def test_a_forced_tool_call_answers_with_the_functions_arguments_held_to_its_parameters(json_app):
+    """tool_choice naming a function (or "required" with one tool): the answer is one call of it, its arguments the
+    JSON a json_schema response_format with the function's parameters answers, streamed as OpenAI streams a call;
+    "none" answers in text; what cannot be held to is refused by name."""
+    url, _ = json_app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+    messages = [{"role": "user", "content": "ok?"}]
+    kw = dict(model="tiny", messages=messages, max_tokens=80)
+    held = client.chat.completions.create(
+        **kw, response_format={"type": "json_schema", "json_schema": {"name": "set_flag", "schema": FLAG_SCHEMA}})
+    named = client.chat.completions.create(**kw, tools=TOOLS,
+                                           tool_choice={"type": "function", "function": {"name": "set_flag"}})
+    message = named.choices[0].message
+    assert message.content is None and len(message.tool_calls) == 1 and named.choices[0].finish_reason == "stop"
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "set_flag" and call.id.startswith("call_")
+    assert call.function.arguments == held.choices[0].message.content and set(json.loads(call.function.arguments)) == {"ok"}
+    required = client.chat.completions.create(**kw, tools=TOOLS[:1], tool_choice="required")
+    assert required.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    ping = client.chat.completions.create(**kw, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "ping"}})
+    assert json.loads(ping.choices[0].message.tool_calls[0].function.arguments) == {}
+    chunks = list(client.chat.completions.create(**kw, tools=TOOLS, stream=True,
+                                                 tool_choice={"type": "function", "function": {"name": "set_flag"}}))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "set_flag"
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    text = client.chat.completions.create(**kw, tools=TOOLS, tool_choice="none").choices[0].message
+    assert text.tool_calls is None and isinstance(text.content, str)
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                          {"role": "tool", "tool_call_id": call.id, "content": "done"}]  # the call's result, answered
+    assert client.chat.completions.create(model="tiny", messages=history, max_tokens=8, tools=TOOLS,
+                                          tool_choice="none").choices[0].message.content is not None
+    weird = {"type": "object", "properties": {"a": {"type": "string", "minLength": 2}}}
+    for bad, param in [({"tools": TOOLS}, "tool_choice"),  # OpenAI's default with tools is "auto"
+                       ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
+                       ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),  # which of the two?
+                       ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                       ({"tool_choice": "required"}, "tool_choice"),
+                       ({"tools": [{"type": "code_interpreter"}], "tool_choice": "none"}, "tools"),
+                       ({"tools": [{"type": "function", "function": {"name": "w", "parameters": weird}}],
+                         "tool_choice": "required"}, "tools"),
+                       ({"tools": TOOLS[:1], "tool_choice": "required", "response_format": {"type": "json_object"}},
+                        "response_format"),
+                       ({"tools": TOOLS[:1], "tool_choice": "required", "decoder": "credit"}, "decoder")]:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": messages, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None}]})
+    assert r.status_code == 400 and "only an assistant message with tool_calls" in r.json()["error"]["message"]
 
 
 def test_ignore_eos_and_min_tokens_are_the_engines(client, model_dir):
