@@ -35,10 +35,11 @@ from dllm.checkpoint import INFERENCE_DTYPES
 from dllm.engine.async_loop import EngineLoop
 from dllm.quantization import QUANTIZATIONS
 
-from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation, chat_logprobs,
-                       completion_logprobs, forced_tool, logit_bias_ids, logprobs_wanted, message_text, new_id, now,
-                       reject_unsupported, response_format_of, tool_call, usage)
+from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest,
+                       DetokenizeRequest, DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation,
+                       chat_logprobs, completion_logprobs, fold_structured_outputs, forced_tool, logit_bias_ids,
+                       logprobs_wanted, message_text, new_id, now, reject_unsupported, response_format_of, tool_call,
+                       usage)
 from .router import PromptAffinityRouter
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
@@ -460,6 +461,7 @@ class OpenAIIngress:
 
     def _check_common(self, req) -> None:
         self._check_model(req.model)
+        fold_structured_outputs(req)
         reject_unsupported(req)
         if req.max_tokens is not None and not 1 <= req.max_tokens <= self.max_tokens_cap:
             raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_cap}, got {req.max_tokens}",

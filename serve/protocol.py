@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 import uuid
@@ -60,6 +61,10 @@ class _Common(DiffusionOptions):
     priority: int = 0  # vLLM's extra: lower runs first, on a server whose scheduling_policy is priority
     # vLLM's extra: the answer is one of these strings, the one the model finds most likely (see OpenAIIngress._guided)
     guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=MAX_CHOICES)
+    # vLLM's names for guided_choice and JSON answers: {"choice": [...]}, {"json": schema}, {"json_object": true}
+    # (vLLM >= 0.12), and guided_json (a schema, older vLLM): see fold_structured_outputs
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
     # OpenAI's JSON mode, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}} (on
     # /v1/completions too, as vLLM takes it): see response_format_of
     response_format: dict[str, Any] | None = None
@@ -177,6 +182,58 @@ def reject_unsupported(req: _Common) -> None:
             raise APIError(400, message, param=param, code="unsupported_parameter")
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+
+
+STRUCTURED_OUTPUTS = ("choice", "json", "json_object")  # the structured_outputs keys we hold answers to
+
+
+def fold_structured_outputs(req: _Common) -> None:
+    """Rewrite vLLM's structured_outputs / guided_json as the fields they name here: choice -> guided_choice, json (a
+    schema, or its JSON text) -> response_format json_schema, json_object -> response_format json_object. One shape
+    per request; the other keys (regex, grammar, structural_tag, ...) are 400s that name them."""
+    given = dict(req.structured_outputs or {})
+    if req.guided_json is not None:
+        if "json" in given:
+            raise APIError(400, "give guided_json or structured_outputs.json, not both", param="guided_json",
+                           code="invalid_value")
+        given["json"] = req.guided_json
+    if not given:
+        return
+    param = "structured_outputs" if req.structured_outputs else "guided_json"
+    unknown = sorted(set(given) - set(STRUCTURED_OUTPUTS))
+    if unknown:
+        raise APIError(400, f"structured_outputs {unknown} are not supported; this server holds answers to "
+                            f"{list(STRUCTURED_OUTPUTS)}", param="structured_outputs", code="unsupported_parameter")
+    shapes = [k for k in STRUCTURED_OUTPUTS if given.get(k) not in (None, False)]
+    formatted = (req.response_format or {}).get("type") not in (None, "text")
+    if len(shapes) + (req.guided_choice is not None) + formatted > 1:
+        raise APIError(400, "give one shape for the answer: structured_outputs / guided_json, guided_choice and "
+                            "response_format each name one", param=param, code="invalid_value")
+    if not shapes:
+        return
+    value = given[shapes[0]]
+    if shapes[0] == "choice":
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_CHOICES or \
+                not all(isinstance(c, str) for c in value):
+            raise APIError(400, f"structured_outputs.choice must be a list of 1 to {MAX_CHOICES} strings",
+                           param=param, code="invalid_value")
+        req.guided_choice = value
+    elif shapes[0] == "json_object":
+        req.response_format = {"type": "json_object"}
+    else:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise APIError(400, f"the JSON schema is not JSON: {e}", param=param, code="invalid_value") from e
+        if not isinstance(value, dict):
+            raise APIError(400, "the JSON schema must be a JSON object", param=param, code="invalid_value")
+        try:
+            compile_schema(value)
+        except SchemaError as e:
+            raise APIError(400, f"{param}: {e}", param=param, code="unsupported_parameter") from e
+        req.response_format = {"type": "json_schema", "json_schema": {"name": "structured_outputs", "schema": value}}
+    req.structured_outputs = req.guided_json = None  # folded: the request reads as its new fields say
 
 
 def response_format_of(req: _Common) -> tuple[str | None, dict | None]:

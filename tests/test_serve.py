@@ -361,6 +361,38 @@ def test_response_format_answers_with_a_json_object_as_the_engine_does(server, j
     assert r.status_code == 400 and "starts a JSON object" in r.json()["error"]["message"], r.text
 
 
+def test_vllms_structured_outputs_and_guided_json_name_the_same_answers(server, json_app):
+    """vLLM's structured_outputs ({"json"}, {"json_object"}, {"choice"}; vLLM >= 0.12) and guided_json (older) are
+    response_format json_schema / json_object and guided_choice by other names; what we would not hold answers to is
+    a 400 that names it."""
+    url, _ = json_app
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "ok?"}], "max_tokens": 80}
+
+    def content(extra: dict) -> str:
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, **extra}, timeout=CLIENT_TIMEOUT_S)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    held = content({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": FLAG_SCHEMA}}})
+    assert content({"structured_outputs": {"json": FLAG_SCHEMA}}) == held
+    assert content({"guided_json": json.dumps(FLAG_SCHEMA)}) == held  # a schema's JSON text too
+    assert content({"structured_outputs": {"json_object": True}}) == content({"response_format": {"type": "json_object"}})
+    prompt, choices = "sort: dcba =>", [" dcba", " abcd", " x"]
+    guided = [httpx.post(f"{server}/v1/completions", timeout=60, json={"model": "tiny", "prompt": prompt, "seed": 3,
+                                                                       **extra}).json()["choices"][0]["text"]
+              for extra in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}})]
+    assert guided[0] == guided[1] in choices
+    for bad, param in [({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+                       ({"structured_outputs": {"json": "{not json"}}, "structured_outputs"),
+                       ({"structured_outputs": {"choice": "a"}}, "structured_outputs"),
+                       ({"structured_outputs": {"json": FLAG_SCHEMA}, "guided_choice": ["a"]}, "structured_outputs"),
+                       ({"guided_json": FLAG_SCHEMA, "response_format": {"type": "json_object"}}, "guided_json"),
+                       ({"structured_outputs": {"json": {"type": "object", "properties": {"a": {"format": "date"}}}}},
+                        "structured_outputs")]:
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
 FLAG_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 TOOLS = [{"type": "function", "function": {"name": "set_flag", "description": "Set the flag.", "parameters": FLAG_SCHEMA}},
          {"type": "function", "function": {"name": "ping"}}]  # no parameters: called with {}
