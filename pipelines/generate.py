@@ -9,10 +9,11 @@ Input, jsonl or parquet as `pipelines.pack` reads it: `{"prompt": text}` (decode
 conversation to answer; a final assistant turn is the reference). With --chat-template, chat and Alpaca prompts
 are wrapped in the tokenizer's chat template, as `pack --chat-template` wraps them for training; without it they
 are joined as dLLM-Var's training concatenation. So a held-out file of training data scores as it was trained.
-A record's own `max_tokens`, `temperature`, `top_p`, `top_k` or `seed` override the job's flags for it. With --json
-every answer is one JSON object (JSON mode, dllm.engine.json_mode), with --json-schema FILE one held to that schema;
-a vocabulary that cannot write one, or a schema with keywords answers would not be held to, is refused before any
-work.
+A record's own `max_tokens`, `temperature`, `top_p`, `top_k`, `seed` or `response_format` (OpenAI's shape:
+{"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {...}}} or {"type": "text"}) override the
+job's flags for it. With --json every answer is one JSON object (JSON mode, dllm.engine.json_mode), with
+--json-schema FILE one held to that schema; a vocabulary that cannot write one, or a schema with keywords answers
+would not be held to, is refused before any work (a record's own: that record's invalid_value).
 
 Every input record is one output row, a bad one too: `source`, `line`, `record` (the input as JSON), `prompt`,
 `reference`, `generated_text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, `forwards`, `exact_match`
@@ -72,14 +73,31 @@ def record_prompt(rec, chat_prompt, chat: bool) -> tuple[str, str | None]:
     return record_texts(rec, chat_prompt, chat, answered=False)[0]
 
 
+def record_response_format(value) -> dict:
+    """GenerationConfig's response_format / json_schema of a record's `response_format`, in OpenAI's shape:
+    {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}; raises
+    ValueError(kind, message)."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("text", "json_object"):
+        return {"response_format": None if kind == "text" else kind, "json_schema": None}
+    spec = value.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ValueError("wrong_type", "field 'response_format' must be {\"type\": \"text\" | \"json_object\"} or "
+                                       "{\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}")
+    return {"response_format": "json_schema", "json_schema": spec["schema"]}
+
+
 def record_config(rec: dict, config: dllm.GenerationConfig) -> dllm.GenerationConfig:
-    """The job's decoding with the record's own RECORD_OVERRIDES; raises ValueError(kind, message)."""
+    """The job's decoding with the record's own RECORD_OVERRIDES and response_format; raises ValueError(kind,
+    message)."""
     changes = {}
     for key, (field, types) in RECORD_OVERRIDES.items():
         if key in rec and rec[key] is not None:
             if isinstance(rec[key], bool) or not isinstance(rec[key], types):
                 raise ValueError("wrong_type", f"field '{key}' must be {' or '.join(t.__name__ for t in types)}")
             changes[field] = rec[key]
+    if rec.get("response_format") is not None:
+        changes.update(record_response_format(rec["response_format"]))
     try:
         return config.replace(**changes) if changes else config
     except ValueError as e:
@@ -104,6 +122,21 @@ class Generate:
         self.config = dllm.GenerationConfig(**config)
         self.chat = chat_template
         self.chat_prompt = functools.partial(conversation_prompt, tok, chat_template)
+        self._json_refusal: str | None = None  # once a record asks for JSON: "" if the vocabulary can write it, or why
+
+    def _check_json(self, config: dllm.GenerationConfig) -> None:
+        """A record asking for JSON on a vocabulary that cannot write it is that record's invalid_value (the job's own
+        --json is checked before any work)."""
+        if config.response_format is None:
+            return
+        if self._json_refusal is None:
+            try:
+                self.engine.json_vocabulary()
+                self._json_refusal = ""
+            except ValueError as e:
+                self._json_refusal = str(e)
+        if self._json_refusal:
+            raise ValueError("invalid_value", f"field 'response_format': {self._json_refusal}")
 
     async def __call__(self, batch: dict) -> pa.Table:
         async with self.batch_slots:
@@ -118,7 +151,9 @@ class Generate:
                 try:
                     rec = json.loads(record)
                     row["prompt"], row["reference"] = record_prompt(rec, self.chat_prompt, self.chat)
-                    answers.append(self._answer(row, self.engine.encode(row["prompt"]), record_config(rec, self.config)))
+                    config = record_config(rec, self.config)
+                    self._check_json(config)
+                    answers.append(self._answer(row, self.engine.encode(row["prompt"]), config))
                 except ValueError as ex:  # the record's (kind, message)
                     row["error_kind"], row["error"] = error_of(ex)
             await asyncio.gather(*answers)

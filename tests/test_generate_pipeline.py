@@ -56,6 +56,8 @@ def answered(tmp_path_factory, talkative_model, char_tokenizer, ray_local):
         {"prompt": prompts[0], "max_tokens": 8},  # the record's own decoding
         {"prompt": prompts[0], "temperature": "hot"},
         {"prompt": prompts[0], "max_tokens": 0},
+        {"prompt": prompts[0], "response_format": {"type": "json_object"}},  # its characters hold no '{'
+        {"prompt": prompts[0], "response_format": "json"},
     ]
     with open(root / "records.jsonl", "w") as f:
         for i, line in enumerate(lines):
@@ -73,7 +75,7 @@ def answered(tmp_path_factory, talkative_model, char_tokenizer, ray_local):
 def test_every_record_is_a_row_and_the_answers_are_the_engines(answered):
     _, prompts, answers, rows, _ = answered
     by_line = {(r["source"].rsplit("/", 1)[-1], r["line"]): r for r in rows}
-    assert len(rows) == len(by_line) == 13  # 12 jsonl records (the blank line is none) + 1 parquet row
+    assert len(rows) == len(by_line) == 15  # 14 jsonl records (the blank line is none) + 1 parquet row
     good = [by_line[("records.jsonl", n)] for n in (1, 2, 3, 5, 6)] + [by_line[("more.parquet", 1)]]
     assert [r["prompt"] for r in good] == prompts  # Alpaca and chat records read as pack reads them
     assert [r["generated_text"] for r in good] == answers
@@ -89,13 +91,16 @@ def test_bad_records_are_rows_with_their_reason_and_counted(answered):
     _, _, _, rows, stats = answered
     bad = {r["line"]: (r["error_kind"], r["error"]) for r in rows if r["error_kind"]}
     assert {line: kind for line, (kind, _) in bad.items()} == {
-        7: "malformed_json", 8: "missing_field", 9: "wrong_type", 10: "too_long", 12: "wrong_type", 13: "invalid_value"}
+        7: "malformed_json", 8: "missing_field", 9: "wrong_type", 10: "too_long", 12: "wrong_type", 13: "invalid_value",
+        14: "invalid_value", 15: "wrong_type"}
     assert bad[12][1] == "field 'temperature' must be int or float" and "max_new_tokens=0" in bad[13][1]
+    assert bad[14][1].startswith("field 'response_format': ") and "starts a JSON object" in bad[14][1]
+    assert bad[15][1].startswith("field 'response_format' must be")
     assert "max_model_len=64" in bad[10][1]  # the engine's reason
     assert all(r["generated_text"] is None for r in rows if r["error_kind"])
     assert [r["record"] for r in rows if r["line"] == 7] == ["not json {"]  # kept as it was read
-    assert stats["records"] == 13 and stats["answered"] == 7
-    assert stats["errors"] == {"malformed_json": 1, "missing_field": 1, "wrong_type": 2, "invalid_value": 1,
+    assert stats["records"] == 15 and stats["answered"] == 7
+    assert stats["errors"] == {"malformed_json": 1, "missing_field": 1, "wrong_type": 3, "invalid_value": 2,
                                "too_long": 1}
     assert len(stats["error_examples"]) == 5 and stats["error_examples"][0].endswith("malformed JSON: Expecting value "
                                                                                       "at column 1")  # the first 5
@@ -171,3 +176,26 @@ def test_a_replica_decodes_the_next_batchs_records_beside_the_last_ones(tmp_path
     answers = [g.text for g in engine.generate(prompts, dllm.GenerationConfig(**config))]
     assert [t for table in tables for t in table.column("generated_text").to_pylist()] == answers
     assert [line for table in tables for line in table.column("line").to_pylist()] == [1, 2, 3, 4]
+
+
+def test_a_records_response_format_answers_it_in_json_as_the_engine_does(tmp_path, json_tokenizer):
+    from conftest import make_config
+    from dllm.engine.json_mode import JsonPrefix
+
+    model = dllm.build_model(make_config(json_tokenizer), seed=0)
+    ckpt = dllm.save_pretrained(model, json_tokenizer, tmp_path / "ckpt")
+    config = {"block_size": 8, "threshold": 0.9, "max_new_tokens": 80, "early_stop": True}
+    replica = Generate(str(ckpt), chat_template=False, config=config, max_batch_size=4, max_model_len=128,
+                       quantization=None, batches_in_flight=1)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    formats = [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}},
+               {"type": "text"}]
+    batch = {"record": [json.dumps({"prompt": "ok?", "response_format": f}) for f in formats], "error_kind": [""] * 3,
+             "error": [""] * 3, "source": ["r.jsonl"] * 3, "position": [1, 2, 3]}
+    rows = asyncio.run(replica(batch)).to_pylist()
+    engine = dllm.Engine(model, json_tokenizer, max_model_len=128)
+    base = dllm.GenerationConfig(**config)
+    direct = [engine.generate(["ok?"], cfg)[0].text for cfg in (
+        base.replace(response_format="json_object"), base.replace(response_format="json_schema", json_schema=schema), base)]
+    assert [r["generated_text"] for r in rows] == direct and all(not r["error_kind"] for r in rows)
+    assert JsonPrefix().feed(direct[0].encode()) is not None and set(json.loads(direct[1])) == {"ok"}

@@ -415,7 +415,7 @@ class Engine:
         if config.logit_bias:
             self.config.check_token_ids(config.logit_bias, "logit_bias")
         if config.response_format is not None:
-            self._json_vocabulary()  # a tokenizer that can write JSON, or a clear error
+            self.json_vocabulary()  # a tokenizer that can write JSON, or a clear error
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -874,7 +874,7 @@ class Engine:
         position's most likely tokens (one host read for the group's JSON rows, one more per position where
         none of them fits)."""
         idx, rows, dev = params.json_index, params.json_rows, self.device
-        vocab = self._json_vocabulary()
+        vocab = self.json_vocabulary()
         probs = torch.softmax(decoders.without_mask(logits[idx], self.mask_id), dim=-1)
         top_probs, top_ids = probs.topk(min(json_mode.JSON_CANDIDATES, probs.shape[-1]), dim=-1)
         b = blocks.shape[1]
@@ -901,8 +901,9 @@ class Engine:
         tokens = torch.where(committed, torch.tensor(new_x, dtype=x.dtype, device=dev), x[idx])
         return x.index_copy(0, idx, tokens), commit.index_copy(0, idx, committed)
 
-    def _json_vocabulary(self) -> list[bytes | None]:
-        """Each token's bytes for JSON mode, read off the tokenizer once (and checked to hold '{' and '}')."""
+    def json_vocabulary(self) -> list[bytes | None]:
+        """Each token's bytes for JSON mode, read off the tokenizer once (and checked to hold '{' and '}'); a
+        ValueError that says why where this engine's vocabulary cannot write JSON."""
         if self._json_vocab is None:
             if self.tokenizer is None:
                 raise ValueError("JSON mode (response_format json_object / json_schema) needs an Engine with a "
