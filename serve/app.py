@@ -35,11 +35,11 @@ from dllm.checkpoint import INFERENCE_DTYPES
 from dllm.engine.async_loop import EngineLoop
 from dllm.quantization import QUANTIZATIONS
 
-from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest,
-                       DetokenizeRequest, DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation,
-                       chat_logprobs, completion_logprobs, fold_structured_outputs, forced_tool, logit_bias_ids,
-                       logprobs_wanted, message_text, new_id, now, reject_unsupported, response_format_of, tool_call,
-                       usage)
+from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, CallStream, ChatCompletionRequest, CompletionRequest,
+                       DetokenizeRequest, DiffusionOptions, ForcedCall, LoglikelihoodRequest, TokenizeRequest,
+                       chat_conversation, chat_logprobs, completion_logprobs, fold_structured_outputs, forced_tool,
+                       logit_bias_ids, logprobs_wanted, message_text, new_id, now, reject_unsupported,
+                       response_format_of, tool_call, tool_functions, usage)
 from .router import PromptAffinityRouter
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
@@ -427,8 +427,12 @@ class OpenAIIngress:
         self._check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give either 'prompt' or 'messages'", param="prompt", code="invalid_value")
+        if req.tools is not None and req.messages is None:
+            raise APIError(400, "tools go with messages (they are shown to the chat template)", param="tools",
+                           code="invalid_value")
+        tool_functions(req.tools or [])  # a bad tool is the chat route's 400 here too
         ids = self._ids(req.prompt, "prompt") if req.prompt is not None \
-            else self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message)
+            else self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message, req.tools)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     @api.post("/detokenize")
@@ -530,11 +534,10 @@ class OpenAIIngress:
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
-        forced = forced_tool(req) if chat else None
-        tool = forced[0] if forced else None  # each answer is a call of this function
+        call = forced_tool(req) if chat else None  # each answer is a call of a function
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, req.n, tool=tool),
+            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, req.n, call=call),
                                      media_type="text/event-stream")
         streams = self._submit(payloads)
         texts, lasts = list(prefixes or [""] * len(streams)), [None] * len(streams)
@@ -548,7 +551,7 @@ class OpenAIIngress:
         except Exception as e:
             raise self._engine_error(e) from e
         wanted = logprobs_wanted(req) is not None
-        return self._final_body(rid, chat, texts, lasts, req.n, logprobs if wanted else None, tool)
+        return self._final_body(rid, chat, texts, lasts, req.n, logprobs if wanted else None, call)
 
     def _submit(self, payloads: list[dict]) -> list:
         """One engine stream per choice; they join the replicas' batches as they arrive."""
@@ -590,14 +593,18 @@ class OpenAIIngress:
             completion_logprobs(entries, self._token_text, text_offset)
 
     def _final_body(self, rid: str, chat: bool, texts: list[str], lasts: list[dict], n: int,
-                    logprobs: list[list] | None, tool: str | None = None) -> dict:
-        """The whole response; `tool`: each chat answer is a call of this function, its text the arguments."""
+                    logprobs: list[list] | None, call: ForcedCall | None = None) -> dict:
+        """The whole response; `call`: each chat answer is a call of a function (an answer cut before the function's
+        name is written, which only max_tokens does, is left as its text)."""
         base = {"id": rid, "created": now(), "model": self.model_name, "usage": self._usage(lasts, n),
                 "dllm": self._stats(lasts)}
         per_choice = [self._logprobs_body(chat, entries) for entries in logprobs] if logprobs else [None] * len(texts)
         if chat:
-            messages = [{"role": "assistant", "content": None, "tool_calls": [tool_call(tool, text)]} if tool
-                        else {"role": "assistant", "content": text} for text in texts]
+            messages = []
+            for text in texts:
+                name, arguments = call.split(text, finished=True) if call else (None, "")
+                messages.append({"role": "assistant", "content": None, "tool_calls": [tool_call(name, arguments)]}
+                                if name else {"role": "assistant", "content": text})
             choices = [{"index": i, "message": message, "finish_reason": last["finish_reason"], "logprobs": lp}
                        for i, (message, last, lp) in enumerate(zip(messages, lasts, per_choice))]
             return {**base, "object": "chat.completion", "choices": choices}
@@ -606,12 +613,12 @@ class OpenAIIngress:
         return {**base, "object": "text_completion", "choices": choices}
 
     async def _sse(self, payloads: list[dict], rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
-                   n: int, ready: list[dict] | None = None, tool: str | None = None):
+                   n: int, ready: list[dict] | None = None, call: ForcedCall | None = None):
         """One chunk per committed block of each choice (tagged with its index), a finish chunk per
         choice, then the usage chunk (if asked) and [DONE]. `ready`: the choices' final items, known already
-        (guided_choice), streamed as one block each instead of payloads submitted to the replicas. `tool`: each
-        chat answer is a call of this function, streamed as OpenAI streams one: the call's id and name in its
-        first chunk, the arguments' text in pieces after it."""
+        (guided_choice), streamed as one block each instead of payloads submitted to the replicas. `call`: each
+        chat answer is a call of a function, streamed as OpenAI streams one: the call's id and name in its first
+        chunk once the name is known, the arguments' text in pieces after it."""
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -622,9 +629,10 @@ class OpenAIIngress:
                 offsets[index] += sum(map(len, lp["tokens"]))
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if index not in started else {}
-                if tool and index not in started:
-                    delta["tool_calls"] = [{"index": 0, **tool_call(tool, text or "")}]
-                elif tool and text:
+                if calls and calls[index].name and index not in named:
+                    delta["tool_calls"] = [{"index": 0, **tool_call(calls[index].name, text or "")}]
+                    named.add(index)
+                elif calls and text:
                     delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
                 elif text:
                     delta["content"] = text
@@ -637,7 +645,9 @@ class OpenAIIngress:
             return f"data: {json.dumps(body)}\n\n"
 
         started: set[int] = set()
+        named: set[int] = set()  # choices whose call's id and name are sent
         choices = len(ready) if ready is not None else len(payloads)
+        calls = [CallStream(call) for _ in range(choices)] if call else None
         offsets = [0] * choices  # text_offset of each choice's next token (completions logprobs)
         lasts: list[dict | None] = [None] * choices
         streams = self._submit(payloads)  # here, not before: a response never started submits nothing
@@ -647,8 +657,10 @@ class OpenAIIngress:
                 yield chunk(index, prefix)
             async with contextlib.aclosing(source) as merged:  # a client that hangs up closes it
                 async for index, item in merged:
-                    if item["text"] or item["logprobs"] or index not in started:
-                        yield chunk(index, item["text"], logprobs=item["logprobs"])
+                    text = calls[index].feed(item["text"], item["finished"]) if calls else item["text"]
+                    if text or item["logprobs"] or index not in started or calls and calls[index].name and \
+                            index not in named:
+                        yield chunk(index, text, logprobs=item["logprobs"])
                     if item["finished"]:
                         lasts[index] = item
                         yield chunk(index, None, item["finish_reason"], extra={"dllm": self._stats([item])})

@@ -8,6 +8,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -103,7 +104,7 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=dllm.engine.MAX_LOGPROBS)
     max_completion_tokens: int | None = None
     # OpenAI's function tools: {"type": "function", "function": {"name", "description", "parameters"}}; a call is
-    # made where tool_choice names a function (or is "required" with one tool): see forced_tool
+    # made where tool_choice names a function or is "required": see forced_tool
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # a forced call is one call, which either value allows
@@ -121,6 +122,7 @@ class TokenizeRequest(BaseModel):
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Any] | None = None  # with messages: as the chat route shows them to the template
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
@@ -242,12 +244,12 @@ def response_format_of(req: _Common) -> tuple[str | None, dict | None]:
     keyword answers would not be held to is a 400 that names it), and for a forced tool call (its parameters)."""
     fmt = req.response_format
     kind = None if fmt is None else fmt.get("type")
-    tool = forced_tool(req) if isinstance(req, ChatCompletionRequest) else None
-    if tool is not None:
+    call = forced_tool(req) if isinstance(req, ChatCompletionRequest) else None
+    if call is not None:
         if kind not in (None, "text"):
             raise APIError(400, "a forced tool call's arguments are held to its parameters' schema; give either "
                                 "response_format or tool_choice", param="response_format", code="invalid_value")
-        return "json_schema", tool[1]
+        return "json_schema", call.schema
     if kind in (None, "text"):
         return None, None
     if kind == "json_object":
@@ -267,44 +269,85 @@ def response_format_of(req: _Common) -> tuple[str | None, dict | None]:
     return kind, spec["schema"]
 
 
-def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
-    """(function name, its parameters' schema) of the call a request's tool_choice makes the answer, None for a text
-    answer. A named function (tool_choice {"type": "function", "function": {"name"}}) or "required" with one tool is
-    called: the answer is its arguments, held to its parameters (json_schema mode). "none" answers in text; "auto"
-    (OpenAI's default where tools are given) is refused, since choosing between text and a call needs a tool-call
-    format the model was trained to write, which LLaDA-style checkpoints have none of."""
-    functions = _tool_functions(req.tools or [])
+@dataclass(frozen=True)
+class ForcedCall:
+    """The call a request's tool_choice makes its answer. With one function (`names`), the answer is its arguments,
+    held to its parameters; with "required" and several, it is {"<function name>": <its arguments>}, held to `schema`
+    (one property of those names, each held to its function's parameters), which `split` takes apart."""
+    names: tuple[str, ...]
+    schema: dict
+
+    def split(self, text: str, finished: bool) -> tuple[str | None, str]:
+        """(function name, arguments text) of an answer or its beginning; the name is None until it is written. An
+        unfinished answer's arguments stop before a trailing run of `}` and whitespace, which may close the
+        wrapping object: so each is a prefix of the finished answer's (whose wrapper's `}` is dropped)."""
+        if len(self.names) == 1:
+            return self.names[0], text
+        start = text.find("{") + 1
+        try:
+            name, end = json.JSONDecoder().raw_decode(text, start + len(text[start:]) - len(text[start:].lstrip()))
+        except ValueError:
+            return None, ""
+        rest = text[end:].lstrip()
+        if not rest.startswith(":") or name not in self.names:
+            return None, ""
+        arguments = rest[1:].lstrip()
+        if not finished:
+            return name, arguments.rstrip(" \t\r\n}")
+        arguments = arguments.rstrip()
+        return name, (arguments[:-1] if arguments.endswith("}") else arguments).rstrip()
+
+
+def forced_tool(req: ChatCompletionRequest) -> ForcedCall | None:
+    """The call a request's tool_choice makes the answer, None for a text answer. A named function (tool_choice
+    {"type": "function", "function": {"name"}}) is called: the answer is its arguments, held to its parameters
+    (json_schema mode); "required" calls one of the tools (the model picks which by writing its name first). "none"
+    answers in text; "auto" (OpenAI's default where tools are given) is refused, since choosing between text and a
+    call needs a tool-call format the model was trained to write, which LLaDA-style checkpoints have none of."""
+    functions = tool_functions(req.tools or [])
     choice = req.tool_choice
     if choice is None or choice == "auto":
         if not functions:
             return None
         raise APIError(400, "tool_choice 'auto' (the default where tools are given) is not supported: telling a call "
                             "from text needs a tool-call format this model was not trained to write; name a function "
-                            "(tool_choice {\"type\": \"function\", \"function\": {\"name\": ...}}), or give "
-                            "'required' with one tool, or 'none'", param="tool_choice", code="unsupported_parameter")
+                            "(tool_choice {\"type\": \"function\", \"function\": {\"name\": ...}}) or give "
+                            "'required' (a call of one of the tools) or 'none'", param="tool_choice",
+                       code="unsupported_parameter")
     if choice == "none":
         return None
     if not functions:
         raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
     if choice == "required":
-        if len(functions) != 1:
-            raise APIError(400, f"tool_choice 'required' with {len(functions)} tools is not supported (an answer held "
-                                "to one of several functions' schemas); name the function to call",
-                           param="tool_choice", code="unsupported_parameter")
-        name = next(iter(functions))
-    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+        if len(functions) == 1:
+            return ForcedCall(tuple(functions), next(iter(functions.values())))
+        return ForcedCall(tuple(functions), {"type": "object", "properties": functions, "additionalProperties": False,
+                                             "minProperties": 1, "maxProperties": 1, **_shared_definitions(functions)})
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
             and isinstance(choice["function"].get("name"), str):
         name = choice["function"]["name"]
         if name not in functions:
             raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools "
                                 f"{sorted(functions)}", param="tool_choice", code="invalid_value")
-    else:
-        raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
-                            "\"function\": {\"name\": ...}}", param="tool_choice", code="invalid_value")
-    return name, functions[name]
+        return ForcedCall((name,), functions[name])
+    raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                        "\"function\": {\"name\": ...}}", param="tool_choice", code="invalid_value")
 
 
-def _tool_functions(tools: list) -> dict[str, dict]:
+class CallStream:
+    """One streamed choice's call: the answer's text in, block by block; the arguments' new text out."""
+
+    def __init__(self, call: ForcedCall) -> None:
+        self.call, self.text, self.name, self.sent = call, "", None, 0
+
+    def feed(self, piece: str, finished: bool) -> str:
+        self.text += piece
+        self.name, arguments = self.call.split(self.text, finished)
+        new, self.sent = arguments[self.sent:], max(self.sent, len(arguments))
+        return new
+
+
+def tool_functions(tools: list) -> dict[str, dict]:
     """Each function tool's name -> its parameters' schema (checked: a keyword a call would not be held to is a 400
     that names it and where it is)."""
     functions = {}
@@ -324,6 +367,20 @@ def _tool_functions(tools: list) -> dict[str, dict]:
                            code="unsupported_parameter") from e
         functions[fn["name"]] = schema
     return functions
+
+
+def _shared_definitions(functions: dict[str, dict]) -> dict:
+    """The functions' parameters' $defs / definitions, gathered at the root of the schema that holds them all (where
+    their $refs point); a name that two functions define differently is a 400."""
+    shared: dict[str, dict] = {}
+    for name, schema in functions.items():
+        for key in ("$defs", "definitions"):
+            for def_name, sub in schema.get(key, {}).items():
+                if shared.setdefault(key, {}).setdefault(def_name, sub) != sub:
+                    raise APIError(400, f"the tools' parameters define {key}/{def_name} differently ({name!r} and an "
+                                        "earlier function); tool_choice 'required' holds them in one schema: name the "
+                                        "function to call", param="tool_choice", code="unsupported_parameter")
+    return shared
 
 
 def tool_call(name: str, arguments: str) -> dict:

@@ -339,7 +339,7 @@ def test_batch_job_bench_runs_the_job_with_each_number_of_batches_in_flight(tmp_
     out = tmp_path / "batch_job.json"
     result = batch_job_bench.main(["--records", "12", "--in-flight", "1", "2", "--repeats", "1", "--batch-size", "4",
                                    "--max-batch-size", "4", "--d-model", "64", "--layers", "1", "--max-tokens", "24",
-                                   "--json", str(out)])
+                                   "--json", str(out)])  # the replica, then the whole job on Ray
     assert json.loads(out.read_text()) == result  # and the same answers in both settings (it exits otherwise)
     one, two = result["rows"]
     assert (one["batches_in_flight"], two["batches_in_flight"]) == (1, 2)

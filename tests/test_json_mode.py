@@ -353,6 +353,7 @@ def _valid(value, schema, defs=PERSON["$defs"]) -> bool:
             if t == "object":
                 props = schema.get("properties", {})
                 return (set(value) <= set(props) and set(schema.get("required", [])) <= set(value)
+                        and schema.get("minProperties", 0) <= len(value) <= schema.get("maxProperties", len(value))
                         and all(_valid(v, props[k]) for k, v in value.items()))
             if t == "array":
                 return (schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value))
@@ -422,8 +423,46 @@ def test_the_schema_automaton_agrees_with_a_validator_on_mutated_objects():
     assert agreed == 3000 and 30 < allowed < 2970
 
 
+ONE_OR_TWO = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}, "c": {"type": "boolean"}},
+              "minProperties": 1, "maxProperties": 2}
+
+
+def test_min_and_max_properties_bound_the_keys_an_object_holds():
+    for text in ['{"a": 1}', '{"c": true, "b": "x"}']:
+        data = text.encode()
+        assert all(not _held(data[:cut], ONE_OR_TWO).complete for cut in range(len(data))) and _held(data, ONE_OR_TWO).complete
+    assert _held('{}', ONE_OR_TWO) is None and _held('{"a": 1, "b": "x",', ONE_OR_TWO) is None
+    rng = random.Random(2)
+    alphabet = '{}",:0123456789 abctruefals'
+    allowed = 0
+    for _ in range(1500):
+        text = list(rng.choice(['{"a": 1}', '{"c": true, "b": "x"}', '{"a": 12, "c": false}']))
+        for _ in range(rng.randint(1, 2)):
+            at = rng.randrange(len(text))
+            if rng.random() < 0.5:
+                text.insert(at, rng.choice(alphabet))
+            else:
+                del text[at]
+        text = "".join(text)
+        try:
+            value = json.loads(text)
+            expected = isinstance(value, dict) and _valid(value, ONE_OR_TWO) and text == text.strip() and all(
+                text.count(f'"{k}"') <= 1 for k in "abc")
+        except ValueError:
+            expected = False
+        state = _held(text, ONE_OR_TWO)
+        assert (state is not None and state.complete) == expected, text
+        allowed += expected
+    assert 30 < allowed < 1470
+
+
 @pytest.mark.parametrize("schema,message", [
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}, "pattern at #/properties/a"),
+    ({"type": "object", "minProperties": 1}, "supported beside properties only"),
+    ({"type": "object", "properties": {"a": {}}, "minProperties": 2}, "no object of its properties fits"),
+    ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a", "b"], "maxProperties": 1},
+     "no object of its properties fits"),
+    ({"type": "object", "properties": {"a": {}}, "maxProperties": -1}, "minProperties / maxProperties at the root"),
     ({"type": "object", "properties": {"t": {"type": "string", "format": "date-time"}}}, "format at #/properties/t"),
     ({"type": "array"}, "root of a response_format schema must be an object"),
     ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "additionalProperties at the root"),

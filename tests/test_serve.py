@@ -302,6 +302,12 @@ def test_guided_choice_answers_with_the_choice_the_model_finds_most_likely(serve
         assert r.status_code == 400 and r.json()["error"]["param"] == "guided_choice", (bad, r.text)
 
 
+# A template that shows the model the tools' names (as tool-calling checkpoints' templates show their definitions)
+TOOLS_TEMPLATE = ("{% if tools %}tools: {% for t in tools %}{{ t.function.name }} {% endfor %}{% endif %}"
+                  "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
 @pytest.fixture(scope="module")
 def json_app(server, tmp_path_factory, json_tokenizer):
     """An app whose vocabulary can write JSON, and whose default decoder is not JSON mode's (a JSON request gets the
@@ -314,8 +320,8 @@ def json_app(server, tmp_path_factory, json_tokenizer):
     path = tmp_path_factory.mktemp("json") / "tiny"
     model = dllm.build_model(make_config(json_tokenizer), seed=0)
     dllm.save_pretrained(model, json_tokenizer, path)
-    serve.run(build_app({"model": str(path), **APP_ARGS, "decoding": {**APP_ARGS["decoding"], "decoder": "hierarchical"}}),
-              name="json", route_prefix="/json")
+    serve.run(build_app({"model": str(path), **APP_ARGS, "decoding": {**APP_ARGS["decoding"], "decoder": "hierarchical"},
+                         "chat_template": TOOLS_TEMPLATE}), name="json", route_prefix="/json")
     yield f"{server}/json", model
     serve.delete("json")
 
@@ -394,35 +400,68 @@ def test_vllms_structured_outputs_and_guided_json_name_the_same_answers(server, 
 
 
 FLAG_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-TOOLS = [{"type": "function", "function": {"name": "set_flag", "description": "Set the flag.", "parameters": FLAG_SCHEMA}},
+TOOLS = [{"type": "function", "function": {"name": "flag", "description": "Set the flag.", "parameters": FLAG_SCHEMA}},
          {"type": "function", "function": {"name": "ping"}}]  # no parameters: called with {}
 
 
+def test_a_call_of_one_of_several_functions_is_taken_apart_as_it_streams():
+    """tool_choice "required" with several tools: {"<name>": <arguments>} gives the name once it is written and the
+    arguments in pieces, each a prefix of the finished answer's (a trailing '}' may close the wrapper)."""
+    from serve.protocol import CallStream, ForcedCall
+
+    call = ForcedCall(("flag", "ping"), {})
+    text = '{ "flag" :\n{"ok": {"x": {}}} \n}'
+    final = call.split(text, finished=True)
+    assert final == ("flag", '{"ok": {"x": {}}}')
+    for cut in range(len(text)):
+        name, arguments = call.split(text[:cut], finished=False)
+        assert (name is None) == (cut < text.index(":") + 1) and final[1].startswith(arguments)
+    stream = CallStream(call)
+    pieces = [stream.feed(text[i:i + 3], False) for i in range(0, len(text), 3)] + [stream.feed("", True)]
+    assert "".join(pieces) == final[1] and stream.name == "flag"
+    assert call.split('{"pong": {}}', finished=True) == (None, "")  # not one of the functions
+    assert ForcedCall(("ping",), {}).split('{"a"', finished=False) == ("ping", '{"a"')  # one function: its arguments
+
+
 def test_a_forced_tool_call_answers_with_the_functions_arguments_held_to_its_parameters(json_app):
-    """tool_choice naming a function (or "required" with one tool): the answer is one call of it, its arguments the
-    JSON a json_schema response_format with the function's parameters answers, streamed as OpenAI streams a call;
-    "none" answers in text; what cannot be held to is refused by name."""
+    """tool_choice naming a function: the answer is one call of it, its arguments the JSON a json_schema
+    response_format with the function's parameters answers, streamed as OpenAI streams a call; "required": a call of
+    one of the tools, the model writing which; "none" answers in text; what cannot be held to is refused by name."""
     url, _ = json_app
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
     messages = [{"role": "user", "content": "ok?"}]
     kw = dict(model="tiny", messages=messages, max_tokens=80)
-    held = client.chat.completions.create(
-        **kw, response_format={"type": "json_schema", "json_schema": {"name": "set_flag", "schema": FLAG_SCHEMA}})
+    held = client.chat.completions.create(  # the same prompt (tools shown), answered by a json_schema
+        **kw, tools=TOOLS, tool_choice="none",
+        response_format={"type": "json_schema", "json_schema": {"name": "flag", "schema": FLAG_SCHEMA}})
     named = client.chat.completions.create(**kw, tools=TOOLS,
-                                           tool_choice={"type": "function", "function": {"name": "set_flag"}})
+                                           tool_choice={"type": "function", "function": {"name": "flag"}})
+    shown = httpx.post(f"{url}/tokenize", json={"model": "tiny", "messages": messages, "tools": TOOLS}).json()
+    plain = httpx.post(f"{url}/tokenize", json={"model": "tiny", "messages": messages}).json()
+    assert named.usage.prompt_tokens == shown["count"] == plain["count"] + len("tools: flag ping ")
     message = named.choices[0].message
     assert message.content is None and len(message.tool_calls) == 1 and named.choices[0].finish_reason == "stop"
     call = message.tool_calls[0]
-    assert call.type == "function" and call.function.name == "set_flag" and call.id.startswith("call_")
+    assert call.type == "function" and call.function.name == "flag" and call.id.startswith("call_")
     assert call.function.arguments == held.choices[0].message.content and set(json.loads(call.function.arguments)) == {"ok"}
     required = client.chat.completions.create(**kw, tools=TOOLS[:1], tool_choice="required")
-    assert required.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    assert required.choices[0].message.tool_calls[0].function.name == "flag"
+    wide = {**kw, "max_tokens": 200}  # 8 gaps of up to 16 whitespace bytes around the wrapper's 24 characters
+    either = client.chat.completions.create(**wide, tools=TOOLS, tool_choice="required")  # the model picks which
+    assert either.choices[0].finish_reason == "stop"
+    picked = either.choices[0].message.tool_calls[0].function
+    assert picked.name in ("flag", "ping") and set(json.loads(picked.arguments)) == {"flag": {"ok"}, "ping": set()}[
+        picked.name]
+    streamed = [d for c in client.chat.completions.create(**wide, tools=TOOLS, tool_choice="required", stream=True)
+                if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert streamed[0].function.name == picked.name and "".join(d.function.arguments or "" for d in streamed) == \
+        picked.arguments
     ping = client.chat.completions.create(**kw, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "ping"}})
     assert json.loads(ping.choices[0].message.tool_calls[0].function.arguments) == {}
     chunks = list(client.chat.completions.create(**kw, tools=TOOLS, stream=True,
-                                                 tool_choice={"type": "function", "function": {"name": "set_flag"}}))
+                                                 tool_choice={"type": "function", "function": {"name": "flag"}}))
     deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
-    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "set_flag"
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "flag"
     assert all(d.index == 0 and d.id is None for d in deltas[1:])
     assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -435,7 +474,10 @@ def test_a_forced_tool_call_answers_with_the_functions_arguments_held_to_its_par
     weird = {"type": "object", "properties": {"a": {"type": "string", "minLength": 2}}}
     for bad, param in [({"tools": TOOLS}, "tool_choice"),  # OpenAI's default with tools is "auto"
                        ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
-                       ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),  # which of the two?
+                       ({"tools": [{"type": "function", "function": {"name": f, "parameters": {
+                           "type": "object", "properties": {"x": {"$ref": "#/$defs/X"}},
+                           "$defs": {"X": {"type": kind}}}}} for f, kind in (("f", "string"), ("g", "boolean"))],
+                         "tool_choice": "required"}, "tool_choice"),  # $defs/X twice, differently: one schema holds both
                        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
                        ({"tool_choice": "required"}, "tool_choice"),
                        ({"tools": [{"type": "code_interpreter"}], "tool_choice": "none"}, "tools"),
@@ -449,6 +491,9 @@ def test_a_forced_tool_call_answers_with_the_functions_arguments_held_to_its_par
     r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": [
         {"role": "user", "content": "x"}, {"role": "assistant", "content": None}]})
     assert r.status_code == 400 and "only an assistant message with tool_calls" in r.json()["error"]["message"]
+    for bad in [{"prompt": "x", "tools": TOOLS}, {"messages": messages, "tools": [{"type": "retrieval"}]}]:
+        r = httpx.post(f"{url}/tokenize", json={"model": "tiny", **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
 
 
 def test_ignore_eos_and_min_tokens_are_the_engines(client, model_dir):

@@ -3,14 +3,16 @@
 `compile_schema` turns a schema into rules the decoding can check byte by byte, and refuses what it would not
 enforce (a clear error naming the keyword and where it is) rather than ignore it. `SchemaPrefix` is JsonPrefix
 with those rules: a value must be of a kind its schema allows (object, array, string, number / integer, boolean,
-null), an object's keys are its declared properties, each at most once, and it closes only when its required ones
-are there; an array holds minItems..maxItems items of its `items` schema; a string with an `enum` (or `const`) is
-one of them. The JSON-mode decoding (json_mode.block_step) is the same: only the states differ.
+null), an object's keys are its declared properties, each at most once (minProperties..maxProperties of them), and
+it closes only when its required ones are there; an array holds minItems..maxItems items of its `items` schema; a
+string with an `enum` (or `const`) is one of them. The JSON-mode decoding (json_mode.block_step) is the same: only
+the states differ.
 
 Supported: type (a name or a list), properties, required, additionalProperties (false; an object without
-`properties` may hold any keys), items, minItems, maxItems, enum / const (strings and null), anyOf whose branches
-are of different kinds (Optional[X] in pydantic), $ref to #/$defs/... or #/definitions/... (recursion included),
-and annotations (title, description, default, examples, ...), which constrain nothing. The root is an object.
+`properties` may hold any keys), minProperties / maxProperties (beside properties), items, minItems, maxItems,
+enum / const (strings and null), anyOf whose branches are of different kinds (Optional[X] in pydantic), $ref to
+#/$defs/... or #/definitions/... (recursion included), and annotations (title, description, default, examples,
+...), which constrain nothing. The root is an object.
 Keys and enum strings are written as json.dumps writes them (no escapes where none are needed).
 """
 
@@ -25,8 +27,8 @@ from .json_mode import (_AFTER, _ARRAY_FIRST, _COLON, _DONE, _ESCAPE, _KEY, _MIN
 
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly"})
-KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
-                      "const", "anyOf", "$ref", "$defs", "definitions"})
+KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "minProperties", "maxProperties",
+                      "items", "minItems", "maxItems", "enum", "const", "anyOf", "$ref", "$defs", "definitions"})
 KINDS = ("object", "array", "string", "number", "boolean", "null")
 _TYPES = {"object": "object", "array": "array", "string": "string", "number": "number", "integer": "number",
           "boolean": "boolean", "null": "null"}
@@ -45,6 +47,8 @@ class ObjectRule:
     keys: dict[bytes, str] = field(default_factory=dict)  # each property's key as written, quotes included
     required: frozenset[str] = frozenset()
     free: bool = False  # any keys, any values (no `properties`)
+    min_properties: int = 0
+    max_properties: int | None = None
 
 
 @dataclass(eq=False)
@@ -231,7 +235,13 @@ class _Compiler:
     def _object(self, schema: dict, where: str, path: str) -> ObjectRule:
         properties = schema.get("properties")
         extra = schema.get("additionalProperties")
+        lo, hi = schema.get("minProperties", 0), schema.get("maxProperties")
+        if type(lo) is not int or lo < 0 or hi is not None and (type(hi) is not int or hi < lo):
+            raise SchemaError(f"minProperties / maxProperties at {where} must be integers with 0 <= minProperties <= "
+                              "maxProperties")
         if properties is None:
+            if (lo, hi) != (0, None):
+                raise SchemaError(f"minProperties / maxProperties at {where} are supported beside properties only")
             if extra not in (None, True, {}):
                 raise SchemaError(f"additionalProperties at {where}: only false (with properties) or absent is "
                                   "supported")
@@ -246,9 +256,11 @@ class _Compiler:
         required = schema.get("required", [])
         if not isinstance(required, list) or not set(required) <= set(properties):
             raise SchemaError(f"required at {where} must list declared properties, got {required!r}")
+        if lo > len(properties) or len(required) > (len(properties) if hi is None else hi):
+            raise SchemaError(f"minProperties / maxProperties at {where}: no object of its properties fits")
         return ObjectRule({name: self.node(sub, f"{path}/properties/{name}") for name, sub in properties.items()},
                           {json.dumps(name, ensure_ascii=False).encode(): name for name in properties},
-                          frozenset(required))
+                          frozenset(required), min_properties=lo, max_properties=hi)
 
 
 class SchemaPrefix(JsonPrefix):
@@ -293,6 +305,8 @@ class SchemaPrefix(JsonPrefix):
         if c == 0x22 and mode in (_OBJECT_FIRST, _KEY):
             rule, seen = frame[1], frame[2]
             if not rule.free:
+                if rule.max_properties is not None and len(seen) >= rule.max_properties:
+                    return False
                 self.role, self.raw = "key", b'"'
                 self.candidates = tuple(k for k, name in rule.keys.items() if name not in seen)
                 if not self.candidates:
@@ -303,16 +317,17 @@ class SchemaPrefix(JsonPrefix):
             return super()._step(c)
         if c == 0x2C and mode == _AFTER and frame is not None:
             if frame[0] == "o":
-                if not frame[1].free and len(frame[2]) == len(frame[1].properties):
-                    return False  # no property left for another key
+                if not frame[1].free and len(frame[2]) in (len(frame[1].properties), frame[1].max_properties):
+                    return False  # no property left for another key, or as many as maxProperties
             elif frame[1].max_items is not None and frame[2] >= frame[1].max_items:
                 return False
             else:
                 self.expect = frame[1].items
             return super()._step(c)
         if c in (0x7D, 0x5D) and mode in (_OBJECT_FIRST, _ARRAY_FIRST, _AFTER) and frame is not None:
-            if frame[0] == "o" and c == 0x7D and not frame[1].required <= frame[2]:
-                return False  # a required property is missing
+            if frame[0] == "o" and c == 0x7D and (not frame[1].required <= frame[2]
+                                                  or len(frame[2]) < frame[1].min_properties):
+                return False  # a required property is missing, or fewer than minProperties
             if frame[0] == "a" and c == 0x5D and frame[2] < frame[1].min_items:
                 return False
             if not super()._step(c):
