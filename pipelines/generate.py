@@ -122,21 +122,15 @@ class Generate:
         self.config = dllm.GenerationConfig(**config)
         self.chat = chat_template
         self.chat_prompt = functools.partial(conversation_prompt, tok, chat_template)
-        self._json_refusal: str | None = None  # once a record asks for JSON: "" if the vocabulary can write it, or why
 
     def _check_json(self, config: dllm.GenerationConfig) -> None:
         """A record asking for JSON on a vocabulary that cannot write it is that record's invalid_value (the job's own
         --json is checked before any work)."""
-        if config.response_format is None:
-            return
-        if self._json_refusal is None:
+        if config.response_format is not None:
             try:
                 self.engine.json_vocabulary()
-                self._json_refusal = ""
             except ValueError as e:
-                self._json_refusal = str(e)
-        if self._json_refusal:
-            raise ValueError("invalid_value", f"field 'response_format': {self._json_refusal}")
+                raise ValueError("invalid_value", f"field 'response_format': {e}") from e
 
     async def __call__(self, batch: dict) -> pa.Table:
         async with self.batch_slots:

@@ -629,7 +629,7 @@ class OpenAIIngress:
                 offsets[index] += sum(map(len, lp["tokens"]))
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if index not in started else {}
-                if calls and calls[index].name and index not in named:
+                if unnamed(index):
                     delta["tool_calls"] = [{"index": 0, **tool_call(calls[index].name, text or "")}]
                     named.add(index)
                 elif calls and text:
@@ -648,6 +648,11 @@ class OpenAIIngress:
         named: set[int] = set()  # choices whose call's id and name are sent
         choices = len(ready) if ready is not None else len(payloads)
         calls = [CallStream(call) for _ in range(choices)] if call else None
+
+        def unnamed(index: int) -> bool:
+            """The choice's function name is written but not yet sent (with the call's id)."""
+            return calls is not None and calls[index].name is not None and index not in named
+
         offsets = [0] * choices  # text_offset of each choice's next token (completions logprobs)
         lasts: list[dict | None] = [None] * choices
         streams = self._submit(payloads)  # here, not before: a response never started submits nothing
@@ -658,8 +663,7 @@ class OpenAIIngress:
             async with contextlib.aclosing(source) as merged:  # a client that hangs up closes it
                 async for index, item in merged:
                     text = calls[index].feed(item["text"], item["finished"]) if calls else item["text"]
-                    if text or item["logprobs"] or index not in started or calls and calls[index].name and \
-                            index not in named:
+                    if text or item["logprobs"] or index not in started or unnamed(index):
                         yield chunk(index, text, logprobs=item["logprobs"])
                     if item["finished"]:
                         lasts[index] = item

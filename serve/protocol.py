@@ -186,6 +186,14 @@ def reject_unsupported(req: _Common) -> None:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
 
 
+def check_schema(schema: dict, where: str, param: str) -> None:
+    """A schema answers can be held to (compile_schema), or a 400 naming the keyword they would not be, and where."""
+    try:
+        compile_schema(schema)
+    except SchemaError as e:
+        raise APIError(400, f"{where}: {e}", param=param, code="unsupported_parameter") from e
+
+
 STRUCTURED_OUTPUTS = ("choice", "json", "json_object")  # the structured_outputs keys we hold answers to
 
 
@@ -230,10 +238,7 @@ def fold_structured_outputs(req: _Common) -> None:
                 raise APIError(400, f"the JSON schema is not JSON: {e}", param=param, code="invalid_value") from e
         if not isinstance(value, dict):
             raise APIError(400, "the JSON schema must be a JSON object", param=param, code="invalid_value")
-        try:
-            compile_schema(value)
-        except SchemaError as e:
-            raise APIError(400, f"{param}: {e}", param=param, code="unsupported_parameter") from e
+        check_schema(value, param, param)
         req.response_format = {"type": "json_schema", "json_schema": {"name": "structured_outputs", "schema": value}}
     req.structured_outputs = req.guided_json = None  # folded: the request reads as its new fields say
 
@@ -261,11 +266,7 @@ def response_format_of(req: _Common) -> tuple[str | None, dict | None]:
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise APIError(400, "response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
                        param="response_format", code="invalid_value")
-    try:
-        compile_schema(spec["schema"])
-    except SchemaError as e:
-        raise APIError(400, f"response_format json_schema: {e}", param="response_format",
-                       code="unsupported_parameter") from e
+    check_schema(spec["schema"], "response_format json_schema", "response_format")
     return kind, spec["schema"]
 
 
@@ -283,12 +284,12 @@ class ForcedCall:
         wrapping object: so each is a prefix of the finished answer's (whose wrapper's `}` is dropped)."""
         if len(self.names) == 1:
             return self.names[0], text
-        start = text.find("{") + 1
+        key = text[text.find("{") + 1:].lstrip()  # the wrapper's key, where it is written
         try:
-            name, end = json.JSONDecoder().raw_decode(text, start + len(text[start:]) - len(text[start:].lstrip()))
+            name, end = json.JSONDecoder().raw_decode(key)
         except ValueError:
             return None, ""
-        rest = text[end:].lstrip()
+        rest = key[end:].lstrip()
         if not rest.startswith(":") or name not in self.names:
             return None, ""
         arguments = rest[1:].lstrip()
@@ -360,11 +361,7 @@ def tool_functions(tools: list) -> dict[str, dict]:
             raise APIError(400, f"tools[{i}] repeats the function name {fn['name']!r}", param="tools",
                            code="invalid_value")
         schema = fn.get("parameters", {"type": "object", "properties": {}})  # OpenAI's: no parameters
-        try:
-            compile_schema(schema)
-        except SchemaError as e:
-            raise APIError(400, f"tools[{i}].function.parameters: {e}", param="tools",
-                           code="unsupported_parameter") from e
+        check_schema(schema, f"tools[{i}].function.parameters", "tools")
         functions[fn["name"]] = schema
     return functions
 

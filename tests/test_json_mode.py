@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dllm
+from dllm.engine import json_mode
 from dllm.engine.json_mode import MAX_WHITESPACE, JsonPrefix, Picker, block_step, check_vocabulary, vocabulary_bytes
 from dllm.engine.json_schema import SchemaError, SchemaPrefix, compile_schema
 from conftest import JSON_TEXT, make_config
@@ -282,13 +283,21 @@ def test_json_rows_on_cuda_decode_under_graphs_what_they_decode_eagerly(json_mod
     assert all(_is_json_prefix(graphed[i].text) is not None for i in (0, 2))
 
 
-def test_json_mode_needs_a_tokenizer_that_can_write_json(json_model, json_tokenizer, tiny_config, char_tokenizer):
+def test_json_mode_needs_a_tokenizer_that_can_write_json(json_model, json_tokenizer, tiny_config, char_tokenizer,
+                                                         monkeypatch):
     cfg = dllm.GenerationConfig(response_format="json_object", max_new_tokens=8)
     with pytest.raises(ValueError, match="needs an Engine with a tokenizer"):
         dllm.Engine(json_model, max_model_len=128).add_request([5, 6], cfg)
     no_braces = dllm.Engine(dllm.build_model(tiny_config, seed=0), char_tokenizer, max_model_len=128)
     with pytest.raises(ValueError, match="starts a JSON object"):
         no_braces.add_request("x", cfg)
+    reads = []
+    monkeypatch.setattr(json_mode, "vocabulary_bytes", lambda *a: reads.append(a) or [b"x"])
+    fresh = dllm.Engine(dllm.build_model(tiny_config, seed=0), char_tokenizer, max_model_len=128)
+    for _ in range(3):  # every JSON request refused, the vocabulary read once
+        with pytest.raises(ValueError, match="starts a JSON object"):
+            fresh.add_request("x", cfg)
+    assert len(reads) == 1
 
 
 @pytest.mark.parametrize("changes,name", [({"decoder": "credit"}, "decoder"), ({"ignore_eos": True}, "ignore_eos"),

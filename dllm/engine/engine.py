@@ -344,6 +344,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._outputs: list[RequestOutput] = []
         self._json_vocab: list[bytes | None] | None = None  # each token's bytes, read when JSON mode is first asked for
+        self._json_refusal: str | None = None  # or why this vocabulary cannot write JSON (read once too)
         self._ids = itertools.count()
         self.total_forwards = 0
         # block-status reads: one per forward group, or per unrolled run of steps; and a decode's search for
@@ -904,11 +905,16 @@ class Engine:
     def json_vocabulary(self) -> list[bytes | None]:
         """Each token's bytes for JSON mode, read off the tokenizer once (and checked to hold '{' and '}'); a
         ValueError that says why where this engine's vocabulary cannot write JSON."""
-        if self._json_vocab is None:
-            if self.tokenizer is None:
-                raise ValueError("JSON mode (response_format json_object / json_schema) needs an Engine with a "
-                                 "tokenizer (tokens are checked as text)")
-            self._json_vocab = json_mode.json_vocabulary(self.tokenizer, self.config.embedding_size)
+        if self._json_vocab is None and self._json_refusal is None:
+            try:
+                if self.tokenizer is None:
+                    raise ValueError("JSON mode (response_format json_object / json_schema) needs an Engine with a "
+                                     "tokenizer (tokens are checked as text)")
+                self._json_vocab = json_mode.json_vocabulary(self.tokenizer, self.config.embedding_size)
+            except ValueError as e:
+                self._json_refusal = str(e)
+        if self._json_refusal is not None:
+            raise ValueError(self._json_refusal)
         return self._json_vocab
 
     def _record_logprobs(self, logits: torch.Tensor, x: torch.Tensor, commit: torch.Tensor, reqs: list[Request],
