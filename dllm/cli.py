@@ -111,7 +111,7 @@ def serve_app_args(args) -> dict:
         value = getattr(args, key)
         if value is not None:
             app_args[key] = value
-    for key in ("dtype", "chat_template"):
+    for key in ("dtype", "chat_template", "tool_call_parser"):
         if getattr(args, key) is not None:
             app_args[key] = getattr(args, key)
     # the replicas' decoding defaults (DEFAULT_DECODING's keys), for requests that name none
@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat-template",
                    help="a Jinja chat template, or a file holding one, in place of the checkpoint's (read here; it "
                         "travels with the app to every replica)")
+    s.add_argument("--tool-call-parser",
+                   help="hermes: tool_choice 'auto' (the default where a request gives tools) answers freely and the "
+                        "calls the model writes as <tool_call> JSON blocks become the answer's tool_calls (vLLM's "
+                        "--tool-call-parser; for a model trained to write them). Without it 'auto' is a 400")
     decoding = s.add_argument_group("decoding defaults", "for requests that do not choose (each is also a request "
                                     "field); defaults: decoder threshold, block size 64, threshold 0.9, 256 tokens")
     decoding.add_argument("--decoder", choices=DECODERS)

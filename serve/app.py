@@ -35,11 +35,11 @@ from dllm.checkpoint import INFERENCE_DTYPES
 from dllm.engine.async_loop import EngineLoop
 from dllm.quantization import QUANTIZATIONS
 
-from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, CallStream, ChatCompletionRequest, CompletionRequest,
-                       DetokenizeRequest, DiffusionOptions, ForcedCall, LoglikelihoodRequest, TokenizeRequest,
-                       chat_conversation, chat_logprobs, completion_logprobs, fold_structured_outputs, forced_tool,
-                       logit_bias_ids, logprobs_wanted, message_text, new_id, now, reject_unsupported,
-                       response_format_of, tool_call, tool_functions, usage)
+from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest,
+                       DetokenizeRequest, DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation,
+                       chat_logprobs, completion_logprobs, fold_structured_outputs, logit_bias_ids, logprobs_wanted,
+                       message_text, new_id, now, reject_unsupported, response_format_of, usage)
+from .tools import TOOL_CALL_PARSERS, ChatDeltas, ForcedCall, ParsedCalls, chat_message, tool_functions, tool_use
 from .router import PromptAffinityRouter
 
 # The server stops a block at a settled EOS (same answers, fewer forwards) and commits EOS only after
@@ -315,8 +315,10 @@ class OpenAIIngress:
     def __init__(self, engine, model: str, served_model_name: str | None = None, max_model_len: int | None = None,
                  max_tokens_cap: int = 1024, api_keys: list[str] | None = None,
                  default_block_size: int = DEFAULT_DECODING["block_size"], max_block_size: int | None = None,
-                 chat_template: str | None = None, scheduling_policy: str = "fcfs") -> None:
+                 chat_template: str | None = None, scheduling_policy: str = "fcfs",
+                 tool_call_parser: str | None = None) -> None:
         self.engine = engine
+        self.tool_call_parser = tool_call_parser  # the format calls are parsed from under tool_choice "auto"
         self.scheduling_policy = scheduling_policy  # a priority on a first-come-first-served app: a 400 here
         self.max_block_size = max_block_size  # the replicas refuse larger blocks: a 400 before any stream starts
         # The replicas' block size when a request names none (the app's decoding defaults; a change to them
@@ -362,11 +364,11 @@ class OpenAIIngress:
     async def chat_completions(self, req: ChatCompletionRequest):
         if req.max_completion_tokens is not None and req.max_tokens is None:
             req.max_tokens = req.max_completion_tokens
-        self._check_common(req)
+        tools = self._check_common(req)
         ids = self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message, req.tools)
         last = req.messages[-1]
         echo = [message_text(last, len(req.messages) - 1)] if req.echo and last.role == "assistant" else None
-        return await self._run(req, [ids], chat=True, echo=echo)
+        return await self._run(req, [ids], chat=True, echo=echo, tools=tools)
 
     @api.post("/v1/loglikelihood")
     async def loglikelihood(self, req: LoglikelihoodRequest) -> dict:
@@ -463,10 +465,12 @@ class OpenAIIngress:
             raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def _check_common(self, req) -> None:
+    def _check_common(self, req) -> ForcedCall | ParsedCalls | None:
+        """A request's checks shared by both routes; returns what a chat request's tools make of its answers."""
         self._check_model(req.model)
         fold_structured_outputs(req)
-        reject_unsupported(req)
+        tools = tool_use(req, self.tool_call_parser) if isinstance(req, ChatCompletionRequest) else None
+        reject_unsupported(req, tools)
         if req.max_tokens is not None and not 1 <= req.max_tokens <= self.max_tokens_cap:
             raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_cap}, got {req.max_tokens}",
                            param="max_tokens", code="invalid_value")
@@ -480,6 +484,7 @@ class OpenAIIngress:
         if req.priority != 0 and self.scheduling_policy != "priority":
             raise APIError(400, f"priority {req.priority} needs a server whose scheduling_policy is priority; this one "
                                 "serves first come, first served", param="priority", code="invalid_value")
+        return tools
 
     def _ids(self, text_or_ids: str | list[int], param: str) -> list[int]:
         """Token ids of a string (tokenised) or of a list of ids (checked against the vocabulary)."""
@@ -494,10 +499,12 @@ class OpenAIIngress:
                            param=param, code="invalid_value")
         return ids
 
-    async def _run(self, req, prompts: list[list[int]], chat: bool, echo: list[str] | None = None):
+    async def _run(self, req, prompts: list[list[int]], chat: bool, echo: list[str] | None = None,
+                   tools: ForcedCall | ParsedCalls | None = None):
         """Generate req.n choices per prompt (choice index = prompt index * n + sample index), all in
         the engine's batch at once. Sample i of a seeded request uses seed + i, so the n samples differ
-        under temperature > 0 and the request stays reproducible."""
+        under temperature > 0 and the request stays reproducible. `tools`: what the chat request's tools make of
+        its answers (serve.tools)."""
         block = req.block_size or self.default_block_size
         if self.max_block_size is not None and block > self.max_block_size:
             raise APIError(400, f"block_size {block} is larger than this server's max_block_size {self.max_block_size}",
@@ -518,7 +525,9 @@ class OpenAIIngress:
         if req.guided_choice is not None:
             return await self._guided(req, prompts, chat, echo)
         options = {name: getattr(req, name) for name in DiffusionOptions.model_fields}
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if isinstance(tools, ParsedCalls) and req.parallel_tool_calls is False:
+            stop = [*stop, tools.end]  # one call at most: the answer ends where the first call's block does
         bias = logit_bias_ids(req)
         self._checked_ids(list(bias or ()), param="logit_bias")
         # The request's own GenerationConfig fields; the diffusion options merge with the replica's defaults.
@@ -527,17 +536,16 @@ class OpenAIIngress:
                     "top_k": max(req.top_k, 0), "top_p": req.top_p, "min_p": req.min_p, "logit_bias": bias,
                     "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
                     "repetition_penalty": req.repetition_penalty,
-                    **dict(zip(("response_format", "json_schema"), response_format_of(req))),
+                    **dict(zip(("response_format", "json_schema"), response_format_of(req, tools))),
                     "stream_settled": req.stream}  # a stream sends each block's settled prefix as it grows
         payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "options": options, "priority": req.priority,
                      "sampling": {**sampling, "seed": None if req.seed is None else req.seed + i}}
                     for ids in prompts for i in range(req.n)]
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
-        call = forced_tool(req) if chat else None  # each answer is a call of a function
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, req.n, call=call),
+            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, req.n, tools=tools),
                                      media_type="text/event-stream")
         streams = self._submit(payloads)
         texts, lasts = list(prefixes or [""] * len(streams)), [None] * len(streams)
@@ -551,7 +559,7 @@ class OpenAIIngress:
         except Exception as e:
             raise self._engine_error(e) from e
         wanted = logprobs_wanted(req) is not None
-        return self._final_body(rid, chat, texts, lasts, req.n, logprobs if wanted else None, call)
+        return self._final_body(rid, chat, texts, lasts, req.n, logprobs if wanted else None, tools)
 
     def _submit(self, payloads: list[dict]) -> list:
         """One engine stream per choice; they join the replicas' batches as they arrive."""
@@ -593,49 +601,36 @@ class OpenAIIngress:
             completion_logprobs(entries, self._token_text, text_offset)
 
     def _final_body(self, rid: str, chat: bool, texts: list[str], lasts: list[dict], n: int,
-                    logprobs: list[list] | None, call: ForcedCall | None = None) -> dict:
-        """The whole response; `call`: each chat answer is a call of a function (an answer cut before the function's
-        name is written, which only max_tokens does, is left as its text)."""
+                    logprobs: list[list] | None, tools: ForcedCall | ParsedCalls | None = None) -> dict:
+        """The whole response; `tools`: what the chat request's tools make of each answer (serve.tools)."""
         base = {"id": rid, "created": now(), "model": self.model_name, "usage": self._usage(lasts, n),
                 "dllm": self._stats(lasts)}
         per_choice = [self._logprobs_body(chat, entries) for entries in logprobs] if logprobs else [None] * len(texts)
         if chat:
-            messages = []
-            for text in texts:
-                name, arguments = call.split(text, finished=True) if call else (None, "")
-                messages.append({"role": "assistant", "content": None, "tool_calls": [tool_call(name, arguments)]}
-                                if name else {"role": "assistant", "content": text})
-            choices = [{"index": i, "message": message, "finish_reason": last["finish_reason"], "logprobs": lp}
-                       for i, (message, last, lp) in enumerate(zip(messages, lasts, per_choice))]
+            answers = [chat_message(text, tools, last["finish_reason"]) for text, last in zip(texts, lasts)]
+            choices = [{"index": i, "message": message, "finish_reason": reason, "logprobs": lp}
+                       for i, ((message, reason), lp) in enumerate(zip(answers, per_choice))]
             return {**base, "object": "chat.completion", "choices": choices}
         choices = [{"index": i, "text": text, "finish_reason": last["finish_reason"], "logprobs": lp}
                    for i, (text, last, lp) in enumerate(zip(texts, lasts, per_choice))]
         return {**base, "object": "text_completion", "choices": choices}
 
     async def _sse(self, payloads: list[dict], rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
-                   n: int, ready: list[dict] | None = None, call: ForcedCall | None = None):
+                   n: int, ready: list[dict] | None = None, tools: ForcedCall | ParsedCalls | None = None):
         """One chunk per committed block of each choice (tagged with its index), a finish chunk per
         choice, then the usage chunk (if asked) and [DONE]. `ready`: the choices' final items, known already
-        (guided_choice), streamed as one block each instead of payloads submitted to the replicas. `call`: each
-        chat answer is a call of a function, streamed as OpenAI streams one: the call's id and name in its first
-        chunk once the name is known, the arguments' text in pieces after it."""
+        (guided_choice), streamed as one block each instead of payloads submitted to the replicas. `tools`: what
+        the chat request's tools make of each answer, streamed as OpenAI streams calls (serve.tools.ChatDeltas)."""
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(index: int, text: str | None, finish: str | None = None, extra: dict | None = None,
-                  logprobs: list | None = None) -> str:
+                  logprobs: list | None = None, delta: dict | None = None) -> str:
             lp = self._logprobs_body(chat, logprobs, offsets[index])
             if lp is not None and not chat:
                 offsets[index] += sum(map(len, lp["tokens"]))
             if chat:
-                delta: dict[str, Any] = {"role": "assistant"} if index not in started else {}
-                if unnamed(index):
-                    delta["tool_calls"] = [{"index": 0, **tool_call(calls[index].name, text or "")}]
-                    named.add(index)
-                elif calls and text:
-                    delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
-                elif text:
-                    delta["content"] = text
+                delta = {**({"role": "assistant"} if index not in started else {}), **(delta or {})}
                 choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
             else:
                 choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
@@ -645,29 +640,24 @@ class OpenAIIngress:
             return f"data: {json.dumps(body)}\n\n"
 
         started: set[int] = set()
-        named: set[int] = set()  # choices whose call's id and name are sent
         choices = len(ready) if ready is not None else len(payloads)
-        calls = [CallStream(call) for _ in range(choices)] if call else None
-
-        def unnamed(index: int) -> bool:
-            """The choice's function name is written but not yet sent (with the call's id)."""
-            return calls is not None and calls[index].name is not None and index not in named
-
+        deltas = [ChatDeltas(tools) for _ in range(choices)]
         offsets = [0] * choices  # text_offset of each choice's next token (completions logprobs)
         lasts: list[dict | None] = [None] * choices
         streams = self._submit(payloads)  # here, not before: a response never started submits nothing
         source = _merged(streams) if ready is None else _indexed(ready)
         try:
             for index, prefix in enumerate(prefixes or []):
-                yield chunk(index, prefix)
+                yield chunk(index, prefix, delta={"content": prefix} if prefix else None)
             async with contextlib.aclosing(source) as merged:  # a client that hangs up closes it
                 async for index, item in merged:
-                    text = calls[index].feed(item["text"], item["finished"]) if calls else item["text"]
-                    if text or item["logprobs"] or index not in started or unnamed(index):
-                        yield chunk(index, text, logprobs=item["logprobs"])
+                    delta = deltas[index].feed(item["text"], item["finished"]) if chat else None
+                    if delta or (not chat and item["text"]) or item["logprobs"] or index not in started:
+                        yield chunk(index, item["text"], logprobs=item["logprobs"], delta=delta)
                     if item["finished"]:
                         lasts[index] = item
-                        yield chunk(index, None, item["finish_reason"], extra={"dllm": self._stats([item])})
+                        yield chunk(index, None, deltas[index].finish_reason(item["finish_reason"]),
+                                    extra={"dllm": self._stats([item])})
             if include_usage:
                 body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
                         "usage": self._usage(lasts, n)}
@@ -734,7 +724,9 @@ def build_app(args: dict[str, Any]):
     when the cluster has GPUs, else 0), num_cpus, min_replicas / max_replicas / target_ongoing_requests /
     upscale_delay_s / downscale_delay_s (autoscaling) or num_replicas, max_ongoing_requests, max_queued_requests,
     decoding (dict of decoding defaults), chat_template (a Jinja template or a file holding one, in place of the
-    checkpoint's), tensor_parallel_size (only 1). dtype is one of dllm.checkpoint.INFERENCE_DTYPES.
+    checkpoint's), tool_call_parser (hermes: tool_choice "auto" answers freely and the calls the model writes in that
+    format are taken out of its text, see serve.tools; default none: "auto" is a 400), tensor_parallel_size (only
+    1). dtype is one of dllm.checkpoint.INFERENCE_DTYPES.
     """
     args = dict(args)
     if "model" not in args:
@@ -821,6 +813,10 @@ def build_app(args: dict[str, Any]):
         raise ValueError(f"build_app: quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)} "
                          "(or leave it out for the weights as loaded)")
     prefix_caching = _flag(args.pop("prefix_caching", True), "prefix_caching")
+    tool_call_parser = args.pop("tool_call_parser", None)
+    if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+        raise ValueError(f"build_app: tool_call_parser={tool_call_parser!r} is not one of "
+                         f"{', '.join(TOOL_CALL_PARSERS)} (or leave it out: tool_choice 'auto' is then refused)")
     if args:
         raise ValueError(f"build_app: unknown argument(s) {sorted(args)}")
 
@@ -834,4 +830,4 @@ def build_app(args: dict[str, Any]):
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,
                         max_tokens_cap=max_tokens_cap, api_keys=api_keys, default_block_size=decoding["block_size"],
                         max_block_size=max_block_size, chat_template=chat_template,
-                        scheduling_policy=scheduling_policy)
+                        scheduling_policy=scheduling_policy, tool_call_parser=tool_call_parser)

@@ -8,13 +8,15 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 import dllm
 from dllm.engine.json_schema import SchemaError, compile_schema
+
+if TYPE_CHECKING:
+    from .tools import ForcedCall, ParsedCalls
 
 
 class APIError(Exception):
@@ -104,7 +106,8 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=dllm.engine.MAX_LOGPROBS)
     max_completion_tokens: int | None = None
     # OpenAI's function tools: {"type": "function", "function": {"name", "description", "parameters"}}; a call is
-    # made where tool_choice names a function or is "required": see forced_tool
+    # made where tool_choice names a function or is "required", or written by the model under "auto" on a server with
+    # a tool-call parser: see serve.tools
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # a forced call is one call, which either value allows
@@ -147,8 +150,9 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def reject_unsupported(req: _Common) -> None:
-    """Parameters we accept for compatibility only at their neutral values."""
+def reject_unsupported(req: _Common, tools: ForcedCall | ParsedCalls | None = None) -> None:
+    """Parameters we accept for compatibility only at their neutral values, and those that do not go together;
+    `tools`: what the request's tools make of its answers (serve.tools.tool_use)."""
     checks = []
     if isinstance(req, CompletionRequest):
         checks += [("best_of", req.best_of not in (None, 1, req.n),
@@ -159,14 +163,17 @@ def reject_unsupported(req: _Common) -> None:
                     "logprobs with echo (prompt logprobs) are not supported: a masked diffusion model has no "
                     "left-to-right probabilities of the prompt's tokens")]
     if isinstance(req, ChatCompletionRequest):
-        checks += [("echo", req.echo and forced_tool(req) is not None,
-                    "echo does not go with a forced tool call: the answer is the call's arguments"),
+        checks += [("echo", req.echo and tools is not None,
+                    "echo does not go with tool calls: an answer's calls are taken out of the model's text"),
                    ("logprobs", req.echo and req.logprobs,
-                    "logprobs with echo are not supported: the echoed text is the client's, with no log-probabilities")]
+                    "logprobs with echo are not supported: the echoed text is the client's, with no log-probabilities"),
+                   ("guided_choice", req.guided_choice is not None and tools is not None,
+                    "guided_choice answers with one of its strings, not with tool calls: give one of them (or "
+                    "tool_choice 'none')")]
     checks.append(("guided_choice", req.guided_choice is not None and logprobs_wanted(req) is not None,
                    "logprobs are not available with guided_choice: the answer is chosen by its likelihood, not "
                    "decoded token by token"))
-    json_mode = response_format_of(req)[0] is not None  # a forced tool call's arguments too
+    json_mode = response_format_of(req, tools)[0] is not None  # a forced tool call's arguments too
     checks += [("guided_choice", json_mode and req.guided_choice is not None,
                 "guided_choice and a JSON answer (response_format or a forced tool call) are two answers' shapes; "
                 "give one"),
@@ -243,18 +250,21 @@ def fold_structured_outputs(req: _Common) -> None:
     req.structured_outputs = req.guided_json = None  # folded: the request reads as its new fields say
 
 
-def response_format_of(req: _Common) -> tuple[str | None, dict | None]:
+def response_format_of(req: _Common, tools: ForcedCall | ParsedCalls | None = None) -> tuple[str | None, dict | None]:
     """GenerationConfig's (response_format, json_schema) of a request: (None, None) for text, ("json_object", None)
     for OpenAI's JSON mode, ("json_schema", the schema) for structured outputs, whose schema is checked here (a
-    keyword answers would not be held to is a 400 that names it), and for a forced tool call (its parameters)."""
+    keyword answers would not be held to is a 400 that names it), and for a forced tool call (its parameters).
+    `tools`: what the request's tools make of its answers (serve.tools.tool_use)."""
     fmt = req.response_format
     kind = None if fmt is None else fmt.get("type")
-    call = forced_tool(req) if isinstance(req, ChatCompletionRequest) else None
-    if call is not None:
-        if kind not in (None, "text"):
-            raise APIError(400, "a forced tool call's arguments are held to its parameters' schema; give either "
-                                "response_format or tool_choice", param="response_format", code="invalid_value")
-        return "json_schema", call.schema
+    if tools is not None and kind not in (None, "text"):
+        raise APIError(400, "a forced tool call's arguments are held to its parameters' schema, and tool_choice "
+                            "'auto' answers in text that may hold calls: give either response_format or tools "
+                            "(or tool_choice 'none')", param="response_format", code="invalid_value")
+    from .tools import ForcedCall  # (serve.tools builds on this module)
+
+    if isinstance(tools, ForcedCall):  # the answer is the call's arguments
+        return "json_schema", tools.schema
     if kind in (None, "text"):
         return None, None
     if kind == "json_object":
@@ -268,121 +278,6 @@ def response_format_of(req: _Common) -> tuple[str | None, dict | None]:
                        param="response_format", code="invalid_value")
     check_schema(spec["schema"], "response_format json_schema", "response_format")
     return kind, spec["schema"]
-
-
-@dataclass(frozen=True)
-class ForcedCall:
-    """The call a request's tool_choice makes its answer. With one function (`names`), the answer is its arguments,
-    held to its parameters; with "required" and several, it is {"<function name>": <its arguments>}, held to `schema`
-    (one property of those names, each held to its function's parameters), which `split` takes apart."""
-    names: tuple[str, ...]
-    schema: dict
-
-    def split(self, text: str, finished: bool) -> tuple[str | None, str]:
-        """(function name, arguments text) of an answer or its beginning; the name is None until it is written. An
-        unfinished answer's arguments stop before a trailing run of `}` and whitespace, which may close the
-        wrapping object: so each is a prefix of the finished answer's (whose wrapper's `}` is dropped)."""
-        if len(self.names) == 1:
-            return self.names[0], text
-        key = text[text.find("{") + 1:].lstrip()  # the wrapper's key, where it is written
-        try:
-            name, end = json.JSONDecoder().raw_decode(key)
-        except ValueError:
-            return None, ""
-        rest = key[end:].lstrip()
-        if not rest.startswith(":") or name not in self.names:
-            return None, ""
-        arguments = rest[1:].lstrip()
-        if not finished:
-            return name, arguments.rstrip(" \t\r\n}")
-        arguments = arguments.rstrip()
-        return name, (arguments[:-1] if arguments.endswith("}") else arguments).rstrip()
-
-
-def forced_tool(req: ChatCompletionRequest) -> ForcedCall | None:
-    """The call a request's tool_choice makes the answer, None for a text answer. A named function (tool_choice
-    {"type": "function", "function": {"name"}}) is called: the answer is its arguments, held to its parameters
-    (json_schema mode); "required" calls one of the tools (the model picks which by writing its name first). "none"
-    answers in text; "auto" (OpenAI's default where tools are given) is refused, since choosing between text and a
-    call needs a tool-call format the model was trained to write, which LLaDA-style checkpoints have none of."""
-    functions = tool_functions(req.tools or [])
-    choice = req.tool_choice
-    if choice is None or choice == "auto":
-        if not functions:
-            return None
-        raise APIError(400, "tool_choice 'auto' (the default where tools are given) is not supported: telling a call "
-                            "from text needs a tool-call format this model was not trained to write; name a function "
-                            "(tool_choice {\"type\": \"function\", \"function\": {\"name\": ...}}) or give "
-                            "'required' (a call of one of the tools) or 'none'", param="tool_choice",
-                       code="unsupported_parameter")
-    if choice == "none":
-        return None
-    if not functions:
-        raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
-    if choice == "required":
-        if len(functions) == 1:
-            return ForcedCall(tuple(functions), next(iter(functions.values())))
-        return ForcedCall(tuple(functions), {"type": "object", "properties": functions, "additionalProperties": False,
-                                             "minProperties": 1, "maxProperties": 1, **_shared_definitions(functions)})
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
-            and isinstance(choice["function"].get("name"), str):
-        name = choice["function"]["name"]
-        if name not in functions:
-            raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools "
-                                f"{sorted(functions)}", param="tool_choice", code="invalid_value")
-        return ForcedCall((name,), functions[name])
-    raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
-                        "\"function\": {\"name\": ...}}", param="tool_choice", code="invalid_value")
-
-
-class CallStream:
-    """One streamed choice's call: the answer's text in, block by block; the arguments' new text out."""
-
-    def __init__(self, call: ForcedCall) -> None:
-        self.call, self.text, self.name, self.sent = call, "", None, 0
-
-    def feed(self, piece: str, finished: bool) -> str:
-        self.text += piece
-        self.name, arguments = self.call.split(self.text, finished)
-        new, self.sent = arguments[self.sent:], max(self.sent, len(arguments))
-        return new
-
-
-def tool_functions(tools: list) -> dict[str, dict]:
-    """Each function tool's name -> its parameters' schema (checked: a keyword a call would not be held to is a 400
-    that names it and where it is)."""
-    functions = {}
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
-                                "\"parameters\": {...}}}: function tools only", param="tools", code="invalid_value")
-        if fn["name"] in functions:
-            raise APIError(400, f"tools[{i}] repeats the function name {fn['name']!r}", param="tools",
-                           code="invalid_value")
-        schema = fn.get("parameters", {"type": "object", "properties": {}})  # OpenAI's: no parameters
-        check_schema(schema, f"tools[{i}].function.parameters", "tools")
-        functions[fn["name"]] = schema
-    return functions
-
-
-def _shared_definitions(functions: dict[str, dict]) -> dict:
-    """The functions' parameters' $defs / definitions, gathered at the root of the schema that holds them all (where
-    their $refs point); a name that two functions define differently is a 400."""
-    shared: dict[str, dict] = {}
-    for name, schema in functions.items():
-        for key in ("$defs", "definitions"):
-            for def_name, sub in schema.get(key, {}).items():
-                if shared.setdefault(key, {}).setdefault(def_name, sub) != sub:
-                    raise APIError(400, f"the tools' parameters define {key}/{def_name} differently ({name!r} and an "
-                                        "earlier function); tool_choice 'required' holds them in one schema: name the "
-                                        "function to call", param="tool_choice", code="unsupported_parameter")
-    return shared
-
-
-def tool_call(name: str, arguments: str) -> dict:
-    """A chat answer's tool call (OpenAI's shape; the arguments are the answer's JSON text)."""
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def message_text(message: ChatMessage, index: int) -> str:

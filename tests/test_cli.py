@@ -125,7 +125,8 @@ def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint)
      {"decoding": {"decoder": "hierarchical", "block_size": 32, "threshold": 0.8, "max_tokens": 512}, "dtype": "float16"}),
     (["--scheduling-policy", "priority"], True, "prompt_affinity", {"scheduling_policy": "priority"}),
     (["--chat-template", "{{ messages[0].content }}", "--cache-policy", "vicinity"], True, "prompt_affinity",
-     {"chat_template": "{{ messages[0].content }}", "decoding": {"cache_policy": "vicinity"}})])
+     {"chat_template": "{{ messages[0].content }}", "decoding": {"cache_policy": "vicinity"}}),
+    (["--tool-call-parser", "hermes"], True, "prompt_affinity", {"tool_call_parser": "hermes"})])
 def test_serve_flags_become_the_app_builders_keys(flags, cached, routing, extra):
     from ray.serve import Application
 

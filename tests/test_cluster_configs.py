@@ -119,6 +119,15 @@ def test_quantization_is_checked_when_the_app_is_built():
         build_app({"model": "/models/x", "quantization": "int8"})
 
 
+def test_tool_call_parser_is_checked_when_the_app_is_built():
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match="tool_call_parser='mistral' is not one of hermes"):
+        build_app({"model": "/models/x", "tool_call_parser": "mistral"})
+    app = build_app({"model": "/models/x", "tool_call_parser": "hermes"})
+    assert app._bound_deployment.init_kwargs["tool_call_parser"] == "hermes"  # the ingress parses the answers
+
+
 def test_preemption_mode_is_checked_when_the_app_is_built():
     from serve.app import build_app
 

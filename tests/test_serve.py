@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 import dllm
 
@@ -407,7 +408,7 @@ TOOLS = [{"type": "function", "function": {"name": "flag", "description": "Set t
 def test_a_call_of_one_of_several_functions_is_taken_apart_as_it_streams():
     """tool_choice "required" with several tools: {"<name>": <arguments>} gives the name once it is written and the
     arguments in pieces, each a prefix of the finished answer's (a trailing '}' may close the wrapper)."""
-    from serve.protocol import CallStream, ForcedCall
+    from serve.tools import CallStream, ForcedCall
 
     call = ForcedCall(("flag", "ping"), {})
     text = '{ "flag" :\n{"ok": {"x": {}}} \n}'
@@ -472,7 +473,7 @@ def test_a_forced_tool_call_answers_with_the_functions_arguments_held_to_its_par
     assert client.chat.completions.create(model="tiny", messages=history, max_tokens=8, tools=TOOLS,
                                           tool_choice="none").choices[0].message.content is not None
     weird = {"type": "object", "properties": {"a": {"type": "string", "minLength": 2}}}
-    for bad, param in [({"tools": TOOLS}, "tool_choice"),  # OpenAI's default with tools is "auto"
+    for bad, param in [({"tools": TOOLS}, "tool_choice"),  # OpenAI's default with tools is "auto": no parser here
                        ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
                        ({"tools": [{"type": "function", "function": {"name": f, "parameters": {
                            "type": "object", "properties": {"x": {"$ref": "#/$defs/X"}},
@@ -494,6 +495,152 @@ def test_a_forced_tool_call_answers_with_the_functions_arguments_held_to_its_par
     for bad in [{"prompt": "x", "tools": TOOLS}, {"messages": messages, "tools": [{"type": "retrieval"}]}]:
         r = httpx.post(f"{url}/tokenize", json={"model": "tiny", **bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+
+
+def test_calls_the_model_writes_are_parsed_out_of_its_text_however_it_streams():
+    """tool_choice "auto" under the hermes parser: a <tool_call> block whose JSON calls a given function is a call,
+    any other block stays in the text as written, whitespace around a call is dropped; fed in pieces of any size,
+    the stream gives out what the whole answer parses to."""
+    from serve.tools import TOOL_CALL_PARSERS, ParsedCalls, ParsedCallStream
+
+    calls = ParsedCalls(("get", "set"), *TOOL_CALL_PARSERS["hermes"])
+    get = '<tool_call>\n{"name": "get", "arguments": {"q": "é"}}\n</tool_call>'
+    cases = {
+        f"sure. {get}\n<tool_call>{{\"name\": \"set\", \"arguments\": \"{{\\\"a\\\": 1}}\"}}</tool_call> \n":
+            ("sure.", [("get", '{"q": "é"}'), ("set", '{"a": 1}')]),  # arguments as an object or its JSON text
+        "no call < <tool here \n": ("no call < <tool here \n", []),  # no block: the text as it is
+        get: (None, [("get", '{"q": "é"}')]),  # only calls: no content
+        '<tool_call>{"name": "get"}': (None, [("get", "{}")]),  # ended unclosed, its JSON whole; no arguments: {}
+        '<tool_call>{"name": "get", "argu': ('<tool_call>{"name": "get", "argu', []),  # cut inside the JSON
+        f'a <tool_call>{{"name": "rm", "arguments": {{}}}}</tool_call> {get}  b':  # not a given function: text
+            ('a <tool_call>{"name": "rm", "arguments": {}}</tool_call>b', [("get", '{"q": "é"}')]),
+        '<tool_call>{"name": "get", "arguments": [1]}</tool_call>': ('<tool_call>{"name": "get", "arguments": [1]}'
+                                                                     '</tool_call>', []),  # arguments not an object
+        '<tool_call>{"name": "get", "id": 3}</tool_call>': ('<tool_call>{"name": "get", "id": 3}</tool_call>', []),
+    }
+    for text, expected in cases.items():
+        assert calls.parse(text) == expected, text
+        for size in (1, 2, 3, 7, 13):
+            stream, content, got = ParsedCallStream(calls), "", []
+            pieces = [text[i:i + size] for i in range(0, len(text), size)]
+            for k, piece in enumerate(pieces):
+                new_text, new_calls = stream.feed(piece, finished=k == len(pieces) - 1)
+                content, got = content + new_text, got + new_calls
+            assert (content or None, got) == (expected[0] or None, expected[1]), (text, size)
+    stream = ParsedCallStream(calls)  # what may open a block is held back: text given out is final
+    assert stream.feed("ok \n<tool_", False) == ("ok", []) and stream.feed("call>{", False) == ("", [])
+    assert stream.feed('"name": "get"}</tool_call>  ', False) == ("", [("get", "{}")])
+    assert stream.feed("bye", True) == ("bye", [])
+
+
+def _memorized(tokenizer, answers: dict[str, str], block_size: int, steps: int = 800):
+    """A tiny model trained (plain masked diffusion, one block of `block_size` after each prompt) until it writes each
+    answer for its prompt: a model that writes tool calls in the hermes format where its prompt shows tools."""
+    from conftest import make_config
+
+    cfg = make_config(tokenizer)
+    model = dllm.build_model(cfg, seed=0)
+    rows = []
+    for prompt, answer in answers.items():
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        assert len(a) < block_size
+        rows.append((torch.tensor([p + a + [cfg.eos_token_id] * (block_size - len(a))]).repeat(8, 1), len(p)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    head = model.model.transformer["ff_out"]
+    for step in range(steps):
+        row, prompt_len = rows[step % len(rows)]
+        prompt_mask = torch.zeros_like(row, dtype=torch.bool)
+        prompt_mask[:, :prompt_len] = True
+        noised = dllm.noise_batch(row, prompt_mask, None, mask_token_id=cfg.mask_token_id,
+                                  terminal_token_ids=(cfg.eos_token_id,), t_min=0.05, t_max=1.0, generator=gen)
+        loss = dllm.diffusion_loss_from_hidden(model(noised.input_ids, return_hidden=True), head, noised.targets,
+                                               noised.loss_mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _hermes(city: str) -> str:
+    return f'<tool_call>\n{{"name": "w", "arguments": {{"c": "{city}"}}}}\n</tool_call>'
+
+
+WEATHER = [{"type": "function", "function": {"name": "w", "parameters": {
+    "type": "object", "properties": {"c": {"type": "string"}}, "required": ["c"]}}}]
+TOOL_ANSWERS = {("rain in paris?", True): "sure.\n" + _hermes("p"),
+                ("paris and rome?", True): _hermes("p") + "\n" + _hermes("r"),
+                ("hi", False): "hello there"}
+
+
+@pytest.fixture(scope="module")
+def tool_app(server, tmp_path_factory):
+    """An app with the hermes tool-call parser, serving a model trained to call the function w in that format:
+    (its base URL, the engine's answer to each TOOL_ANSWERS prompt)."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    texts = [TOOLS_TEMPLATE, *(q for q, _ in TOOL_ANSWERS), *TOOL_ANSWERS.values(), "tools: w user assistant"]
+    tok = dllm.train_tokenizer(texts, kind="char")
+    tok.chat_template = TOOLS_TEMPLATE
+    prompts = {key: tok.apply_chat_template([{"role": "user", "content": key[0]}], tools=WEATHER if key[1] else None,
+                                            tokenize=False, add_generation_prompt=True) for key in TOOL_ANSWERS}
+    model = _memorized(tok, {prompts[key]: answer for key, answer in TOOL_ANSWERS.items()}, block_size=128)
+    engine = dllm.Engine(model, tok, max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=128, max_new_tokens=128)
+    answers = {key: engine.generate([prompt], cfg)[0].text for key, prompt in prompts.items()}
+    path = tmp_path_factory.mktemp("tools") / "tiny"
+    dllm.save_pretrained(model, tok, path)
+    serve.run(build_app({"model": str(path), **APP_ARGS, "max_block_size": 128, "chat_template": TOOLS_TEMPLATE,
+                         "decoding": {"block_size": 128, "max_tokens": 128}, "tool_call_parser": "hermes"}),
+              name="tools", route_prefix="/tools")
+    yield f"{server}/tools", answers
+    serve.delete("tools")
+
+
+def test_tool_choice_auto_takes_the_calls_the_model_writes_out_of_its_answer(tool_app):
+    """With tools and no tool_choice (OpenAI's "auto") the model decides: a trained model's <tool_call> blocks become
+    message.tool_calls (finish_reason "tool_calls"), the text around them the content, streamed as OpenAI streams
+    calls; parallel_tool_calls false ends the answer after its first call; an answer without calls is text."""
+    url, answers = tool_app
+    assert answers == TOOL_ANSWERS, "the tiny model did not learn its answers; the test below needs them"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+
+    def ask(question: str, **kw):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}], **kw)
+
+    one = ask("rain in paris?", tools=WEATHER).choices[0]
+    assert one.finish_reason == "tool_calls" and one.message.content == "sure."
+    [call] = one.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("w", {"c": "p"})
+    two = ask("paris and rome?", tools=WEATHER, tool_choice="auto")
+    message = two.choices[0].message
+    assert message.content is None and [json.loads(c.function.arguments)["c"] for c in message.tool_calls] == ["p", "r"]
+    chunks = list(ask("paris and rome?", tools=WEATHER, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == \
+        [(k, "w", c.function.arguments) for k, c in enumerate(message.tool_calls)]
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    first = ask("paris and rome?", tools=WEATHER, parallel_tool_calls=False)
+    assert [json.loads(c.function.arguments) for c in first.choices[0].message.tool_calls] == [{"c": "p"}]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert first.usage.completion_tokens < two.usage.completion_tokens  # it stopped after the first call
+    text = ask("rain in paris?", tools=WEATHER, tool_choice="none").choices[0]  # no parsing: the text as written
+    assert text.message.tool_calls is None and text.message.content == TOOL_ANSWERS["rain in paris?", True]
+    assert text.finish_reason == "stop"
+    plain = ask("hi").choices[0]
+    assert plain.message.content == "hello there" and plain.finish_reason == "stop"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "rain in paris?"}], "tools": WEATHER}
+    for bad, param in [({"response_format": {"type": "json_object"}}, "response_format"),
+                       ({"guided_choice": ["a", "b"]}, "guided_choice"),
+                       ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                         "echo": True, "add_generation_prompt": False, "continue_final_message": True}, "echo")]:
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
 
 
 def test_ignore_eos_and_min_tokens_are_the_engines(client, model_dir):
