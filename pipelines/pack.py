@@ -4,7 +4,8 @@
 
 Input: jsonl or parquet files (local paths or any pyarrow/fsspec URI such as s3://bucket/x.jsonl), in
 Alpaca style (`instruction`, `input`, `output`), chat style (`messages`: [{role, content}, ...],
-the last one the assistant's answer) or ShareGPT style (`conversations`: [{from, value}, ...], from
+the last one the assistant's answer; OpenAI's function calling too: a record's `tools`, assistant
+`tool_calls` written as --tool-call-format says, `tool` results) or ShareGPT style (`conversations`: [{from, value}, ...], from
 human / gpt / system; read as chat style). A chat record's sample is its last assistant turn, or
 with --all-turns every assistant turn, the conversation before it as the prompt. Without
 --chat-template a sample is the dLLM-Var concatenation (prompt = instruction + input, response =
@@ -40,6 +41,7 @@ import pyarrow as pa
 
 import dllm
 from dllm.packing import PACK_MODES, pack_samples
+from dllm.tool_calls import TOOL_CALL_FORMATS, render_tool_calls
 
 from .runtime import ensure_ray, progress_bars_wanted
 
@@ -68,10 +70,14 @@ class PackOptions:
     all_turns: bool = False  # chat records: a sample per assistant turn (default: the last turn only)
     holdout_fraction: float = 0.0  # records set aside as held-out rows, packed into holdout_output
     holdout_output: str | None = None
+    tool_call_format: str | None = None  # how assistant turns' tool_calls are written (dllm.tool_calls)
 
     def __post_init__(self) -> None:
         if self.mode not in PACK_MODES:
             raise PipelineError(f"--mode must be one of {list(PACK_MODES)}, got {self.mode!r}")
+        if self.tool_call_format is not None and self.tool_call_format not in TOOL_CALL_FORMATS:
+            raise PipelineError(f"--tool-call-format must be one of {list(TOOL_CALL_FORMATS)}, got "
+                                f"{self.tool_call_format!r}")
         if self.seq_len < 8:
             raise PipelineError(f"--seq-len must be at least 8, got {self.seq_len}")
         if self.eos_pad < 0:
@@ -147,22 +153,29 @@ def sharegpt_messages(conversations) -> list[dict]:
     return messages
 
 
-def conversation_prompt(tok, chat: bool, context: list[dict]) -> str:
-    """A conversation as the prompt that answers it: the tokenizer's chat template with its generation prompt, or
-    (dLLM-Var's concatenation, without a template) the messages' contents joined."""
+def conversation_prompt(tok, chat: bool, context: list[dict], tools: list | None = None) -> str:
+    """A conversation as the prompt that answers it: the tokenizer's chat template with its generation prompt (and
+    the record's tools, for a template that shows them), or (dLLM-Var's concatenation, without a template) the
+    messages' contents joined."""
     if chat:
-        return tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True, tools=tools or None)
     return "".join(m["content"] for m in context)
 
 
-def record_texts(rec, chat_prompt: Callable[[list[dict]], str], chat: bool, all_turns: bool = False,
-                 answered: bool = True) -> list[tuple[str, str | None]]:
+def record_texts(rec, chat_prompt: Callable[..., str], chat: bool, all_turns: bool = False,
+                 answered: bool = True, tool_format: str | None = None) -> list[tuple[str, str | None]]:
     """A record's samples as (prompt text, answer text); raises ValueError(kind, message) for a bad record.
 
-    chat_prompt renders a conversation as a prompt (the chat template, or the contents joined); `chat` wraps an
-    Alpaca record's instruction + input as a user message. answered=False reads generation input: a chat record
-    may end with a user turn and an Alpaca record may lack its `output`, whose answer is then None (the last
-    assistant turn, where there is one, is the sample's reference answer).
+    chat_prompt(context, tools) renders a conversation as a prompt (the chat template, or the contents joined);
+    `chat` wraps an Alpaca record's instruction + input as a user message. answered=False reads generation input: a
+    chat record may end with a user turn and an Alpaca record may lack its `output`, whose answer is then None (the
+    last assistant turn, where there is one, is the sample's reference answer).
+
+    Function calling (OpenAI's shapes): a chat record's `tools` go to the chat template; an assistant turn's
+    `tool_calls` (its content then may be null) is answered as a model trained in `tool_format`
+    (dllm.tool_calls.TOOL_CALL_FORMATS) writes calls, the format the server parses them from (its tool_call_parser);
+    in the prompt, earlier turns' calls go to the template as they are (without one: written in the format), and so
+    do `tool` turns' results.
     """
     if not isinstance(rec, dict):
         raise ValueError("wrong_type", f"a record must be a JSON object, got {type(rec).__name__}")
@@ -171,16 +184,29 @@ def record_texts(rec, chat_prompt: Callable[[list[dict]], str], chat: bool, all_
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+                isinstance(m, dict) and isinstance(m.get("role"), str) and (
+                    isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls")))
                 for m in msgs):
-            raise ValueError("wrong_type", "'messages' must be a non-empty list of {role, content} strings")
+            raise ValueError("wrong_type", "'messages' must be a non-empty list of {role, content} strings (content "
+                                           "may be null in an assistant turn with tool_calls)")
+        tools = rec.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise ValueError("wrong_type", "field 'tools' must be a list of function tools")
+        if tools and not chat:
+            raise ValueError("wrong_type", "a record's tools are shown to the model by the chat template: pack it "
+                                           "with --chat-template")
+        texts = [_turn_text(m, k, tool_format) if m.get("tool_calls") and not chat else (m.get("content") or "")
+                 for k, m in enumerate(msgs)]
+        context = [{**m, "content": text} for m, text in zip(msgs, texts)] if chat else \
+            [{"role": m["role"], "content": text} for m, text in zip(msgs, texts)]
+
         if msgs[-1]["role"] != "assistant":
             if answered:
                 raise ValueError("missing_field", "the last message must be the assistant's answer")
-            return [(chat_prompt(msgs), None)]
+            return [(chat_prompt(context, tools), None)]
         turns = [k for k, m in enumerate(msgs) if m["role"] == "assistant" and k > 0] if all_turns \
             else [len(msgs) - 1]
-        return [(chat_prompt(msgs[:k]), msgs[k]["content"]) for k in turns]
+        return [(chat_prompt(context[:k], tools), _turn_text(msgs[k], k, tool_format)) for k in turns]
     for key in ("instruction", "output") if answered else ("instruction",):
         if key not in rec:
             raise ValueError("missing_field", f"missing field '{key}'")
@@ -194,8 +220,24 @@ def record_texts(rec, chat_prompt: Callable[[list[dict]], str], chat: bool, all_
         raise ValueError("wrong_type", f"field '{bad}' must be a string")
     if chat:
         user = instruction + (("\n\n" + extra) if extra else "")
-        return [(chat_prompt([{"role": "user", "content": user}]), answer)]
+        return [(chat_prompt([{"role": "user", "content": user}], None), answer)]
     return [(instruction + extra, answer)]
+
+
+def _turn_text(message: dict, index: int, tool_format: str | None) -> str:
+    """An assistant turn's text as the model writes it: its content, and its tool_calls in `tool_format`."""
+    if not message.get("tool_calls"):
+        return message["content"]
+    if tool_format is None:
+        raise ValueError("wrong_type", f"messages[{index}] calls tools: give --tool-call-format, the format the model "
+                                       f"learns to write calls in (one of {', '.join(TOOL_CALL_FORMATS)}; serve it "
+                                       "with the same tool_call_parser)")
+    if not isinstance(message["tool_calls"], list):
+        raise ValueError("wrong_type", f"messages[{index}].tool_calls must be a list of calls")
+    try:
+        return render_tool_calls(message.get("content"), message["tool_calls"], tool_format)
+    except ValueError as e:
+        raise ValueError("wrong_type", f"messages[{index}].{e}") from e
 
 
 def error_of(ex: ValueError) -> tuple[str, str]:
@@ -208,8 +250,9 @@ class Tokenize:
     with its error kind. A chat record gives a sample per assistant turn with `all_turns`."""
 
     def __init__(self, tokenizer_dir: str, chat_template: bool, max_sample_len: int, eos_pad: int = 0,
-                 all_turns: bool = False, holdout_fraction: float = 0.0) -> None:
+                 all_turns: bool = False, holdout_fraction: float = 0.0, tool_call_format: str | None = None) -> None:
         self.holdout_fraction = holdout_fraction
+        self.tool_call_format = tool_call_format
         self.tok = dllm.load_tokenizer(tokenizer_dir)
         self.chat = chat_template
         self.max_len = max_sample_len
@@ -224,10 +267,11 @@ class Tokenize:
     def texts(self, rec) -> list[tuple[str, str]]:
         """The record's samples as (prompt text, answer text); raises ValueError(kind, message) for a
         bad record."""
-        return record_texts(rec, self._chat_prompt, self.chat, all_turns=self.all_turns)
+        return record_texts(rec, self._chat_prompt, self.chat, all_turns=self.all_turns,
+                            tool_format=self.tool_call_format)
 
-    def _chat_prompt(self, context: list[dict]) -> str:
-        return conversation_prompt(self.tok, self.chat, context)
+    def _chat_prompt(self, context: list[dict], tools: list | None) -> str:
+        return conversation_prompt(self.tok, self.chat, context, tools)
 
     def sample(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids + EOS/EOT) or raises ValueError(kind, message)."""
@@ -417,7 +461,8 @@ def run_pack(opts: PackOptions) -> dict:
     tokenized = records.map_batches(
         Tokenize, fn_constructor_kwargs={"tokenizer_dir": str(opts.tokenizer), "chat_template": opts.chat_template,
                                           "max_sample_len": opts.max_sample_len, "eos_pad": opts.eos_pad,
-                                          "all_turns": opts.all_turns, "holdout_fraction": opts.holdout_fraction},
+                                          "all_turns": opts.all_turns, "holdout_fraction": opts.holdout_fraction,
+                                          "tool_call_format": opts.tool_call_format},
         batch_size=256, compute=ActorPoolStrategy(min_size=1, max_size=pool), batch_format="numpy",
     ).materialize()
     samples_read = tokenized.count()  # samples, and bad records (a row each)
@@ -450,7 +495,8 @@ def run_pack(opts: PackOptions) -> dict:
             raise RuntimeError(f"held-out token count not conserved: {held_tokens} in, {held_out_tokens} out")
     stats = {
         "inputs": paths, "output": opts.output, "mode": opts.mode, "seq_len": opts.seq_len,
-        "chat_template": opts.chat_template, "records_read": records_read, "samples_read": samples_read,
+        "chat_template": opts.chat_template, "tool_call_format": opts.tool_call_format,
+        "records_read": records_read, "samples_read": samples_read,
         "samples_packed": samples_read - sum(dropped.values()) - held_samples, "dropped": dropped,
         "dropped_examples": examples, "tokens_in": tokens_in, "eos_padding_tokens": int(eos_padding),
         "tokens_out": tokens_out,
@@ -542,6 +588,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--all-turns", action="store_true",
                    help="chat records: train every assistant turn, each with the conversation before it as its prompt "
                         "(default: the last turn only)")
+    p.add_argument("--tool-call-format", choices=TOOL_CALL_FORMATS,
+                   help="chat records with OpenAI tool_calls: the assistant turns' calls written as the model learns "
+                        "to write them (hermes: <tool_call> JSON blocks); serve the model with the same "
+                        "tool_call_parser, for tool_choice 'auto' (default: such records are counted bad rows)")
     p.add_argument("--holdout-fraction", type=float, default=0.0,
                    help="fraction of the records set aside as held-out rows (the train config's eval_data), each "
                         "record's side drawn from its file name and line (default 0: none)")
@@ -557,7 +607,7 @@ def options_from_args(args: argparse.Namespace) -> PackOptions:
                        mode=args.mode, chat_template=args.chat_template, max_sample_len=args.max_sample_len,
                        num_tokenizers=args.num_tokenizers, pack_batch_size=args.pack_batch_size, address=args.address,
                        eos_pad=args.eos_pad, all_turns=args.all_turns, holdout_fraction=args.holdout_fraction,
-                       holdout_output=args.holdout_output)
+                       holdout_output=args.holdout_output, tool_call_format=args.tool_call_format)
 
 
 def main(argv=None) -> int:

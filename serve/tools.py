@@ -15,11 +15,13 @@ import json
 import uuid
 from dataclasses import dataclass
 
+from dllm.tool_calls import TOOL_CALL_FORMATS
+
 from .protocol import APIError, ChatCompletionRequest, check_schema
 
-# Tool-call formats a server can parse (its `tool_call_parser`): each call is JSON {"name": ..., "arguments": {...}}
-# between these marks. "hermes": Hermes / Qwen 2.5's <tool_call> blocks (vLLM's --tool-call-parser hermes).
-TOOL_CALL_PARSERS = {"hermes": ("<tool_call>", "</tool_call>")}
+# The formats a server parses calls from (its `tool_call_parser`, vLLM's --tool-call-parser): those the training
+# data can be written in (pipelines.pack --tool-call-format).
+TOOL_CALL_PARSERS = TOOL_CALL_FORMATS
 
 
 def tool_call(name: str, arguments: str) -> dict:

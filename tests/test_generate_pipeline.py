@@ -20,7 +20,7 @@ FLAGS = ["--block-size", "8", "--max-tokens", "24", "--max-model-len", "64"]
 
 def test_a_record_is_answered_from_its_prompt_alpaca_fields_or_conversation(char_tokenizer):
     def prompt(rec, chat=False):
-        return record_prompt(rec, lambda context: conversation_prompt(char_tokenizer, chat, context), chat)
+        return record_prompt(rec, lambda context, tools: conversation_prompt(char_tokenizer, chat, context, tools), chat)
 
     assert prompt({"prompt": "sort: dcba =>", "output": "abcd"}) == ("sort: dcba =>", "abcd")
     assert prompt({"instruction": "add ", "input": "12+34 =>"}) == ("add 12+34 =>", None)  # no output: no reference

@@ -247,3 +247,85 @@ def test_empty_input_file_is_an_error(ray_local, tmp_path, tokenizer_dir):
     with pytest.raises(PipelineError, match="no records"):
         run_pack(PackOptions(inputs=[str(tmp_path / "empty.jsonl")], output=str(tmp_path / "o"),
                              tokenizer=str(tokenizer_dir), num_tokenizers=1))
+
+
+TOOLS_TEMPLATE = ("{% if tools %}tools: {% for t in tools %}{{ t.function.name }} {% endfor %}{{ '\\n' }}{% endif %}"
+                  "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+                  "{% for c in m.tool_calls or [] %}[{{ c.function.name }}]{% endfor %}{{ '\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}assistant: {% endif %}")
+WEATHER = [{"type": "function", "function": {"name": "w", "parameters": {
+    "type": "object", "properties": {"c": {"type": "string"}}}}}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "w", "arguments": '{"c": "p"}'}}
+WEATHER_CHAT = [{"role": "user", "content": "rain in paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                {"role": "assistant", "content": "no rain"}]
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizer_dir(tmp_path_factory):
+    """A character tokenizer with every character a hermes call writes, and a template that shows the tools and
+    the earlier turns' calls."""
+    tok = dllm.train_tokenizer([TOOLS_TEMPLATE, json.dumps(WEATHER_CHAT), '<tool_call>\n{"name": "w", "arguments": '
+                                '{"c": "p"}}\n</tool_call> tools: w assistant: user: tool: sunny no rain abc'],
+                               kind="char")
+    tok.chat_template = TOOLS_TEMPLATE
+    path = tmp_path_factory.mktemp("tooltok")
+    tok.save_pretrained(str(path))
+    return path
+
+
+def test_function_calling_chats_answer_with_their_calls_written_in_the_tool_call_format(tool_tokenizer_dir):
+    """A record's tools go to the chat template; an assistant turn's tool_calls are its answer written as the model
+    learns to write calls (hermes: what the server's tool_call_parser takes back out); earlier calls and the tool's
+    result go to the template as they are."""
+    from pipelines.pack import conversation_prompt, record_texts
+    from serve.tools import ParsedCalls
+
+    tok = dllm.load_tokenizer(tool_tokenizer_dir)
+    record = {"tools": WEATHER, "messages": WEATHER_CHAT}
+
+    def texts(rec, chat=True, **kw):
+        return record_texts(rec, lambda context, tools: conversation_prompt(tok, chat, context, tools), chat, **kw)
+
+    [(call_prompt, call), (text_prompt, text)] = texts(record, all_turns=True, tool_format="hermes")
+    assert call_prompt == "tools: w \nuser: rain in paris?\nassistant: "
+    assert call == '<tool_call>\n{"name": "w", "arguments": {"c": "p"}}\n</tool_call>'
+    assert ParsedCalls(("w",), "<tool_call>", "</tool_call>").parse(call) == (None, [("w", '{"c": "p"}')])
+    assert text_prompt == call_prompt + "[w]\ntool: sunny\nassistant: " and text == "no rain"
+    with_text = {"messages": [WEATHER_CHAT[0], {**WEATHER_CHAT[1], "content": "let me see"}]}
+    assert texts(with_text, chat=False, tool_format="hermes") == [("rain in paris?", "let me see\n" + call)]
+    assert texts({"messages": WEATHER_CHAT}, chat=False, tool_format="hermes")[0][0] == \
+        "rain in paris?" + call + "sunny"  # without a template: the earlier call as the model wrote it
+    bad_arguments = [WEATHER_CHAT[0], {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "w", "arguments": "{c"}}]}]
+    for rec, kw, message in [
+            (record, {}, "messages[1] calls tools: give --tool-call-format"),  # the last turn answers the tool's result
+            ({"messages": WEATHER_CHAT[:2]}, {}, "messages[1] calls tools: give --tool-call-format"),
+            ({"messages": bad_arguments}, {"tool_format": "hermes"}, "messages[1].tool_calls[0].function.arguments is "
+                                                                     "not JSON"),
+            ({"tools": "w", "messages": WEATHER_CHAT}, {}, "field 'tools' must be a list"),
+            ({"messages": [{"role": "user", "content": None}, WEATHER_CHAT[3]]}, {}, "'messages' must be"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            texts(rec, all_turns=True, **kw)
+    with pytest.raises(ValueError, match="shown to the model by the chat template"):
+        texts(record, chat=False, tool_format="hermes")
+
+
+def test_function_calling_records_pack_with_the_tool_call_format(ray_local, tmp_path, tool_tokenizer_dir):
+    calls = [{"tools": WEATHER, "messages": WEATHER_CHAT[:2]}] * 6
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in calls) + json.dumps(
+        {"messages": [WEATHER_CHAT[0], {"role": "assistant", "tool_calls": [{"function": {"name": "w"}}, 7]}]}) + "\n")
+    options = dict(inputs=[str(tmp_path / "tools.jsonl")], tokenizer=str(tool_tokenizer_dir), seq_len=128,
+                   mode="no_split", chat_template=True, num_tokenizers=1)
+    stats = run_pack(PackOptions(output=str(tmp_path / "out"), tool_call_format="hermes", **options))
+    assert stats["samples_packed"] == 6 and stats["dropped"]["wrong_type"] == 1 and sum(stats["dropped"].values()) == 1
+    assert "messages[1].tool_calls[1] must be" in stats["dropped_examples"][0] and stats["tool_call_format"] == "hermes"
+    tok = dllm.load_tokenizer(tool_tokenizer_dir)
+    answers = {tok.decode(list(response)) for _, response in _samples_in_rows(_read_rows(tmp_path / "out"))}
+    assert answers == {'<tool_call>\n{"name": "w", "arguments": {"c": "p"}}\n</tool_call><|eot_id|>'}
+    unformatted = run_pack(PackOptions(output=str(tmp_path / "plain"), **options))  # calls need a format
+    assert unformatted["samples_packed"] == 0 and unformatted["dropped"]["wrong_type"] == 7
+    with pytest.raises(PipelineError, match="--tool-call-format must be one of"):
+        PackOptions(output=str(tmp_path / "x"), tool_call_format="json", **options)
