@@ -73,20 +73,6 @@ def record_prompt(rec, chat_prompt, chat: bool) -> tuple[str, str | None]:
     return record_texts(rec, chat_prompt, chat, answered=False)[0]
 
 
-def record_response_format(value) -> dict:
-    """GenerationConfig's response_format / json_schema of a record's `response_format`, in OpenAI's shape:
-    {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}; raises
-    ValueError(kind, message)."""
-    kind = value.get("type") if isinstance(value, dict) else None
-    if kind in ("text", "json_object"):
-        return {"response_format": None if kind == "text" else kind, "json_schema": None}
-    spec = value.get("json_schema") if kind == "json_schema" else None
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-        raise ValueError("wrong_type", "field 'response_format' must be {\"type\": \"text\" | \"json_object\"} or "
-                                       "{\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}")
-    return {"response_format": "json_schema", "json_schema": spec["schema"]}
-
-
 def record_config(rec: dict, config: dllm.GenerationConfig) -> dllm.GenerationConfig:
     """The job's decoding with the record's own RECORD_OVERRIDES and response_format; raises ValueError(kind,
     message)."""
@@ -97,7 +83,10 @@ def record_config(rec: dict, config: dllm.GenerationConfig) -> dllm.GenerationCo
                 raise ValueError("wrong_type", f"field '{key}' must be {' or '.join(t.__name__ for t in types)}")
             changes[field] = rec[key]
     if rec.get("response_format") is not None:
-        changes.update(record_response_format(rec["response_format"]))
+        try:
+            changes["response_format"], changes["json_schema"] = json_mode.openai_response_format(rec["response_format"])
+        except ValueError as e:
+            raise ValueError("wrong_type", f"field 'response_format' {e}") from e
     try:
         return config.replace(**changes) if changes else config
     except ValueError as e:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 import dllm
+from dllm.engine.json_mode import openai_response_format
 from dllm.engine.json_schema import SchemaError, compile_schema
 
 if TYPE_CHECKING:
@@ -255,9 +256,11 @@ def response_format_of(req: _Common, tools: ForcedCall | ParsedCalls | None = No
     for OpenAI's JSON mode, ("json_schema", the schema) for structured outputs, whose schema is checked here (a
     keyword answers would not be held to is a 400 that names it), and for a forced tool call (its parameters).
     `tools`: what the request's tools make of its answers (serve.tools.tool_use)."""
-    fmt = req.response_format
-    kind = None if fmt is None else fmt.get("type")
-    if tools is not None and kind not in (None, "text"):
+    try:
+        kind, schema = (None, None) if req.response_format is None else openai_response_format(req.response_format)
+    except ValueError as e:
+        raise APIError(400, f"response_format {e}", param="response_format", code="invalid_value") from e
+    if tools is not None and kind is not None:
         raise APIError(400, "a forced tool call's arguments are held to its parameters' schema, and tool_choice "
                             "'auto' answers in text that may hold calls: give either response_format or tools "
                             "(or tool_choice 'none')", param="response_format", code="invalid_value")
@@ -265,19 +268,9 @@ def response_format_of(req: _Common, tools: ForcedCall | ParsedCalls | None = No
 
     if isinstance(tools, ForcedCall):  # the answer is the call's arguments
         return "json_schema", tools.schema
-    if kind in (None, "text"):
-        return None, None
-    if kind == "json_object":
-        return kind, None
-    if kind != "json_schema":
-        raise APIError(400, f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
-                       param="response_format", code="invalid_value")
-    spec = fmt.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-        raise APIError(400, "response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
-                       param="response_format", code="invalid_value")
-    check_schema(spec["schema"], "response_format json_schema", "response_format")
-    return kind, spec["schema"]
+    if schema is not None:
+        check_schema(schema, "response_format json_schema", "response_format")
+    return kind, schema
 
 
 def message_text(message: ChatMessage, index: int) -> str:

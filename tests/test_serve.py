@@ -357,11 +357,15 @@ def test_response_format_answers_with_a_json_object_as_the_engine_does(server, j
                            "type": "object", "properties": {"a": {"type": "string", "pattern": "^a"}}}}}},
                         "response_format"),
                        ({"response_format": {"type": "yaml"}}, "response_format"),
+                       ({"response_format": {}}, "response_format"),  # OpenAI's type is required
                        ({"response_format": fmt, "guided_choice": ["{}"]}, "guided_choice"),
                        ({"response_format": fmt, "decoder": "credit"}, "decoder"),
                        ({"response_format": fmt, "min_tokens": 2}, "min_tokens")]:
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", **bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "response_format": {"json": 1}})
+    assert r.json()["error"]["message"].startswith('response_format must be {"type": "text" | "json_object"} or') \
+        and r.json()["error"]["message"].endswith("got type None"), r.text
     # The main app's vocabulary has no '{': the request is refused with why.
     r = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                                           "response_format": {"type": "json_object"}})

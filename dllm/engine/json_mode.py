@@ -24,6 +24,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 RESPONSE_FORMATS = ("json_object", "json_schema")  # any JSON object; one held to a JSON Schema (json_schema.py)
+
+
+def openai_response_format(value) -> tuple[str | None, dict | None]:
+    """GenerationConfig's (response_format, json_schema) of OpenAI's `response_format` object: {"type": "text"} ->
+    (None, None), {"type": "json_object"} -> ("json_object", None), {"type": "json_schema", "json_schema": {"name":
+    ..., "schema": {...}}} -> ("json_schema", the schema, not checked here). Raises ValueError saying what is allowed;
+    the API and the batch job both read requests' response_format with it."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None, None
+    if kind == "json_object":
+        return kind, None
+    spec = value.get("json_schema") if kind == "json_schema" else None
+    if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
+        return kind, spec["schema"]
+    got = f"type {kind!r} without a json_schema.schema object" if kind == "json_schema" else \
+        f"type {kind!r}" if isinstance(value, dict) else f"a {type(value).__name__}"
+    raise ValueError('must be {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"name": '
+                     f'..., "schema": {{...}}}}}}, got {got}')
+
+
 # Tokens per position checked against the grammar before the whole vocabulary is ranked; sampling draws among
 # the valid ones of them.
 JSON_CANDIDATES = 64
