@@ -13,17 +13,34 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .tool_calls import TOOL_CALL_FORMATS
+
 BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
 HEADER_START, HEADER_END, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 UNK = "<|unk|>"
 SPECIAL_TOKENS = [UNK, BOS, EOS, MASK, HEADER_START, HEADER_END, EOT]
 
 # Llama-3 style template as LLaDA uses it: BOS, then per message a header, the content and EOT;
-# the generation prompt opens an assistant header.
+# the generation prompt opens an assistant header. With tools (OpenAI's function tools), a `tools` turn first lists
+# each function as JSON, one per line, and an assistant turn's tool_calls follow its content as hermes blocks,
+# written exactly as dllm.tool_calls renders a trained answer (the server's tool_call_parser reads them back).
+_CALL_START, _CALL_END = TOOL_CALL_FORMATS["hermes"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% if loop.index0 == 0 %}{{ bos_token }}"
+    "{% if tools %}{{ '<|start_header_id|>tools<|end_header_id|>\n\n' }}"
+    "{% for tool in tools %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ (tool.function if tool.function is defined else tool) | tojson }}{% endfor %}{{ '<|eot_id|>' }}{% endif %}"
+    "{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + (message['content'] or '') | trim }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if not loop.first or (message['content'] or '') | trim %}{{ '\n' }}{% endif %}"
+    "{{ '" + _CALL_START + "\n{\"name\": ' + call.function.name | tojson + ', \"arguments\": ' }}"
+    "{% if call.function.arguments is string %}{{ call.function.arguments }}"
+    "{% else %}{{ (call.function.arguments if call.function.arguments is defined else {}) | tojson }}{% endif %}"
+    "{{ '}\n" + _CALL_END + "' }}"
+    "{% endfor %}"
+    "{{ '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )

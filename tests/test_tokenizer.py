@@ -24,6 +24,26 @@ def test_chat_template_is_llama3_style(char_tokenizer):
                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+def test_chat_template_shows_tools_and_writes_calls_as_a_trained_answer_writes_them(char_tokenizer):
+    """With tools, a `tools` turn lists each function as JSON; an assistant turn's tool_calls follow its content
+    exactly as dllm.tool_calls renders the answer a model is trained on (and the server parses), so the model sees
+    its earlier calls as it wrote them."""
+    from dllm.tool_calls import render_tool_calls
+
+    tools = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]
+    calls = [{"type": "function", "function": {"name": "w", "arguments": {"c": "p"}}},
+             {"type": "function", "function": {"name": "w", "arguments": '{"c": "r"}'}}]
+    user = [{"role": "user", "content": "rain?"}]
+    prompt = char_tokenizer.apply_chat_template(user, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith('<|startoftext|><|start_header_id|>tools<|end_header_id|>\n\n{"name": "w", "parameters": '
+                             '{"type": "object"}}<|eot_id|><|start_header_id|>user')
+    for content in (None, "let me see"):
+        turn = {"role": "assistant", "content": content, "tool_calls": calls}
+        whole = char_tokenizer.apply_chat_template(user + [turn], tools=tools, tokenize=False)
+        assert whole == prompt + render_tool_calls(content, calls, "hermes") + "<|eot_id|>"
+    assert "tools" not in char_tokenizer.apply_chat_template(user, tokenize=False)  # no tools: as before
+
+
 def test_bpe_tokenizer_trains_and_reloads(tmp_path):
     tok = dllm.train_tokenizer(["hello world, hello ray"] * 20, kind="bpe", vocab_size=300)
     tok.save_pretrained(str(tmp_path))
