@@ -126,15 +126,19 @@ def test_samples_and_tokens_seen_count_every_micro_batch_of_every_rank(ray_local
 
 
 def test_resubmitting_the_same_run_resumes_step_and_optimizer_state(ray_local, packed_data):
-    first = run_training(_config(packed_data, "resume", max_steps=10, checkpoint_every=10))
+    """Rows shuffled per epoch (the run crosses an epoch: over 100 rows, 8 a step) replay alike after the resume."""
+    shuffled = {"shuffle_buffer_rows": 32}
+    first = run_training(_config(packed_data, "resume", max_steps=10, checkpoint_every=10, **shuffled))
     state1 = _history(first)
     assert state1["step"] == 10
-    second = run_training(_config(packed_data, "resume", max_steps=20, checkpoint_every=10))
+    second = run_training(_config(packed_data, "resume", max_steps=20, checkpoint_every=10, **shuffled))
     state2 = _history(second)
     assert state2["step"] == 20
     assert state2["micro_steps"] == 20 * 1  # no micro-batch repeated or skipped
     assert [h["step"] for h in state2["history"]] == [5, 10, 15, 20]  # continued, not restarted
     assert state2["history"][:2] == state1["history"]
+    in_order = _history(run_training(_config(packed_data, "in-order", max_steps=5, checkpoint_every=5)))
+    assert in_order["history"][0]["loss"] != pytest.approx(state1["history"][0]["loss"], rel=1e-4)  # other rows
     # The optimizer state continued too: Adam's step counter is at 20 in the DeepSpeed checkpoint.
     ds_dir = Path(second.checkpoint.path) / DS_STATE_DIR / "state"
     optim_files = sorted(ds_dir.glob("*optim_states.pt"))
@@ -241,6 +245,8 @@ def test_config_errors_are_clear(tmp_path, capsys):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, loss_weighting="sqrt")
     with pytest.raises(ConfigError, match=r"pad_eos_weight=2 is invalid; expected a weight in \[0, 1\]"):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, pad_eos_weight=2)
+    with pytest.raises(ConfigError, match=r"shuffle_buffer_rows=-1 is invalid; expected an integer >= 0"):
+        TrainConfig(run_name="x", data="d", model="m", max_steps=1, shuffle_buffer_rows=-1)
     with pytest.raises(ConfigError, match="tail_eos needs tail_mask_prob"):
         TrainConfig(run_name="x", data="d", model="m", max_steps=1, tail_eos=True)
     with pytest.raises(ConfigError, match="eval_every needs eval_data"):

@@ -77,6 +77,11 @@ class TrainConfig:
     document_mask: bool = False
     pad_eos_weight: float = 1.0  # loss weight of EOS padding (terminals after an answer's first; pack --eos-pad)
     seed: int = 0
+    # Rows each epoch's micro-batches are drawn from at random (Ray Data's local shuffle buffer), the same draw on
+    # every worker (each takes its slice of a batch), seeded by seed and epoch so that a resumed run replays it;
+    # 0: the rows in the order the packing job wrote them (concat packing's are the input's order; no_split's
+    # best-fit rows come grouped by length, which a model trained in that order forgets across)
+    shuffle_buffer_rows: int = 0
     materialize_data: bool = True  # read the packed rows once into the object store (False: stream each epoch)
     time_limit_s: float | None = None  # stop (with a final checkpoint) once training has run this long
     max_failures: int = 0
@@ -122,6 +127,8 @@ class TrainConfig:
             bad("tail_mask_prob", "a fraction in [0, 1]")
         if not 0 <= self.pad_eos_weight <= 1:
             bad("pad_eos_weight", "a weight in [0, 1]")
+        if not isinstance(self.shuffle_buffer_rows, int) or self.shuffle_buffer_rows < 0:
+            bad("shuffle_buffer_rows", "an integer >= 0 (0 = no shuffling)")
         if self.tail_eos and self.tail_mask_prob == 0:
             raise ConfigError("train config: tail_eos needs tail_mask_prob > 0 (it changes what tail positions learn)")
         if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:

@@ -192,10 +192,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 (hf / "trainer_state.json").write_text(json.dumps({"config": cfg.to_dict(), **state}, indent=2))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
-    def batches_of(data, drop_last: bool):
+    def batches_of(data, drop_last: bool, epoch: int | None = None):
+        """Micro-batches of all ranks' rows (each rank takes its slice); an epoch's drawn at random from
+        shuffle_buffer_rows rows, alike on every rank (the seed is theirs in common)."""
+        order = {}
+        if epoch is not None and cfg.shuffle_buffer_rows:
+            order = {"local_shuffle_buffer_size": cfg.shuffle_buffer_rows,
+                     "local_shuffle_seed": cfg.seed * 1_000_003 + epoch}
         if cfg.objective == "trajectory":
-            return data.iter_batches(batch_size=rows_per_micro, drop_last=drop_last, batch_format="numpy")
-        return data.iter_torch_batches(batch_size=rows_per_micro, drop_last=drop_last,
+            return data.iter_batches(batch_size=rows_per_micro, drop_last=drop_last, batch_format="numpy", **order)
+        return data.iter_torch_batches(batch_size=rows_per_micro, drop_last=drop_last, **order,
                                        dtypes={"input_ids": torch.long, "prompt_mask": torch.bool,
                                                "segment_ids": torch.int32})
 
@@ -253,7 +259,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while not done:
         seen_this_epoch = 0
         skip = state["micro_steps"] - (epoch * micro_per_epoch if micro_per_epoch else 0)
-        for batch in batches_of(shard, drop_last=True):
+        for batch in batches_of(shard, drop_last=True, epoch=epoch):
             seen_this_epoch += 1
             if seen_this_epoch <= skip:
                 continue  # consumed before the checkpoint this run resumed from
