@@ -23,6 +23,7 @@ from .checkpoint import INFERENCE_DTYPES
 from .engine.config import CACHE_POLICIES, DECODERS
 from .engine.scheduler import PAGE_ALLOCATIONS, PREEMPTION_MODES, SCHEDULING_POLICIES
 from .quantization import QUANTIZATIONS
+from .tool_calls import TOOL_CALL_FORMATS
 
 
 def _generate(args) -> int:
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat-template",
                    help="a Jinja chat template, or a file holding one, in place of the checkpoint's (read here; it "
                         "travels with the app to every replica)")
-    s.add_argument("--tool-call-parser",
+    s.add_argument("--tool-call-parser", choices=TOOL_CALL_FORMATS,
                    help="hermes: tool_choice 'auto' (the default where a request gives tools) answers freely and the "
                         "calls the model writes as <tool_call> JSON blocks become the answer's tool_calls (vLLM's "
                         "--tool-call-parser; for a model trained to write them). Without it 'auto' is a 400")

@@ -186,24 +186,25 @@ def tool_use(req: ChatCompletionRequest, parser: str | None) -> ForcedCall | Par
     if not functions:
         raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
     if choice == "required":
-        if len(functions) == 1:
-            return ForcedCall(tuple(functions), next(iter(functions.values())))
-        return ForcedCall(tuple(functions), {"type": "object", "properties": functions, "additionalProperties": False,
-                                             "minProperties": 1, "maxProperties": 1, **_shared_definitions(functions)})
+        held = _held(functions, list(functions))
+        if len(held) == 1:
+            return ForcedCall(tuple(held), next(iter(held.values())))
+        return ForcedCall(tuple(held), {"type": "object", "properties": held, "additionalProperties": False,
+                                        "minProperties": 1, "maxProperties": 1, **_shared_definitions(held)})
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
             and isinstance(choice["function"].get("name"), str):
         name = choice["function"]["name"]
         if name not in functions:
             raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools "
                                 f"{sorted(functions)}", param="tool_choice", code="invalid_value")
-        return ForcedCall((name,), functions[name])
+        return ForcedCall((name,), _held(functions, [name])[name])
     raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
                         "\"function\": {\"name\": ...}}", param="tool_choice", code="invalid_value")
 
 
 def tool_functions(tools: list) -> dict[str, dict]:
-    """Each function tool's name -> its parameters' schema (checked: a keyword a call would not be held to is a 400
-    that names it and where it is)."""
+    """Each function tool's name -> its parameters' schema (OpenAI's: no parameters, no arguments), in the tools'
+    order; a tool that is not a named function is a 400."""
     functions = {}
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
@@ -213,10 +214,17 @@ def tool_functions(tools: list) -> dict[str, dict]:
         if fn["name"] in functions:
             raise APIError(400, f"tools[{i}] repeats the function name {fn['name']!r}", param="tools",
                            code="invalid_value")
-        schema = fn.get("parameters", {"type": "object", "properties": {}})  # OpenAI's: no parameters
-        check_schema(schema, f"tools[{i}].function.parameters", "tools")
-        functions[fn["name"]] = schema
+        functions[fn["name"]] = fn.get("parameters", {"type": "object", "properties": {}})
     return functions
+
+
+def _held(functions: dict[str, dict], names: list[str]) -> dict[str, dict]:
+    """The named functions' parameters, checked as a forced call's arguments are held to them: a keyword they would
+    not be held to is a 400 that names it and where it is (parsed calls are not held, so not checked)."""
+    index = {name: i for i, name in enumerate(functions)}
+    for name in names:
+        check_schema(functions[name], f"tools[{index[name]}].function.parameters", "tools")
+    return {name: functions[name] for name in names}
 
 
 def _shared_definitions(functions: dict[str, dict]) -> dict:

@@ -633,6 +633,12 @@ def test_tool_choice_auto_takes_the_calls_the_model_writes_out_of_its_answer(too
     assert [json.loads(c.function.arguments) for c in first.choices[0].message.tool_calls] == [{"c": "p"}]
     assert first.choices[0].finish_reason == "tool_calls"
     assert first.usage.completion_tokens < two.usage.completion_tokens  # it stopped after the first call
+    patterned = [{"type": "function", "function": {"name": "w", "parameters": {  # "pattern" could not be held to:
+        "type": "object", "properties": {"c": {"type": "string", "pattern": "^[a-z]+$"}}}}}]  # parsed calls need not
+    assert ask("rain in paris?", tools=patterned).choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "tools": patterned, "tool_choice": "required",
+                                                        "messages": [{"role": "user", "content": "rain in paris?"}]})
+    assert r.status_code == 400 and "tools[0].function.parameters" in r.json()["error"]["message"]  # forced ones do
     text = ask("rain in paris?", tools=WEATHER, tool_choice="none").choices[0]  # no parsing: the text as written
     assert text.message.tool_calls is None and text.message.content == TOOL_ANSWERS["rain in paris?", True]
     assert text.finish_reason == "stop"
