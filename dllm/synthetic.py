@@ -3,7 +3,8 @@
 Each sample is one of several string tasks over a small alphabet (copy, reverse, sort, dedupe,
 repeat, add, spell, count); answers run from 1 to ~30 characters, so a model must learn
 where to put EOS. Written as Alpaca jsonl (`instruction`, `input`, `output`), the pipeline's input.
-One more task, `record`, asked for by name only, answers with a JSON object (JSON mode's test bed).
+One more task, `record`, asked for by name only, answers with a JSON object (JSON mode's test bed), and
+`tool_chats` writes function-calling chats (tool_choice "auto"'s test bed: call the tool, or answer in text).
 
     dllm data synthetic --out data/ --train 20000 --heldout 200
 """
@@ -133,6 +134,35 @@ def write_dataset(out_dir: str | Path, n_train: int, n_heldout: int, seed: int =
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     return out / "train.jsonl", out / "heldout.jsonl"
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+NO_TOOL_ANSWER = "i cannot check that"
+TOOL_CHAT_KINDS = ("call", "no_tool", "text")
+
+
+def tool_chats(n: int, seed: int = 0, max_word_len: int | None = None) -> list[dict]:
+    """`n` function-calling chats in OpenAI's shapes ({"tools", "messages", "kind"}), where the model must decide
+    between a call and a text answer: "weather in <city>?" with the weather tool offered is a call of it with that
+    city ("call"), without it the text NO_TOOL_ANSWER ("no_tool"); "reverse <word>", tool or not, the word reversed
+    ("text"). The kinds in equal parts; cities and words are letter strings as the string tasks draw them."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.choice(TOOL_CHAT_KINDS)
+        word = _word(rng, 2, 8, max_word_len)
+        offered = kind == "call" or (kind == "text" and rng.random() < 0.5)
+        if kind == "text":
+            question, answer = f"reverse {word}", {"content": word[::-1]}
+        else:
+            question = f"weather in {word}?"
+            answer = {"content": None, "tool_calls": [{"type": "function", "function": {
+                "name": "weather", "arguments": json.dumps({"city": word})}}]} if kind == "call" else \
+                {"content": NO_TOOL_ANSWER}
+        out.append({"tools": [WEATHER_TOOL] if offered else [], "kind": kind,
+                    "messages": [{"role": "user", "content": question}, {"role": "assistant", **answer}]})
+    return out
 
 
 def all_text(samples: list[dict]) -> list[str]:

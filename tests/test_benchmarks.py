@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import (ablation_bench, batch_job_bench, decode_step_bench, engine_bench, json_mode_bench, likelihood_bench, objective_bench,
-                        priority_bench, serve_bench, step_overhead_bench, streaming_bench, trained_compare)
+                        priority_bench, serve_bench, step_overhead_bench, streaming_bench, tool_calls_bench,
+                        trained_compare)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -350,3 +351,26 @@ def test_batch_job_bench_runs_the_job_with_each_number_of_batches_in_flight(tmp_
         assert two[f"{way}_speedup"] == pytest.approx(two[f"{way}_tokens_per_s"] / one[f"{way}_tokens_per_s"])
     with pytest.raises(SystemExit):
         batch_job_bench.main(["--in-flight", "2", "4"])  # no baseline
+
+
+def test_tool_calls_bench_trains_on_chats_and_judges_each_answer_through_the_parser(tmp_path, ray_local):
+    """The whole path at a tiny budget (pack with the tool-call format, train, serve with the parser, ask): every
+    held-out chat judged under "auto", the call kind also under "required"; the judge reads OpenAI's messages."""
+    from dllm.synthetic import WEATHER_TOOL, tool_chats
+
+    out = tmp_path / "tools.json"
+    report = tool_calls_bench.main(["--workdir", str(tmp_path / "work"), "--minutes", "0.2", "--steps", "20",
+                                    "--train-samples", "150", "--heldout", "9", "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    kinds = report["eval"]["kinds"]
+    assert sum(row["chats"] for row in kinds.values()) == 9 and "exact_required" in kinds["call"]
+    assert report["train"]["samples_packed"] == report["train"]["train_chats"] <= 150 and report["train"]["steps"] <= 20
+    call, refusal, text = (next(c for c in tool_chats(30, seed=5) if c["kind"] == k) for k in ("call", "no_tool", "text"))
+    city = json.loads(call["messages"][1]["tool_calls"][0]["function"]["arguments"])["city"]
+    right_call = {"content": None, "tool_calls": [{"function": {"name": "weather", "arguments": f'{{"city": "{city}"}}'}}]}
+    assert tool_calls_bench.judge(call, right_call) == (True, True) and call["tools"] == [WEATHER_TOOL]
+    assert tool_calls_bench.judge(call, {"content": None, "tool_calls": [
+        {"function": {"name": "weather", "arguments": '{"city": "x"}'}}]}) == (True, False)  # the wrong city
+    assert tool_calls_bench.judge(call, {"content": "sunny", "tool_calls": None}) == (False, False)
+    assert tool_calls_bench.judge(refusal, {"content": refusal["messages"][1]["content"]}) == (True, True)
+    assert tool_calls_bench.judge(text, right_call) == (False, False)  # a call where text is due

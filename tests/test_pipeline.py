@@ -329,3 +329,29 @@ def test_function_calling_records_pack_with_the_tool_call_format(ray_local, tmp_
     assert unformatted["samples_packed"] == 0 and unformatted["dropped"]["wrong_type"] == 7
     with pytest.raises(PipelineError, match="--tool-call-format must be one of"):
         PackOptions(output=str(tmp_path / "x"), tool_call_format="json", **options)
+
+
+def test_synthetic_tool_chats_ask_for_a_call_or_text_and_pack_as_the_server_parses_them():
+    """tool_choice "auto"'s test bed: the weather question is a call where the tool is offered and a refusal where
+    not, the reverse question text either way; packed with our template, a call's answer parses back to the call."""
+    from dllm.synthetic import NO_TOOL_ANSWER, TOOL_CHAT_KINDS, WEATHER_TOOL, tool_chats
+    from pipelines.pack import conversation_prompt, record_texts
+    from serve.tools import TOOL_CALL_PARSERS, ParsedCalls
+
+    chats = tool_chats(300, seed=0, max_word_len=5)
+    assert collections.Counter(c["kind"] for c in chats).keys() == set(TOOL_CHAT_KINDS)
+    tok = dllm.train_tokenizer([json.dumps(c) for c in chats] + ["<tool_call>\n</tool_call>"], kind="char")
+    parser = ParsedCalls(("weather",), *TOOL_CALL_PARSERS["hermes"])
+    for chat in chats:
+        [(prompt, answer)] = record_texts(chat, lambda context, tools: conversation_prompt(tok, True, context, tools),
+                                          True, tool_format="hermes")
+        question = chat["messages"][0]["content"]
+        assert ("<|start_header_id|>tools" in prompt) == (chat["tools"] == [WEATHER_TOOL]) and question in prompt
+        word = question.split()[-1].rstrip("?")
+        assert 1 <= len(word) <= 5
+        if chat["kind"] == "call":
+            assert chat["tools"] and parser.parse(answer) == (None, [("weather", json.dumps({"city": word}))])
+        elif chat["kind"] == "no_tool":
+            assert not chat["tools"] and answer == NO_TOOL_ANSWER
+        else:
+            assert answer == word[::-1] and parser.parse(answer) == (answer, [])
