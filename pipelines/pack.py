@@ -193,13 +193,12 @@ def record_texts(rec, chat_prompt: Callable[..., str], chat: bool, all_turns: bo
         if tools is not None and not isinstance(tools, list):
             raise ValueError("wrong_type", "field 'tools' must be a list of function tools")
         if tools and not chat:
-            raise ValueError("wrong_type", "a record's tools are shown to the model by the chat template: pack it "
-                                           "with --chat-template")
+            raise ValueError("wrong_type", "a record's tools are shown to the model by the chat template: give "
+                                           "--chat-template")
         texts = [_turn_text(m, k, tool_format) if m.get("tool_calls") and not chat else (m.get("content") or "")
                  for k, m in enumerate(msgs)]
         context = [{**m, "content": text} for m, text in zip(msgs, texts)] if chat else \
             [{"role": m["role"], "content": text} for m, text in zip(msgs, texts)]
-
         if msgs[-1]["role"] != "assistant":
             if answered:
                 raise ValueError("missing_field", "the last message must be the assistant's answer")
