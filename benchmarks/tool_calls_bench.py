@@ -70,6 +70,7 @@ def train_model(args, work: Path, train_path: Path, held_path: Path) -> tuple[Pa
                       precision="fp32", lr=3e-3, warmup_steps=50, weight_decay=0.01, max_steps=args.steps,
                       epochs=None, time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
                       tail_mask_prob=0.5, tail_eos=True, document_mask=True, shuffle_buffer_rows=SHUFFLE_ROWS,
+                      cut_answer_prob=args.cut_answer,
                       eval_data=str(work / "packed-heldout"), eval_every=500)
     result = run_training(cfg)
     if result.error:
@@ -182,6 +183,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-word-len", type=int, default=5, help="cap on the cities' and words' letters (2 to 8)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--eos-pad", type=int, default=8)
+    p.add_argument("--cut-answer", type=float, default=0.0,
+                   help="fraction of rows whose answers are seen only up to a random cut (TrainConfig cut_answer_prob)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--port", type=int, help="Serve's HTTP port (default: a free one)")
     p.add_argument("--json", help="write the report here")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -108,6 +109,7 @@ class Objective:
     # Each answer's EOS followed by U[0, eos_pad] more (dllm.eos_padded; the AR twin reads plain rows).
     eos_pad: int = 0
     pad_eos_weight: float = 1.0  # the padding EOS's loss weight (dllm.noise_batch)
+    cut_answer_prob: float = 0.0  # rows whose answers are seen only up to a random cut (dllm.noise_batch)
 
     def __post_init__(self) -> None:
         if self.eos_pad < 0:
@@ -118,7 +120,7 @@ class Objective:
         return cls(t_min=args.t_range[0], t_max=args.t_range[1], tail_mask_prob=args.tail_mask, tail_eos=args.tail_eos,
                    complementary=args.complementary, loss_weighting=args.loss_weighting,
                    clean_prefix_prob=args.clean_prefix, document_mask=args.document_mask, eos_pad=args.eos_pad,
-                   pad_eos_weight=args.pad_eos_weight)
+                   pad_eos_weight=args.pad_eos_weight, cut_answer_prob=args.cut_answer)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -155,6 +157,9 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 8: 54 -> 63-69.5 %% exact match on the quickstart's tasks at 1,000 CPU steps, README; 0: off)")
     p.add_argument("--pad-eos-weight", type=float, default=1.0,
                    help="loss weight of the padding EOS (those after an answer's first), 0-1 (default 1)")
+    p.add_argument("--cut-answer", type=float, default=0.0,
+                   help="fraction of rows whose answers are seen only up to a random cut, as a block of a longer "
+                        "answer is at inference (noise_batch cut_answer_prob; default 0)")
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="train with a block-diagonal attention mask (each packed sample, its tail joined to it, "
                         "sees only itself; default on: 50 vs 19.5 %% exact match at 700 steps on CPU, README); "
@@ -207,10 +212,12 @@ def train(kind: str, cfg, data: TrainRows, args, steps: int | None = None, objec
                                       tail_target_id=cfg.eos_token_id if objective.tail_eos else None,
                                       complementary=objective.complementary,
                                       clean_prefix_prob=objective.clean_prefix_prob,
-                                      pad_eos_weight=objective.pad_eos_weight, generator=gen)
+                                      pad_eos_weight=objective.pad_eos_weight,
+                                      cut_answer_prob=objective.cut_answer_prob, generator=gen)
                 # Built on the device: the ids cross, not the [b, L, L] mask.
                 documents = nb.segment_ids.to(dev)
-                mask = dllm.document_attention_mask(documents) if objective.document_mask else None
+                mask = dataclasses.replace(nb, segment_ids=documents, view_ends=None if nb.view_ends is None else
+                                           nb.view_ends.to(dev)).attention_mask(documents=objective.document_mask)
                 hidden = model(nb.input_ids.to(dev), attention_mask=mask, return_hidden=True)
                 loss = dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets.to(dev),
                                                        nb.loss_mask.to(dev), nb.t.to(dev), objective.loss_weighting,

@@ -10,6 +10,14 @@ Tail masking (our remedy, off by default): with the paper's packing the token af
 always-masked EOS is the next sample's clean prompt, a shortcut a small model learns instead of
 "answer done -> EOS". In a fraction of rows we pick a sample boundary and replace everything after
 it with MASK, excluded from the loss: exactly what the model sees at inference.
+
+Answer cuts (also ours, off by default): at inference a block of B masks ends the sequence, so an
+answer longer than what is decoded so far runs past the last position the model sees. Under the
+document mask a trained sample never ends before its answer does, and the model learns to read
+the answer's length off its run of masks (measured: a refusal of 20 tokens garbled in a 16-token
+block, right in 24 or more masks). In a fraction of rows each answer is cut at a random point: its
+prompt and its tokens up to the cut see nothing past it; the positions past it see the whole
+sample and keep their loss.
 """
 
 from __future__ import annotations
@@ -35,12 +43,26 @@ class NoisedBatch:
     # [b, L] float: each position's weight in the loss (pad_eos_weight on EOS padding, else 1);
     # None where every position weighs the same.
     weights: torch.Tensor | None = None
+    # [b, L] long: the last position each position may attend to (the cut of an answer cut by
+    # cut_answer_prob, for its prompt and the part before the cut); None where nothing is cut.
+    view_ends: torch.Tensor | None = None
+
+    def attention_mask(self, documents: bool = True) -> torch.Tensor | None:
+        """The training forward's mask [b, L, L] (True = may attend): the documents' block-diagonal
+        mask (documents=False: full attention over the row), limited by the answers' cuts; None
+        where neither limits anything (full attention)."""
+        mask = document_attention_mask(self.segment_ids) if documents and self.segment_ids is not None else None
+        if self.view_ends is None:
+            return mask
+        length = self.view_ends.shape[1]
+        seen = torch.arange(length, device=self.view_ends.device)[None, None, :] <= self.view_ends[:, :, None]
+        return seen if mask is None else mask & seen
 
 
 def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids: torch.Tensor | None, *,
                 mask_token_id: int, terminal_token_ids: tuple[int, ...], t_min: float = 0.1, t_max: float = 0.9,
                 tail_mask_prob: float = 0.0, tail_target_id: int | None = None, complementary: bool = False,
-                clean_prefix_prob: float = 0.0, pad_eos_weight: float = 1.0,
+                clean_prefix_prob: float = 0.0, pad_eos_weight: float = 1.0, cut_answer_prob: float = 0.0,
                 generator: torch.Generator | None = None) -> NoisedBatch:
     """Noise packed rows [b, L] for one training step (deterministic for a seeded generator).
 
@@ -65,6 +87,8 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
         raise ValueError(f"clean_prefix_prob must be in [0, 1], got {clean_prefix_prob}")
     if not 0.0 <= pad_eos_weight <= 1.0:
         raise ValueError(f"pad_eos_weight must be in [0, 1], got {pad_eos_weight}")
+    if not 0.0 <= cut_answer_prob <= 1.0:
+        raise ValueError(f"cut_answer_prob must be in [0, 1], got {cut_answer_prob}")
     b, length = input_ids.shape
     device = input_ids.device
     real = segment_ids > 0 if segment_ids is not None else torch.ones_like(prompt_mask, dtype=torch.bool)
@@ -104,33 +128,62 @@ def noise_batch(input_ids: torch.Tensor, prompt_mask: torch.Tensor, segment_ids:
         padding &= ~tail  # a tail position is "past the end", whatever it held
     if complementary and documents is not None:
         documents = documents.repeat(2, 1)
+    view_ends = None
+    if cut_answer_prob > 0:
+        view_ends = _answer_cuts(response, segment_ids, cut_answer_prob, generator)
+        if tail_mask_prob > 0 and segment_ids is not None:
+            view_ends = torch.where(tail[:b], length - 1, view_ends)  # a tail is past every cut
+        view_ends = view_ends.repeat(2, 1) if complementary else view_ends
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
     weights = None
     if pad_eos_weight != 1.0:
         weights = torch.where(padding, pad_eos_weight, 1.0).to(torch.float32)
-    return NoisedBatch(noisy, targets, loss_mask, t, documents, weights)
+    return NoisedBatch(noisy, targets, loss_mask, t, documents, weights, view_ends)
+
+
+def _response_ranks(response: torch.Tensor, segment_ids: torch.Tensor | None):
+    """On the CPU: (each response token's index within its sample's response, the segment ids as
+    longs, the responses' lengths [b, segments])."""
+    b, length = response.shape
+    resp = response.cpu()
+    seg = segment_ids.cpu().long() if segment_ids is not None else torch.ones(b, length, dtype=torch.long)
+    # A running count that restarts at every segment change (segments are contiguous runs of one id).
+    count = resp.long().cumsum(1)
+    starts = torch.ones_like(resp)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    before = torch.where(starts, count - resp.long(), torch.zeros_like(count))
+    rank = count - torch.cummax(before, dim=1).values - 1
+    lengths = torch.zeros(b, int(seg.max()) + 1, dtype=torch.long).scatter_add_(1, seg, resp.long())
+    return rank, seg, lengths
 
 
 def _clean_prefixes(response: torch.Tensor, segment_ids: torch.Tensor | None, prob: float,
                     generator: torch.Generator | None) -> torch.Tensor:
     """For a `prob` fraction of rows: each sample's response tokens before a cut drawn uniformly
     from 0 .. its response length - 1 (so at least its last token stays noisable)."""
-    b, length = response.shape
-    resp = response.cpu()
-    seg = segment_ids.cpu().long() if segment_ids is not None else torch.ones(b, length, dtype=torch.long)
-    pick = torch.rand(b, generator=generator) < prob
-    # Index of each response token within its sample's response: a running count that restarts
-    # at every segment change (segments are contiguous runs of one id).
-    count = resp.long().cumsum(1)
-    starts = torch.ones_like(resp)
-    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    before = torch.where(starts, count - resp.long(), torch.zeros_like(count))
-    rank = count - torch.cummax(before, dim=1).values - 1
-    n_segments = int(seg.max()) + 1
-    lengths = torch.zeros(b, n_segments, dtype=torch.long).scatter_add_(1, seg, resp.long())
-    cuts = (torch.rand(b, n_segments, generator=generator) * lengths).long()
-    clean = resp & (rank < cuts.gather(1, seg)) & pick[:, None]
+    rank, seg, lengths = _response_ranks(response, segment_ids)
+    pick = torch.rand(response.shape[0], generator=generator) < prob
+    cuts = (torch.rand(lengths.shape, generator=generator) * lengths).long()
+    clean = response.cpu() & (rank < cuts.gather(1, seg)) & pick[:, None]
     return clean.to(response.device)
+
+
+def _answer_cuts(response: torch.Tensor, segment_ids: torch.Tensor | None, prob: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """view_ends [b, L]: for a `prob` fraction of rows, each sample with a response of n >= 2 tokens
+    keeps its first 1 .. n - 1 (uniform) in view, and its positions up to the last of them see up to
+    there; every other position sees the whole row (its document mask still applies)."""
+    b, length = response.shape
+    rank, seg, lengths = _response_ranks(response, segment_ids)
+    pick = torch.rand(b, generator=generator) < prob
+    kept = 1 + (torch.rand(lengths.shape, generator=generator) * (lengths - 1).clamp(min=0)).long()
+    positions = torch.arange(length).expand(b, length)
+    last_seen = response.cpu() & pick[:, None] & (lengths.gather(1, seg) >= 2) & (rank == kept.gather(1, seg) - 1)
+    ends = torch.full(lengths.shape, -1, dtype=torch.long).scatter_reduce_(
+        1, seg, torch.where(last_seen, positions, -1), reduce="amax")
+    end = ends.gather(1, seg)
+    view_ends = torch.where((end >= 0) & (positions <= end), end, length - 1)
+    return view_ends.to(response.device)
 
 
 def _tail_positions(segment_ids: torch.Tensor, prob: float,

@@ -52,6 +52,9 @@ def add_quickstart_parser(sub) -> None:
                    help="follow each training answer's EOS with 0-N more, always masked (0 = none; see README)")
     p.add_argument("--pad-eos-weight", type=float, default=1.0,
                    help="loss weight of those padding EOS relative to the other positions, 0-1 (see README)")
+    p.add_argument("--cut-answer", type=float, default=0.0,
+                   help="fraction of rows whose answers are seen only up to a random cut, as a block of a longer "
+                        "answer is at inference, 0-1 (default 0; see README)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="synthetic tasks to train and evaluate on")
     p.add_argument("--max-word-len", type=int, default=QUICK_MAX_WORD_LEN,
@@ -86,7 +89,7 @@ def _configs(args, work: Path, gpu: bool):
                         warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
                         time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
                         tail_mask_prob=args.tail_mask, tail_eos=tail_eos, document_mask=args.document_mask,
-                        pad_eos_weight=args.pad_eos_weight, eval_data=str(work / "packed-heldout"),
+                        pad_eos_weight=args.pad_eos_weight, cut_answer_prob=args.cut_answer, eval_data=str(work / "packed-heldout"),
                         eval_every=QUICK_EVAL_EVERY)
     return pack, train
 
@@ -158,7 +161,8 @@ def run_quickstart(args) -> int:
     report["train"] = {"steps": history[-1]["step"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
                        "first_eval_loss": evals[0], "last_eval_loss": evals[-1],
                        "tail_mask_prob": args.tail_mask, "tail_eos": cfg.tail_eos, "document_mask": args.document_mask,
-                       "eos_pad": args.eos_pad, "pad_eos_weight": args.pad_eos_weight, "minutes": args.minutes}
+                       "eos_pad": args.eos_pad, "pad_eos_weight": args.pad_eos_weight,
+                       "cut_answer_prob": args.cut_answer, "minutes": args.minutes}
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     if args.keep_serving:

@@ -325,3 +325,68 @@ def test_under_the_document_mask_a_tail_document_sees_nothing_of_the_other_sampl
     assert not last[:, :32].any() and last.any()
     assert torch.allclose(ha[last], hb[last], atol=1e-5)
     assert not torch.allclose(ha[last], full[last], atol=1e-3)  # full attention does see the first sample
+
+
+def test_a_cut_answer_is_seen_only_up_to_its_cut_and_past_the_cut_everything_is_seen():
+    """cut_answer_prob: in the picked rows every answer is cut after 1 .. n-1 of its tokens; the sample's
+    prompt and tokens up to the cut attend to nothing past it (a block of an answer that goes on past
+    the block, as at inference), the positions past it see the whole sample and keep their loss."""
+    ids, prompt, seg = _row_batch(rows=32)
+    out = _noise(ids, prompt, seg, cut_answer_prob=0.5)
+    assert out.view_ends is not None and out.view_ends.shape == ids.shape
+    plain = _noise(ids, prompt, seg)
+    assert torch.equal(out.input_ids, plain.input_ids) and torch.equal(out.loss_mask, plain.loss_mask)
+    cut_rows = (out.view_ends < 255).any(1)
+    assert 0 < int(cut_rows.sum()) < 32
+    kept = []
+    for row in range(32):
+        for s in range(8):
+            lo, hi = s * 32, s * 32 + 32
+            ends = out.view_ends[row, lo:hi]
+            if not cut_rows[row]:
+                assert (ends == 255).all()
+                continue
+            end = int(ends[0])  # the prompt's first position sees up to the cut
+            assert lo + 10 <= end < hi - 1  # 1 .. 21 of the 22 response tokens kept
+            assert (ends[:end - lo + 1] == end).all() and (ends[end - lo + 1:] == 255).all()
+            kept.append(end - lo - 9)
+    assert min(kept) == 1 and max(kept) >= 18  # uniform over 1 .. 21
+    mask = out.attention_mask()[cut_rows][0]
+    end = int(out.view_ends[cut_rows][0, 0])
+    assert mask[0, end] and not mask[0, end + 1] and not mask[end, end + 1]
+    assert mask[end + 1, 0] and mask[end + 1, 31] and not mask[end + 1, 32]  # past the cut: the whole sample only
+    assert torch.equal(plain.attention_mask(), dllm.document_attention_mask(seg))
+    assert plain.attention_mask(documents=False) is None
+    full = out.attention_mask(documents=False)[cut_rows][0]  # without documents only the cut limits
+    assert not full[0, end + 1] and full[end + 1, 200]
+
+
+def test_answer_cuts_keep_tails_whole_and_pair_with_complements():
+    ids, prompt, seg = _row_batch(rows=16)
+    out = _noise(ids, prompt, seg, cut_answer_prob=1.0, tail_mask_prob=1.0, tail_target_id=EOS)
+    tail = (out.input_ids == MASK) & prompt
+    assert tail.any() and (out.view_ends[tail] == 255).all()
+    paired = _noise(ids[:8], prompt[:8], seg[:8], cut_answer_prob=1.0, complementary=True)
+    assert torch.equal(paired.view_ends[:8], paired.view_ends[8:])
+    with pytest.raises(ValueError, match="cut_answer_prob must be in"):
+        _noise(ids, prompt, seg, cut_answer_prob=-0.1)
+
+
+def test_the_view_before_a_cut_is_the_inference_state(tiny_config):
+    """The training forward over a cut sample gives the positions before the cut the hidden states of
+    the sample alone ended at the cut: what the engine's block forward sees."""
+    ids, prompt, seg = _row_batch(rows=4, length=64)
+    ids = ids % 20 + 10
+    ids[:, 31::32] = tiny_config.eos_token_id
+    out = dllm.noise_batch(ids, prompt, seg, mask_token_id=tiny_config.mask_token_id,
+                           terminal_token_ids=tiny_config.stop_token_ids, cut_answer_prob=1.0,
+                           generator=torch.Generator().manual_seed(5))
+    model = dllm.build_model(tiny_config, seed=0).eval()
+    with torch.no_grad():
+        hidden = model(out.input_ids, attention_mask=out.attention_mask(), return_hidden=True)
+        for row in range(4):
+            end = int(out.view_ends[row, 0])
+            alone = model(out.input_ids[row:row + 1, :end + 1], return_hidden=True)
+            assert torch.allclose(hidden[row, :end + 1], alone[0], atol=1e-5)
+            assert not torch.allclose(hidden[row, end + 1:32], model(out.input_ids[row:row + 1, end + 1:32],
+                                                                  return_hidden=True)[0], atol=1e-3)

@@ -37,7 +37,8 @@ def test_documented_entry_points_answer_help(command):
 
 @pytest.mark.parametrize("flag,value,message", [("--pad-eos-weight", "2", "pad_eos_weight=2.0 is invalid; expected a weight in [0, 1]"),
                                                 ("--eos-pad", "-1", "--eos-pad is the most extra EOS tokens per response: >= 0"),
-                                                ("--workers", "0", "num_workers=0 is invalid")])
+                                                ("--workers", "0", "num_workers=0 is invalid"),
+                                                ("--cut-answer", "1.5", "cut_answer_prob=1.5 is invalid")])
 def test_quickstart_refuses_bad_objective_settings_before_doing_any_work(tmp_path, flag, value, message):
     out = subprocess.run([sys.executable, "-m", "dllm.cli", "quickstart", "--workdir", str(tmp_path / "w"), flag, value],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -76,6 +76,9 @@ class TrainConfig:
     tail_eos: bool = False  # tail positions are trained to predict EOS instead of carrying no loss
     document_mask: bool = False
     pad_eos_weight: float = 1.0  # loss weight of EOS padding (terminals after an answer's first; pack --eos-pad)
+    # Rows in which each answer is seen only up to a random cut (dllm.noise_batch): a block of an answer that goes on
+    # past it, the inference state that the document mask otherwise never shows (the run of masks gives the length)
+    cut_answer_prob: float = 0.0
     seed: int = 0
     # Rows each epoch's micro-batches are drawn from at random (Ray Data's local shuffle buffer), the same draw on
     # every worker (each takes its slice of a batch), seeded by seed and epoch so that a resumed run replays it;
@@ -127,6 +130,8 @@ class TrainConfig:
             bad("tail_mask_prob", "a fraction in [0, 1]")
         if not 0 <= self.pad_eos_weight <= 1:
             bad("pad_eos_weight", "a weight in [0, 1]")
+        if not 0 <= self.cut_answer_prob <= 1:
+            bad("cut_answer_prob", "a fraction in [0, 1]")
         if not isinstance(self.shuffle_buffer_rows, int) or self.shuffle_buffer_rows < 0:
             bad("shuffle_buffer_rows", "an integer >= 0 (0 = no shuffling)")
         if self.tail_eos and self.tail_mask_prob == 0:

@@ -225,8 +225,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   terminal_token_ids=stop_tokens, t_min=cfg.t_min, t_max=cfg.t_max,
                                   tail_mask_prob=cfg.tail_mask_prob, generator=gen,
                                   tail_target_id=config.eos_token_id if cfg.tail_eos else None,
-                                  pad_eos_weight=cfg.pad_eos_weight)
-        mask = dllm.document_attention_mask(noised.segment_ids) if cfg.document_mask else None
+                                  pad_eos_weight=cfg.pad_eos_weight, cut_answer_prob=cfg.cut_answer_prob)
+        mask = noised.attention_mask(documents=cfg.document_mask)
         return noised, mask, seg.amax(1).sum()  # sample pieces: each row's segments are numbered 1, 2, ...
 
     def evaluate() -> dict:
