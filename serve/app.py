@@ -38,7 +38,7 @@ from dllm.quantization import QUANTIZATIONS
 from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest,
                        DetokenizeRequest, DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation,
                        chat_logprobs, completion_logprobs, fold_structured_outputs, logit_bias_ids, logprobs_wanted,
-                       message_text, new_id, now, reject_unsupported, response_format_of, usage)
+                       message_text, new_id, now, reject_unsupported, usage)
 from .tools import TOOL_CALL_PARSERS, ChatDeltas, ForcedCall, ParsedCalls, chat_message, tool_functions, tool_use
 from .router import PromptAffinityRouter
 
@@ -349,7 +349,7 @@ class OpenAIIngress:
 
     @api.post("/v1/completions")
     async def completions(self, req: CompletionRequest):
-        self._check_common(req)
+        _, response_format = self._check_common(req)
         prompts = req.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -358,17 +358,17 @@ class OpenAIIngress:
         prompt_ids = [self._ids(p, "prompt") for p in prompts]
         echo = [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(prompts, prompt_ids)] \
             if req.echo else None
-        return await self._run(req, prompt_ids, chat=False, echo=echo)
+        return await self._run(req, prompt_ids, response_format, chat=False, echo=echo)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest):
         if req.max_completion_tokens is not None and req.max_tokens is None:
             req.max_tokens = req.max_completion_tokens
-        tools = self._check_common(req)
+        tools, response_format = self._check_common(req)
         ids = self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message, req.tools)
         last = req.messages[-1]
         echo = [message_text(last, len(req.messages) - 1)] if req.echo and last.role == "assistant" else None
-        return await self._run(req, [ids], chat=True, echo=echo, tools=tools)
+        return await self._run(req, [ids], response_format, chat=True, echo=echo, tools=tools)
 
     @api.post("/v1/loglikelihood")
     async def loglikelihood(self, req: LoglikelihoodRequest) -> dict:
@@ -465,12 +465,13 @@ class OpenAIIngress:
             raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def _check_common(self, req) -> ForcedCall | ParsedCalls | None:
-        """A request's checks shared by both routes; returns what a chat request's tools make of its answers."""
+    def _check_common(self, req) -> tuple[ForcedCall | ParsedCalls | None, tuple[str | None, dict | None]]:
+        """A request's checks shared by both routes; returns what a chat request's tools make of its answers, and
+        its response format (protocol.response_format_of)."""
         self._check_model(req.model)
         fold_structured_outputs(req)
         tools = tool_use(req, self.tool_call_parser) if isinstance(req, ChatCompletionRequest) else None
-        reject_unsupported(req, tools)
+        response_format = reject_unsupported(req, tools)
         if req.max_tokens is not None and not 1 <= req.max_tokens <= self.max_tokens_cap:
             raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_cap}, got {req.max_tokens}",
                            param="max_tokens", code="invalid_value")
@@ -484,7 +485,7 @@ class OpenAIIngress:
         if req.priority != 0 and self.scheduling_policy != "priority":
             raise APIError(400, f"priority {req.priority} needs a server whose scheduling_policy is priority; this one "
                                 "serves first come, first served", param="priority", code="invalid_value")
-        return tools
+        return tools, response_format
 
     def _ids(self, text_or_ids: str | list[int], param: str) -> list[int]:
         """Token ids of a string (tokenised) or of a list of ids (checked against the vocabulary)."""
@@ -499,12 +500,12 @@ class OpenAIIngress:
                            param=param, code="invalid_value")
         return ids
 
-    async def _run(self, req, prompts: list[list[int]], chat: bool, echo: list[str] | None = None,
-                   tools: ForcedCall | ParsedCalls | None = None):
+    async def _run(self, req, prompts: list[list[int]], response_format: tuple[str | None, dict | None], chat: bool,
+                   echo: list[str] | None = None, tools: ForcedCall | ParsedCalls | None = None):
         """Generate req.n choices per prompt (choice index = prompt index * n + sample index), all in
         the engine's batch at once. Sample i of a seeded request uses seed + i, so the n samples differ
-        under temperature > 0 and the request stays reproducible. `tools`: what the chat request's tools make of
-        its answers (serve.tools)."""
+        under temperature > 0 and the request stays reproducible. `response_format`: _check_common's; `tools`: what
+        the chat request's tools make of its answers (serve.tools)."""
         block = req.block_size or self.default_block_size
         if self.max_block_size is not None and block > self.max_block_size:
             raise APIError(400, f"block_size {block} is larger than this server's max_block_size {self.max_block_size}",
@@ -536,7 +537,7 @@ class OpenAIIngress:
                     "top_k": max(req.top_k, 0), "top_p": req.top_p, "min_p": req.min_p, "logit_bias": bias,
                     "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
                     "repetition_penalty": req.repetition_penalty,
-                    **dict(zip(("response_format", "json_schema"), response_format_of(req, tools))),
+                    **dict(zip(("response_format", "json_schema"), response_format)),
                     "stream_settled": req.stream}  # a stream sends each block's settled prefix as it grows
         payloads = [{"prompt_ids": ids, "max_tokens": req.max_tokens, "options": options, "priority": req.priority,
                      "sampling": {**sampling, "seed": None if req.seed is None else req.seed + i}}

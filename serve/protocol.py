@@ -151,9 +151,10 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def reject_unsupported(req: _Common, tools: ForcedCall | ParsedCalls | None = None) -> None:
+def reject_unsupported(req: _Common, tools: ForcedCall | ParsedCalls | None = None) -> tuple[str | None, dict | None]:
     """Parameters we accept for compatibility only at their neutral values, and those that do not go together;
-    `tools`: what the request's tools make of its answers (serve.tools.tool_use)."""
+    `tools`: what the request's tools make of its answers (serve.tools.tool_use). Returns the request's
+    response_format_of (worked out here once: it compiles the schema)."""
     checks = []
     if isinstance(req, CompletionRequest):
         checks += [("best_of", req.best_of not in (None, 1, req.n),
@@ -174,7 +175,8 @@ def reject_unsupported(req: _Common, tools: ForcedCall | ParsedCalls | None = No
     checks.append(("guided_choice", req.guided_choice is not None and logprobs_wanted(req) is not None,
                    "logprobs are not available with guided_choice: the answer is chosen by its likelihood, not "
                    "decoded token by token"))
-    json_mode = response_format_of(req, tools)[0] is not None  # a forced tool call's arguments too
+    response_format = response_format_of(req, tools)
+    json_mode = response_format[0] is not None  # a forced tool call's arguments too
     checks += [("guided_choice", json_mode and req.guided_choice is not None,
                 "guided_choice and a JSON answer (response_format or a forced tool call) are two answers' shapes; "
                 "give one"),
@@ -192,6 +194,7 @@ def reject_unsupported(req: _Common, tools: ForcedCall | ParsedCalls | None = No
             raise APIError(400, message, param=param, code="unsupported_parameter")
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    return response_format
 
 
 def check_schema(schema: dict, where: str, param: str) -> None:
