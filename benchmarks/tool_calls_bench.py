@@ -7,12 +7,18 @@
    <word>" is answered in text whether the tool is offered or not.
 2. A char tokenizer with our chat template (the tools turn; earlier calls as hermes blocks); the Ray Data packing
    job with --chat-template --tool-call-format hermes (the answers' calls written as the server parses them).
-3. Ray Train + DeepSpeed SFT: the quickstart's model and objective (document mask, tail masking, EOS padding).
+3. Ray Train + DeepSpeed SFT: the quickstart's model and objective (document mask, tail masking, EOS padding,
+   answer cuts).
 4. Ray Serve with tool_call_parser hermes; each held-out chat through the openai client with its tools: no
    tool_choice (OpenAI's "auto": the model decides), and for the call kind also tool_choice "required" (the call
    forced, its arguments held to the parameters by JSON mode).
 
 Per kind: decided (a call where one is due, text where not), exact (the call's name and arguments, or the text).
+And the length leak: the share of held-out chats whose first block the model predicts differently (one forward,
+greedy) after a run of B masks than after 4B; a model that reads the answer's length off its run of masks garbles
+answers longer than a block (TrainConfig cut_answer_prob shows it cut answers in training).
+
+    python -m benchmarks.tool_calls_bench --checkpoint DIR ...   # evaluate a trained model again, no training
 """
 
 from __future__ import annotations
@@ -149,6 +155,32 @@ def evaluate(model_dir: Path, held: list[dict], args) -> dict:
                          for c, a in list(zip(held, auto))[:6]]}
 
 
+def length_leak(model_dir: Path, held: list[dict], block: int) -> dict:
+    """Share of chats whose greedy one-forward prediction of the first `block` answer positions (up to a stop token)
+    changes when 4 * block masks follow the prompt instead of `block` (the engine's first forward sees `block`)."""
+    import torch
+
+    tok = dllm.load_tokenizer(model_dir)
+    model = dllm.load_model(model_dir).eval()
+    ids = dllm.special_ids(tok)
+    mask, stops = ids["mask_token_id"], {ids["eos_token_id"], ids["eot_token_id"]}
+
+    def answer(guess: list[int]) -> list[int]:  # up to its first stop token: what follows one is not the answer
+        return next((guess[:k + 1] for k, t in enumerate(guess) if t in stops), guess)
+
+    shifted = []
+    with torch.no_grad():
+        for chat in held:
+            prompt = tok.encode(tok.apply_chat_template(chat["messages"][:-1], tools=chat["tools"] or None,
+                                                        add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False)  # the server's prompt
+            short, long = (answer(model(torch.tensor([prompt + [mask] * n]))[0, len(prompt):len(prompt) + block]
+                                  .argmax(-1).tolist()) for n in (block, 4 * block))
+            shifted.append(short != long)
+    by_kind = {kind: _share(s for s, c in zip(shifted, held) if c["kind"] == kind) for kind in TOOL_CHAT_KINDS}
+    return {"block": block, "shifted": _share(shifted), "kinds": by_kind}
+
+
 def _share(flags) -> float:
     flags = list(flags)
     return sum(flags) / len(flags) if flags else 0.0
@@ -161,8 +193,9 @@ def _free_port() -> int:
 
 
 def print_table(report: dict) -> None:
-    print(f"\ntrained {report['train']['steps']} steps ({report['train']['minutes']:g} min), loss "
-          f"{report['train']['first_loss']:.3f} -> {report['train']['last_loss']:.3f}")
+    if report["train"]:
+        print(f"\ntrained {report['train']['steps']} steps ({report['train']['minutes']:g} min), loss "
+              f"{report['train']['first_loss']:.3f} -> {report['train']['last_loss']:.3f}")
     print(f"{'kind':<8} {'chats':>5} {'decided':>8} {'exact':>6} {'exact (required)':>17}")
     for kind, row in report["eval"]["kinds"].items():
         forced = f"{row['exact_required']:.1%}" if "exact_required" in row else "-"
@@ -170,6 +203,9 @@ def print_table(report: dict) -> None:
     ev = report["eval"]
     print(f"{'all':<8} {sum(r['chats'] for r in ev['kinds'].values()):>5} {ev['decided']:>8.1%} {ev['exact']:>6.1%}")
     print(f"finish_reason tool_calls: {ev['finish_tool_calls']}; {ev['tokens_per_s']:.1f} tok/s at 8 concurrent")
+    leak = report["length_leak"]
+    print(f"first block predicted differently after {leak['block']} masks than after {4 * leak['block']}: "
+          f"{leak['shifted']:.1%} of chats (" + ", ".join(f"{k} {v:.1%}" for k, v in leak["kinds"].items()) + ")")
 
 
 def main(argv=None) -> dict:
@@ -183,17 +219,24 @@ def main(argv=None) -> dict:
     p.add_argument("--max-word-len", type=int, default=5, help="cap on the cities' and words' letters (2 to 8)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--eos-pad", type=int, default=8)
-    p.add_argument("--cut-answer", type=float, default=0.0,
-                   help="fraction of rows whose answers are seen only up to a random cut (TrainConfig cut_answer_prob)")
+    p.add_argument("--cut-answer", type=float, default=0.5,
+                   help="fraction of rows whose answers are seen only up to a random cut (TrainConfig cut_answer_prob; "
+                        "0: off, the model then reads answers' lengths off the masks and garbles those past a block)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--port", type=int, help="Serve's HTTP port (default: a free one)")
     p.add_argument("--json", help="write the report here")
+    p.add_argument("--checkpoint", help="evaluate this trained model (its held-out chats: the same settings) "
+                                        "instead of training one")
     args = p.parse_args(argv)
     work = Path(args.workdir).absolute()
     train_path, held_path = write_chats(work / "data", args.train_samples, args.heldout, args.max_word_len)
-    model_dir, train = train_model(args, work, train_path, held_path)
+    if args.checkpoint:
+        model_dir, train = Path(args.checkpoint), None
+    else:
+        model_dir, train = train_model(args, work, train_path, held_path)
     held = [json.loads(line) for line in held_path.read_text().splitlines()]
-    report = {"train": train, "eval": evaluate(model_dir, held, args), "checkpoint": str(model_dir),
+    report = {"train": train, "eval": evaluate(model_dir, held, args),
+              "length_leak": length_leak(model_dir, held, args.block_size), "checkpoint": str(model_dir),
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "port")}}
     print_table(report)
     if args.json:
