@@ -41,8 +41,8 @@ VARIANTS = {
     "tail-eos-document-mask-eos-pad2": Objective(tail_eos=True, document_mask=True, eos_pad=2),  # fewer padding losses
     # 0-8 padding EOS, each weighing a quarter of another position in the loss
     "tail-eos-document-mask-eos-pad-w025": Objective(tail_eos=True, document_mask=True, eos_pad=8, pad_eos_weight=0.25),
-    # + a third of the rows' answers seen only up to a random cut (a block of an answer that goes on past it)
-    "tail-eos-document-mask-eos-pad-cut": Objective(tail_eos=True, document_mask=True, eos_pad=8, cut_answer_prob=0.33),
+    # + half the rows' answers seen only up to a random cut (a block of an answer that goes on past it)
+    "tail-eos-document-mask-eos-pad-cut": Objective(tail_eos=True, document_mask=True, eos_pad=8, cut_answer_prob=0.5),
     "document-mask": Objective(tail_mask_prob=0.0, tail_eos=False, document_mask=True),  # the mask, no tails: 0 %
 }
 

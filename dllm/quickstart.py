@@ -52,9 +52,9 @@ def add_quickstart_parser(sub) -> None:
                    help="follow each training answer's EOS with 0-N more, always masked (0 = none; see README)")
     p.add_argument("--pad-eos-weight", type=float, default=1.0,
                    help="loss weight of those padding EOS relative to the other positions, 0-1 (see README)")
-    p.add_argument("--cut-answer", type=float, default=0.0,
+    p.add_argument("--cut-answer", type=float, default=0.5,
                    help="fraction of rows whose answers are seen only up to a random cut, as a block of a longer "
-                        "answer is at inference, 0-1 (default 0; see README)")
+                        "answer is at inference, 0-1 (default 0.5; 0: off; see README)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="synthetic tasks to train and evaluate on")
     p.add_argument("--max-word-len", type=int, default=QUICK_MAX_WORD_LEN,
