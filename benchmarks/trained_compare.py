@@ -157,9 +157,10 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 8: 54 -> 63-69.5 %% exact match on the quickstart's tasks at 1,000 CPU steps, README; 0: off)")
     p.add_argument("--pad-eos-weight", type=float, default=1.0,
                    help="loss weight of the padding EOS (those after an answer's first), 0-1 (default 1)")
-    p.add_argument("--cut-answer", type=float, default=0.0,
+    p.add_argument("--cut-answer", type=float, default=0.5,
                    help="fraction of rows whose answers are seen only up to a random cut, as a block of a longer "
-                        "answer is at inference (noise_batch cut_answer_prob; default 0)")
+                        "answer is at inference (noise_batch cut_answer_prob; default 0.5: on the quickstart's tasks "
+                        "57.5 -> 61 %% exact match at 1,000 CPU steps, README; 0: off)")
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="train with a block-diagonal attention mask (each packed sample, its tail joined to it, "
                         "sees only itself; default on: 50 vs 19.5 %% exact match at 700 steps on CPU, README); "
