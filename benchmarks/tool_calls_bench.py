@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import dllm
-from dllm.quickstart import QUICK_MODEL
+from dllm.quickstart import QUICK_TRAINING
 from dllm.synthetic import TOOL_CHAT_KINDS, tool_chats
 
 # A chat with the weather tool is ~250 tokens (prompt ~170, call ~75, EOS padding): each packed whole in a row
@@ -70,14 +70,11 @@ def train_model(args, work: Path, train_path: Path, held_path: Path) -> tuple[Pa
     held = run_pack(dataclasses.replace(pack, inputs=[str(held_path)], output=str(work / "packed-heldout")))
     if sum(stats["dropped"].values()) or sum(held["dropped"].values()):
         raise SystemExit(f"packing dropped chats: {stats['dropped']} / {held['dropped']}")
-    cfg = TrainConfig(run_name=f"tool-calls-{int(time.time())}", data=pack.output, tokenizer=pack.tokenizer,
-                      storage_path=str(work / "runs"), model_config=QUICK_MODEL, seq_len=SEQ_LEN,
+    cfg = TrainConfig(**{**QUICK_TRAINING, "cut_answer_prob": args.cut_answer}, run_name=f"tool-calls-{int(time.time())}",
+                      data=pack.output, tokenizer=pack.tokenizer, storage_path=str(work / "runs"), seq_len=SEQ_LEN,
                       micro_batch_size=max(1, 16 // args.workers), num_workers=args.workers, use_gpu=False,
-                      precision="fp32", lr=3e-3, warmup_steps=50, weight_decay=0.01, max_steps=args.steps,
-                      epochs=None, time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
-                      tail_mask_prob=0.5, tail_eos=True, document_mask=True, shuffle_buffer_rows=SHUFFLE_ROWS,
-                      cut_answer_prob=args.cut_answer,
-                      eval_data=str(work / "packed-heldout"), eval_every=500)
+                      precision="fp32", max_steps=args.steps, time_limit_s=args.minutes * 60,
+                      shuffle_buffer_rows=SHUFFLE_ROWS, eval_data=str(work / "packed-heldout"), eval_every=500)
     result = run_training(cfg)
     if result.error:
         raise SystemExit(f"training failed: {result.error}")

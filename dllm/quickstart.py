@@ -31,6 +31,11 @@ QUICK_SEQ_LEN = 64  # a few samples per row: a model trained from scratch finds 
 QUICK_EVAL_EVERY = 500  # steps between validation losses on the packed held-out prompts (and at the end)
 QUICK_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 384,
                "max_sequence_length": 512, "rope_theta": 10000.0}
+# The quickstart's TrainConfig settings besides its data and budget (the flags' defaults for the objective): what
+# the benchmarks that train "as the quickstart does" start from.
+QUICK_TRAINING = {"model_config": QUICK_MODEL, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.01, "epochs": None,
+                  "checkpoint_every": 10**9, "log_every": 50, "tail_mask_prob": 0.5, "tail_eos": True,
+                  "document_mask": True, "cut_answer_prob": 0.5}
 
 
 def add_quickstart_parser(sub) -> None:
@@ -41,18 +46,18 @@ def add_quickstart_parser(sub) -> None:
     p.add_argument("--train-samples", type=int, default=40000)
     p.add_argument("--heldout", type=int, default=200, help="held-out prompts sent through the HTTP API")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (GPUs when present, else CPU processes)")
-    p.add_argument("--tail-mask", type=float, default=0.5,
+    p.add_argument("--tail-mask", type=float, default=QUICK_TRAINING["tail_mask_prob"],
                    help="fraction of rows with tail masking (0 with --no-document-mask = the paper's objective exactly)")
-    p.add_argument("--tail-eos", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--tail-eos", action=argparse.BooleanOptionalAction, default=QUICK_TRAINING["tail_eos"],
                    help="train the tail-masked positions to predict EOS: a denser length signal (default on; see README)")
-    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=QUICK_TRAINING["document_mask"],
                    help="packed samples attend only within themselves (a tail joins the sample it follows); "
                         "--no-document-mask: the paper's full attention over the row (see README)")
     p.add_argument("--eos-pad", type=int, default=8,
                    help="follow each training answer's EOS with 0-N more, always masked (0 = none; see README)")
     p.add_argument("--pad-eos-weight", type=float, default=1.0,
                    help="loss weight of those padding EOS relative to the other positions, 0-1 (see README)")
-    p.add_argument("--cut-answer", type=float, default=0.5,
+    p.add_argument("--cut-answer", type=float, default=QUICK_TRAINING["cut_answer_prob"],
                    help="fraction of rows whose answers are seen only up to a random cut, as a block of a longer "
                         "answer is at inference, 0-1 (default 0.5; 0: off; see README)")
     p.add_argument("--block-size", type=int, default=16)
@@ -82,15 +87,13 @@ def _configs(args, work: Path, gpu: bool):
     pack = PackOptions(inputs=[str(work / "data" / "train.jsonl")], output=str(work / "packed"),
                        tokenizer=str(work / "tokenizer"), seq_len=QUICK_SEQ_LEN, mode="concat", eos_pad=args.eos_pad)
     tail_eos = args.tail_eos and args.tail_mask > 0  # EOS targets live on the tail-masked positions
-    train = TrainConfig(run_name=f"quickstart-{int(time.time())}", data=pack.output, tokenizer=pack.tokenizer,
-                        storage_path=str(work / "runs"), model_config=QUICK_MODEL, seq_len=QUICK_SEQ_LEN,
-                        micro_batch_size=max(1, 64 // max(1, args.workers)),
-                        num_workers=args.workers, use_gpu=gpu, precision="bf16" if gpu else "fp32", lr=3e-3,
-                        warmup_steps=50, weight_decay=0.01, max_steps=args.steps, epochs=None,
-                        time_limit_s=args.minutes * 60, checkpoint_every=10**9, log_every=50,
-                        tail_mask_prob=args.tail_mask, tail_eos=tail_eos, document_mask=args.document_mask,
-                        pad_eos_weight=args.pad_eos_weight, cut_answer_prob=args.cut_answer, eval_data=str(work / "packed-heldout"),
-                        eval_every=QUICK_EVAL_EVERY)
+    objective = {"tail_mask_prob": args.tail_mask, "tail_eos": tail_eos, "document_mask": args.document_mask,
+                 "pad_eos_weight": args.pad_eos_weight, "cut_answer_prob": args.cut_answer}
+    train = TrainConfig(**{**QUICK_TRAINING, **objective}, run_name=f"quickstart-{int(time.time())}", data=pack.output,
+                        tokenizer=pack.tokenizer, storage_path=str(work / "runs"), seq_len=QUICK_SEQ_LEN,
+                        micro_batch_size=max(1, 64 // max(1, args.workers)), num_workers=args.workers, use_gpu=gpu,
+                        precision="bf16" if gpu else "fp32", max_steps=args.steps, time_limit_s=args.minutes * 60,
+                        eval_data=str(work / "packed-heldout"), eval_every=QUICK_EVAL_EVERY)
     return pack, train
 
 
