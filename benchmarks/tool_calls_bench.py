@@ -14,7 +14,8 @@
    forced, its arguments held to the parameters by JSON mode).
 
 Per kind: decided (a call where one is due, text where not), exact (the call's name and arguments, or the text).
-And the length leak: the share of held-out chats whose first block the model predicts differently (one forward,
+And the copying apart from the format: the share of call chats whose answer (decoded in process) holds the
+expected arguments as the call writes them, whatever the text around them. And the length leak: the share of held-out chats whose first block the model predicts differently (one forward,
 greedy) after a run of B masks than after 4B; a model that reads the answer's length off its run of masks garbles
 answers longer than a block (TrainConfig cut_answer_prob shows it cut answers in training).
 
@@ -178,6 +179,19 @@ def length_leak(model_dir: Path, held: list[dict], block: int) -> dict:
     return {"block": block, "shifted": _share(shifted), "kinds": by_kind}
 
 
+def arguments_copied(model_dir: Path, held: list[dict], block: int) -> float:
+    """Share of the call chats whose answer, decoded in process (greedy, threshold 0.9), holds each expected argument
+    as the call writes it (`"city": "gahed"`), whatever the text around it: the copying, apart from the format."""
+    tok = dllm.load_tokenizer(model_dir)
+    engine = dllm.Engine(dllm.load_model(model_dir), tok, max_batch_size=16)
+    calls = [c for c in held if c["kind"] == "call"]
+    prompts = [tok.apply_chat_template(c["messages"][:-1], tools=c["tools"], add_generation_prompt=True, tokenize=False)
+               for c in calls]
+    outs = engine.generate(prompts, dllm.GenerationConfig(block_size=block, max_new_tokens=128))
+    wanted = [json.loads(c["messages"][-1]["tool_calls"][0]["function"]["arguments"]) for c in calls]
+    return _share(all(f"{json.dumps(k)}: {json.dumps(v)}" in o.text for k, v in w.items()) for w, o in zip(wanted, outs))
+
+
 def _share(flags) -> float:
     flags = list(flags)
     return sum(flags) / len(flags) if flags else 0.0
@@ -203,6 +217,7 @@ def print_table(report: dict) -> None:
     leak = report["length_leak"]
     print(f"first block predicted differently after {leak['block']} masks than after {4 * leak['block']}: "
           f"{leak['shifted']:.1%} of chats (" + ", ".join(f"{k} {v:.1%}" for k, v in leak["kinds"].items()) + ")")
+    print(f"calls whose arguments are written right, whatever the text around them: {report['arguments_copied']:.1%}")
 
 
 def main(argv=None) -> dict:
@@ -216,9 +231,10 @@ def main(argv=None) -> dict:
     p.add_argument("--max-word-len", type=int, default=5, help="cap on the cities' and words' letters (2 to 8)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--eos-pad", type=int, default=8)
-    p.add_argument("--cut-answer", type=float, default=0.5,
+    p.add_argument("--cut-answer", type=float, default=0.2,
                    help="fraction of rows whose answers are seen only up to a random cut (TrainConfig cut_answer_prob; "
-                        "0: off, the model then reads answers' lengths off the masks and garbles those past a block)")
+                        "0: off, the model then reads answers' lengths off the masks and garbles those past a block; "
+                        "default 0.2: at 30 CPU minutes 44.7 %% exact against 36.0 %% with 0.5 and 5.3 %% with 0, README)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--port", type=int, help="Serve's HTTP port (default: a free one)")
     p.add_argument("--json", help="write the report here")
@@ -233,7 +249,8 @@ def main(argv=None) -> dict:
         model_dir, train = train_model(args, work, train_path, held_path)
     held = [json.loads(line) for line in held_path.read_text().splitlines()]
     report = {"train": train, "eval": evaluate(model_dir, held, args),
-              "length_leak": length_leak(model_dir, held, args.block_size), "checkpoint": str(model_dir),
+              "length_leak": length_leak(model_dir, held, args.block_size),
+              "arguments_copied": arguments_copied(model_dir, held, args.block_size), "checkpoint": str(model_dir),
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "port")}}
     print_table(report)
     if args.json:

@@ -365,9 +365,10 @@ def test_tool_calls_bench_trains_on_chats_and_judges_each_answer_through_the_par
     kinds = report["eval"]["kinds"]
     assert sum(row["chats"] for row in kinds.values()) == 9 and "exact_required" in kinds["call"]
     assert report["train"]["samples_packed"] == report["train"]["train_chats"] <= 150 and report["train"]["steps"] <= 20
-    assert report["settings"]["cut_answer"] == 0.5  # answers cut in training: the default
+    assert report["settings"]["cut_answer"] == 0.2  # answers cut in training: the default
     leak = report["length_leak"]
     assert leak["block"] == 16 and 0 <= leak["shifted"] <= 1 and set(leak["kinds"]) == {"call", "no_tool", "text"}
+    assert 0 <= report["arguments_copied"] <= 1
     again = tool_calls_bench.main(["--workdir", str(tmp_path / "work"), "--train-samples", "150", "--heldout", "9",
                                    "--checkpoint", report["checkpoint"]])  # the same model judged again, no training
     assert again["train"] is None and again["checkpoint"] == report["checkpoint"]
