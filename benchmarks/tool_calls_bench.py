@@ -15,9 +15,10 @@
 
 Per kind: decided (a call where one is due, text where not), exact (the call's name and arguments, or the text).
 And the copying apart from the format: the share of call chats whose answer (decoded in process) holds the
-expected arguments as the call writes them, whatever the text around them. And the length leak: the share of held-out chats whose first block the model predicts differently (one forward,
-greedy) after a run of B masks than after 4B; a model that reads the answer's length off its run of masks garbles
-answers longer than a block (TrainConfig cut_answer_prob shows it cut answers in training).
+expected arguments as the call writes them, whatever the text around them. And the length leak: the share of
+held-out chats whose first block the model predicts differently (one forward, greedy) after a run of B masks than
+after 4B; a model that reads the answer's length off its run of masks garbles answers longer than a block
+(TrainConfig cut_answer_prob shows it cut answers in training).
 
     python -m benchmarks.tool_calls_bench --checkpoint DIR ...   # evaluate a trained model again, no training
 """
@@ -153,13 +154,17 @@ def evaluate(model_dir: Path, held: list[dict], args) -> dict:
                          for c, a in list(zip(held, auto))[:6]]}
 
 
-def length_leak(model_dir: Path, held: list[dict], block: int) -> dict:
+def _prompt(tok, chat: dict) -> str:
+    """A held-out chat's prompt as the server renders it (the chat template, the tools turn where it has tools)."""
+    return tok.apply_chat_template(chat["messages"][:-1], tools=chat["tools"] or None, add_generation_prompt=True,
+                                   tokenize=False)
+
+
+def length_leak(model, tok, held: list[dict], block: int) -> dict:
     """Share of chats whose greedy one-forward prediction of the first `block` answer positions (up to a stop token)
     changes when 4 * block masks follow the prompt instead of `block` (the engine's first forward sees `block`)."""
     import torch
 
-    tok = dllm.load_tokenizer(model_dir)
-    model = dllm.load_model(model_dir).eval()
     ids = dllm.special_ids(tok)
     mask, stops = ids["mask_token_id"], {ids["eos_token_id"], ids["eot_token_id"]}
 
@@ -169,9 +174,7 @@ def length_leak(model_dir: Path, held: list[dict], block: int) -> dict:
     shifted = []
     with torch.no_grad():
         for chat in held:
-            prompt = tok.encode(tok.apply_chat_template(chat["messages"][:-1], tools=chat["tools"] or None,
-                                                        add_generation_prompt=True, tokenize=False),
-                                add_special_tokens=False)  # the server's prompt
+            prompt = tok.encode(_prompt(tok, chat), add_special_tokens=False)
             short, long = (answer(model(torch.tensor([prompt + [mask] * n]))[0, len(prompt):len(prompt) + block]
                                   .argmax(-1).tolist()) for n in (block, 4 * block))
             shifted.append(short != long)
@@ -179,15 +182,12 @@ def length_leak(model_dir: Path, held: list[dict], block: int) -> dict:
     return {"block": block, "shifted": _share(shifted), "kinds": by_kind}
 
 
-def arguments_copied(model_dir: Path, held: list[dict], block: int) -> float:
+def arguments_copied(model, tok, held: list[dict], block: int) -> float:
     """Share of the call chats whose answer, decoded in process (greedy, threshold 0.9), holds each expected argument
     as the call writes it (`"city": "gahed"`), whatever the text around it: the copying, apart from the format."""
-    tok = dllm.load_tokenizer(model_dir)
-    engine = dllm.Engine(dllm.load_model(model_dir), tok, max_batch_size=16)
     calls = [c for c in held if c["kind"] == "call"]
-    prompts = [tok.apply_chat_template(c["messages"][:-1], tools=c["tools"], add_generation_prompt=True, tokenize=False)
-               for c in calls]
-    outs = engine.generate(prompts, dllm.GenerationConfig(block_size=block, max_new_tokens=128))
+    outs = dllm.Engine(model, tok, max_batch_size=16).generate(
+        [_prompt(tok, c) for c in calls], dllm.GenerationConfig(block_size=block, max_new_tokens=128))
     wanted = [json.loads(c["messages"][-1]["tool_calls"][0]["function"]["arguments"]) for c in calls]
     return _share(all(f"{json.dumps(k)}: {json.dumps(v)}" in o.text for k, v in w.items()) for w, o in zip(wanted, outs))
 
@@ -248,9 +248,10 @@ def main(argv=None) -> dict:
     else:
         model_dir, train = train_model(args, work, train_path, held_path)
     held = [json.loads(line) for line in held_path.read_text().splitlines()]
+    tok, model = dllm.load_tokenizer(model_dir), dllm.load_model(model_dir).eval()  # for the in-process measures
     report = {"train": train, "eval": evaluate(model_dir, held, args),
-              "length_leak": length_leak(model_dir, held, args.block_size),
-              "arguments_copied": arguments_copied(model_dir, held, args.block_size), "checkpoint": str(model_dir),
+              "length_leak": length_leak(model, tok, held, args.block_size),
+              "arguments_copied": arguments_copied(model, tok, held, args.block_size), "checkpoint": str(model_dir),
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "port")}}
     print_table(report)
     if args.json:

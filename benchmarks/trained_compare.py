@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import statistics
 import time
@@ -215,14 +214,12 @@ def train(kind: str, cfg, data: TrainRows, args, steps: int | None = None, objec
                                       clean_prefix_prob=objective.clean_prefix_prob,
                                       pad_eos_weight=objective.pad_eos_weight,
                                       cut_answer_prob=objective.cut_answer_prob, generator=gen)
-                # Built on the device: the ids cross, not the [b, L, L] mask.
-                documents = nb.segment_ids.to(dev)
-                mask = dataclasses.replace(nb, segment_ids=documents, view_ends=None if nb.view_ends is None else
-                                           nb.view_ends.to(dev)).attention_mask(documents=objective.document_mask)
-                hidden = model(nb.input_ids.to(dev), attention_mask=mask, return_hidden=True)
-                loss = dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets.to(dev),
-                                                       nb.loss_mask.to(dev), nb.t.to(dev), objective.loss_weighting,
-                                                       documents, None if nb.weights is None else nb.weights.to(dev))
+                nb = nb.to(dev)  # the mask is built on the device
+                hidden = model(nb.input_ids, attention_mask=nb.attention_mask(documents=objective.document_mask),
+                               return_hidden=True)
+                loss = dllm.diffusion_loss_from_hidden(hidden, model.model.transformer["ff_out"], nb.targets,
+                                                       nb.loss_mask, nb.t, objective.loss_weighting, nb.segment_ids,
+                                                       nb.weights)
             else:
                 real = (seg[idx] > 0) & ~prompt[idx].bool()
                 loss = causal_lm_loss(model, ids[idx].to(dev), real.to(dev))

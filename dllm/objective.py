@@ -22,6 +22,7 @@ sample and keep their loss.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,12 @@ class NoisedBatch:
     # [b, L] long: the last position each position may attend to (the cut of an answer cut by
     # cut_answer_prob, for its prompt and the part before the cut); None where nothing is cut.
     view_ends: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "NoisedBatch":
+        """The batch with every tensor on `device` (the attention mask is then built there: the [b, L]
+        tensors cross, not the [b, L, L] mask)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if getattr(self, f.name) is not None})
 
     def attention_mask(self, documents: bool = True) -> torch.Tensor | None:
         """The training forward's mask [b, L, L] (True = may attend): the documents' block-diagonal

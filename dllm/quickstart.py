@@ -59,7 +59,7 @@ def add_quickstart_parser(sub) -> None:
                    help="loss weight of those padding EOS relative to the other positions, 0-1 (see README)")
     p.add_argument("--cut-answer", type=float, default=QUICK_TRAINING["cut_answer_prob"],
                    help="fraction of rows whose answers are seen only up to a random cut, as a block of a longer "
-                        "answer is at inference, 0-1 (default 0.5; 0: off; see README)")
+                        "answer is at inference, 0-1 (default %(default)s; 0: off; see README)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="synthetic tasks to train and evaluate on")
     p.add_argument("--max-word-len", type=int, default=QUICK_MAX_WORD_LEN,

@@ -9,7 +9,6 @@ already consumed, repeating and skipping nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -212,9 +211,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             trajs = [Trajectory.from_row({c: batch[c][i] for c in ROW_COLUMNS}) for i in range(lo, hi)]
             noised = transition_batch(trajs, mask_token_id=config.mask_token_id,
                                       pad_token_id=config.pad_token_id or 0, generator=gen)
-            noised = dataclasses.replace(noised, input_ids=noised.input_ids.to(device),
-                                         targets=noised.targets.to(device), loss_mask=noised.loss_mask.to(device),
-                                         segment_ids=noised.segment_ids.to(device))
+            noised = noised.to(device)
             return noised, None, len(trajs)
         ids = batch["input_ids"][lo:hi].to(device)
         prompt = batch["prompt_mask"][lo:hi].to(device)
