@@ -43,6 +43,7 @@ VARIANTS = {
     "tail-eos-document-mask-eos-pad-w025": Objective(tail_eos=True, document_mask=True, eos_pad=8, pad_eos_weight=0.25),
     # + half the rows' answers seen only up to a random cut (a block of an answer that goes on past it)
     "tail-eos-document-mask-eos-pad-cut": Objective(tail_eos=True, document_mask=True, eos_pad=8, cut_answer_prob=0.5),
+    "tail-eos-document-mask-eos-pad-cut02": Objective(tail_eos=True, document_mask=True, eos_pad=8, cut_answer_prob=0.2),
     "document-mask": Objective(tail_mask_prob=0.0, tail_eos=False, document_mask=True),  # the mask, no tails: 0 %
 }
 
@@ -53,6 +54,20 @@ def per_task(texts: list[str], held: list[dict]) -> dict[str, float]:
     for task in tasks:
         pairs = [(t, s) for t, s in zip(texts, held) if s["task"] == task]
         out[task] = sum(t == s["output"] for t, s in pairs) / len(pairs)
+    return out
+
+
+def over_seeds(runs: list[dict]) -> list[dict]:
+    """Each (variant, system)'s runs over the seeds: mean, min and max exact match, mean TPF."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["variant"], r["system"]), []).append(r)
+    out = []
+    for (variant, system), rs in groups.items():
+        ems = [r["exact_match"] for r in rs]
+        out.append({"variant": variant, "system": system, "seeds": [r["seed"] for r in rs],
+                    "exact_match": sum(ems) / len(ems), "exact_match_min": min(ems), "exact_match_max": max(ems),
+                    "tpf": sum(r["tpf"] for r in rs) / len(rs)})
     return out
 
 
@@ -82,9 +97,14 @@ def main(argv=None) -> None:
                    help="each dLLM-Var model is scored with each (fixed_k: one token per step)")
     p.add_argument("--evaluate-every", type=int, default=0, help="also score every N steps (learning curves)")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="train each model once per seed (initial weights, batches, noise): the spread between "
+                        "seeds is what one run's score is worth")
     p.add_argument("--skip-ar", action="store_true")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {args.seeds}: each seed once")
 
     tok, held, data, _ = build_data(args)
     cfg = model_config(tok, args.size)
@@ -96,10 +116,10 @@ def main(argv=None) -> None:
         wrong = [{"prompt": s["instruction"], "want": s["output"], "got": t} for t, s in zip(texts, held) if t != s["output"]]
         # Right length, whatever the characters: how well the model knows where its answer ends.
         length_match = sum(len(t) == len(s["output"]) for t, s in zip(texts, held)) / len(held)
-        run = {"variant": name, "training": info, **scored, "length_match": length_match,
+        run = {"variant": name, "seed": info["seed"], "training": info, **scored, "length_match": length_match,
                "per_task": per_task(texts, held), "wrong": wrong[:24]}
         result["runs"].append(run)
-        print(f"{name} [{scored['system']}]: EM {run['exact_match']:.1%} length {length_match:.1%} "
+        print(f"{name} seed {info['seed']} [{scored['system']}]: EM {run['exact_match']:.1%} length {length_match:.1%} "
               f"stop {run['self_stopped']:.0%} TPF {run['tpf']:.2f} "
               f"last loss {info['loss_history'][-1][1] if info['loss_history'] else '-'} {run['per_task']}", flush=True)
         if args.json:
@@ -116,26 +136,37 @@ def main(argv=None) -> None:
     def score_twin(twin) -> dict:
         return eval_autoregressive(to_hf_llama(twin), tok, held, 32, args, return_texts=True)
 
-    for name in args.variants:
-        t0 = time.time()
-        model, info = train("dllm-var", cfg, data, args, steps=args.steps, objective=VARIANTS[name],
-                            evaluate_every=args.evaluate_every,
-                            evaluate=lambda m: {d: summary(score_engine(m, d)) for d in args.decoders})
-        for decoder in args.decoders:
-            scored = score_engine(model, decoder)
-            record(name, info, scored, scored.pop("texts"))
-        print(f"  ({time.time() - t0:.0f}s)", flush=True)
-    if not args.skip_ar:
-        twin, info = train("autoregressive", cfg, data, args, steps=args.steps, evaluate_every=args.evaluate_every,
-                           evaluate=lambda m: summary(score_twin(m)))
-        scored = score_twin(twin)
-        record("autoregressive twin", info, scored, scored.pop("texts"))
+    for seed in args.seeds:
+        for name in args.variants:
+            t0 = time.time()
+            model, info = train("dllm-var", cfg, data, args, steps=args.steps, objective=VARIANTS[name],
+                                evaluate_every=args.evaluate_every, seed=seed,
+                                evaluate=lambda m: {d: summary(score_engine(m, d)) for d in args.decoders})
+            for decoder in args.decoders:
+                scored = score_engine(model, decoder)
+                record(name, info, scored, scored.pop("texts"))
+            print(f"  ({time.time() - t0:.0f}s)", flush=True)
+        if not args.skip_ar:
+            twin, info = train("autoregressive", cfg, data, args, steps=args.steps, evaluate_every=args.evaluate_every,
+                               evaluate=lambda m: summary(score_twin(m)), seed=seed)
+            scored = score_twin(twin)
+            record("autoregressive twin", info, scored, scored.pop("texts"))
 
-    print(f"\n{'objective':26} {'decoder':20} {'EM':>6} {'length':>6} {'stop':>5} {'TPF':>5}  per task")
+    print(f"\n{'objective':26} {'seed':>4} {'decoder':20} {'EM':>6} {'length':>6} {'stop':>5} {'TPF':>5}  per task")
     for r in result["runs"]:
         tasks = " ".join(f"{k} {v:.0%}" for k, v in r["per_task"].items())
-        print(f"{r['variant']:26} {r['system'][:20]:20} {r['exact_match']:6.1%} {r['length_match']:6.1%} "
+        print(f"{r['variant']:26} {r['seed']:4d} {r['system'][:20]:20} {r['exact_match']:6.1%} {r['length_match']:6.1%} "
               f"{r['self_stopped']:5.0%} {r['tpf']:5.2f}  {tasks}")
+    if len(args.seeds) > 1:
+        result["over_seeds"] = over_seeds(result["runs"])
+        print(f"\nover {len(args.seeds)} seeds\n{'objective':26} {'decoder':20} {'EM mean':>7} {'min':>6} {'max':>6} "
+              f"{'TPF':>5}")
+        for row in result["over_seeds"]:
+            print(f"{row['variant']:26} {row['system'][:20]:20} {row['exact_match']:7.1%} {row['exact_match_min']:6.1%} "
+                  f"{row['exact_match_max']:6.1%} {row['tpf']:5.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
     if args.evaluate_every:
         print_curves(result["runs"])
 

@@ -172,22 +172,23 @@ def eval_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def train(kind: str, cfg, data: TrainRows, args, steps: int | None = None, objective: Objective | None = None,
-          evaluate_every: int = 0, evaluate=None) -> tuple[dllm.LLaDAModelLM, dict]:
+          evaluate_every: int = 0, evaluate=None, seed: int = 0) -> tuple[dllm.LLaDAModelLM, dict]:
     """Train a `kind` ('dllm-var' or 'autoregressive') model for `steps` (or --minutes); the dLLM-Var
-    model under `objective` (default: the --t-range / --tail-eos / ... arguments). With
+    model under `objective` (default: the --t-range / --tail-eos / ... arguments). `seed` draws the
+    initial weights and the batches and their noise (the same for both kinds). With
     `evaluate_every` N, `evaluate(model)` (in eval mode, no grad) scores the model every N steps:
     info["curve"] holds {"step", **scores}, and its time is not counted as training time."""
     if kind == "dllm-var":
         objective = objective or Objective.from_args(args)
     rows = data.packed(objective.eos_pad if kind == "dllm-var" else 0)
     dev = torch.device(args.device)
-    model = dllm.build_model(cfg, device=dev, dtype=torch.float32, seed=0).train()
+    model = dllm.build_model(cfg, device=dev, dtype=torch.float32, seed=seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=dev.type == "cuda")
     ids = torch.tensor(rows.input_ids)
     prompt = torch.tensor(rows.prompt_mask)
     seg = torch.tensor(rows.segment_ids)
-    gen = torch.Generator().manual_seed(0)  # same rows, same order for both kinds
+    gen = torch.Generator().manual_seed(seed)  # same rows, same order for both kinds
     budget_steps = steps or 10**9
     t0, step, tokens, losses, curve, eval_secs = time.time(), 0, 0, [], [], 0.0
 
@@ -241,7 +242,8 @@ def train(kind: str, cfg, data: TrainRows, args, steps: int | None = None, objec
             eval_secs += time.time() - t_eval
     sync()
     secs = training_seconds()
-    info = {"kind": kind, "steps": step, "seconds": secs, "tokens_per_s": tokens / secs, "loss_history": losses,
+    info = {"kind": kind, "seed": seed, "steps": step, "seconds": secs, "tokens_per_s": tokens / secs,
+            "loss_history": losses,
             **({"objective": vars(objective)} if kind == "dllm-var" else {}), **({"curve": curve} if curve else {})}
     return model.eval().to(eval_dtype(dev)), info
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import (ablation_bench, batch_job_bench, decode_step_bench, engine_bench, json_mode_bench, likelihood_bench, objective_bench,
                         priority_bench, serve_bench, step_overhead_bench, streaming_bench, tool_calls_bench,
@@ -58,6 +59,40 @@ def test_trained_compare_writes_its_json_after_every_row(tmp_path, monkeypatch):
     trained_compare.main(TINY + ["--json", str(out)])
     assert [t["kind"] for t in snapshots[0]["training"]] == ["dllm-var", "autoregressive"]  # both trained first
     assert [len(s["systems"]) for s in snapshots] == [0, 1, 3, 4]  # the twin's batch-1 row before batch 16
+
+
+def test_objective_bench_trains_each_variant_once_per_seed_and_reports_the_spread(tmp_path):
+    out = tmp_path / "seeds.json"
+    objective_bench.main(["--device", "cpu", "--size", "tiny", "--steps", "3", "--batch", "4", "--seq-len", "64",
+                          "--train-samples", "300", "--heldout", "4", "--variants", "tail-eos", "--skip-ar",
+                          "--seeds", "3", "7", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"], r["training"]["seed"]) for r in result["runs"]] == [("tail-eos", 3, 3),
+                                                                                          ("tail-eos", 7, 7)]
+    (row,) = result["over_seeds"]
+    ems = [r["exact_match"] for r in result["runs"]]
+    assert row["seeds"] == [3, 7] and row["exact_match"] == pytest.approx(sum(ems) / 2)
+    assert (row["exact_match_min"], row["exact_match_max"]) == (min(ems), max(ems))
+    with pytest.raises(SystemExit):
+        objective_bench.main(["--seeds", "1", "1", "--steps", "1"])
+
+
+def test_a_training_seed_draws_the_weights_and_batches_and_reproduces_its_run():
+    p = argparse.ArgumentParser()
+    trained_compare.add_run_arguments(p)
+    args = p.parse_args(["--device", "cpu", "--size", "tiny", "--batch", "4", "--seq-len", "64",
+                         "--train-samples", "200", "--heldout", "2", "--warmup", "1"])
+    tok, _, data, _ = trained_compare.build_data(args)
+    cfg = trained_compare.model_config(tok, "tiny")
+    objective = objective_bench.VARIANTS["tail-eos"]
+
+    def weights(seed):
+        model, info = trained_compare.train("dllm-var", cfg, data, args, steps=2, objective=objective, seed=seed)
+        assert info["seed"] == seed
+        return torch.cat([w.flatten() for w in model.state_dict().values()])
+
+    assert torch.equal(weights(1), weights(1))
+    assert not torch.allclose(weights(1), weights(2))
 
 
 def test_objective_bench_scores_each_model_during_training(tmp_path):
