@@ -67,7 +67,8 @@ def over_seeds(runs: list[dict]) -> list[dict]:
         ems = [r["exact_match"] for r in rs]
         out.append({"variant": variant, "system": system, "seeds": [r["seed"] for r in rs],
                     "exact_match": sum(ems) / len(ems), "exact_match_min": min(ems), "exact_match_max": max(ems),
-                    "tpf": sum(r["tpf"] for r in rs) / len(rs)})
+                    "tpf": sum(r["tpf"] for r in rs) / len(rs),
+                    "per_task": {t: sum(r["per_task"][t] for r in rs) / len(rs) for t in rs[0]["per_task"]}})
     return out
 
 
@@ -159,11 +160,13 @@ def main(argv=None) -> None:
               f"{r['self_stopped']:5.0%} {r['tpf']:5.2f}  {tasks}")
     if len(args.seeds) > 1:
         result["over_seeds"] = over_seeds(result["runs"])
-        print(f"\nover {len(args.seeds)} seeds\n{'objective':26} {'decoder':20} {'EM mean':>7} {'min':>6} {'max':>6} "
-              f"{'TPF':>5}")
+        width = max(len(row["variant"]) for row in result["over_seeds"])
+        print(f"\nover {len(args.seeds)} seeds\n{'objective':{width}} {'decoder':20} {'EM mean':>7} {'min':>6} {'max':>6} "
+              f"{'TPF':>5}  per task (mean)")
         for row in result["over_seeds"]:
-            print(f"{row['variant']:26} {row['system'][:20]:20} {row['exact_match']:7.1%} {row['exact_match_min']:6.1%} "
-                  f"{row['exact_match_max']:6.1%} {row['tpf']:5.2f}")
+            tasks = " ".join(f"{k} {v:.0%}" for k, v in row["per_task"].items())
+            print(f"{row['variant']:{width}} {row['system'][:20]:20} {row['exact_match']:7.1%} "
+                  f"{row['exact_match_min']:6.1%} {row['exact_match_max']:6.1%} {row['tpf']:5.2f}  {tasks}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)

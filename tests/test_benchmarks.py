@@ -73,6 +73,8 @@ def test_objective_bench_trains_each_variant_once_per_seed_and_reports_the_sprea
     ems = [r["exact_match"] for r in result["runs"]]
     assert row["seeds"] == [3, 7] and row["exact_match"] == pytest.approx(sum(ems) / 2)
     assert (row["exact_match_min"], row["exact_match_max"]) == (min(ems), max(ems))
+    assert row["per_task"] == pytest.approx({t: sum(r["per_task"][t] for r in result["runs"]) / 2
+                                             for t in result["runs"][0]["per_task"]})
     with pytest.raises(SystemExit):
         objective_bench.main(["--seeds", "1", "1", "--steps", "1"])
 
