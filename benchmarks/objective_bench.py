@@ -2,6 +2,7 @@
 
     python -m benchmarks.objective_bench [--steps 600] [--size small] [--variants tail tail-eos ...] [--json out.json]
     python -m benchmarks.objective_bench --steps 4000 --evaluate-every 500 --variants tail-eos   # learning curves
+    python -m benchmarks.objective_bench --variants A B --seeds 0 1 2 3 4   # mean and range over five draws each
 
 The trained dLLM-Var model trails its autoregressive twin in exact match at the same training
 budget (README, H100 section). This trains one model per objective variant, and the AR twin, for
