@@ -114,6 +114,11 @@ def main(argv=None) -> None:
           f"{cfg.num_parameters() / 1e6:.2f}M params; {args.steps} steps each", flush=True)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args), "runs": []}
 
+    def save() -> None:  # after every run, so that a long run's results so far are on disk
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
     def record(name: str, info: dict, scored: dict, texts: list[str]) -> None:
         wrong = [{"prompt": s["instruction"], "want": s["output"], "got": t} for t, s in zip(texts, held) if t != s["output"]]
         # Right length, whatever the characters: how well the model knows where its answer ends.
@@ -124,9 +129,7 @@ def main(argv=None) -> None:
         print(f"{name} seed {info['seed']} [{scored['system']}]: EM {run['exact_match']:.1%} length {length_match:.1%} "
               f"stop {run['self_stopped']:.0%} TPF {run['tpf']:.2f} "
               f"last loss {info['loss_history'][-1][1] if info['loss_history'] else '-'} {run['per_task']}", flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+        save()
 
     def score_engine(model, decoder: str) -> dict:
         engine = dllm.Engine(model, tok, max_batch_size=64, max_model_len=256)
@@ -168,9 +171,7 @@ def main(argv=None) -> None:
             tasks = " ".join(f"{k} {v:.0%}" for k, v in row["per_task"].items())
             print(f"{row['variant']:{width}} {row['system'][:20]:20} {row['exact_match']:7.1%} "
                   f"{row['exact_match_min']:6.1%} {row['exact_match_max']:6.1%} {row['tpf']:5.2f}  {tasks}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+        save()
     if args.evaluate_every:
         print_curves(result["runs"])
 
