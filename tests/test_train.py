@@ -95,14 +95,6 @@ def test_loss_goes_down_and_the_checkpoint_loads_and_generates(ray_local, packed
     assert (Path(result.checkpoint.path) / DS_STATE_DIR).is_dir()
 
 
-def test_per_sample_weighting_trains_through_the_job(ray_local, packed_data):
-    """The train config takes every weighting the objective has; per_sample gets the batch's segment ids."""
-    result = run_training(_config(packed_data, "per-sample", max_steps=10, loss_weighting="per_sample"))
-    assert result.error is None
-    losses = [h["loss"] for h in _history(result)["history"]]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-
-
 def test_pad_eos_weight_and_answer_cuts_reach_the_loss_through_the_job(ray_local, padded_data):
     """Same rows, same noise: weighing the EOS padding less, or cutting the answers' views (under the
     document mask), changes the very first logged loss."""
@@ -118,10 +110,13 @@ def test_pad_eos_weight_and_answer_cuts_reach_the_loss_through_the_job(ray_local
     assert first["cut"] != pytest.approx(first["plain"], rel=1e-5)
 
 
-def test_samples_and_tokens_seen_count_every_micro_batch_of_every_rank(ray_local, four_per_row_data):
+def test_samples_and_tokens_seen_count_every_micro_batch_of_every_rank_under_per_sample_weighting(
+        ray_local, four_per_row_data):
+    """The train config takes every weighting the objective has: per_sample weighs each of a row's four samples
+    by its own masked positions, which needs the batch's segment ids."""
     # 2 ranks x 4 rows per micro-batch x 2 micro-batches per step x 6 steps, 4 samples and 64 tokens a row.
     result = run_training(_config(four_per_row_data, "counts", max_steps=6, grad_accum=2, log_every=3,
-                                  checkpoint_every=6, tail_mask_prob=0.0))
+                                  checkpoint_every=6, tail_mask_prob=0.0, loss_weighting="per_sample"))
     assert result.error is None
     state = _history(result)
     assert (state["step"], state["micro_steps"]) == (6, 12)
@@ -142,8 +137,11 @@ def test_resubmitting_the_same_run_resumes_step_and_optimizer_state(ray_local, p
     assert state2["micro_steps"] == 20 * 1  # no micro-batch repeated or skipped
     assert [h["step"] for h in state2["history"]] == [5, 10, 15, 20]  # continued, not restarted
     assert state2["history"][:2] == state1["history"]
-    in_order = _history(run_training(_config(packed_data, "in-order", max_steps=5, checkpoint_every=5)))
-    assert in_order["history"][0]["loss"] != pytest.approx(state1["history"][0]["loss"], rel=1e-4)  # other rows
+    # Unshuffled, the same run (same budget, so the same rates) sees other rows from its first step on. An
+    # untrained model's loss is nearly the same on any rows of this task (~1e-5 apart), but runs repeat to the
+    # last digit (above): any difference is the rows'.
+    in_order = _history(run_training(_config(packed_data, "in-order", max_steps=10, checkpoint_every=10)))
+    assert in_order["history"][0]["loss"] != state1["history"][0]["loss"]
     # The optimizer state continued too: Adam's step counter is at 20 in the DeepSpeed checkpoint.
     ds_dir = Path(second.checkpoint.path) / DS_STATE_DIR / "state"
     optim_files = sorted(ds_dir.glob("*optim_states.pt"))

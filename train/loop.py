@@ -119,7 +119,8 @@ def quiet_report_log() -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """loop_config: {"config": TrainConfig as a dict, "dataset_rows": rows in the training data}."""
+    """loop_config: {"config": TrainConfig as a dict, "dataset_rows": rows in the training data (None when
+    max_steps bounds the run)}."""
     import ray.train
     from ray.train import Checkpoint
 

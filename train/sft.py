@@ -68,9 +68,11 @@ def run_training(cfg: TrainConfig, address: str | None = None):
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    # Only an epochs-bounded run needs the row count (for its step budget); counting runs the whole read.
+    rows = data.count() if cfg.epochs is not None else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "dataset_rows": data.count()},
+        train_loop_config={"config": cfg.to_dict(), "dataset_rows": rows},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,
