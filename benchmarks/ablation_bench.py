@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 
 import torch
 
 import dllm
 from benchmarks.checkpoint_args import add_checkpoint_arguments, load_checkpoint
+from benchmarks.report import write_json
 from dllm.quantization import QUANTIZATIONS
 
 
@@ -117,9 +117,7 @@ def main(argv=None) -> None:
         print(f"{r['decoder']:13} {tau:>5} {r['cache_policy']:9} {r['stop_order']:10} {r['unroll']:6d} "
               f"{r['quantization']:>7} {r['exact_match']:6.1%} {r['self_stopped']:5.0%} {r['tpf']:6.2f} "
               f"{r['tps']:8.1f} {ratio:>10}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": args.device, "results": results}, f, indent=2)
+    write_json(args.json, {"device": args.device, "results": results})
 
 
 if __name__ == "__main__":

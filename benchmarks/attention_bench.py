@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.decode_step_bench import hbm_bandwidth_gbs, time_cuda
+from benchmarks.report import write_json
 from dllm.engine.cuda_graphs import capture
 from dllm.kernels import pool_attention as pa
 
@@ -110,10 +110,7 @@ def main(argv=None) -> None:
     for r in sorted(rows, key=lambda r: (r["context"], r["us_per_layer"])):
         print(f"{r['context']:7d}  {r['launch']:70} {r['us_per_layer']:9.1f} {r['kv_us']:14.1f} "
               f"{r['kv_us'] / r['us_per_layer']:8.0%}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "bandwidth_gbs": bw, "args": vars(args), "rows": rows},
-                      f, indent=2)
+    write_json(args.json, {"device": torch.cuda.get_device_name(), "bandwidth_gbs": bw, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import write_json
 from benchmarks.serve_bench import random_checkpoint
 from dllm.synthetic import make_samples
 from pipelines.generate import Generate, build_parser, generation_config, run_generate
@@ -179,8 +180,7 @@ def main(argv=None) -> dict:
             line += f" {r['job_seconds']:>7.2f} {r['job_tokens_per_s']:>7.1f} {r['job_speedup']:>6.2f}"
         print(line)
     result = {"settings": vars(args), "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -25,12 +25,12 @@ automatic torch.compile, per generated token; and the ratio block step / AR toke
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
+from benchmarks.report import write_json
 import dllm
 from dllm.engine.memory import kv_bytes_per_token
 from dllm.model import CacheView
@@ -264,9 +264,7 @@ def main(argv=None) -> None:
               "params": n_params, "block": args.block, "steps": rows}
 
     def save():  # after every variant: a run cut short by its time limit keeps what it measured
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
     # Eager blocks (~50 small kernels per layer), torch.compile'd blocks, then the same with one Q/K/V and
     # one gate/up matmul per block, then with FP8 weights (fusing and quantising are one-way on a model, so

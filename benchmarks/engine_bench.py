@@ -46,6 +46,7 @@ import time
 
 import torch
 
+from benchmarks.report import write_json
 import dllm
 from dllm.baselines import fast_dllm_generate, llada_generate
 from dllm.engine.decoders import NUCLEUS_CANDIDATES
@@ -272,9 +273,7 @@ def main(argv=None) -> None:
               f"preempted K/V recomputed instead: "
               f"{recomputed['tps'] / on_demand['tps']:.2f}x swap's tok/s ({recomputed['preemptions']} preempted, "
               f"{recomputed['rebuilt_tokens']} positions rebuilt)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": args.device, "dtype": args.dtype, "results": results}, f, indent=2)
+    write_json(args.json, {"device": args.device, "dtype": args.dtype, "results": results})
 
 
 if __name__ == "__main__":

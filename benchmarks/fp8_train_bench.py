@@ -17,7 +17,6 @@ model too. `--device cpu --precisions bf16` runs that path on a CPU (DeepSpeed o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -25,6 +24,7 @@ import time
 
 import torch
 
+from benchmarks.report import write_json
 import dllm
 from train.config import TrainConfig
 from train.loop import deepspeed_engine, enable_fp8
@@ -178,9 +178,7 @@ def main(argv=None) -> None:
         gap = max(abs(a - b) / abs(a) for a, b in zip(results[0]["losses"], results[1]["losses"]))
         print(f"FP8 / bf16 tokens/s: {ratio:.2f}x; largest relative loss difference over {args.steps} steps: {gap:.2%}")
         out.update(fp8_over_bf16=ratio, max_rel_loss_gap=gap)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

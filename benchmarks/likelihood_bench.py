@@ -23,12 +23,12 @@ each decoder alone, the oracle (any candidate right), a majority vote and the EL
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
 import dllm
 from benchmarks.checkpoint_args import add_checkpoint_arguments, load_checkpoint
+from benchmarks.report import write_json
 
 
 def distractors(row: dict, rows: list[dict], kind: str, count: int, rng: random.Random) -> list[str]:
@@ -153,9 +153,7 @@ def main(argv=None) -> dict:
         print(f"exact match: greedy threshold {r['greedy_threshold']:.1%}, fixed_k 1 {r['fixed_k_1']:.1%}; of "
               f"{r['samples'] + 2} candidates: oracle {r['oracle']:.1%}, majority vote {r['majority_vote']:.1%}, "
               f"ELBO's pick {r['elbo_pick']:.1%}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(args.json, report)
     return report
 
 

@@ -16,13 +16,13 @@ decayed at the intermediate points): does the gap to the AR twin close with trai
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 import dllm
 from benchmarks.ar_twin import to_hf_llama
+from benchmarks.report import write_json
 from benchmarks.trained_compare import (Objective, add_run_arguments, build_data, eval_autoregressive, eval_engine,
                                         model_config, train)
 
@@ -115,9 +115,7 @@ def main(argv=None) -> None:
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args), "runs": []}
 
     def save() -> None:  # after every run, so that a long run's results so far are on disk
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
     def record(name: str, info: dict, scored: dict, texts: list[str]) -> None:
         wrong = [{"prompt": s["instruction"], "want": s["output"], "got": t} for t, s in zip(texts, held) if t != s["output"]]

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import write_json
 import dllm
 from dllm.packing import pack_samples
 from pipelines.pack import PackOptions, Tokenize, run_pack
@@ -75,8 +76,7 @@ def main(argv=None) -> None:
     for r in results:
         print(f"{r['mode']:9} {r['tokens']:10d} {r['single_process_tok_s']:13.0f} {r['ray_data_tok_s']:15.0f} "
               f"{r['ratio']:5.2f}x {r['packing_efficiency']:10.2%}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

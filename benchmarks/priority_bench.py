@@ -19,7 +19,6 @@ Then the ratios: the urgent requests' latency fcfs / priority, and the saturated
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -27,6 +26,7 @@ import torch
 
 import dllm
 from benchmarks.engine_bench import build_random_model
+from benchmarks.report import write_json
 from benchmarks.stats import percentile
 
 
@@ -138,9 +138,7 @@ def main(argv=None) -> dict:
     print(f"urgent p50 latency: fcfs / priority = {result['urgent_p50_latency_fcfs_over_priority']:.2f}x "
           f"({result['urgent_p50_steps_fcfs_over_priority']:.2f}x in steps); tok/s priority / fcfs: saturated "
           f"{result['saturated_tokens_per_s_priority_over_fcfs']:.2f}, whole run {result['tokens_per_s_priority_over_fcfs']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return result
 
 

@@ -28,6 +28,7 @@ import time
 
 import httpx
 
+from benchmarks.report import write_json
 from benchmarks.stats import percentile
 from dllm.synthetic import all_text, make_samples
 
@@ -228,9 +229,7 @@ def main(argv=None) -> None:
         b, u = by.get(f"batched closed c={c}"), by.get(f"unbatched closed c={c}")
         if b and u:
             print(f"batching gain at concurrency {c}: {b['tokens_per_s'] / u['tokens_per_s']:.2f}x tokens/s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import time
 
@@ -32,6 +31,7 @@ import torch
 
 import dllm
 from dllm.engine.cuda_graphs import GraphedForward
+from benchmarks.report import write_json
 
 MAX_GRAPH_ROWS = GraphedForward.max_rows()
 
@@ -171,9 +171,7 @@ def main(argv=None) -> dict:
             print(f"\nengine functions by own time, batch {r['batch']}:\n{r['profile']}")
     result = {"device": str(model.embedding_weight.device), "dtype": args.dtype, "d_model": args.d_model,
               "layers": args.layers, "block_size": args.block_size, "prompt_len": args.prompt_len, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return result
 
 

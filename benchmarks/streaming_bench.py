@@ -12,7 +12,6 @@ ratios. Without --model a random model (its positions settle in random order: li
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -20,6 +19,7 @@ import torch
 
 import dllm
 from benchmarks.engine_bench import build_random_model, load_prompts
+from benchmarks.report import write_json
 from benchmarks.stats import percentile
 
 
@@ -102,9 +102,7 @@ def main(argv=None) -> dict:
     print(f"first token p50: {result['first_token_p50_steps_blocks_over_settled']:.2f}x sooner in steps, "
           f"{result['first_token_p50_s_blocks_over_settled']:.2f}x in seconds; tok/s settled / blocks "
           f"{result['tokens_per_s_settled_over_blocks']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return result
 
 

@@ -33,6 +33,7 @@ import socket
 import time
 from pathlib import Path
 
+from benchmarks.report import write_json
 import dllm
 from dllm.quickstart import QUICK_TRAINING
 from dllm.synthetic import TOOL_CHAT_KINDS, tool_chats
@@ -254,9 +255,7 @@ def main(argv=None) -> dict:
               "arguments_copied": arguments_copied(model, tok, held, args.block_size), "checkpoint": str(model_dir),
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "port")}}
     print_table(report)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     return report
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks.report import write_json
 import dllm
 from dllm.synthetic import all_text, make_samples
 from pipelines.runtime import ensure_ray
@@ -73,8 +74,7 @@ def main(argv=None) -> None:
     if len(results) > 1:
         print(f"total throughput ratio {results[-1]['workers']} vs {results[0]['workers']} workers: "
               f"{results[-1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import torch
 
 import dllm
 from benchmarks.ar_twin import causal_lm_loss, to_hf_llama
+from benchmarks.report import write_json
 from dllm.baselines import fast_dllm_generate, llada_generate
 from dllm.synthetic import all_text, make_samples
 from train.schedule import learning_rate, run_progress
@@ -483,9 +484,7 @@ def main(argv=None) -> None:
 
     def save():  # after every row: a run stopped by a time limit keeps what it measured
         add_speedups(result["systems"])
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
     if args.only_train == "autoregressive":
         dllm_info = Path(args.work_dir) / "dllm-var" / "training.json"

@@ -13,6 +13,7 @@ import torch
 from benchmarks import (ablation_bench, batch_job_bench, decode_step_bench, engine_bench, json_mode_bench, likelihood_bench, objective_bench,
                         priority_bench, serve_bench, step_overhead_bench, streaming_bench, tool_calls_bench,
                         trained_compare)
+from benchmarks.report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,21 @@ def test_trained_compare_writes_its_json_after_every_row(tmp_path, monkeypatch):
     trained_compare.main(TINY + ["--json", str(out)])
     assert [t["kind"] for t in snapshots[0]["training"]] == ["dllm-var", "autoregressive"]  # both trained first
     assert [len(s["systems"]) for s in snapshots] == [0, 1, 3, 4]  # the twin's batch-1 row before batch 16
+
+
+def test_a_result_file_is_written_into_a_new_folder_and_replaced_whole(tmp_path, monkeypatch):
+    out = tmp_path / "results" / "new-dir" / "run.json"
+    write_json(out, {"rows": [1]})  # a results folder nobody made yet: made, not an error after the run
+    assert json.loads(out.read_text()) == {"rows": [1]}
+
+    def killed(*args):  # the run dies (a device call's time limit) in the middle of writing the next version
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("benchmarks.report.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(out, {"rows": [1, 2]})
+    assert json.loads(out.read_text()) == {"rows": [1]}  # the last whole version, never half of the next
+    write_json(None, {"rows": []})  # no --json: nothing written
 
 
 def test_objective_bench_trains_each_variant_once_per_seed_and_reports_the_spread(tmp_path):
@@ -396,12 +412,12 @@ def test_tool_calls_bench_trains_on_chats_and_judges_each_answer_through_the_par
     from dllm.synthetic import WEATHER_TOOL, tool_chats
 
     out = tmp_path / "tools.json"
-    report = tool_calls_bench.main(["--workdir", str(tmp_path / "work"), "--minutes", "0.2", "--steps", "20",
+    report = tool_calls_bench.main(["--workdir", str(tmp_path / "work"), "--minutes", "0.2", "--steps", "5",
                                     "--train-samples", "150", "--heldout", "9", "--json", str(out)])
     assert json.loads(out.read_text()) == report
     kinds = report["eval"]["kinds"]
     assert sum(row["chats"] for row in kinds.values()) == 9 and "exact_required" in kinds["call"]
-    assert report["train"]["samples_packed"] == report["train"]["train_chats"] <= 150 and report["train"]["steps"] <= 20
+    assert report["train"]["samples_packed"] == report["train"]["train_chats"] <= 150 and report["train"]["steps"] <= 5
     assert report["settings"]["cut_answer"] == 0.2  # answers cut in training: the default
     leak = report["length_leak"]
     assert leak["block"] == 16 and 0 <= leak["shifted"] <= 1 and set(leak["kinds"]) == {"call", "no_tool", "text"}
