@@ -37,6 +37,8 @@ VARIANTS = {
     "tail-eos-clean-prefix": Objective(tail_eos=True, clean_prefix_prob=0.5),  # half the rows: answers' prefixes clean
     "tail-eos-document-mask": Objective(tail_eos=True, document_mask=True),  # packed samples do not see each other
     "tail-eos-document-mask-per-sample": Objective(tail_eos=True, document_mask=True, loss_weighting="per_sample"),
+    # half the rows' answers cut (below), without EOS padding
+    "tail-eos-document-mask-cut": Objective(tail_eos=True, document_mask=True, cut_answer_prob=0.5),
     # every answer followed by 0-8 extra always-masked EOS: masks past each answer, its length hidden
     "tail-eos-document-mask-eos-pad": Objective(tail_eos=True, document_mask=True, eos_pad=8),
     "tail-eos-document-mask-eos-pad2": Objective(tail_eos=True, document_mask=True, eos_pad=2),  # fewer padding losses

@@ -954,7 +954,8 @@ def test_a_dead_replica_is_replaced(server):
     replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                    if "main" in a["name"] and "EngineServer" in a["name"] and a["name"].startswith("SERVE_REPLICA"))
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
-    deadline = time.time() + 60
+    # A new replica's process loads and warms the engine: seconds here, over a minute on a loaded 2-core machine.
+    deadline = time.time() + 180
     ok = False
     while time.time() < deadline and not ok:
         try:
