@@ -3,6 +3,7 @@
     python -m benchmarks.objective_bench [--steps 600] [--size small] [--variants tail tail-eos ...] [--json out.json]
     python -m benchmarks.objective_bench --steps 4000 --evaluate-every 500 --variants tail-eos   # learning curves
     python -m benchmarks.objective_bench --variants A B --seeds 0 1 2 3 4   # mean and range over five draws each
+    python -m benchmarks.objective_bench --from-json a.json b.json --baseline A   # seed by seed against A, no training
 
 The trained dLLM-Var model trails its autoregressive twin in exact match at the same training
 budget (README, H100 section). This trains one model per objective variant, and the AR twin, for
@@ -11,11 +12,18 @@ held-out prompts: exact match overall and per task, self-stop rate, TPF. Accurac
 the measurement, so a noisy CPU serves; every variant starts from the same initial weights.
 With --evaluate-every N each model is also scored every N steps (one run, so the rate is not yet
 decayed at the intermediate points): does the gap to the AR twin close with training?
+
+Over seeds, each variant is also compared with the baseline variant (--baseline, default the first) seed by
+seed: a seed draws the same weights, batches and noise for every variant, so the paired differences say more
+than two means whose spreads overlap (benchmarks.stats.paired_comparison: mean, 95 % interval, t-test and
+sign-flip p). --from-json reads earlier runs of the same command (e.g. one invocation per variant) and reports
+them together.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -23,6 +31,7 @@ import torch
 import dllm
 from benchmarks.ar_twin import to_hf_llama
 from benchmarks.report import write_json
+from benchmarks.stats import paired_comparison
 from benchmarks.trained_compare import (Objective, add_run_arguments, build_data, eval_autoregressive, eval_engine,
                                         model_config, train)
 
@@ -75,6 +84,40 @@ def over_seeds(runs: list[dict]) -> list[dict]:
     return out
 
 
+def paired_against(runs: list[dict], baseline: str) -> list[dict]:
+    """Each (variant, system)'s exact match against the baseline variant's, seed by seed (paired_comparison),
+    decoder against the same decoder where the baseline was scored with it, else against the baseline's first."""
+    scores: dict[tuple[str, str], dict[int, float]] = {}
+    for r in runs:
+        scores.setdefault((r["variant"], r["system"]), {})[r["seed"]] = r["exact_match"]
+    base_systems = [system for variant, system in scores if variant == baseline]
+    if not base_systems:
+        raise ValueError(f"baseline {baseline!r} has no runs; the runs' variants: "
+                         f"{sorted({v for v, _ in scores})}")
+    out = []
+    for (variant, system), by_seed in scores.items():
+        against = system if system in base_systems else base_systems[0]
+        if variant == baseline or len(set(by_seed) & set(scores[(baseline, against)])) < 2:
+            continue
+        out.append({"variant": variant, "system": system, "baseline": baseline, "baseline_system": against,
+                    **paired_comparison(scores[(baseline, against)], by_seed)})
+    return out
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    """The runs of earlier --json files, one (variant, system, seed) each: a repeat is refused, not averaged in."""
+    runs, seen = [], {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["runs"]:
+                key = (r["variant"], r["system"], r["seed"])
+                if key in seen:
+                    raise ValueError(f"{path}: {key} is already in {seen[key]}; give each run once")
+                seen[key] = path
+                runs.append(r)
+    return runs
+
+
 def print_curves(runs: list[dict]) -> None:
     """Exact match per evaluation step: one column per model (and decoder)."""
     columns = {}
@@ -105,10 +148,23 @@ def main(argv=None) -> None:
                    help="train each model once per seed (initial weights, batches, noise): the spread between "
                         "seeds is what one run's score is worth")
     p.add_argument("--skip-ar", action="store_true")
+    p.add_argument("--baseline", help="over seeds, compare each variant with this one seed by seed (default: the "
+                                      "first of --variants, or of the runs read)")
+    p.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="no training: report the runs of these earlier --json files together")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds {args.seeds}: each seed once")
+    if args.from_json:
+        try:
+            runs = load_runs(args.from_json)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--from-json: {e}")
+        report({"device": "from " + ", ".join(args.from_json), "args": vars(args), "runs": runs}, args, p)
+        return
+    if args.baseline is not None and args.baseline not in args.variants:
+        p.error(f"--baseline {args.baseline} is not among --variants {args.variants}")
 
     tok, held, data, _ = build_data(args)
     cfg = model_config(tok, args.size)
@@ -157,24 +213,46 @@ def main(argv=None) -> None:
             scored = score_twin(twin)
             record("autoregressive twin", info, scored, scored.pop("texts"))
 
+    report(result, args, p)
+
+
+def report(result: dict, args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Every run, then (over seeds) each variant's mean and range and its seed-by-seed difference from the
+    baseline, then the learning curves; the summaries go into the result file too."""
     print(f"\n{'objective':26} {'seed':>4} {'decoder':20} {'EM':>6} {'length':>6} {'stop':>5} {'TPF':>5}  per task")
     for r in result["runs"]:
         tasks = " ".join(f"{k} {v:.0%}" for k, v in r["per_task"].items())
         print(f"{r['variant']:26} {r['seed']:4d} {r['system'][:20]:20} {r['exact_match']:6.1%} {r['length_match']:6.1%} "
               f"{r['self_stopped']:5.0%} {r['tpf']:5.2f}  {tasks}")
-    if len(args.seeds) > 1:
+    seeds = sorted({r["seed"] for r in result["runs"]})
+    if len(seeds) > 1:
         result["over_seeds"] = over_seeds(result["runs"])
         width = max(len(row["variant"]) for row in result["over_seeds"])
-        print(f"\nover {len(args.seeds)} seeds\n{'objective':{width}} {'decoder':20} {'EM mean':>7} {'min':>6} {'max':>6} "
+        print(f"\nover {len(seeds)} seeds\n{'objective':{width}} {'decoder':20} {'EM mean':>7} {'min':>6} {'max':>6} "
               f"{'TPF':>5}  per task (mean)")
         for row in result["over_seeds"]:
             tasks = " ".join(f"{k} {v:.0%}" for k, v in row["per_task"].items())
             print(f"{row['variant']:{width}} {row['system'][:20]:20} {row['exact_match']:7.1%} "
                   f"{row['exact_match_min']:6.1%} {row['exact_match_max']:6.1%} {row['tpf']:5.2f}  {tasks}")
-        save()
+        baseline = args.baseline or result["runs"][0]["variant"]
+        try:
+            result["paired"] = paired_against(result["runs"], baseline)
+        except ValueError as e:
+            p.error(f"--baseline: {e}")
+        if result["paired"]:
+            print(f"\nseed by seed against {baseline} (exact match, points; 95 % interval of the mean difference)\n"
+                  f"{'objective':{width}} {'decoder':20} {'mean':>6} {'95 % interval':>16} {'p (t)':>6} "
+                  f"{'p (flip)':>8}  per seed")
+            for row in result["paired"]:
+                lo, hi = (100 * x for x in row["ci95"])
+                flip = "-" if row["p_sign_flip"] is None else f"{row['p_sign_flip']:.3f}"
+                print(f"{row['variant']:{width}} {row['system'][:20]:20} {100 * row['mean']:+6.1f} "
+                      f"[{lo:+6.1f}, {hi:+6.1f}] {row['p_t']:6.3f} {flip:>8}  "
+                      + " ".join(f"{100 * d:+.1f}" for d in row["differences"])
+                      + ("  resolved" if row["resolved"] else ""))
+    write_json(args.json, result)
     if args.evaluate_every:
         print_curves(result["runs"])
-
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ from benchmarks import (ablation_bench, batch_job_bench, decode_step_bench, engi
                         priority_bench, serve_bench, step_overhead_bench, streaming_bench, tool_calls_bench,
                         trained_compare)
 from benchmarks.report import write_json
+from benchmarks.stats import paired_comparison, student_t_quantile, student_t_sf2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +94,50 @@ def test_objective_bench_trains_each_variant_once_per_seed_and_reports_the_sprea
                                              for t in result["runs"][0]["per_task"]})
     with pytest.raises(SystemExit):
         objective_bench.main(["--seeds", "1", "1", "--steps", "1"])
+
+
+def test_student_t_agrees_with_the_printed_tables():
+    for df, t975 in [(1, 12.706), (4, 2.776), (10, 2.228), (30, 2.042)]:
+        assert student_t_quantile(0.975, df) == pytest.approx(t975, abs=1e-3)
+    assert student_t_sf2(0.0, 4) == pytest.approx(1.0)
+    assert student_t_sf2(2.776, 4) == pytest.approx(0.05, abs=1e-4)
+    assert student_t_sf2(-2.776, 4) == student_t_sf2(2.776, 4)
+
+
+def test_a_paired_comparison_is_resolved_only_where_the_seeds_agree():
+    baseline = {0: 0.60, 1: 0.35, 2: 0.50, 3: 0.70, 4: 0.45}  # a wide spread between seeds
+    shifted = {s: v + d for (s, v), d in zip(baseline.items(), [0.10, 0.12, 0.08, 0.11, 0.09])}
+    up = paired_comparison(baseline, shifted)
+    assert up["differences"] == pytest.approx([0.10, 0.12, 0.08, 0.11, 0.09]) and up["mean"] == pytest.approx(0.10)
+    assert up["resolved"] and up["ci95"][0] > 0 and up["p_t"] < 0.001
+    assert up["p_sign_flip"] == 2 / 32  # all five the same sign: the least 5 seeds can show without assumptions
+    mixed = paired_comparison(baseline, {s: v + d for (s, v), d in zip(baseline.items(), [0.2, -0.15, 0.1, -0.2, 0.1])})
+    assert not mixed["resolved"] and mixed["ci95"][0] < 0 < mixed["ci95"][1] and mixed["p_sign_flip"] > 0.5
+    assert paired_comparison({0: 0.5, 1: 0.5, 9: 0.1}, {0: 0.5, 1: 0.5})["seeds"] == [0, 1]  # the shared seeds
+    with pytest.raises(ValueError, match="2 or more shared seeds"):
+        paired_comparison({0: 0.5, 1: 0.4}, {1: 0.6, 2: 0.3})
+
+
+def test_objective_bench_reports_earlier_runs_seed_by_seed_against_a_baseline(tmp_path, capsys):
+    def run(variant, seed, em):
+        return {"variant": variant, "system": "engine (threshold)", "seed": seed, "exact_match": em,
+                "length_match": em, "self_stopped": 1.0, "tpf": 1.5, "per_task": {"sort": em}}
+
+    first, second, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "together.json"
+    first.write_text(json.dumps({"runs": [run("mask", s, em) for s, em in [(0, 0.6), (1, 0.35), (2, 0.5)]]}))
+    second.write_text(json.dumps({"runs": [run("mask-cut", s, em) for s, em in [(0, 0.7), (1, 0.47), (2, 0.58)]]}))
+    objective_bench.main(["--from-json", str(first), str(second), "--baseline", "mask", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["runs"]] == ["mask"] * 3 + ["mask-cut"] * 3  # nothing trained
+    assert [row["exact_match"] for row in result["over_seeds"]] == pytest.approx([0.4833, 0.5833], abs=1e-4)
+    (row,) = result["paired"]
+    assert (row["variant"], row["baseline"], row["seeds"]) == ("mask-cut", "mask", [0, 1, 2])
+    assert row["differences"] == pytest.approx([0.10, 0.12, 0.08]) and row["resolved"]
+    assert "seed by seed against mask" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the same run twice would count one seed twice
+        objective_bench.main(["--from-json", str(first), str(first)])
+    with pytest.raises(SystemExit):  # a baseline with no runs
+        objective_bench.main(["--from-json", str(first), str(second), "--baseline", "paper"])
 
 
 def test_a_training_seed_draws_the_weights_and_batches_and_reproduces_its_run():
