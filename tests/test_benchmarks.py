@@ -119,20 +119,25 @@ def test_a_paired_comparison_is_resolved_only_where_the_seeds_agree():
 
 
 def test_objective_bench_reports_earlier_runs_seed_by_seed_against_a_baseline(tmp_path, capsys):
-    def run(variant, seed, em):
-        return {"variant": variant, "system": "engine (threshold)", "seed": seed, "exact_match": em,
+    def run(variant, seed, em, system="engine (threshold)"):
+        return {"variant": variant, "system": system, "seed": seed, "exact_match": em,
                 "length_match": em, "self_stopped": 1.0, "tpf": 1.5, "per_task": {"sort": em}}
 
     first, second, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "together.json"
     first.write_text(json.dumps({"runs": [run("mask", s, em) for s, em in [(0, 0.6), (1, 0.35), (2, 0.5)]]}))
-    second.write_text(json.dumps({"runs": [run("mask-cut", s, em) for s, em in [(0, 0.7), (1, 0.47), (2, 0.58)]]}))
+    second.write_text(json.dumps({"runs": [run("mask-cut", s, em) for s, em in [(0, 0.7), (1, 0.47), (2, 0.58)]]
+                                  + [run("autoregressive twin", s, 0.9, "autoregressive (HF generate)")
+                                     for s in (0, 1)]}))
     objective_bench.main(["--from-json", str(first), str(second), "--baseline", "mask", "--json", str(out)])
     result = json.loads(out.read_text())
-    assert [r["variant"] for r in result["runs"]] == ["mask"] * 3 + ["mask-cut"] * 3  # nothing trained
-    assert [row["exact_match"] for row in result["over_seeds"]] == pytest.approx([0.4833, 0.5833], abs=1e-4)
-    (row,) = result["paired"]
-    assert (row["variant"], row["baseline"], row["seeds"]) == ("mask-cut", "mask", [0, 1, 2])
-    assert row["differences"] == pytest.approx([0.10, 0.12, 0.08]) and row["resolved"]
+    assert [r["variant"] for r in result["runs"]][:6] == ["mask"] * 3 + ["mask-cut"] * 3  # nothing trained
+    assert [row["exact_match"] for row in result["over_seeds"]] == pytest.approx([0.4833, 0.5833, 0.9], abs=1e-4)
+    cut, twin = result["paired"]
+    assert (cut["variant"], cut["baseline"], cut["seeds"]) == ("mask-cut", "mask", [0, 1, 2])
+    assert cut["differences"] == pytest.approx([0.10, 0.12, 0.08]) and cut["resolved"]
+    # a system the baseline was not scored with (the twin) is paired with the baseline's, on the seeds both ran
+    assert (twin["baseline_system"], twin["seeds"]) == ("engine (threshold)", [0, 1])
+    assert twin["differences"] == pytest.approx([0.30, 0.55])
     assert "seed by seed against mask" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the same run twice would count one seed twice
         objective_bench.main(["--from-json", str(first), str(first)])
