@@ -36,9 +36,9 @@ from dllm.engine.async_loop import EngineLoop
 from dllm.quantization import QUANTIZATIONS
 
 from .protocol import (DEFAULT_MC_SAMPLES, MAX_CHOICES, APIError, ChatCompletionRequest, CompletionRequest,
-                       DetokenizeRequest, DiffusionOptions, LoglikelihoodRequest, TokenizeRequest, chat_conversation,
-                       chat_logprobs, completion_logprobs, fold_structured_outputs, logit_bias_ids, logprobs_wanted,
-                       message_text, new_id, now, reject_unsupported, usage)
+                       DetokenizeRequest, DiffusionOptions, LoglikelihoodRequest, StreamOptions, TokenizeRequest,
+                       chat_conversation, chat_logprobs, completion_logprobs, fold_structured_outputs, logit_bias_ids,
+                       logprobs_wanted, message_text, new_id, now, reject_unsupported, usage)
 from .tools import TOOL_CALL_PARSERS, ChatDeltas, ForcedCall, ParsedCalls, chat_message, tool_functions, tool_use
 from .router import PromptAffinityRouter
 
@@ -328,6 +328,7 @@ class OpenAIIngress:
         if chat_template is not None:  # the operator's, in place of the checkpoint's
             self.tokenizer.chat_template = chat_template
         config = dllm.LLaDAConfig.from_file(os.path.join(model, "config.json"))
+        self.mask_token_id = config.mask_token_id  # never generated: an allowed_token_ids holding it is a 400
         self.max_model_len = max_model_len or config.max_sequence_length
         self.max_tokens_cap = max_tokens_cap
         self.model_name = served_model_name or os.path.basename(os.path.normpath(model))
@@ -356,8 +357,11 @@ class OpenAIIngress:
         elif not prompts:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
         prompt_ids = [self._ids(p, "prompt") for p in prompts]
-        echo = [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(prompts, prompt_ids)] \
-            if req.echo else None
+        kept = [self._truncated(req, ids) for ids in prompt_ids]
+        # the echo is the prompt the model read: the client's string, unless truncate_prompt_tokens cut it
+        echo = [p if isinstance(p, str) and len(k) == len(ids) else self.tokenizer.decode(k)
+                for p, ids, k in zip(prompts, prompt_ids, kept)] if req.echo else None
+        prompt_ids = kept
         return await self._run(req, prompt_ids, response_format, chat=False, echo=echo)
 
     @api.post("/v1/chat/completions")
@@ -366,6 +370,7 @@ class OpenAIIngress:
             req.max_tokens = req.max_completion_tokens
         tools, response_format = self._check_common(req)
         ids = self._chat_ids(req.messages, req.add_generation_prompt, req.continue_final_message, req.tools)
+        ids = self._truncated(req, ids)
         last = req.messages[-1]
         echo = [message_text(last, len(req.messages) - 1)] if req.echo and last.role == "assistant" else None
         return await self._run(req, [ids], response_format, chat=True, echo=echo, tools=tools)
@@ -417,8 +422,7 @@ class OpenAIIngress:
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse([], rid, chat, include_usage, prefixes, req.n, ready=lasts),
+            return StreamingResponse(self._sse([], rid, chat, req.stream_options, prefixes, req.n, ready=lasts),
                                      media_type="text/event-stream")
         texts = [(prefixes[i] if prefixes else "") + last["text"] for i, last in enumerate(lasts)]
         return self._final_body(rid, chat, texts, lasts, req.n, None)
@@ -482,6 +486,15 @@ class OpenAIIngress:
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop must be up to 4 non-empty strings", param="stop", code="invalid_value")
         self._checked_ids(req.stop_token_ids or [], param="stop_token_ids")
+        self._checked_ids(req.allowed_token_ids or [], param="allowed_token_ids")
+        if self.mask_token_id in (req.allowed_token_ids or ()):
+            raise APIError(400, f"allowed_token_ids holds the mask token {self.mask_token_id}, which is never "
+                                "generated", param="allowed_token_ids", code="invalid_value")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options go with stream: true", param="stream_options", code="invalid_value")
+        if req.truncate_prompt_tokens == 0:
+            raise APIError(400, "truncate_prompt_tokens must be -1 (as many as leave room for one block) or >= 1",
+                           param="truncate_prompt_tokens", code="invalid_value")
         if req.priority != 0 and self.scheduling_policy != "priority":
             raise APIError(400, f"priority {req.priority} needs a server whose scheduling_policy is priority; this one "
                                 "serves first come, first served", param="priority", code="invalid_value")
@@ -499,6 +512,13 @@ class OpenAIIngress:
             raise APIError(400, f"{param} ids {bad[:5]} are outside the vocabulary [0, {len(self.tokenizer)})",
                            param=param, code="invalid_value")
         return ids
+
+    def _truncated(self, req, ids: list[int]) -> list[int]:
+        """The prompt's last truncate_prompt_tokens tokens (vLLM's; -1: as many as leave room for one block)."""
+        keep = req.truncate_prompt_tokens
+        if keep == -1:
+            keep = self.max_model_len - (req.block_size or self.default_block_size)
+        return ids[-keep:] if keep is not None and 0 < keep < len(ids) else ids
 
     async def _run(self, req, prompts: list[list[int]], response_format: tuple[str | None, dict | None], chat: bool,
                    echo: list[str] | None = None, tools: ForcedCall | ParsedCalls | None = None):
@@ -533,6 +553,8 @@ class OpenAIIngress:
         self._checked_ids(list(bias or ()), param="logit_bias")
         # The request's own GenerationConfig fields; the diffusion options merge with the replica's defaults.
         sampling = {"temperature": req.temperature, "stop": stop or None, "stop_token_ids": req.stop_token_ids or None,
+                    "include_stop_str_in_output": req.include_stop_str_in_output,
+                    "skip_special_tokens": req.skip_special_tokens, "allowed_token_ids": req.allowed_token_ids,
                     "logprobs": logprobs_wanted(req), "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
                     "top_k": max(req.top_k, 0), "top_p": req.top_p, "min_p": req.min_p, "logit_bias": bias,
                     "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
@@ -545,8 +567,7 @@ class OpenAIIngress:
         prefixes = [text for text in echo for _ in range(req.n)] if echo else None
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._sse(payloads, rid, chat, include_usage, prefixes, req.n, tools=tools),
+            return StreamingResponse(self._sse(payloads, rid, chat, req.stream_options, prefixes, req.n, tools=tools),
                                      media_type="text/event-stream")
         streams = self._submit(payloads)
         texts, lasts = list(prefixes or [""] * len(streams)), [None] * len(streams)
@@ -616,14 +637,18 @@ class OpenAIIngress:
                    for i, (text, last, lp) in enumerate(zip(texts, lasts, per_choice))]
         return {**base, "object": "text_completion", "choices": choices}
 
-    async def _sse(self, payloads: list[dict], rid: str, chat: bool, include_usage: bool, prefixes: list[str] | None,
-                   n: int, ready: list[dict] | None = None, tools: ForcedCall | ParsedCalls | None = None):
+    async def _sse(self, payloads: list[dict], rid: str, chat: bool, stream_options: StreamOptions | None,
+                   prefixes: list[str] | None, n: int, ready: list[dict] | None = None,
+                   tools: ForcedCall | ParsedCalls | None = None):
         """One chunk per committed block of each choice (tagged with its index), a finish chunk per
-        choice, then the usage chunk (if asked) and [DONE]. `ready`: the choices' final items, known already
+        choice, then the usage chunk (stream_options.include_usage) and [DONE]; with continuous_usage_stats too,
+        every chunk carries its choice's usage so far (vLLM's). `ready`: the choices' final items, known already
         (guided_choice), streamed as one block each instead of payloads submitted to the replicas. `tools`: what
         the chat request's tools make of each answer, streamed as OpenAI streams calls (serve.tools.ChatDeltas)."""
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = stream_options is not None and stream_options.include_usage
+        continuous = include_usage and stream_options.continuous_usage_stats
 
         def chunk(index: int, text: str | None, finish: str | None = None, extra: dict | None = None,
                   logprobs: list | None = None, delta: dict | None = None) -> str:
@@ -638,10 +663,16 @@ class OpenAIIngress:
             started.add(index)
             body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice],
                     **(extra or {})}
+            if continuous:
+                body["usage"] = usage(prompt_tokens[index], generated[index], cached[index])
             return f"data: {json.dumps(body)}\n\n"
 
         started: set[int] = set()
         choices = len(ready) if ready is not None else len(payloads)
+        prompt_tokens = [item["prompt_tokens"] for item in ready] if ready is not None \
+            else [len(p["prompt_ids"]) for p in payloads]
+        generated = [0] * choices  # each choice's tokens streamed so far
+        cached = [0] * choices  # its prompt tokens from the prefix cache (known when it finishes)
         deltas = [ChatDeltas(tools) for _ in range(choices)]
         offsets = [0] * choices  # text_offset of each choice's next token (completions logprobs)
         lasts: list[dict | None] = [None] * choices
@@ -652,6 +683,8 @@ class OpenAIIngress:
                 yield chunk(index, prefix, delta={"content": prefix} if prefix else None)
             async with contextlib.aclosing(source) as merged:  # a client that hangs up closes it
                 async for index, item in merged:
+                    generated[index] = item.get("completion_tokens", generated[index] + len(item["token_ids"]))
+                    cached[index] = item.get("cached_prompt_tokens", 0)
                     delta = deltas[index].feed(item["text"], item["finished"]) if chat else None
                     if delta or (not chat and item["text"]) or item["logprobs"] or index not in started:
                         yield chunk(index, item["text"], logprobs=item["logprobs"], delta=delta)

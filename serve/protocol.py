@@ -48,6 +48,13 @@ class DiffusionOptions(BaseModel):
     stops_last: bool | None = None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False  # a last chunk with the request's usage
+    continuous_usage_stats: bool = False  # vLLM's, with include_usage: each chunk with its choice's usage so far
+
+
 class _Common(DiffusionOptions):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,8 +66,13 @@ class _Common(DiffusionOptions):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # vLLM's extra: tokens at least min_p x the top one's p
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = False  # vLLM's extra: the stop string that cut the answer ends its text
+    skip_special_tokens: bool = True  # vLLM's extra: False writes special tokens (EOS of an ignore_eos answer) too
+    # vLLM's extra: keep the prompt's last k tokens (-1: as many as leave room for one block)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    allowed_token_ids: list[int] | None = Field(default=None, min_length=1)  # vLLM's extra: only these are generated
     stop_token_ids: list[int] | None = None  # vLLM's extra: these ids end the answer too (EOS and EOT always do)
     priority: int = 0  # vLLM's extra: lower runs first, on a server whose scheduling_policy is priority
     # vLLM's extra: the answer is one of these strings, the one the model finds most likely (see OpenAIIngress._guided)
@@ -183,6 +195,9 @@ def reject_unsupported(req: _Common, tools: ForcedCall | ParsedCalls | None = No
                ("ignore_eos", json_mode and req.ignore_eos,
                 "ignore_eos does not go with a JSON answer (response_format or a forced tool call): the answer "
                 "ends where the object closes"),
+               ("allowed_token_ids", json_mode and req.allowed_token_ids is not None,
+                "allowed_token_ids do not go with a JSON answer (response_format or a forced tool call): JSON mode "
+                "chooses each token among those that keep the answer valid JSON"),
                ("min_tokens", json_mode and req.min_tokens > 0,
                 "min_tokens does not go with a JSON answer (response_format or a forced tool call): the answer "
                 "ends where the object closes"),

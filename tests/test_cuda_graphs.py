@@ -210,6 +210,23 @@ def test_a_group_with_a_row_that_samples_decodes_eagerly_after_its_graphed_forwa
     assert engine.graphs.replays > 0 and engine.graphs.step_replays == 0
 
 
+def test_a_row_with_allowed_token_ids_decodes_eagerly_after_its_graphed_forward(replaying_on_cpu, model):
+    """The greedy decode graph knows nothing of allowed_token_ids: such a row's group takes the eager decode, with
+    the tokens of eager forwards, all of them allowed; beside a free row, the steps it shares too."""
+    prompts = _prompts(2)
+    free = _engine(model, cuda_graphs=False).generate(prompts, CFG.replace(ignore_eos=True))
+    allowed = sorted({t for g in free for t in g.token_ids})[1::2]
+    only = CFG.replace(ignore_eos=True, allowed_token_ids=allowed)
+    engine = _engine(model, cuda_graphs=True)
+    alone = engine.generate(prompts[1:], only)[0]
+    assert engine.graphs.replays > 0 and engine.graphs.step_replays == 0
+    assert set(alone.token_ids) <= set(allowed) and alone.token_ids != free[1].token_ids
+    settings = [CFG.replace(ignore_eos=True), only]
+    eager = _engine(model, cuda_graphs=False).generate(prompts, settings)
+    graphed = _engine(model, cuda_graphs=True).generate(prompts, settings)
+    assert [g.token_ids for g in graphed] == [g.token_ids for g in eager] and graphed[1].token_ids == alone.token_ids
+
+
 def test_json_rows_decode_after_their_graphed_forwards_what_they_decode_eagerly(replaying_on_cpu, json_tokenizer):
     """JSON mode reads its candidates on the host: its rows (greedy or sampled) take the eager decode after a
     replayed forward, beside a free row, with the tokens of eager forwards."""

@@ -169,6 +169,36 @@ def test_stop_string_cuts_the_text(confident_model, char_tokenizer):
     assert char_tokenizer.decode(again.token_ids) == again.text
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string_that_cut_the_text(confident_model, char_tokenizer):
+    engine = _engine(confident_model, char_tokenizer)
+    base = engine.generate(_prompts(8), CFG)
+    long = max(base, key=lambda g: len(g.text))
+    prompt, half = _prompts(8)[base.index(long)], len(long.text) // 2
+    stop, later = long.text[half:half + 2], long.text[half + 1:half + 4]
+    # Both stop strings occur; the one that starts first cuts, wherever it is listed.
+    again = engine.generate([prompt], CFG.replace(stop=[later, stop], include_stop_str_in_output=True))[0]
+    start = long.text.find(stop)
+    assert again.finish_reason == "stop"
+    assert again.text == long.text[:start + len(stop)] and again.text.endswith(stop)
+    assert char_tokenizer.decode(again.token_ids) == again.text  # one character a token: the ids match too
+    assert engine.generate([prompt], CFG.replace(stop=[stop]))[0].text == long.text[:start]
+
+
+def test_skip_special_tokens_false_writes_the_eos_tokens_of_an_ignore_eos_answer(talkative_model, char_tokenizer):
+    engine = _engine(talkative_model, char_tokenizer)
+    cfg = CFG.replace(max_new_tokens=40, ignore_eos=True)
+    eos = talkative_model.config.eos_token_id
+    plain = engine.generate(_prompts(6), cfg)
+    special = engine.generate(_prompts(6), cfg.replace(skip_special_tokens=False))
+    assert [g.token_ids for g in special] == [g.token_ids for g in plain]
+    with_eos = [(p, s) for p, s in zip(plain, special) if eos in s.token_ids]
+    assert with_eos
+    for p, s in with_eos:
+        assert s.text == char_tokenizer.decode(s.token_ids, skip_special_tokens=False) != p.text
+        assert char_tokenizer.convert_ids_to_tokens(eos) in s.text and p.text == s.text.replace(
+            char_tokenizer.convert_ids_to_tokens(eos), "")
+
+
 def test_stop_string_in_the_block_that_holds_the_eos_cuts_the_text_too(talkative_model, char_tokenizer):
     """One block holds the whole answer and its EOS: the stop string still applies."""
     engine = _engine(talkative_model, char_tokenizer)
@@ -932,6 +962,47 @@ def test_logit_bias_bans_or_forces_tokens(confident_model):
         assert max(e.logprob for e in g.logprobs) < -1  # logprobs stay the model's, before the bias
     with pytest.raises(ValueError, match="logit_bias"):
         engine.add_request([7, 8], CFG.replace(logit_bias={10**6: 1.0}))
+
+
+def test_allowed_token_ids_generate_only_those_tokens_as_a_ban_on_all_others_would(confident_model):
+    """allowed_token_ids mask every other token at every position: greedy answers are those of logit_bias
+    -100 on every other token (exp(-100) is no probability), with EOS ending them where it is allowed."""
+    engine = _engine(confident_model)
+    eos, vocab = confident_model.config.eos_token_id, confident_model.config.embedding_size
+    greedy = engine.generate(_prompts(8), CFG)
+    common = [t for t, _ in collections.Counter(t for g in greedy for t in g.token_ids).most_common()]
+    allowed = common[1:] + [eos]  # all the answers' tokens but their most common one
+    only = engine.generate(_prompts(8), CFG.replace(allowed_token_ids=allowed))
+    banned = engine.generate(_prompts(8), CFG.replace(
+        logit_bias={t: -100.0 for t in range(vocab) if t not in allowed and t != engine.mask_id}))
+    assert [g.token_ids for g in only] == [g.token_ids for g in banned]
+    assert all(set(g.token_ids) <= set(allowed) for g in only)
+    assert {g.finish_reason for g in only} == {"stop", "length"}
+    assert [g.token_ids for g in only] != [g.token_ids for g in greedy]  # it did change the answers
+    # Without EOS in the list nothing can end the answer but its length.
+    endless = engine.generate(_prompts(8), CFG.replace(allowed_token_ids=allowed[:-1], temperature=1.0, seed=2))
+    assert all(g.finish_reason == "length" and set(g.token_ids) <= set(allowed[:-1]) for g in endless)
+
+
+@pytest.mark.parametrize("allowed,extra,match", [
+    ([10**6], {}, "outside the vocabulary"),
+    (["mask"], {}, "mask token"),
+    (["eos"], {"min_tokens": 4}, "all stop tokens"),
+])
+def test_allowed_token_ids_that_leave_a_position_nothing_to_take_are_refused(confident_model, allowed, extra, match):
+    engine = _engine(confident_model)
+    named = {"mask": engine.mask_id, "eos": confident_model.config.eos_token_id}
+    with pytest.raises(ValueError, match=match):
+        engine.add_request([7, 8], CFG.replace(allowed_token_ids=[named.get(t, t) for t in allowed], **extra))
+
+
+def test_allowed_token_ids_must_be_a_list_of_ids_and_do_not_go_with_json_mode():
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        GenerationConfig(allowed_token_ids=[])
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        GenerationConfig(allowed_token_ids=[-1])
+    with pytest.raises(ValueError, match="does not go with response_format"):
+        GenerationConfig(allowed_token_ids=[5], response_format="json_object")
 
 
 def _flat(model):

@@ -692,6 +692,71 @@ def test_sampling_filters_logit_bias_and_penalties_are_the_engines(client, model
     assert out.choices[0].text == direct.text != engine.generate([prompt], cfg)[0].text
 
 
+def test_vllms_stop_string_special_token_and_allowed_token_options_are_the_engines(client, server, model_dir):
+    tok = dllm.load_tokenizer(model_dir)
+    engine = dllm.Engine(dllm.load_model(model_dir), tok, max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
+    prompt, eos = "reverse: abcd =>", engine.config.eos_token_id
+    full = engine.generate([prompt], cfg)[0]
+    stop = full.text[2:4]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, stop=[stop],
+                                    extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert out.text == full.text[:full.text.find(stop) + len(stop)] and out.finish_reason == "stop"
+    # skip_special_tokens: false writes the EOS tokens an ignore_eos answer holds
+    spelled = {"ignore_eos": True, "skip_special_tokens": False}
+    out = client.completions.create(model="tiny", prompt="spell 7 =>", max_tokens=40, extra_body=spelled).choices[0]
+    direct = engine.generate(["spell 7 =>"], cfg.replace(**spelled))[0]
+    assert out.text == direct.text and tok.convert_ids_to_tokens(eos) in out.text
+    # allowed_token_ids: the engine's answer, of those tokens only
+    allowed = sorted(set(full.token_ids))[::2] + [eos]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40,
+                                    extra_body={"allowed_token_ids": allowed}).choices[0]
+    direct = engine.generate([prompt], cfg.replace(allowed_token_ids=allowed))[0]
+    assert out.text == direct.text != full.text and set(direct.token_ids) <= set(allowed)
+    for bad, param in [({"allowed_token_ids": [engine.mask_id]}, "allowed_token_ids"),
+                       ({"allowed_token_ids": allowed, "response_format": {"type": "json_object"}},
+                        "allowed_token_ids")]:
+        r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": prompt, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, model_dir):
+    tok = dllm.load_tokenizer(model_dir)
+    engine = dllm.Engine(dllm.load_model(model_dir), tok, max_model_len=256)
+    cfg = dllm.GenerationConfig(block_size=8, max_new_tokens=40, early_stop=True, stops_last=True)
+    prompt = "reverse: abcd =>"
+    kept = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    out = client.completions.create(model="tiny", prompt="sort: dcba => abcd\n" + prompt, max_tokens=40, echo=True,
+                                    extra_body={"truncate_prompt_tokens": kept})
+    assert out.choices[0].text == prompt + engine.generate([prompt], cfg)[0].text  # the echo is what the model read
+    assert out.usage.prompt_tokens == kept
+    # -1: as many as leave room for one block of the app's 8 in its context of 256
+    long = client.completions.create(model="tiny", prompt="a" * 300, max_tokens=8,
+                                     extra_body={"truncate_prompt_tokens": -1})
+    assert long.usage.prompt_tokens == 256 - 8
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=8,
+                                          extra_body={"truncate_prompt_tokens": 5})
+    assert chat.usage.prompt_tokens == 5
+
+
+def test_continuous_usage_stats_put_each_choices_usage_so_far_in_every_chunk(server, client):
+    kw = {"model": "tiny", "prompt": "reverse: abcd =>", "max_tokens": 40, "temperature": 1.0, "seed": 4, "n": 2}
+    full = client.completions.create(**kw)
+    body = {**kw, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=CLIENT_TIMEOUT_S) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    *chunks, total = events
+    so_far: dict[int, list[int]] = {0: [], 1: []}
+    for c in chunks:
+        assert c["usage"]["prompt_tokens"] == len("reverse: abcd =>")
+        assert c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+        so_far[c["choices"][0]["index"]].append(c["usage"]["completion_tokens"])
+    for counts in so_far.values():
+        assert counts == sorted(counts) and len(set(counts)) > 1  # they grow as blocks arrive
+    assert sum(counts[-1] for counts in so_far.values()) == total["usage"]["completion_tokens"] \
+        == full.usage.completion_tokens
+
+
 def test_tokenize_and_detokenize(server, model_dir):
     tok = dllm.load_tokenizer(model_dir)
     r = httpx.post(f"{server}/tokenize", json={"model": "tiny", "prompt": "sort: ba =>"}).json()
@@ -820,6 +885,12 @@ def test_concurrent_requests_each_get_their_own_answer(server, client):
     ({"model": "tiny", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": "tiny", "prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
     ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": "tiny", "prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    ({"model": "tiny", "prompt": "x", "allowed_token_ids": [10**7]}, 400, "allowed_token_ids"),
+    ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
+    ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"usage": True}}, 400, "stream_options"),
 ])
 def test_invalid_completion_requests_get_openai_style_errors(server, body, status, param):
     r = httpx.post(f"{server}/v1/completions", json=body)

@@ -34,7 +34,11 @@ class GenerationConfig:
     logit_bias:      {token id: bias in [-100, 100]} added to the logits at every generated position
                      (OpenAI's logit_bias: -100 bans a token, +100 all but forces it); it changes the
                      distribution the decoders see, greedy included
-    presence_penalty, frequency_penalty, repetition_penalty: vLLM's penalties on the tokens generated
+    allowed_token_ids: only these tokens may be generated (vLLM's allowed_token_ids): every other token's
+                     logit is -inf at every generated position, after logit_bias, greedy included, and
+                     the decoders' confidences are those of the distribution renormalised over them. A
+                     stop token (EOS) that is not listed cannot end the answer: it runs to max_new_tokens
+, frequency_penalty, repetition_penalty: vLLM's penalties on the tokens generated
                      so far (committed in earlier blocks and in earlier steps of this one), applied after
                      logit_bias at every masked position, greedy included: a token's logit loses
                      presence_penalty once it occurs and frequency_penalty per occurrence (OpenAI's,
@@ -45,7 +49,11 @@ class GenerationConfig:
                      step do not see each other.
     seed:            per-request seed: the same seed gives the same output
     stop_token_ids:  extra token ids that end the answer (EOS and EOT always do)
-    stop:            stop strings (need a tokenizer); the text is cut before the first one
+    stop:            stop strings (need a tokenizer); the text is cut before the first one (the one that
+                     starts first; of those starting at the same place, the first listed)
+    include_stop_str_in_output: keep the stop string that cut the text at its end (vLLM's)
+    skip_special_tokens: the text leaves out the tokenizer's special tokens (default, as vLLM's); False
+                     writes them (e.g. the EOS tokens of an ignore_eos answer)
     ignore_eos:      EOS and EOT do not end the answer (stop_token_ids still do): decode up to
                      max_new_tokens, the EOS tokens kept in token_ids (not in the text). For load tests
                      with fixed output lengths, as vLLM's ignore_eos.
@@ -106,12 +114,15 @@ class GenerationConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     stop: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     ignore_eos: bool = False
     min_tokens: int = 0
     early_stop: bool = False
@@ -165,6 +176,10 @@ class GenerationConfig:
                 and all(type(t) is int and t >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
                         for t, v in self.logit_bias.items())):
             bad("logit_bias", "a dict of token id -> bias in [-100, 100]")
+        if self.allowed_token_ids is not None and not (
+                isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+                and all(type(t) is int and t >= 0 for t in self.allowed_token_ids)):
+            bad("allowed_token_ids", "None or a non-empty list of token ids")
         for name in ("presence_penalty", "frequency_penalty"):
             if not isinstance(getattr(self, name), (int, float)) or not -2.0 <= getattr(self, name) <= 2.0:
                 bad(name, "a number in [-2, 2]")
@@ -194,12 +209,13 @@ class GenerationConfig:
                     raise ValueError(f"GenerationConfig.json_schema={reprlib.repr(self.json_schema)} is not one JSON "
                                      f"mode can hold answers to: {e}") from e
             for name, clash in (("decoder", self.decoder != "threshold"), ("ignore_eos", self.ignore_eos),
-                                ("min_tokens", self.min_tokens > 0)):
+                                ("min_tokens", self.min_tokens > 0), ("allowed_token_ids", self.allowed_token_ids)):
                 if clash:
                     raise ValueError(f"GenerationConfig.{name}={getattr(self, name)!r} does not go with response_format="
-                                     f"{self.response_format!r}: JSON mode decodes from the left by the threshold rule "
-                                     "and ends the answer where the object closes (use decoder='threshold', no "
-                                     "ignore_eos, min_tokens=0)")
+                                     f"{self.response_format!r}: JSON mode decodes from the left by the threshold rule, "
+                                     "chooses its own tokens (those that keep the answer a JSON prefix) and ends the "
+                                     "answer where the object closes (use decoder='threshold', no ignore_eos, "
+                                     "min_tokens=0, no allowed_token_ids)")
 
     @property
     def penalised(self) -> bool:

@@ -159,6 +159,12 @@ def add_logit_bias(logits: torch.Tensor, token_ids: torch.Tensor, bias: torch.Te
     return logits + _dense(token_ids, bias.to(logits.dtype), logits.shape[-1])[:, None, :]
 
 
+def only_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`logits` [n, B, V] with every token outside each row's `allowed` [n, V] (bool) at -inf, at every position
+    (allowed_token_ids)."""
+    return logits.masked_fill(~allowed[:, None, :], float("-inf"))
+
+
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, presence: torch.Tensor,
                     frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
     """`logits` [n, B, V] with vLLM's penalties, per row [n]: every token seen (`seen` [n, V]: in the prompt

@@ -84,6 +84,9 @@ class _DecodeParams:
                 self.ranked = max(self.ranked, engine.nucleus_candidates or engine.config.embedding_size)
             self.nucleus_syncs = int(decoders.checks_wide_nuclei(self.open_nucleus, self.ranked,
                                                                  engine.config.embedding_size))
+        allowed = [i for i, r in enumerate(reqs) if r.allowed is not None]
+        self.allowed_index = on_device(allowed) if allowed else None
+        self.allowed = torch.stack([reqs[i].allowed for i in allowed]) if allowed else None
         biased = [i for i, r in enumerate(reqs) if r.config.logit_bias]
         self.bias_index = on_device(biased) if biased else None
         if biased:
@@ -147,12 +150,12 @@ class _DecodeParams:
 
 def _decodes_in_graph(r: Request) -> bool:
     """Whether `r`'s decode step is decoders.greedy_step: greedy, a stateless decoder, and nothing that
-    changes the logits or needs more than the new block (bias, penalties, min_tokens still pending,
-    logprobs, smoothing, the trajectory's per-step reads, JSON mode's host-side choice)."""
+    changes the logits or needs more than the new block (bias, allowed tokens, penalties, min_tokens still
+    pending, logprobs, smoothing, the trajectory's per-step reads, JSON mode's host-side choice)."""
     c = r.config
-    return (c.temperature == 0 and c.decoder in decoders.STATELESS and not c.logit_bias and not c.penalised
-            and c.logprobs is None and not c.smoothing and not c.record_trajectory and c.response_format is None
-            and not r.min_tokens_pending)
+    return (c.temperature == 0 and c.decoder in decoders.STATELESS and not c.logit_bias
+            and not c.allowed_token_ids and not c.penalised and c.logprobs is None and not c.smoothing
+            and not c.record_trajectory and c.response_format is None and not r.min_tokens_pending)
 
 
 class _SharedPrefill:
@@ -224,8 +227,8 @@ class Engine:
     cuda_graphs:        replay CUDA graphs for DENOISE / COMMIT forwards; default: on where the
                         model is on CUDA and triton is installed
     decode_graphs:      with cuda_graphs, groups whose rows all decode greedily with a stateless
-                        decoder (threshold, factor, hierarchical, fixed_k; no logit_bias, penalties,
-                        pending min_tokens, logprobs, smoothing or trajectory) replay their decode
+                        decoder (threshold, factor, hierarchical, fixed_k; no logit_bias, allowed_token_ids,
+                        penalties, pending min_tokens, logprobs, smoothing or trajectory) replay their decode
                         step as a graph too (decoders.greedy_step): same tokens, two replays per step
                         instead of the decoder's small launches. Default: on with cuda_graphs
     compile_blocks:     fuse each block's elementwise work with torch.compile (model.compile_blocks);
@@ -415,6 +418,9 @@ class Engine:
                 f"positions, but a slot holds max_model_len={self.max_model_len}; shorten the prompt")
         if config.logit_bias:
             self.config.check_token_ids(config.logit_bias, "logit_bias")
+        stop_ids = (frozenset() if config.ignore_eos else self.base_stop_ids) | frozenset(config.stop_token_ids or ())
+        if config.allowed_token_ids:
+            self._check_allowed(config, stop_ids)
         if config.response_format is not None:
             self.json_vocabulary()  # a tokenizer that can write JSON, or a clear error
         request_id = request_id or f"req-{next(self._ids)}"
@@ -423,7 +429,7 @@ class Engine:
         req = Request(
             request_id=request_id, prompt_ids=prompt_ids, config=config,
             max_new_tokens=min(config.max_new_tokens, max_blocks * b),
-            stop_ids=(frozenset() if config.ignore_eos else self.base_stop_ids) | frozenset(config.stop_token_ids or ()),
+            stop_ids=stop_ids,
             logprobs=[] if config.logprobs is not None else None, priority=int(priority),
         )
         pool = self.cache.num_pages * self.cache.page_size
@@ -432,6 +438,9 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={req.max_new_tokens} (in blocks of {b}) "
                 f"needs {req.cache_extent} cache positions, but the KV cache holds {pool} (kv_cache_tokens); "
                 f"shorten the prompt or lower max_new_tokens")
+        if config.allowed_token_ids:
+            req.allowed = torch.zeros(self.config.embedding_size, dtype=torch.bool, device=self.device).index_fill_(
+                0, torch.tensor(config.allowed_token_ids, dtype=torch.long, device=self.device), True)
         if config.penalised:
             width = self.config.embedding_size
             req.output_counts = torch.zeros(width, device=self.device)
@@ -445,6 +454,15 @@ class Engine:
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def _check_allowed(self, config: GenerationConfig, stop_ids: frozenset[int]) -> None:
+        """allowed_token_ids that leave every position a token to take, or a ValueError saying why not."""
+        allowed = set(self.config.check_token_ids(config.allowed_token_ids, "allowed_token_ids"))
+        if self.mask_id in allowed:
+            raise ValueError(f"allowed_token_ids holds the mask token {self.mask_id}, which is never generated")
+        if config.min_tokens and allowed <= stop_ids:
+            raise ValueError(f"allowed_token_ids {sorted(allowed)[:5]} are all stop tokens, which min_tokens="
+                             f"{config.min_tokens} forbids in the first positions: allow a token that is not one")
 
     def encode(self, prompt) -> list[int]:
         """Prompt ids of a string (through the tokenizer) or of a list of ids (checked against the vocabulary)."""
@@ -799,6 +817,9 @@ class Engine:
             idx = params.bias_index
             biased = decoders.add_logit_bias(logits[idx], params.bias_ids, params.bias_values)
             logits = logits.index_copy(0, idx, biased)
+        if params.allowed_index is not None:
+            idx = params.allowed_index
+            logits = logits.index_copy(0, idx, decoders.only_allowed(logits[idx], params.allowed))
 
         counts = None
         if params.penalty_rows:
@@ -976,23 +997,25 @@ class Engine:
         self._emit(r)
 
     def _apply_stop_strings(self, r: Request) -> bool:
-        """Cut the generation before the first stop string; True if one occurred."""
-        text = self._text(r.generated)
-        hits = [i for i in (text.find(s) for s in r.config.stop) if i >= 0]
+        """Cut the generation before the first stop string (after it, include_stop_str_in_output); True if one
+        occurred. The tokens kept are those wholly inside the text kept."""
+        text = self._text(r, r.generated)
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in r.config.stop) if i >= 0]
         if not hits:
             return False
-        cut = min(hits)
+        start, stop = min(hits, key=lambda hit: hit[0])  # the first listed of those starting first
+        cut = start + len(stop) if r.config.include_stop_str_in_output else start
         r.final_text = text[:cut]
         k = len(r.generated)
-        while k > 0 and len(self._text(r.generated[:k])) > cut:
+        while k > 0 and len(self._text(r, r.generated[:k])) > cut:
             k -= 1
         r.final_ids = r.generated[:k]
         return True
 
-    def _text(self, ids: list[int]) -> str:
+    def _text(self, r: Request, ids: list[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=r.config.skip_special_tokens)
 
     def _emit(self, r: Request, final: bool = False, settled: list[int] | None = None) -> None:
         """Queue the request's new tokens and text as a RequestOutput: those of its finished blocks (and
@@ -1001,7 +1024,7 @@ class Engine:
             text, ids = r.final_text, r.final_ids
         else:
             ids = r.generated + settled if settled else r.generated
-            text = self._text(ids)
+            text = self._text(r, ids)
             hold = max((len(s) for s in r.config.stop or ()), default=1) - 1  # a stop string may be half-way
             while text.endswith("\ufffd") and hold < len(text):  # an incomplete multi-byte character
                 hold += 1
@@ -1024,7 +1047,7 @@ class Engine:
         r.finish_reason = reason
         if r.final_ids is None:
             r.final_ids = list(r.generated)
-            r.final_text = self._text(r.final_ids)
+            r.final_text = self._text(r, r.final_ids)
         self.scheduler.finish(r)
         r.block = r.credit = r.smooth_delta = r.block_logprobs = r.output_counts = r.in_prompt = None
         r.history_tokens = None

@@ -125,6 +125,7 @@ class Request:
     output_counts: torch.Tensor | None = None
     in_prompt: torch.Tensor | None = None
     history_tokens: tuple[int, torch.Tensor] | None = None
+    allowed: torch.Tensor | None = None  # [V] bool, GenerationConfig.allowed_token_ids on the device
     json_start: JsonPrefix | None = None  # JSON mode: the state of the answer before the current block
     graph_row: tuple | None = None  # (decoders, stop width, its decoders.greedy_row) in a decode graph
     # GenerationConfig.logprobs: per position of the current block, on the device until the block ends:
