@@ -9,7 +9,8 @@ Input, jsonl or parquet as `pipelines.pack` reads it: `{"prompt": text}` (decode
 conversation to answer; a final assistant turn is the reference). With --chat-template, chat and Alpaca prompts
 are wrapped in the tokenizer's chat template, as `pack --chat-template` wraps them for training; without it they
 are joined as dLLM-Var's training concatenation. So a held-out file of training data scores as it was trained.
-A record's own `max_tokens`, `temperature`, `top_p`, `top_k`, `seed` or `response_format` (OpenAI's shape:
+A record's own `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `stop`, `stop_token_ids`,
+`min_tokens`, `ignore_eos`, the three penalties (vLLM's names: RECORD_OVERRIDES) or `response_format` (OpenAI's shape:
 {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {...}}} or {"type": "text"}) override the
 job's flags for it. With --json every answer is one JSON object (JSON mode, dllm.engine.json_mode), with
 --json-schema FILE one held to that schema; a vocabulary that cannot write one, or a schema with keywords answers
@@ -47,10 +48,34 @@ from .pack import (PipelineError, check_output, conversation_prompt, error_of, e
 from .runtime import ensure_ray, progress_bars_wanted
 
 ERROR_KINDS = ("malformed_json", "missing_field", "wrong_type", "invalid_value", "too_long")
-# Fields of a record that override the job's decoding for it (as Ray Data LLM's per-row sampling parameters):
-# record field -> (GenerationConfig field, the JSON types it takes)
-RECORD_OVERRIDES = {"max_tokens": ("max_new_tokens", (int,)), "temperature": ("temperature", (int, float)),
-                    "top_p": ("top_p", (int, float)), "top_k": ("top_k", (int,)), "seed": ("seed", (int,))}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Fields of a record that override the job's decoding for it (as Ray Data LLM's per-row sampling parameters, in
+# vLLM's names): record field -> (GenerationConfig field, whether a JSON value fits, what fits)
+RECORD_OVERRIDES = {
+    "max_tokens": ("max_new_tokens", _is_int, "int"),
+    "temperature": ("temperature", _is_number, "int or float"),
+    "top_p": ("top_p", _is_number, "int or float"),
+    "top_k": ("top_k", _is_int, "int"),
+    "min_p": ("min_p", _is_number, "int or float"),
+    "seed": ("seed", _is_int, "int"),
+    "stop": ("stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
+             "a string or a list of strings"),
+    "stop_token_ids": ("stop_token_ids", lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of ints"),
+    "min_tokens": ("min_tokens", _is_int, "int"),
+    "ignore_eos": ("ignore_eos", lambda v: isinstance(v, bool), "true or false"),
+    "presence_penalty": ("presence_penalty", _is_number, "int or float"),
+    "frequency_penalty": ("frequency_penalty", _is_number, "int or float"),
+    "repetition_penalty": ("repetition_penalty", _is_number, "int or float"),
+}
 OUTPUT_FORMATS = ("parquet", "jsonl")
 SCHEMA = pa.schema([
     ("source", pa.string()), ("line", pa.int64()), ("record", pa.string()), ("prompt", pa.string()),
@@ -77,11 +102,11 @@ def record_config(rec: dict, config: dllm.GenerationConfig) -> dllm.GenerationCo
     """The job's decoding with the record's own RECORD_OVERRIDES and response_format; raises ValueError(kind,
     message)."""
     changes = {}
-    for key, (field, types) in RECORD_OVERRIDES.items():
+    for key, (field, fits, what) in RECORD_OVERRIDES.items():
         if key in rec and rec[key] is not None:
-            if isinstance(rec[key], bool) or not isinstance(rec[key], types):
-                raise ValueError("wrong_type", f"field '{key}' must be {' or '.join(t.__name__ for t in types)}")
-            changes[field] = rec[key]
+            if not fits(rec[key]):
+                raise ValueError("wrong_type", f"field '{key}' must be {what}")
+            changes[field] = [rec[key]] if key == "stop" and isinstance(rec[key], str) else rec[key]
     if rec.get("response_format") is not None:
         try:
             changes["response_format"], changes["json_schema"] = json_mode.openai_response_format(rec["response_format"])

@@ -36,6 +36,11 @@ def test_a_record_is_answered_from_its_prompt_alpaca_fields_or_conversation(char
         assert e.value.args[0] == kind, rec
 
 
+def _inner_stop(answer: str) -> str:
+    """Two characters of the answer that first occur after its start: a stop string that leaves some text."""
+    return next(answer[i:i + 2] for i in range(1, len(answer) - 1) if answer.find(answer[i:i + 2]) == i)
+
+
 @pytest.fixture(scope="module")
 def answered(tmp_path_factory, talkative_model, char_tokenizer, ray_local):
     root = tmp_path_factory.mktemp("batch")
@@ -58,6 +63,10 @@ def answered(tmp_path_factory, talkative_model, char_tokenizer, ray_local):
         {"prompt": prompts[0], "max_tokens": 0},
         {"prompt": prompts[0], "response_format": {"type": "json_object"}},  # its characters hold no '{'
         {"prompt": prompts[0], "response_format": "json"},
+        {"prompt": prompts[0], "stop": _inner_stop(answers[0])},  # vLLM's sampling fields too
+        {"prompt": prompts[1], "ignore_eos": True},
+        {"prompt": prompts[0], "stop": [1]},
+        {"prompt": prompts[0], "presence_penalty": 5},
     ]
     with open(root / "records.jsonl", "w") as f:
         for i, line in enumerate(lines):
@@ -75,7 +84,7 @@ def answered(tmp_path_factory, talkative_model, char_tokenizer, ray_local):
 def test_every_record_is_a_row_and_the_answers_are_the_engines(answered):
     _, prompts, answers, rows, _ = answered
     by_line = {(r["source"].rsplit("/", 1)[-1], r["line"]): r for r in rows}
-    assert len(rows) == len(by_line) == 15  # 14 jsonl records (the blank line is none) + 1 parquet row
+    assert len(rows) == len(by_line) == 19  # 18 jsonl records (the blank line is none) + 1 parquet row
     good = [by_line[("records.jsonl", n)] for n in (1, 2, 3, 5, 6)] + [by_line[("more.parquet", 1)]]
     assert [r["prompt"] for r in good] == prompts  # Alpaca and chat records read as pack reads them
     assert [r["generated_text"] for r in good] == answers
@@ -85,6 +94,11 @@ def test_every_record_is_a_row_and_the_answers_are_the_engines(answered):
     assert all(r["completion_tokens"] >= 0 and r["forwards"] >= 1 for r in good)
     own = by_line[("records.jsonl", 11)]  # max_tokens 8 in the record (the job's is 24): the same first block
     assert own["completion_tokens"] <= 8 and answers[0].startswith(own["generated_text"])
+    stopped, endless = by_line[("records.jsonl", 16)], by_line[("records.jsonl", 17)]
+    assert stopped["finish_reason"] == "stop" and stopped["generated_text"] == answers[0][:answers[0].find(
+        _inner_stop(answers[0]))] != ""
+    assert by_line[("records.jsonl", 2)]["finish_reason"] == "stop"  # the same prompt, EOS ending it
+    assert endless["finish_reason"] == "length" and endless["completion_tokens"] == 24  # the job's max_tokens
 
 
 def test_bad_records_are_rows_with_their_reason_and_counted(answered):
@@ -92,15 +106,16 @@ def test_bad_records_are_rows_with_their_reason_and_counted(answered):
     bad = {r["line"]: (r["error_kind"], r["error"]) for r in rows if r["error_kind"]}
     assert {line: kind for line, (kind, _) in bad.items()} == {
         7: "malformed_json", 8: "missing_field", 9: "wrong_type", 10: "too_long", 12: "wrong_type", 13: "invalid_value",
-        14: "invalid_value", 15: "wrong_type"}
+        14: "invalid_value", 15: "wrong_type", 18: "wrong_type", 19: "invalid_value"}
     assert bad[12][1] == "field 'temperature' must be int or float" and "max_new_tokens=0" in bad[13][1]
     assert bad[14][1].startswith("field 'response_format': ") and "starts a JSON object" in bad[14][1]
     assert bad[15][1].startswith("field 'response_format' must be")
+    assert bad[18][1] == "field 'stop' must be a string or a list of strings" and "presence_penalty=5" in bad[19][1]
     assert "max_model_len=64" in bad[10][1]  # the engine's reason
     assert all(r["generated_text"] is None for r in rows if r["error_kind"])
     assert [r["record"] for r in rows if r["line"] == 7] == ["not json {"]  # kept as it was read
-    assert stats["records"] == 15 and stats["answered"] == 7
-    assert stats["errors"] == {"malformed_json": 1, "missing_field": 1, "wrong_type": 3, "invalid_value": 2,
+    assert stats["records"] == 19 and stats["answered"] == 9
+    assert stats["errors"] == {"malformed_json": 1, "missing_field": 1, "wrong_type": 4, "invalid_value": 3,
                                "too_long": 1}
     assert len(stats["error_examples"]) == 5 and stats["error_examples"][0].endswith("malformed JSON: Expecting value "
                                                                                       "at column 1")  # the first 5
