@@ -984,6 +984,19 @@ def test_allowed_token_ids_generate_only_those_tokens_as_a_ban_on_all_others_wou
     assert all(g.finish_reason == "length" and set(g.token_ids) <= set(allowed[:-1]) for g in endless)
 
 
+@pytest.mark.parametrize("changes", [
+    {"decoder": "factor"}, {"decoder": "credit"}, {"decoder": "hierarchical"}, {"decoder": "fixed_k"},
+    {"smoothing": True}, {"temperature": 1.0, "seed": 3, "top_p": 0.9}, {"presence_penalty": 2.0, "min_tokens": 6},
+    {"cache_policy": "vicinity"}])
+def test_allowed_token_ids_hold_under_every_decoder_and_sampling_setting(confident_model, changes):
+    engine = _engine(confident_model)
+    greedy = engine.generate(_prompts(6), CFG)
+    common = [t for t, _ in collections.Counter(t for g in greedy for t in g.token_ids).most_common()]
+    allowed = common[1:] + [confident_model.config.eos_token_id]
+    gens = engine.generate(_prompts(6), CFG.replace(allowed_token_ids=allowed, **changes))
+    assert all(set(g.token_ids) <= set(allowed) for g in gens) and sum(len(g.token_ids) for g in gens) > 20
+
+
 @pytest.mark.parametrize("allowed,extra,match", [
     ([10**6], {}, "outside the vocabulary"),
     (["mask"], {}, "mask token"),
