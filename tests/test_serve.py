@@ -955,6 +955,31 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_requests(server, n):
     assert info["running"] == 0 and info["cache_slots_used"] == 0 and info["cache_pages_used"] == 0
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_hangs_up_before_a_whole_answer_aborts_its_requests(server, n):
+    """Not streamed: Serve cancels the request's handler when its client goes, and the answers it waited for are
+    aborted (their slots and pages freed), not decoded to their end for nobody."""
+    before = _engine_info("endless")["aborted"]
+    body = json.dumps({"model": "tiny", "prompt": [5, 6, 7, 8, 9], "max_tokens": 1024, "block_size": 1,
+                       "threshold": 1.0, "n": n}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:  # a client that can hang up when it likes
+        conn.sendall(b"POST /endless/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.time() + 20
+        while _engine_info("endless")["running"] < n and time.time() < deadline:
+            time.sleep(0.05)
+        assert _engine_info("endless")["running"] == n  # decoding (251 one-token blocks each): now hang up
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        info = _engine_info("endless")
+        if info["aborted"] >= before + n and info["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert info["aborted"] == before + n
+    assert info["running"] == 0 and info["cache_slots_used"] == 0 and info["cache_pages_used"] == 0
+
+
 def test_api_keys_are_enforced_except_on_health(server):
     base = f"{server}/secure"
     assert httpx.get(f"{base}/health").status_code == 200
