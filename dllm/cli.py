@@ -103,7 +103,15 @@ SERVE_DECODING_FLAGS = ("decoder", "block_size", "threshold", "max_tokens", "cac
 
 
 def serve_app_args(args) -> dict:
-    """`dllm serve` flags -> serve.app:build_app keys (only those given: build_app has the defaults)."""
+    """`dllm serve` flags -> serve.app:build_app keys (only those given: build_app has the defaults). vLLM's names
+    of the same flags are taken too (--served-model-name, --max-num-seqs, --api-key, ...)."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (the format the model writes its calls "
+                         f"in: one of {list(TOOL_CALL_FORMATS)})")
+    if args.tensor_parallel_size not in (None, 1):
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor_parallel_size > 1 is not "
+                         "supported (a replica holds the whole model on one GPU); scale out with --num-replicas or "
+                         "--max-replicas")
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
     for key in ("name", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization", "max_block_size",
@@ -127,13 +135,15 @@ def _serve(args) -> int:
 
     from pipelines.runtime import dashboard_url, ensure_ray
 
+    app_args = serve_app_args(args)  # a bad flag stops here, before Ray starts
     ensure_ray(args.address)
     from ray import serve
 
     from serve.app import build_app
 
+    app = build_app(app_args)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(serve_app_args(args)), name="dllm", route_prefix="/")
+    serve.run(app, name="dllm", route_prefix="/")
     print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (OpenAI-compatible); "
           f"dashboard: {dashboard_url() or 'off'}; Ctrl-C to stop", flush=True)
     try:
@@ -167,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="checkpoint directory")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--name", help="model name clients send (default: the directory name)")
-    s.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together per replica")
+    s.add_argument("--name", "--served-model-name", dest="name",
+                   help="model name clients send (default: the directory name)")
+    s.add_argument("--max-batch-size", "--max-num-seqs", dest="max_batch_size", type=int, default=16,
+                   help="requests decoded together per replica")
     s.add_argument("--max-model-len", type=int, help="cache positions per request (default: the model's)")
     s.add_argument("--kv-cache-tokens", type=int,
                    help="paged K/V pool size per replica, in tokens (default: max batch size x max model len); a "
@@ -206,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hermes: tool_choice 'auto' (the default where a request gives tools) answers freely and the "
                         "calls the model writes as <tool_call> JSON blocks become the answer's tool_calls (vLLM's "
                         "--tool-call-parser; for a model trained to write them). Without it 'auto' is a 400")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag for tool_choice 'auto', taken as it is: here --tool-call-parser turns 'auto' on, "
+                        "and this flag needs one")
+    s.add_argument("--tensor-parallel-size", "-tp", type=int,
+                   help="vLLM's; only 1: a replica holds the whole model on one GPU (scale out with replicas)")
     decoding = s.add_argument_group("decoding defaults", "for requests that do not choose (each is also a request "
                                     "field); defaults: decoder threshold, block size 64, threshold 0.9, 256 tokens")
     decoding.add_argument("--decoder", choices=DECODERS)
@@ -217,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-replicas", type=int)
     s.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
     s.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
-    s.add_argument("--api-keys", help="comma-separated keys required as 'Authorization: Bearer <key>'")
-    s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+    s.add_argument("--api-keys", "--api-key", dest="api_keys",
+                   help="comma-separated keys required as 'Authorization: Bearer <key>'")
+    s.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
                    help="prefill every request, even one whose prompt's K/V the cache still holds")
     s.add_argument("--routing", choices=("prompt_affinity", "power_of_two"), default="prompt_affinity",
                    help="how requests pick a replica: the requests of one prompt meet on one replica (its prefix "

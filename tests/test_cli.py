@@ -126,7 +126,11 @@ def test_score_prints_each_continuations_estimate_and_marks_the_best(checkpoint)
     (["--scheduling-policy", "priority"], True, "prompt_affinity", {"scheduling_policy": "priority"}),
     (["--chat-template", "{{ messages[0].content }}", "--cache-policy", "vicinity"], True, "prompt_affinity",
      {"chat_template": "{{ messages[0].content }}", "decoding": {"cache_policy": "vicinity"}}),
-    (["--tool-call-parser", "hermes"], True, "prompt_affinity", {"tool_call_parser": "hermes"})])
+    (["--tool-call-parser", "hermes"], True, "prompt_affinity", {"tool_call_parser": "hermes"}),
+    # vLLM's names of the same flags
+    (["--served-model-name", "m", "--max-num-seqs", "16", "--api-key", "k", "--no-enable-prefix-caching",
+      "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "-tp", "1"], False, "prompt_affinity",
+     {"name": "m", "api_keys": "k", "tool_call_parser": "hermes"})])
 def test_serve_flags_become_the_app_builders_keys(flags, cached, routing, extra):
     from ray.serve import Application
 
@@ -139,3 +143,12 @@ def test_serve_flags_become_the_app_builders_keys(flags, cached, routing, extra)
     assert app_args == {"model": "/models/x", "max_batch_size": 16, "prefix_caching": cached, "routing": routing,
                         "min_replicas": 1, "max_replicas": 3, **extra}
     assert isinstance(build_app(app_args), Application)
+
+
+def test_serve_refuses_vllm_flags_it_cannot_honour_before_starting_ray():
+    """--enable-auto-tool-choice without a parser, and tensor parallelism: a CLI error, no Ray started."""
+    for flags, message in [(["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
+                           (["--tensor-parallel-size", "2"], "tensor_parallel_size > 1 is not supported")]:
+        out = _dllm("serve", "--model", "/models/x", *flags)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+        assert "Ray" not in out.stderr + out.stdout
