@@ -115,8 +115,8 @@ def serve_app_args(args) -> dict:
     app_args = {"model": args.model, "max_batch_size": args.max_batch_size, "prefix_caching": args.prefix_caching,
                 "routing": args.routing}
     for key in ("name", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization", "max_block_size",
-                "page_allocation", "preemption_mode", "scheduling_policy", "swap_space", "quantization", "num_gpus", "min_replicas",
-                "max_replicas", "num_replicas", "api_keys"):
+                "max_prefill_tokens", "page_allocation", "preemption_mode", "scheduling_policy", "swap_space",
+                "quantization", "num_gpus", "min_replicas", "max_replicas", "num_replicas", "api_keys"):
         value = getattr(args, key)
         if value is not None:
             app_args[key] = value
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-block-size", type=int,
                    help="refuse requests with larger blocks (default: none; with --gpu-memory-utilization, the "
                         "decoding block size its memory probe runs at)")
+    s.add_argument("--max-prefill-tokens", type=int,
+                   help="padded prompt tokens one prefill forward may hold (default 8192; a longer prompt runs "
+                        "alone); lower it where a full prefill does not fit beside the K/V pool")
     s.add_argument("--page-allocation", choices=PAGE_ALLOCATIONS,
                    help="on_demand (default): pages as answers grow, the newest request preempted when the pool runs "
                         "out (see --preemption-mode); reserve: each request's prompt + max_tokens at admission, never "

@@ -74,7 +74,8 @@ class EngineServer:
                  dtype: str | None = None, prefix_caching: bool = True, kv_cache_tokens: int | None = None,
                  page_allocation: str = "on_demand", preemption_mode: str = "swap", swap_space: float = 4.0,
                  gpu_memory_utilization: float | None = None, max_block_size: int | None = None,
-                 quantization: str | None = None, scheduling_policy: str = "fcfs") -> None:
+                 quantization: str | None = None, scheduling_policy: str = "fcfs",
+                 max_prefill_tokens: int | None = None) -> None:
         device, default_dtype = dllm.inference_placement()
         torch_dtype = getattr(torch, dtype) if dtype else default_dtype
         self.model_dir = model
@@ -85,7 +86,8 @@ class EngineServer:
                                   page_allocation=page_allocation, preemption_mode=preemption_mode,
                                   swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization,
                                   max_block_size=max_block_size, quantization=quantization,
-                                  scheduling_policy=scheduling_policy)
+                                  scheduling_policy=scheduling_policy,
+                                  **({"max_prefill_tokens": max_prefill_tokens} if max_prefill_tokens else {}))
         if self.engine.memory_plan is not None:
             logging.getLogger("ray.serve").info("gpu_memory_utilization: %s", self.engine.memory_plan)
         self.defaults = dict(DEFAULT_DECODING)  # build_app's user_config replaces them through reconfigure
@@ -115,6 +117,7 @@ class EngineServer:
         return {"defaults": self.defaults, "max_model_len": self.engine.max_model_len, "aborted": self.loop.aborted,
                 "quantization": self.engine.quantization,
                 "scheduling_policy": self.engine.scheduling_policy,
+                "max_prefill_tokens": self.engine.scheduler.max_prefill_tokens,
                 "pid": os.getpid(), **self.engine.stats(),
                 "memory_plan": self.engine.memory_plan.as_dict() if self.engine.memory_plan is not None else None}
 
@@ -749,7 +752,8 @@ def build_app(args: dict[str, Any]):
     replica; default max_batch_size x max_model_len) or gpu_memory_utilization (the pool sized from GPU memory: what
     is left of that share after the weights and the measured peak of a full batch at max_block_size; CUDA only),
     max_block_size (requests with larger blocks get a 400; with gpu_memory_utilization it defaults to the decoding
-    block size), page_allocation (on_demand, the default: pages as answers grow, preempting when the pool runs out;
+    block size), max_prefill_tokens (padded prompt tokens one prefill forward may hold: the engine's default 8192;
+    lower it where a full prefill does not fit beside the pool), page_allocation (on_demand, the default: pages as answers grow, preempting when the pool runs out;
     or reserve), preemption_mode (swap, the default: a preempted request's K/V through host memory, up to swap_space
     GiB, default 4; or recompute: rebuilt by forwards), scheduling_policy (fcfs, the default, or priority: each
     request's `priority`, lower first, and urgent requests preempt less urgent ones), dtype, quantization (fp8: FP8
@@ -778,6 +782,11 @@ def build_app(args: dict[str, Any]):
     kv_cache_tokens = int(kv_cache_tokens) if kv_cache_tokens is not None else None
     max_block_size = args.pop("max_block_size", None)
     max_block_size = int(max_block_size) if max_block_size is not None else None
+    max_prefill_tokens = args.pop("max_prefill_tokens", None)
+    if max_prefill_tokens is not None:
+        max_prefill_tokens = int(max_prefill_tokens)
+        if max_prefill_tokens < 1:
+            raise ValueError(f"build_app: max_prefill_tokens={max_prefill_tokens} is not a number of tokens >= 1")
     gpu_memory_utilization = args.pop("gpu_memory_utilization", None)
     if gpu_memory_utilization is not None:
         gpu_memory_utilization = float(gpu_memory_utilization)
@@ -858,7 +867,7 @@ def build_app(args: dict[str, Any]):
         model, max_batch_size=max_batch, max_model_len=max_model_len, dtype=dtype, prefix_caching=prefix_caching,
         kv_cache_tokens=kv_cache_tokens, page_allocation=page_allocation, preemption_mode=preemption_mode,
         swap_space=swap_space, gpu_memory_utilization=gpu_memory_utilization, max_block_size=max_block_size,
-        quantization=quantization, scheduling_policy=scheduling_policy)
+        quantization=quantization, scheduling_policy=scheduling_policy, max_prefill_tokens=max_prefill_tokens)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": ingress_cpus}, max_ongoing_requests=1000)
     return ingress.bind(engine, model, served_model_name=name, max_model_len=max_model_len,

@@ -137,6 +137,10 @@ def test_preemption_mode_is_checked_when_the_app_is_built():
         build_app({"model": "/models/x", "preemption_mode": "drop"})
     with pytest.raises(ValueError, match="swap_space=-1.0 is not a number of GiB >= 0"):
         build_app({"model": "/models/x", "swap_space": "-1"})
+    with pytest.raises(ValueError, match="max_prefill_tokens=0 is not a number of tokens >= 1"):
+        build_app({"model": "/models/x", "max_prefill_tokens": "0"})
+    app = build_app({"model": "/models/x", "max_prefill_tokens": "2048"})
+    assert app._bound_deployment.init_args[0]._bound_deployment.init_kwargs["max_prefill_tokens"] == 2048
 
 
 def test_gpu_memory_utilization_is_checked_when_the_app_is_built():

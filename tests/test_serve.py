@@ -55,7 +55,7 @@ def server(ray_local, model_dir, endless_dir):
     serve.run(build_app({"model": str(model_dir), **APP_ARGS}), name="main", route_prefix="/")
     serve.run(build_app({"model": str(model_dir), **APP_ARGS, "api_keys": "k1,k2", "kv_cache_tokens": 512,
                          "preemption_mode": "recompute", "quantization": "fp8",  # FP8 weights
-                         "scheduling_policy": "priority"}),
+                         "scheduling_policy": "priority", "max_prefill_tokens": 64}),
               name="secure", route_prefix="/secure")  # a pool of a quarter of max_batch_size x max_model_len
     template = endless_dir.parent / "chat.jinja"  # the operator's template, which demands a system message
     template.write_text(SYSTEM_FIRST_TEMPLATE)
@@ -989,6 +989,10 @@ def test_api_keys_are_enforced_except_on_health(server):
     assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
     secure = openai.OpenAI(base_url=f"{base}/v1", api_key="k1", max_retries=0, timeout=CLIENT_TIMEOUT_S)
     assert secure.completions.create(model="tiny", prompt="x", max_tokens=8).choices[0].finish_reason
+
+
+def test_an_apps_max_prefill_tokens_reach_its_replicas_engine(server):
+    assert (_engine_info("secure")["max_prefill_tokens"], _engine_info()["max_prefill_tokens"]) == (64, 8192)
 
 
 def test_priority_is_a_request_field_of_apps_that_schedule_by_it(server, client):
